@@ -1,0 +1,167 @@
+//! Command line. Every flag can also be set in the TOML config file (the key
+//! is the flag's name with `_` for `-`); a flag given on the command line wins.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::addr::UpstreamTarget;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  stopped by SIGTERM (after the drain) or SIGINT; check-config: the configuration is valid
+  1  failed while running (the log says why)
+  2  invalid command line or configuration (the message names the field)
+  3  a listen address could not be bound (the message names the address)";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "splice-proxy",
+    version,
+    about = "TCP passthrough proxy for a private EKS API server: resolves the upstream \
+             name for every new connection and forwards the TLS session untouched.",
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration (config file plus any flags) and exit: 0 when
+    /// valid, 2 with the bad field named otherwise. Binds nothing.
+    CheckConfig(Options),
+}
+
+/// Options of the proxy; each is optional here because the config file may set
+/// it. The same struct is read from the TOML file (see [`crate::config`]).
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// TOML config file; flags given on the command line override its values.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to accept client connections on; repeat for several listeners.
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+
+    /// Upstream to forward to. A DNS name is resolved again for every new
+    /// connection (A and AAAA); an IP literal is used as it is.
+    #[arg(long, value_name = "HOST:PORT")]
+    #[serde(default, deserialize_with = "crate::config::de_from_str")]
+    pub upstream: Option<UpstreamTarget>,
+
+    /// DNS server to query; repeat for several. Default: the system resolver
+    /// configuration (/etc/resolv.conf).
+    #[arg(long = "dns-server", value_name = "ADDR:PORT")]
+    #[serde(default)]
+    pub dns_servers: Vec<SocketAddr>,
+
+    /// Longest time a DNS answer may be reused, whatever its TTL; 0 = a fresh
+    /// query for every connection. [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub dns_max_ttl: Option<Duration>,
+
+    /// Time allowed for one upstream name resolution. [default: 2s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub dns_timeout: Option<Duration>,
+
+    /// Time allowed for connecting to one upstream address before the next is
+    /// tried. [default: 3s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+
+    /// How long an upstream address that just failed is tried only after all
+    /// others. [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub failed_address_hold: Option<Duration>,
+
+    /// After SIGTERM, how long open connections may go on before they are
+    /// closed. [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+
+    /// Idle time before the first TCP keepalive probe, on both sockets. Keep it
+    /// well under the NLB's 350 s idle timeout. [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_keepalive_idle: Option<Duration>,
+
+    /// Time between TCP keepalive probes. [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_keepalive_interval: Option<Duration>,
+
+    /// Unanswered keepalive probes before the connection is dropped. [default: 3]
+    #[arg(long, value_name = "N")]
+    pub tcp_keepalive_count: Option<u32>,
+
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the
+    /// connection is dropped; 0 = the kernel default. [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_user_timeout: Option<Duration>,
+
+    /// Bytes of buffer per direction for the userspace copy data plane.
+    /// [default: 131072]
+    #[arg(long, value_name = "BYTES")]
+    pub copy_buffer_size: Option<usize>,
+
+    /// Log format on standard error. Filter with RUST_LOG (default `info`).
+    /// [default: text]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--listen",
+            "--upstream",
+            "--dns-server",
+            "--dns-max-ttl",
+            "--connect-timeout",
+            "--config",
+            "--log-format",
+            "--drain-timeout",
+            "Exit codes",
+        ] {
+            assert!(help.contains(flag), "--help does not mention {flag}");
+        }
+    }
+}

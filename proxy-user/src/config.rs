@@ -1,0 +1,310 @@
+//! Configuration: the TOML file and the flags are read into the same
+//! [`Options`] shape, the flags win, and [`Config::from_options`] checks every
+//! value before anything binds a port. Errors name the field (config key and flag).
+
+use std::{
+    collections::HashSet,
+    fmt::Display,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::{
+    addr::{ListenAddr, UpstreamTarget},
+    cli::{LogFormat, Options},
+    connect::ConnectConfig,
+    dns::DnsConfig,
+    sockopt::TcpConfig,
+};
+
+/// A fully validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<ListenAddr>,
+    pub upstream: UpstreamTarget,
+    pub dns: DnsConfig,
+    pub connect: ConnectConfig,
+    pub tcp: TcpConfig,
+    pub drain_timeout: Duration,
+    pub copy_buffer_size: usize,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: field `{field}`: {message}")]
+    Parse { path: PathBuf, field: String, message: String },
+    #[error("field `{field}` (--{flag}): {reason}")]
+    Invalid { field: &'static str, flag: &'static str, reason: String },
+}
+
+const MIN_COPY_BUFFER: usize = 4 * 1024;
+const MAX_COPY_BUFFER: usize = 16 * 1024 * 1024;
+/// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s and TCP_KEEPCNT at 127.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+const MAX_KEEPALIVE_COUNT: u32 = 127;
+
+impl Config {
+    /// Reads the config file named by `--config` (if any), lays the flags over
+    /// it, and validates the result.
+    pub fn load(flags: &Options) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => Options::default(),
+        };
+        Self::from_options(overlay(file, flags.clone()))
+    }
+
+    /// Validates merged options.
+    pub fn from_options(o: Options) -> Result<Self, ConfigError> {
+        let listen = validate_listen(&o.listen)?;
+        let upstream = o.upstream.ok_or_else(|| {
+            invalid(
+                "upstream",
+                "upstream",
+                "missing: set the upstream HOST:PORT in the config file or with --upstream",
+            )
+        })?;
+        let dns = DnsConfig {
+            servers: o.dns_servers,
+            max_ttl: o.dns_max_ttl.unwrap_or(Duration::from_secs(5)),
+            timeout: positive("dns_timeout", "dns-timeout", o.dns_timeout, Duration::from_secs(2))?,
+        };
+        let connect = ConnectConfig {
+            timeout: positive(
+                "connect_timeout",
+                "connect-timeout",
+                o.connect_timeout,
+                Duration::from_secs(3),
+            )?,
+            failed_address_hold: o.failed_address_hold.unwrap_or(Duration::from_secs(10)),
+        };
+        let tcp = TcpConfig {
+            keepalive_idle: keepalive_secs(
+                "tcp_keepalive_idle",
+                "tcp-keepalive-idle",
+                o.tcp_keepalive_idle,
+                Duration::from_secs(30),
+            )?,
+            keepalive_interval: keepalive_secs(
+                "tcp_keepalive_interval",
+                "tcp-keepalive-interval",
+                o.tcp_keepalive_interval,
+                Duration::from_secs(10),
+            )?,
+            keepalive_count: match o.tcp_keepalive_count.unwrap_or(3) {
+                n @ 1..=MAX_KEEPALIVE_COUNT => n,
+                n => {
+                    return Err(invalid(
+                        "tcp_keepalive_count",
+                        "tcp-keepalive-count",
+                        format!("{n} is not from 1 to {MAX_KEEPALIVE_COUNT}"),
+                    ));
+                }
+            },
+            user_timeout: o.tcp_user_timeout.unwrap_or(Duration::from_secs(60)),
+        };
+        if tcp.user_timeout.as_millis() > u128::from(u32::MAX) {
+            return Err(invalid("tcp_user_timeout", "tcp-user-timeout", "longer than 49 days"));
+        }
+        let copy_buffer_size = o.copy_buffer_size.unwrap_or(128 * 1024);
+        if !(MIN_COPY_BUFFER..=MAX_COPY_BUFFER).contains(&copy_buffer_size) {
+            return Err(invalid(
+                "copy_buffer_size",
+                "copy-buffer-size",
+                format!("{copy_buffer_size} is not from {MIN_COPY_BUFFER} to {MAX_COPY_BUFFER} bytes"),
+            ));
+        }
+        Ok(Self {
+            listen,
+            upstream,
+            dns,
+            connect,
+            tcp,
+            drain_timeout: o.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            copy_buffer_size,
+            log_format: o.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Options, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let deserializer = toml::Deserializer::new(&text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let field = err.path().to_string();
+        ConfigError::Parse {
+            path: path.into(),
+            field: if field == "." { "(top level)".into() } else { field },
+            message: err.into_inner().message().trim().to_owned(),
+        }
+    })
+}
+
+/// `flags` over `file`: a value given as a flag replaces the file's.
+fn overlay(file: Options, flags: Options) -> Options {
+    fn vec_or<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
+        if flag.is_empty() { file } else { flag }
+    }
+    Options {
+        config: flags.config,
+        listen: vec_or(flags.listen, file.listen),
+        upstream: flags.upstream.or(file.upstream),
+        dns_servers: vec_or(flags.dns_servers, file.dns_servers),
+        dns_max_ttl: flags.dns_max_ttl.or(file.dns_max_ttl),
+        dns_timeout: flags.dns_timeout.or(file.dns_timeout),
+        connect_timeout: flags.connect_timeout.or(file.connect_timeout),
+        failed_address_hold: flags.failed_address_hold.or(file.failed_address_hold),
+        drain_timeout: flags.drain_timeout.or(file.drain_timeout),
+        tcp_keepalive_idle: flags.tcp_keepalive_idle.or(file.tcp_keepalive_idle),
+        tcp_keepalive_interval: flags.tcp_keepalive_interval.or(file.tcp_keepalive_interval),
+        tcp_keepalive_count: flags.tcp_keepalive_count.or(file.tcp_keepalive_count),
+        tcp_user_timeout: flags.tcp_user_timeout.or(file.tcp_user_timeout),
+        copy_buffer_size: flags.copy_buffer_size.or(file.copy_buffer_size),
+        log_format: flags.log_format.or(file.log_format),
+    }
+}
+
+fn validate_listen(listen: &[SocketAddr]) -> Result<Vec<ListenAddr>, ConfigError> {
+    if listen.is_empty() {
+        return Err(invalid(
+            "listen",
+            "listen",
+            "missing: give at least one ADDR:PORT in the config file or with --listen",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for addr in listen {
+        if !seen.insert(addr) {
+            return Err(invalid("listen", "listen", format!("{addr} is listed twice")));
+        }
+    }
+    Ok(listen.iter().copied().map(ListenAddr).collect())
+}
+
+fn positive(
+    field: &'static str,
+    flag: &'static str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        d if d.is_zero() => Err(invalid(field, flag, "must be longer than 0")),
+        d => Ok(d),
+    }
+}
+
+fn keepalive_secs(
+    field: &'static str,
+    flag: &'static str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = value.unwrap_or(default);
+    if d.as_secs() == 0 || d.as_secs() > MAX_KEEPALIVE_SECS {
+        return Err(invalid(
+            field,
+            flag,
+            format!("{} is not from 1s to {MAX_KEEPALIVE_SECS}s", humantime::format_duration(d)),
+        ));
+    }
+    Ok(d)
+}
+
+fn invalid(field: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, flag, reason: reason.into() }
+}
+
+/// Deserializes an optional value through its `FromStr` (used for `upstream`).
+pub(crate) fn de_from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: Display,
+{
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn load(text: &str, mut flags: Options) -> Result<Config, ConfigError> {
+        let f = file(text);
+        flags.config = Some(f.path().into());
+        Config::load(&flags)
+    }
+
+    #[test]
+    fn file_values_with_defaults() {
+        let c = load(
+            "listen = [\"127.0.0.1:6443\"]\nupstream = \"api.example.com:443\"\ndns_max_ttl = \"0s\"\n",
+            Options::default(),
+        )
+        .unwrap();
+        assert_eq!(c.listen, vec![ListenAddr("127.0.0.1:6443".parse().unwrap())]);
+        assert_eq!(c.upstream.to_string(), "api.example.com:443");
+        assert_eq!(c.dns.max_ttl, Duration::ZERO);
+        assert_eq!(c.connect.timeout, Duration::from_secs(3));
+        assert_eq!(c.tcp.keepalive_idle, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let flags = Options {
+            upstream: Some("other.example.com:6443".parse().unwrap()),
+            connect_timeout: Some(Duration::from_millis(500)),
+            ..Options::default()
+        };
+        let c = load(
+            "listen = [\"127.0.0.1:6443\"]\nupstream = \"api.example.com:443\"\nconnect_timeout = \"9s\"\n",
+            flags,
+        )
+        .unwrap();
+        assert_eq!(c.upstream.to_string(), "other.example.com:6443");
+        assert_eq!(c.connect.timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                "listen = [\"127.0.0.1:1\"]\nupstream = \"a.com:443\"\nconect_timeout = \"1s\"\n",
+                "conect_timeout",
+            ),
+            ("listen = [\"127.0.0.1:1\"]\nupstream = \"a.com\"\n", "upstream"),
+            ("listen = [\"127.0.0.1:1\"]\nupstream = \"a.com:1\"\ndns_max_ttl = \"soon\"\n", "dns_max_ttl"),
+            ("listen = [\"nowhere\"]\nupstream = \"a.com:1\"\n", "listen"),
+            (
+                "listen = [\"127.0.0.1:1\"]\nupstream = \"a.com:1\"\ntcp_keepalive_count = 0\n",
+                "tcp_keepalive_count",
+            ),
+            (
+                "listen = [\"127.0.0.1:1\"]\nupstream = \"a.com:1\"\nconnect_timeout = \"0s\"\n",
+                "connect_timeout",
+            ),
+            ("upstream = \"a.com:1\"\n", "listen"),
+            ("listen = [\"127.0.0.1:1\"]\n", "upstream"),
+        ];
+        for (text, field) in cases {
+            let err = load(text, Options::default()).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}")), "{text:?} gave {err:?}, not naming {field}");
+        }
+    }
+}

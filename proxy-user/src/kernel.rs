@@ -1,0 +1,141 @@
+//! The kernel programs, embedded in the binary at build time (see build.rs),
+//! loaded and attached with aya.
+
+use std::{io, os::fd::AsFd};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{MapData, MapError, PerCpuArray, SockHash},
+    programs::{ProgramError, SkSkb},
+};
+use aya_log::EbpfLogger;
+use proxy_common::{VerdictStats, map, program};
+use tokio::io::unix::AsyncFd;
+
+/// The kernel object built by `cargo xtask build-ebpf`.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SPLICE_PROXY_EBPF_OBJECT"));
+
+/// SO_COOKIE: the kernel's 64-bit id of a socket, the key of the socket maps.
+/// (nix has no wrapper for this option.)
+pub fn socket_cookie<F: AsFd>(socket: &F) -> io::Result<u64> {
+    use nix::libc;
+    use std::os::fd::AsRawFd as _;
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");
+    // SAFETY: the fd is borrowed and so open for the call; `cookie` and `len`
+    // are valid for writes and `len` holds the size of `cookie`.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading the kernel object failed: {0}")]
+    Load(#[from] EbpfError),
+    #[error("the kernel object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("kernel log ring buffer: {0}")]
+    Log(#[from] aya_log::Error),
+    #[error("kernel log ring buffer: cannot watch it: {0}")]
+    LogFd(io::Error),
+    #[error("reading the socket cookie failed: {0}")]
+    Cookie(io::Error),
+}
+
+/// The loaded programs with their maps; dropping it detaches everything.
+pub struct KernelPrograms {
+    ebpf: Ebpf,
+    sockets: SockHash<MapData, u64>,
+    stats: PerCpuArray<MapData, VerdictStats>,
+}
+
+impl KernelPrograms {
+    /// Loads the object with the kernel-side log level `log_level` and attaches
+    /// the verdict program to the socket map.
+    pub fn load(log_level: log::LevelFilter) -> Result<Self, KernelError> {
+        let level = log_level as u8;
+        let mut ebpf = EbpfLoader::new().override_global(aya_log::LEVEL, &level, true).load(KERNEL_OBJECT)?;
+        let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, map::SPLICE_SOCKETS)?;
+        let stats: PerCpuArray<MapData, VerdictStats> = take_map(&mut ebpf, map::VERDICT_STATS)?;
+        let name = program::SPLICE_VERDICT;
+        let verdict: &mut SkSkb = ebpf
+            .program_mut(name)
+            .ok_or(KernelError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        verdict.load().map_err(|source| KernelError::Program { name, source })?;
+        verdict.attach(sockets.fd()).map_err(|source| KernelError::Program { name, source })?;
+        Ok(Self { ebpf, sockets, stats })
+    }
+
+    /// Takes the kernel log ring buffer; records go to `logger`.
+    pub fn logger<L: log::Log>(&mut self, logger: L) -> Result<EbpfLogger<L>, KernelError> {
+        Ok(EbpfLogger::init_with_logger(&mut self.ebpf, logger)?)
+    }
+
+    /// Forwards kernel log records to the process's `log` logger (and so to
+    /// `tracing`) from a background task.
+    pub fn spawn_log_forwarder(&mut self) -> Result<(), KernelError> {
+        let logger = self.logger(log::logger())?;
+        // SAFETY: the logger owns the ring buffer's map fd for as long as it
+        // lives, and `as_raw_fd` always returns that same fd.
+        #[allow(unsafe_code)]
+        let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        let mut logger = registered.map_err(|e| KernelError::LogFd(e.into()))?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = logger.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// Adds a socket to the splice map; returns its cookie (the map key).
+    pub fn insert_socket<F: AsFd + std::os::fd::AsRawFd>(&mut self, socket: &F) -> Result<u64, KernelError> {
+        let cookie = socket_cookie(socket).map_err(KernelError::Cookie)?;
+        self.sockets
+            .insert(cookie, socket.as_raw_fd(), 0)
+            .map_err(|source| KernelError::Map { name: map::SPLICE_SOCKETS, source })?;
+        Ok(cookie)
+    }
+
+    /// Cookies of the sockets now in the splice map.
+    pub fn socket_cookies(&self) -> Result<Vec<u64>, KernelError> {
+        self.sockets
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| KernelError::Map { name: map::SPLICE_SOCKETS, source })
+    }
+
+    /// The verdict program's counters, summed over all CPUs.
+    pub fn verdict_stats(&self) -> Result<VerdictStats, KernelError> {
+        let per_cpu =
+            self.stats.get(&0, 0).map_err(|source| KernelError::Map { name: map::VERDICT_STATS, source })?;
+        Ok(per_cpu.iter().fold(VerdictStats::default(), |sum, cpu| sum.add(*cpu)))
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}

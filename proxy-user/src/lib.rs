@@ -1,0 +1,28 @@
+//! splice-proxy: a TCP passthrough proxy for a private EKS API server.
+//!
+//! One module per concern; see ARCHITECTURE.md for the life of a connection.
+
+pub mod addr;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod copy;
+pub mod dns;
+pub mod kernel;
+pub mod listener;
+pub mod logging;
+pub mod proxy;
+pub mod server;
+pub mod sockopt;
+
+/// Process exit codes (also listed in `--help`).
+pub mod exit {
+    /// Stopped by SIGTERM (after the drain) or SIGINT; check-config: valid.
+    pub const OK: u8 = 0;
+    /// Failed while running.
+    pub const RUNTIME: u8 = 1;
+    /// Invalid command line or configuration.
+    pub const CONFIG: u8 = 2;
+    /// A listen address could not be bound.
+    pub const BIND: u8 = 3;
+}

@@ -1,0 +1,77 @@
+//! Listening sockets and the accept loop.
+
+use std::{io, time::Duration};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::addr::{ClientAddr, ListenAddr};
+
+/// Pending connections the kernel may hold per listener.
+const BACKLOG: u32 = 4096;
+/// Pause after the process or system ran out of file descriptors or memory.
+const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: ListenAddr,
+    pub source: io::Error,
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub struct Listener {
+    pub addr: ListenAddr,
+    inner: TcpListener,
+}
+
+impl Listener {
+    /// Binds with SO_REUSEADDR and a deep backlog. `addr` may have port 0; the
+    /// returned listener knows the port it got.
+    pub fn bind(addr: ListenAddr) -> Result<Self, BindError> {
+        let err = |source| BindError { addr, source };
+        let socket = if addr.0.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+        socket.set_reuseaddr(true).map_err(err)?;
+        socket.bind(addr.0).map_err(err)?;
+        let inner = socket.listen(BACKLOG).map_err(err)?;
+        let bound = ListenAddr(inner.local_addr().map_err(err)?);
+        Ok(Self { addr: bound, inner })
+    }
+
+    /// Accepts until `stop` is cancelled, handing each connection to `serve`.
+    /// Running out of descriptors or memory pauses accepting briefly instead of
+    /// spinning; a connection aborted before accept is ignored.
+    pub async fn accept_loop<F>(self, stop: CancellationToken, mut serve: F)
+    where
+        F: FnMut(TcpStream, ClientAddr, ListenAddr),
+    {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = self.inner.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => serve(stream, ClientAddr(peer), self.addr),
+                Err(e) if is_resource_exhaustion(&e) => {
+                    tracing::warn!(listen = %self.addr, error = %e, "accept: out of resources, pausing");
+                    tokio::time::sleep(RESOURCE_BACKOFF).await;
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    tracing::warn!(listen = %self.addr, error = %e, "accept failed");
+                    tokio::time::sleep(RESOURCE_BACKOFF).await;
+                }
+            }
+        }
+        tracing::info!(listen = %self.addr, "listener closed");
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
+}

@@ -1,0 +1,78 @@
+//! `splice-proxy` binary: parse, validate, run, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use splice_proxy::{
+    cli::{Cli, Command},
+    config::Config,
+    exit,
+    kernel::KernelPrograms,
+    logging,
+    server::{Server, StartError},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (options, check_only) = match cli.command {
+        Some(Command::CheckConfig(options)) => (options, true),
+        None => (cli.options, false),
+    };
+    let config = match Config::load(&options) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("splice-proxy: invalid configuration: {error}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    if check_only {
+        println!("configuration is valid: listen {:?}, upstream {}", config.listen, config.upstream);
+        return ExitCode::from(exit::OK);
+    }
+    logging::init(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    // Kept alive for the whole run: dropping it detaches the programs.
+    let _kernel = probe_kernel_programs();
+    let server = match Server::start(&config) {
+        Ok(server) => server,
+        Err(error @ StartError::Bind(_)) => {
+            tracing::error!(%error, "start-up failed");
+            return ExitCode::from(exit::BIND);
+        }
+        Err(error) => {
+            tracing::error!(%error, "start-up failed");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    let stopped = server.run().await;
+    tracing::info!(?stopped, "exiting");
+    ExitCode::from(exit::OK)
+}
+
+/// Loads the embedded kernel programs to learn whether this host can run them.
+/// The data plane is the userspace copy for now, so failing here is not fatal.
+fn probe_kernel_programs() -> Option<KernelPrograms> {
+    match KernelPrograms::load(logging::kernel_log_level()) {
+        Ok(mut kernel) => {
+            if let Err(error) = kernel.spawn_log_forwarder() {
+                tracing::warn!(%error, "kernel log records will not be shown");
+            }
+            tracing::info!("kernel programs loaded and attached (data plane: userspace copy)");
+            Some(kernel)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "kernel programs unavailable (data plane: userspace copy)");
+            None
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Start-up, the accept loops, and stopping: SIGTERM drains (listeners close,
+//! open connections get the drain timeout), SIGINT stops at once.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    task::JoinSet,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    dns::ResolveError,
+    listener::{BindError, Listener},
+    proxy::Proxy,
+};
+
+/// Time connections get to close after they were told to stop.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Resolver(#[from] ResolveError),
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// How the server stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM, and every connection finished within the drain timeout.
+    Drained,
+    /// SIGTERM, and `cut` connections were still open at the drain timeout.
+    DrainTimedOut { cut: usize },
+    /// SIGINT (also during a drain): everything closed at once.
+    Interrupted { cut: usize },
+}
+
+/// A server with its listeners bound and its signal handlers installed.
+pub struct Server {
+    listeners: Vec<Listener>,
+    proxy: Arc<Proxy>,
+    drain_timeout: Duration,
+    sigterm: Signal,
+    sigint: Signal,
+}
+
+impl Server {
+    /// Installs the signal handlers, builds the resolver and binds every
+    /// listener; nothing is accepted yet.
+    pub fn start(config: &Config) -> Result<Self, StartError> {
+        let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+        let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+        let proxy = Arc::new(Proxy::new(config)?);
+        let listeners = config.listen.iter().map(|addr| Listener::bind(*addr)).collect::<Result<_, _>>()?;
+        Ok(Self { listeners, proxy, drain_timeout: config.drain_timeout, sigterm, sigint })
+    }
+
+    /// Accepts and serves until a signal stops it.
+    pub async fn run(mut self) -> Stopped {
+        let stop_accepting = CancellationToken::new();
+        let stop_connections = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let mut accept_loops = JoinSet::new();
+        for listener in self.listeners.drain(..) {
+            tracing::info!(listen = %listener.addr, upstream = %self.proxy.upstream(), "listening");
+            let proxy = Arc::clone(&self.proxy);
+            let connections = connections.clone();
+            let stop_connections = stop_connections.clone();
+            accept_loops.spawn(listener.accept_loop(
+                stop_accepting.clone(),
+                move |stream, client, listen| {
+                    let proxy = Arc::clone(&proxy);
+                    let stop = stop_connections.clone();
+                    connections.spawn(async move { proxy.serve(stream, client, listen, stop).await });
+                },
+            ));
+        }
+        tokio::spawn(startup_check(Arc::clone(&self.proxy)));
+        tracing::info!("ready");
+
+        let drain = tokio::select! {
+            _ = self.sigterm.recv() => true,
+            _ = self.sigint.recv() => false,
+        };
+        stop_accepting.cancel();
+        while accept_loops.join_next().await.is_some() {}
+        connections.close();
+        if drain {
+            tracing::info!(open = connections.len(), timeout = ?self.drain_timeout, "SIGTERM: draining");
+            tokio::select! {
+                () = connections.wait() => {
+                    tracing::info!("drained: every connection finished");
+                    return Stopped::Drained;
+                }
+                () = tokio::time::sleep(self.drain_timeout) => {
+                    let cut = cut_all(&connections, &stop_connections).await;
+                    tracing::warn!(cut, "drain timeout: closed the connections still open");
+                    return Stopped::DrainTimedOut { cut };
+                }
+                _ = self.sigint.recv() => {}
+            }
+        }
+        let cut = cut_all(&connections, &stop_connections).await;
+        tracing::info!(cut, "SIGINT: stopped");
+        Stopped::Interrupted { cut }
+    }
+}
+
+/// Tells every connection to stop, waits briefly for them, and returns how many there were.
+async fn cut_all(connections: &TaskTracker, stop: &CancellationToken) -> usize {
+    let open = connections.len();
+    stop.cancel();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
+    open
+}
+
+/// A name that does not resolve at start-up is only a warning: it may appear later.
+async fn startup_check(proxy: Arc<Proxy>) {
+    match proxy.resolve_upstream().await {
+        Ok(addrs) => {
+            let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+            tracing::info!(upstream = %proxy.upstream(), addrs = ?addrs, "upstream resolves");
+        }
+        Err(error) => {
+            tracing::warn!(upstream = %proxy.upstream(), %error, "upstream does not resolve yet; will retry for every connection");
+        }
+    }
+}

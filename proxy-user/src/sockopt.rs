@@ -1,0 +1,93 @@
+//! TCP socket options set on both sockets of every connection.
+//!
+//! Defaults keep a silent `kubectl get --watch` stream alive through the NLB's
+//! 350-second idle timeout: the first keepalive probe goes out after 30 s of
+//! silence, so the NLB sees traffic long before it would drop the flow, and a
+//! dead peer is noticed within about a minute.
+
+use std::{io, os::fd::AsFd, time::Duration};
+
+use nix::sys::socket::{setsockopt, sockopt};
+
+/// Validated TCP options (see [`crate::config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConfig {
+    pub keepalive_idle: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_count: u32,
+    /// `Duration::ZERO` leaves the kernel default.
+    pub user_timeout: Duration,
+}
+
+/// Which option could not be set, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("setting {option} failed: {source}")]
+pub struct SockoptError {
+    option: &'static str,
+    source: io::Error,
+}
+
+fn set<F: AsFd, O: nix::sys::socket::SetSockOpt>(
+    fd: &F,
+    opt: O,
+    value: &O::Val,
+    option: &'static str,
+) -> Result<(), SockoptError> {
+    setsockopt(fd, opt, value).map_err(|errno| SockoptError { option, source: errno.into() })
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// TCP_NODELAY, keepalive (idle, interval, count) and TCP_USER_TIMEOUT.
+pub fn apply<F: AsFd>(fd: &F, tcp: &TcpConfig) -> Result<(), SockoptError> {
+    set(fd, sockopt::TcpNoDelay, &true, "TCP_NODELAY")?;
+    set(fd, sockopt::KeepAlive, &true, "SO_KEEPALIVE")?;
+    set(fd, sockopt::TcpKeepIdle, &secs(tcp.keepalive_idle), "TCP_KEEPIDLE")?;
+    set(fd, sockopt::TcpKeepInterval, &secs(tcp.keepalive_interval), "TCP_KEEPINTVL")?;
+    set(fd, sockopt::TcpKeepCount, &tcp.keepalive_count, "TCP_KEEPCNT")?;
+    if !tcp.user_timeout.is_zero() {
+        let millis = u32::try_from(tcp.user_timeout.as_millis()).unwrap_or(u32::MAX);
+        set(fd, sockopt::TcpUserTimeout, &millis, "TCP_USER_TIMEOUT")?;
+    }
+    Ok(())
+}
+
+/// SO_LINGER 0: closing the socket sends a reset instead of a FIN. Used to
+/// carry a reset from one side of a connection to the other.
+pub fn reset_on_close<F: AsFd>(fd: &F) -> Result<(), SockoptError> {
+    let linger = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+    set(fd, sockopt::Linger, &linger, "SO_LINGER")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use nix::sys::socket::getsockopt;
+
+    use super::*;
+
+    #[test]
+    fn options_reach_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let tcp = TcpConfig {
+            keepalive_idle: Duration::from_secs(31),
+            keepalive_interval: Duration::from_secs(7),
+            keepalive_count: 4,
+            user_timeout: Duration::from_millis(45_000),
+        };
+        apply(&stream, &tcp).unwrap();
+        assert!(getsockopt(&stream, sockopt::TcpNoDelay).unwrap());
+        assert!(getsockopt(&stream, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).unwrap(), 31);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepInterval).unwrap(), 7);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).unwrap(), 4);
+        assert_eq!(getsockopt(&stream, sockopt::TcpUserTimeout).unwrap(), 45_000);
+        reset_on_close(&stream).unwrap();
+        let linger = getsockopt(&stream, sockopt::Linger).unwrap();
+        assert_eq!((linger.l_onoff, linger.l_linger), (1, 0));
+    }
+}

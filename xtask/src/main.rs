@@ -1,0 +1,126 @@
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//!
+//! Every task that needs the kernel toolchain first makes sure it is present
+//! (see [`prereq`]), so a fresh Debian 12 host needs no other set-up step.
+
+mod prereq;
+
+use prereq::run;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "splice-proxy project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs when it is missing (Debian packages
+    /// llvm-22-dev and libpolly-22-dev, bpf-linker for LLVM 22, the nightly
+    /// rust-src). Idempotent; does nothing when all is present.
+    Setup,
+    /// Build the kernel object (nightly, -Z build-std=core, bpf-linker) that
+    /// proxy-user embeds. Runs `setup` first.
+    BuildEbpf,
+    /// Run every check and test: setup, build-ebpf, cargo fmt --check,
+    /// clippy -D warnings, then the whole test suite.
+    Test {
+        /// Extra arguments passed to `cargo test` (for example a test name filter).
+        #[arg(trailing_var_arg = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run the local demo: DNS server, two TLS "API servers" on 127.0.0.2 and
+    /// 127.0.0.3, the proxy, and a client, while the DNS answer rotates.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => prereq::ensure(),
+        Task::BuildEbpf => build_ebpf(&root),
+        Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
+        Task::Demo => demo(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Where `cargo xtask build-ebpf` leaves the kernel object; proxy-user's
+/// build script reads the same path.
+fn ebpf_object(root: &Path) -> PathBuf {
+    root.join("target/bpfel-unknown-none/release/proxy-ebpf")
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    prereq::ensure()?;
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target"))
+        .current_dir(root.join("proxy-ebpf"));
+    clear_outer_cargo_env(&mut cmd);
+    run(&mut cmd)?;
+    let object = ebpf_object(root);
+    if !object.is_file() {
+        bail!("the kernel build finished but {} is missing", object.display());
+    }
+    eprintln!("kernel object: {}", object.display());
+    Ok(())
+}
+
+fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+    build_ebpf(root)?;
+    run(cargo(root).args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The integration tests start the real binary, so build it first.
+    run(cargo(root).args(["build", "--workspace", "--bins"]))?;
+    run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(cargo_test_args))
+}
+
+fn demo(root: &Path) -> Result<()> {
+    build_ebpf(root)?;
+    run(cargo(root).args(["build", "--workspace", "--bins", "--release"]))?;
+    run(Command::new(root.join("target/release/demo"))
+        .arg("--proxy-bin")
+        .arg(root.join("target/release/splice-proxy")))
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// The nightly kernel build must not inherit the stable toolchain or flags
+/// that `cargo run` passed down to this process.
+fn clear_outer_cargo_env(cmd: &mut Command) {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+}

@@ -1,0 +1,138 @@
+//! The kernel toolchain: checked every time, installed only when missing.
+//!
+//! What is needed (re-checked on Debian 12, kernel 6.18):
+//! - the nightly toolchain with `rust-src` (for `-Z build-std=core`);
+//! - Debian's `llvm-22-dev` and `libpolly-22-dev`, which `bpf-linker` links to;
+//! - `bpf-linker` 0.13 built with `--features llvm-22`;
+//! - `iproute2` (`ip netns`) for the tests that run in their own network namespace.
+//!
+//! On a host where we cannot install (not Debian, not root) we stop and print
+//! the exact commands to run instead.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13";
+
+/// Makes sure every prerequisite is present, installing what is missing.
+pub fn ensure() -> Result<()> {
+    ensure_nightly()?;
+    ensure_debian_packages()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn ensure_nightly() -> Result<()> {
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!(
+            "the nightly Rust toolchain is missing; install it with:\n  \
+             rustup toolchain install nightly --profile minimal --component rust-src"
+        );
+    }
+    let installed = output(Command::new("rustup").args(["+nightly", "component", "list", "--installed"]))?;
+    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+        eprintln!("setup: adding the nightly rust-src component");
+        run(Command::new("rustup").args(["+nightly", "component", "add", "rust-src"]))
+            .context("`rustup +nightly component add rust-src` failed")?;
+    }
+    Ok(())
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing: Vec<&str> =
+        DEBIAN_PACKAGES.iter().copied().filter(|pkg| !debian_package_installed(pkg)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = format!("apt-get update && apt-get install -y {}", missing.join(" "));
+    if !Path::new("/etc/debian_version").exists() || !is_root() {
+        bail!(
+            "missing packages: {}\nthis host is not Debian or we are not root, so install them yourself:\n  \
+             {install}\n(on other distributions: LLVM 22 development files with Polly, and iproute2)",
+            missing.join(", ")
+        );
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("could not install Debian packages; run: {install}"))
+}
+
+fn debian_package_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if let Some(version) = bpf_linker_version()
+        && version.contains(&format!("bpf-linker {BPF_LINKER_VERSION}"))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    run(Command::new("cargo")
+        .args(["+stable", "install", "bpf-linker", "--force"])
+        .args(["--version", &format!("~{BPF_LINKER_VERSION}")])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR"))
+    .with_context(|| {
+        format!(
+            "could not build bpf-linker; run:\n  LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker \
+             --version ~{BPF_LINKER_VERSION} --no-default-features --features llvm-22"
+        )
+    })?;
+    if bpf_linker_version().is_none() {
+        bail!("bpf-linker was installed but is not on PATH; add {} to PATH", cargo_bin_dir().display());
+    }
+    Ok(())
+}
+
+fn bpf_linker_version() -> Option<String> {
+    output(Command::new("bpf-linker").arg("--version")).ok()
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_default()
+        .join("bin")
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|status| status.success())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stderr(Stdio::null()).output().with_context(|| format!("could not run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
