@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, SockHash},
     programs::SkBuffContext,
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::{debug, trace};
 use proxy_common::{SPLICE_SOCKETS_CAPACITY, VerdictStats};
 
 /// Sockets whose skbs [`splice_verdict`] sees, keyed by socket cookie.
@@ -48,6 +48,7 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     let stats = unsafe { &mut *stats };
     stats.skbs += 1;
     stats.bytes += u64::from(len);
+    trace!(ctx, "skb of {} bytes", len);
     if len == 0 {
         stats.empty_skbs += 1;
         debug!(ctx, "zero-length skb");

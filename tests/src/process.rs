@@ -1,0 +1,169 @@
+//! Runs the real `splice-proxy` binary with JSON logs and reads its events.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde_json::Value;
+
+/// A running proxy process; killed (by its PID) when dropped.
+pub struct ProxyProcess {
+    child: Child,
+    events: Arc<Mutex<Vec<Value>>>,
+    /// The bound listen addresses, in the order they were logged.
+    pub listen: Vec<SocketAddr>,
+}
+
+/// Path of the built binary: `SPLICE_PROXY_BIN`, or next to the test executable.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SPLICE_PROXY_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/splice-proxy
+    let dir = exe.parent().and_then(|deps| deps.parent()).context("test executable has no parent")?;
+    let path = dir.join("splice-proxy");
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build it first with `cargo build --bin splice-proxy` (`cargo xtask test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl ProxyProcess {
+    /// Starts the proxy with `args` plus `--log-format json` (and `--listen
+    /// 127.0.0.1:0` when `args` names no listener); returns once it is ready.
+    pub fn start<S: AsRef<str>>(args: &[S]) -> Result<Self> {
+        let mut cmd = Command::new(binary()?);
+        cmd.args(args.iter().map(AsRef::as_ref)).args(["--log-format", "json"]);
+        if !args.iter().any(|a| a.as_ref() == "--listen" || a.as_ref() == "--config") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting splice-proxy")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&events);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let event = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+            }
+        });
+        let mut proxy = Self { child, events, listen: Vec::new() };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if proxy.events().iter().any(|e| message(e) == "ready") {
+                break;
+            }
+            if let Some(status) = proxy.child.try_wait()? {
+                bail!("splice-proxy exited during start-up with {status}: {:?}", proxy.events());
+            }
+            if Instant::now() > deadline {
+                bail!("splice-proxy not ready after 20 s: {:?}", proxy.events());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        proxy.listen = proxy
+            .events()
+            .iter()
+            .filter(|e| message(e) == "listening")
+            .filter_map(|e| e["listen"].as_str()?.parse().ok())
+            .collect();
+        Ok(proxy)
+    }
+
+    /// The first listen address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.listen[0]
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"))
+    }
+
+    /// Every log event so far (JSON objects; lines that were not JSON as strings).
+    #[must_use]
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The "connection closed" access log events so far.
+    #[must_use]
+    pub fn closed_connections(&self) -> Vec<Value> {
+        self.events().into_iter().filter(|e| message(e) == "connection closed").collect()
+    }
+
+    /// Waits until at least `n` connections have been logged as closed.
+    pub async fn wait_closed(&self, n: usize, timeout: Duration) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let closed = self.closed_connections();
+            if closed.len() >= n {
+                return Ok(closed);
+            }
+            if Instant::now() > deadline {
+                bail!("only {} of {n} connections logged as closed: {closed:?}", closed.len());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for an event with this message.
+    pub async fn wait_message(&self, msg: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.events().into_iter().find(|e| message(e) == msg) {
+                return Ok(event);
+            }
+            if Instant::now() > deadline {
+                bail!("no {msg:?} event within {timeout:?}: {:?}", self.events());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        nix::sys::signal::kill(self.pid(), signal).with_context(|| format!("sending {signal}"))
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("splice-proxy still running after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The `message` field of a JSON log event.
+#[must_use]
+pub fn message(event: &Value) -> &str {
+    event["message"].as_str().unwrap_or_default()
+}

@@ -1,0 +1,199 @@
+//! Byte-exact transfers: a client sends N bytes and half-closes; the server
+//! hashes what it got, then answers with M bytes and closes. Both payloads are
+//! deterministic, so each side checks the other's bytes by SHA-256.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use sha2::{Digest as _, Sha256};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
+
+/// Deterministic pseudo-random bytes (SplitMix64), `len` of them from `seed`.
+pub struct Payload {
+    state: u64,
+    remaining: u64,
+}
+
+impl Payload {
+    #[must_use]
+    pub fn new(seed: u64, len: u64) -> Self {
+        Self { state: seed, remaining: len }
+    }
+
+    /// Fills `buf` with the next bytes; returns how many (0 at the end).
+    pub fn fill(&mut self, buf: &mut [u8]) -> usize {
+        let n = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(buf.len());
+        for chunk in buf[..n].chunks_mut(8) {
+            self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+        }
+        self.remaining -= n as u64;
+        n
+    }
+
+    /// SHA-256 of the whole payload.
+    #[must_use]
+    pub fn sha256(seed: u64, len: u64) -> [u8; 32] {
+        let mut payload = Self::new(seed, len);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = payload.fill(&mut buf);
+            if n == 0 {
+                return hasher.finalize().into();
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+}
+
+const UPLOAD_SEED: u64 = 0x5eed_0001;
+const DOWNLOAD_SEED: u64 = 0x5eed_0002;
+
+/// What the server received on one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// Results by transfer id.
+#[derive(Default)]
+struct Results {
+    by_id: Mutex<HashMap<u64, Received>>,
+    arrived: Notify,
+}
+
+/// The upstream side of byte-exact transfers; shared by concurrent transfers.
+pub struct TransferServer {
+    pub addr: SocketAddr,
+    results: Arc<Results>,
+    next_id: AtomicU64,
+}
+
+impl TransferServer {
+    pub async fn start(ip: IpAddr) -> Result<Self> {
+        let listener = TcpListener::bind((ip, 0)).await?;
+        let addr = listener.local_addr()?;
+        let results = Arc::new(Results::default());
+        let sink = Arc::clone(&results);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let sink = Arc::clone(&sink);
+                tokio::spawn(async move {
+                    if let Ok((id, got)) = serve(stream).await {
+                        sink.by_id.lock().unwrap_or_else(|p| p.into_inner()).insert(id, got);
+                        sink.arrived.notify_waiters();
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, results, next_id: AtomicU64::new(0) })
+    }
+
+    /// What the server received for transfer `id`, once it has it.
+    async fn received(&self, id: u64) -> Result<Received> {
+        let wait = async {
+            loop {
+                let notified = self.results.arrived.notified();
+                if let Some(got) = self.results.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+                    return got;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .context("the server never finished the transfer")
+    }
+}
+
+/// Header: transfer id and response length (u64 each), then the upload.
+async fn serve(mut stream: TcpStream) -> Result<(u64, Received)> {
+    let id = stream.read_u64().await?;
+    let response_len = stream.read_u64().await?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    let got = Received { bytes, sha256: hasher.finalize().into() };
+    let mut payload = Payload::new(DOWNLOAD_SEED, response_len);
+    loop {
+        let n = payload.fill(&mut buf);
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n]).await?;
+    }
+    stream.shutdown().await?;
+    Ok((id, got))
+}
+
+/// Sends `up` bytes through `proxy`, half-closes, and checks that exactly the
+/// `down` bytes of the response arrive and the server got exactly the upload.
+/// The client also sends a 16-byte header first (see [`serve`]).
+pub async fn run_transfer(proxy: SocketAddr, server: &TransferServer, up: u64, down: u64) -> Result<()> {
+    let id = server.next_id.fetch_add(1, Ordering::Relaxed);
+    let stream = TcpStream::connect(proxy).await?;
+    let (mut read, mut write) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        write.write_u64(id).await?;
+        write.write_u64(down).await?;
+        let mut payload = Payload::new(UPLOAD_SEED, up);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = payload.fill(&mut buf);
+            if n == 0 {
+                break;
+            }
+            write.write_all(&buf[..n]).await?;
+        }
+        write.shutdown().await?;
+        anyhow::Ok(write)
+    });
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = read.read(&mut buf).await.context("reading the response")?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        got += n as u64;
+    }
+    let _write = sender.await??;
+    let sha: [u8; 32] = hasher.finalize().into();
+    ensure!(got == down, "client received {got} bytes, expected {down}");
+    ensure!(sha == Payload::sha256(DOWNLOAD_SEED, down), "client received the wrong bytes ({down} bytes)");
+    let received = server.received(id).await?;
+    ensure!(received.bytes == up, "server received {} bytes, expected {up}", received.bytes);
+    ensure!(
+        received.sha256 == Payload::sha256(UPLOAD_SEED, up),
+        "server received the wrong bytes ({up} bytes)"
+    );
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Command line and configuration errors: documented exit codes, and
+//! messages that name the bad field or address.
+
+use std::{io::Write as _, net::TcpListener, process::Command};
+
+use anyhow::Result;
+use testkit::process::binary;
+
+fn run(args: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = Command::new(binary()?).args(args).output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.code(), text))
+}
+
+fn config_file(text: &str) -> Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::NamedTempFile::new()?;
+    file.write_all(text.as_bytes())?;
+    Ok(file)
+}
+
+#[test]
+fn check_config_accepts_a_valid_file() -> Result<()> {
+    let file = config_file(
+        "listen = [\"127.0.0.1:6443\"]\nupstream = \"api.example.com:443\"\ndns_max_ttl = \"0s\"\n",
+    )?;
+    let (code, text) = run(&["check-config", "--config", file.path().to_str().unwrap()])?;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("configuration is valid"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn malformed_config_exits_2_naming_the_field() -> Result<()> {
+    let cases = [
+        (
+            "listen = [\"127.0.0.1:6443\"]\nupstream = \"api.example.com:443\"\nconect_timeout = \"1s\"\n",
+            "conect_timeout",
+        ),
+        ("listen = [\"127.0.0.1:6443\"]\nupstream = \"api.example.com\"\n", "upstream"),
+        (
+            "listen = [\"127.0.0.1:6443\"]\nupstream = \"a.example.com:443\"\ndrain_timeout = 5\n",
+            "drain_timeout",
+        ),
+        ("listen = \"127.0.0.1:6443\"\nupstream = \"a.example.com:443\"\n", "listen"),
+    ];
+    for (text, field) in cases {
+        let file = config_file(text)?;
+        let path = file.path().to_str().unwrap();
+        for args in [vec!["check-config", "--config", path], vec!["--config", path]] {
+            let (code, out) = run(&args)?;
+            assert_eq!(code, Some(2), "{args:?} with {text:?}: {out}");
+            assert!(out.contains(&format!("`{field}")), "{text:?}: message does not name {field}: {out}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() -> Result<()> {
+    let (code, out) = run(&["--listen", "127.0.0.1:0", "--upstream", "api.example.com"])?;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("--upstream"), "{out}");
+    let (code, out) = run(&["--listen", "127.0.0.1:0"])?;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("upstream"), "{out}");
+    let (code, out) =
+        run(&["--listen", "127.0.0.1:0", "--upstream", "10.0.0.1:443", "--dns-max-ttl", "soon"])?;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("--dns-max-ttl"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn a_listen_address_in_use_exits_3_naming_it() -> Result<()> {
+    let taken = TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443"])?;
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains(&addr) && out.contains("in use"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn help_lists_the_flags_and_exit_codes() -> Result<()> {
+    let (code, out) = run(&["--help"])?;
+    assert_eq!(code, Some(0));
+    for needle in [
+        "--listen",
+        "--upstream",
+        "--dns-server",
+        "--dns-max-ttl",
+        "--connect-timeout",
+        "--config",
+        "--log-format",
+        "Exit codes",
+    ] {
+        assert!(out.contains(needle), "--help lacks {needle}");
+    }
+    Ok(())
+}
