@@ -17,6 +17,8 @@ use serde_json::Value;
 pub struct ProxyProcess {
     child: Child,
     events: Arc<Mutex<Vec<Value>>>,
+    /// Reads stderr into `events` until the process closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// The bound listen addresses, in the order they were logged.
     pub listen: Vec<SocketAddr>,
 }
@@ -43,7 +45,12 @@ impl ProxyProcess {
     /// Starts the proxy with `args` plus `--log-format json` (and `--listen
     /// 127.0.0.1:0` when `args` names no listener); returns once it is ready.
     pub fn start<S: AsRef<str>>(args: &[S]) -> Result<Self> {
-        let mut cmd = Command::new(binary()?);
+        Self::start_binary(&binary()?, args)
+    }
+
+    /// [`Self::start`] with an explicit binary.
+    pub fn start_binary<S: AsRef<str>>(binary: &std::path::Path, args: &[S]) -> Result<Self> {
+        let mut cmd = Command::new(binary);
         cmd.args(args.iter().map(AsRef::as_ref)).args(["--log-format", "json"]);
         if !args.iter().any(|a| a.as_ref() == "--listen" || a.as_ref() == "--config") {
             cmd.args(["--listen", "127.0.0.1:0"]);
@@ -53,13 +60,13 @@ impl ProxyProcess {
         let stderr = child.stderr.take().context("no stderr pipe")?;
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&events);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let event = serde_json::from_str(&line).unwrap_or(Value::String(line));
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(event);
             }
         });
-        let mut proxy = Self { child, events, listen: Vec::new() };
+        let mut proxy = Self { child, events, reader: Some(reader), listen: Vec::new() };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if proxy.events().iter().any(|e| message(e) == "ready") {
@@ -138,11 +145,14 @@ impl ProxyProcess {
         nix::sys::signal::kill(self.pid(), signal).with_context(|| format!("sending {signal}"))
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit and for its last log lines to be read.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                if let Some(reader) = self.reader.take() {
+                    tokio::task::block_in_place(|| reader.join()).ok();
+                }
                 return Ok(status);
             }
             if Instant::now() > deadline {

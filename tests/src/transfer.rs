@@ -197,3 +197,28 @@ pub async fn run_transfer(proxy: SocketAddr, server: &TransferServer, up: u64, d
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_deterministic_and_exact_in_length_whatever_the_chunking() {
+        let mut whole = vec![0u8; 100_003];
+        assert_eq!(Payload::new(9, 100_003).fill(&mut whole), 100_003);
+        let mut pieces = Vec::new();
+        let mut payload = Payload::new(9, 100_003);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = payload.fill(&mut buf);
+            if n == 0 {
+                break;
+            }
+            pieces.extend_from_slice(&buf[..n]);
+        }
+        // Chunks of 4096 (a multiple of 8) give the same stream as one fill.
+        assert_eq!(pieces, whole);
+        assert_eq!(Payload::sha256(9, 100_003), <[u8; 32]>::from(Sha256::digest(&whole)));
+        assert_ne!(Payload::sha256(9, 100_003), Payload::sha256(10, 100_003));
+    }
+}

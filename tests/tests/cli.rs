@@ -98,3 +98,11 @@ fn help_lists_the_flags_and_exit_codes() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_example_config_in_the_repository_is_valid() -> Result<()> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/splice-proxy.example.toml");
+    let (code, text) = run(&["check-config", "--config", path])?;
+    assert_eq!(code, Some(0), "{text}");
+    Ok(())
+}

@@ -224,3 +224,33 @@ async fn an_unresolvable_name_at_start_up_is_only_a_warning() -> Result<()> {
     assert_eq!(s.client.get_once(s.proxy.addr(), "/version").await?, ENI_B);
     Ok(())
 }
+
+/// `ss -o` timers of the established sockets matching `filter`.
+fn socket_timers(filter: &str) -> Result<String> {
+    let out = std::process::Command::new("ss").args(["-Htno", "state", "established", filter]).output()?;
+    anyhow::ensure!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_runs_on_both_sockets_of_a_connection() -> Result<()> {
+    let s = setup(Answer::Addrs(vec![ENI_A]), &["--tcp-keepalive-idle", "45s"]).await?;
+    let mut open = s.client.connect(s.proxy.addr()).await?;
+    assert_eq!(open.get("/version").await?, ENI_A);
+    // While data is unacknowledged `ss` shows the retransmit timer instead, so
+    // look until the connection is quiet.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let downstream = socket_timers(&format!("( sport = :{} )", s.proxy.addr().port()))?;
+        let upstream = socket_timers(&format!("( dport = :{} )", s.enis[0].addr.port()))?;
+        let both = [&downstream, &upstream].iter().all(|text| text.contains("timer:(keepalive,4"));
+        if both {
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no keepalive timer near 45 s on both proxy sockets:\nclient side: {downstream}\nupstream side: {upstream}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
