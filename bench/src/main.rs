@@ -1,5 +1,5 @@
 //! Throughput benchmark: one TCP stream over loopback, direct and through
-//! splice-proxy, in alternating rounds on the same machine. Reports Gbit/s,
+//! splice-proxy in each data plane, in alternating rounds on the same machine. Reports Gbit/s,
 //! whole-machine busy % and core-seconds per GB (busy = ncpu × wall − Δidle,
 //! idle from /proc/uptime), each the median of the rounds with its range, and
 //! the ratio to the direct connection measured in the same run.
@@ -69,8 +69,10 @@ fn main() -> Result<()> {
         );
     }
     let sink = start_sink()?;
-    let proxy = Proxy::start(&args.proxy_bin, sink)?;
-    let peers: [(&str, SocketAddr); 2] = [("direct", sink), ("splice-proxy (copy)", proxy.addr)];
+    let splice = Proxy::start(&args.proxy_bin, sink, "splice")?;
+    let copy = Proxy::start(&args.proxy_bin, sink, "copy")?;
+    let peers: [(&str, SocketAddr); 3] =
+        [("direct", sink), ("splice-proxy (splice)", splice.addr), ("splice-proxy (copy)", copy.addr)];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
     for round in 0..args.rounds {
         for (i, (name, addr)) in peers.iter().enumerate() {
@@ -180,12 +182,13 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(binary: &std::path::Path, upstream: SocketAddr) -> Result<Self> {
+    fn start(binary: &std::path::Path, upstream: SocketAddr, dataplane: &str) -> Result<Self> {
         // Reserve a port, free it, and hand it to the proxy.
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = Command::new(binary)
             .args(["--listen", &addr.to_string(), "--upstream", &upstream.to_string()])
+            .args(["--dataplane", dataplane])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

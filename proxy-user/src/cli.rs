@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::addr::UpstreamTarget;
+use crate::{addr::UpstreamTarget, dataplane::DataPlaneChoice};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -114,6 +114,17 @@ pub struct Options {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub tcp_user_timeout: Option<Duration>,
+
+    /// How the bytes of an established connection are moved: `auto` picks the
+    /// best plane that has passed its correctness gate (now: splice) and logs why.
+    /// [default: auto]
+    #[arg(long, value_enum, value_name = "PLANE")]
+    pub dataplane: Option<DataPlaneChoice>,
+
+    /// Pipe size per direction for the splice data plane (at most
+    /// /proc/sys/fs/pipe-max-size unless root). [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub splice_pipe_size: Option<usize>,
 
     /// Bytes of buffer per direction for the userspace copy data plane.
     /// [default: 131072]

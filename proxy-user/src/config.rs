@@ -17,6 +17,7 @@ use crate::{
     addr::{ListenAddr, UpstreamTarget},
     cli::{LogFormat, Options},
     connect::ConnectConfig,
+    dataplane::{DataPlane, splice::Pipe},
     dns::DnsConfig,
     sockopt::TcpConfig,
 };
@@ -30,7 +31,9 @@ pub struct Config {
     pub connect: ConnectConfig,
     pub tcp: TcpConfig,
     pub drain_timeout: Duration,
-    pub copy_buffer_size: usize,
+    pub dataplane: DataPlane,
+    /// Why `dataplane` was chosen (logged at start-up).
+    pub dataplane_reason: &'static str,
     pub log_format: LogFormat,
 }
 
@@ -121,6 +124,15 @@ impl Config {
                 format!("{copy_buffer_size} is not from {MIN_COPY_BUFFER} to {MAX_COPY_BUFFER} bytes"),
             ));
         }
+        let pipe_size = o.splice_pipe_size.unwrap_or(1 << 20);
+        let (dataplane, dataplane_reason) =
+            DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size);
+        if let DataPlane::Splice { pipe_size } = dataplane {
+            // Ask the kernel now, so a size it refuses fails here, not per connection.
+            Pipe::new(pipe_size).map_err(|e| {
+                invalid("splice_pipe_size", "splice-pipe-size", format!("a pipe of {pipe_size} bytes: {e}"))
+            })?;
+        }
         Ok(Self {
             listen,
             upstream,
@@ -128,7 +140,8 @@ impl Config {
             connect,
             tcp,
             drain_timeout: o.drain_timeout.unwrap_or(Duration::from_secs(30)),
-            copy_buffer_size,
+            dataplane,
+            dataplane_reason,
             log_format: o.log_format.unwrap_or_default(),
         })
     }
@@ -168,6 +181,8 @@ fn overlay(file: Options, flags: Options) -> Options {
         tcp_keepalive_count: flags.tcp_keepalive_count.or(file.tcp_keepalive_count),
         tcp_user_timeout: flags.tcp_user_timeout.or(file.tcp_user_timeout),
         copy_buffer_size: flags.copy_buffer_size.or(file.copy_buffer_size),
+        dataplane: flags.dataplane.or(file.dataplane),
+        splice_pipe_size: flags.splice_pipe_size.or(file.splice_pipe_size),
         log_format: flags.log_format.or(file.log_format),
     }
 }

@@ -6,7 +6,7 @@ pub mod addr;
 pub mod cli;
 pub mod config;
 pub mod connect;
-pub mod copy;
+pub mod dataplane;
 pub mod dns;
 pub mod kernel;
 pub mod listener;

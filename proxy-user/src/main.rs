@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         return ExitCode::from(exit::OK);
     }
     logging::init(config.log_format);
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -59,19 +60,31 @@ async fn run(config: Config) -> ExitCode {
     ExitCode::from(exit::OK)
 }
 
+/// Every connection holds two sockets (and two pipes on the splice plane), so
+/// the usual soft limit of 1,024 descriptors is raised to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE)
+        .and_then(|(_, hard)| setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard))
+    {
+        Ok(limit) => tracing::debug!(limit, "descriptor limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the descriptor limit"),
+    }
+}
+
 /// Loads the embedded kernel programs to learn whether this host can run them.
-/// The data plane is the userspace copy for now, so failing here is not fatal.
+/// No data plane needs them yet, so failing here is not fatal.
 fn probe_kernel_programs() -> Option<KernelPrograms> {
     match KernelPrograms::load(logging::kernel_log_level()) {
         Ok(mut kernel) => {
             if let Err(error) = kernel.spawn_log_forwarder() {
                 tracing::warn!(%error, "kernel log records will not be shown");
             }
-            tracing::info!("kernel programs loaded and attached (data plane: userspace copy)");
+            tracing::info!("kernel programs loaded and attached");
             Some(kernel)
         }
         Err(error) => {
-            tracing::warn!(%error, "kernel programs unavailable (data plane: userspace copy)");
+            tracing::warn!(%error, "kernel programs unavailable on this host");
             None
         }
     }

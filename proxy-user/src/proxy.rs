@@ -17,7 +17,7 @@ use crate::{
     addr::{ClientAddr, ListenAddr, UpstreamAddr, UpstreamTarget},
     config::Config,
     connect::{ConnectError, Connector},
-    copy::{self, Transfer},
+    dataplane::{self, DataPlane, Transfer},
     dns::{ResolveError, UpstreamResolver},
     sockopt::{self, TcpConfig},
 };
@@ -32,7 +32,7 @@ pub struct Proxy {
     resolver: UpstreamResolver,
     connector: Connector,
     tcp: TcpConfig,
-    copy_buffer_size: usize,
+    dataplane: DataPlane,
 }
 
 /// Why no upstream connection was made.
@@ -63,8 +63,13 @@ impl Proxy {
             resolver: UpstreamResolver::new(&config.dns)?,
             connector: Connector::new(config.connect),
             tcp: config.tcp,
-            copy_buffer_size: config.copy_buffer_size,
+            dataplane: config.dataplane,
         })
+    }
+
+    #[must_use]
+    pub fn dataplane(&self) -> DataPlane {
+        self.dataplane
     }
 
     #[must_use]
@@ -122,7 +127,7 @@ impl Proxy {
             }
         };
         let Transfer { client_to_upstream, upstream_to_client, reason } =
-            copy::copy_bidirectional(client, upstream, self.copy_buffer_size, stop).await;
+            dataplane::forward(self.dataplane, client, upstream, stop).await;
         tracing::info!(
             upstream = %upstream_addr,
             resolve_ms = millis(resolve_time),

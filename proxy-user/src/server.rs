@@ -45,6 +45,7 @@ pub struct Server {
     listeners: Vec<Listener>,
     proxy: Arc<Proxy>,
     drain_timeout: Duration,
+    dataplane_reason: &'static str,
     sigterm: Signal,
     sigint: Signal,
 }
@@ -57,7 +58,14 @@ impl Server {
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
         let proxy = Arc::new(Proxy::new(config)?);
         let listeners = config.listen.iter().map(|addr| Listener::bind(*addr)).collect::<Result<_, _>>()?;
-        Ok(Self { listeners, proxy, drain_timeout: config.drain_timeout, sigterm, sigint })
+        Ok(Self {
+            listeners,
+            proxy,
+            drain_timeout: config.drain_timeout,
+            dataplane_reason: config.dataplane_reason,
+            sigterm,
+            sigint,
+        })
     }
 
     /// Accepts and serves until a signal stops it.
@@ -80,6 +88,7 @@ impl Server {
                 },
             ));
         }
+        tracing::info!(dataplane = self.proxy.dataplane().label(), why = self.dataplane_reason, "data plane");
         tokio::spawn(startup_check(Arc::clone(&self.proxy)));
         tracing::info!("ready");
 

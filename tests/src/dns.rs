@@ -55,9 +55,19 @@ pub struct DnsServer {
 impl DnsServer {
     /// Starts on `127.0.0.1` with an ephemeral port; answers carry `ttl`.
     pub async fn start(ttl: Duration) -> Result<Self> {
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.context("binding the DNS UDP socket")?;
+        // UDP and TCP on one port: the port the UDP socket got may be taken
+        // for TCP (by a busy test's outgoing connection), so try a few.
+        let mut attempt = 0;
+        let (udp, tcp) = loop {
+            let udp =
+                tokio::net::UdpSocket::bind("127.0.0.1:0").await.context("binding the DNS UDP socket")?;
+            match crate::listen(udp.local_addr()?) {
+                Ok(tcp) => break (udp, tcp),
+                Err(_) if attempt < 50 => attempt += 1,
+                Err(e) => return Err(e).context("binding the DNS TCP socket"),
+            }
+        };
         let addr = udp.local_addr()?;
-        let tcp = tokio::net::TcpListener::bind(addr).await.context("binding the DNS TCP socket")?;
         let zone = Arc::new(Zone::default());
         zone.ttl.store(ttl.as_secs(), Ordering::Relaxed);
         let mut server = Server::new(Handler(Arc::clone(&zone)));

@@ -10,3 +10,22 @@ pub mod transfer;
 
 /// The hostname the tests and the demo give their fake EKS API server.
 pub const API_HOSTNAME: &str = "demo.gr7.us-east-1.eks.amazonaws.com";
+
+/// A listener with a backlog deep enough for a thousand connections arriving
+/// at once (tokio's `bind` uses 1,024, which overflows and stalls connects).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Raises this process's soft descriptor limit to the hard limit (tests that
+/// hold thousands of sockets need more than the usual 1,024).
+pub fn raise_fd_limit() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(())
+}

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, ensure};
 use sha2::{Digest as _, Sha256};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     sync::Notify,
 };
 
@@ -89,7 +89,7 @@ pub struct TransferServer {
 
 impl TransferServer {
     pub async fn start(ip: IpAddr) -> Result<Self> {
-        let listener = TcpListener::bind((ip, 0)).await?;
+        let listener = crate::listen((ip, 0).into())?;
         let addr = listener.local_addr()?;
         let results = Arc::new(Results::default());
         let sink = Arc::clone(&results);
@@ -124,71 +124,129 @@ impl TransferServer {
     }
 }
 
-/// Header: transfer id and response length (u64 each), then the upload.
-async fn serve(mut stream: TcpStream) -> Result<(u64, Received)> {
-    let id = stream.read_u64().await?;
-    let response_len = stream.read_u64().await?;
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
+/// Who writes when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Both sides write and read at once; each closes right after its last write.
+    Concurrent,
+    /// The client sends everything and half-closes; only then does the server
+    /// answer (the client's half-close must reach the server, and the client
+    /// must still get the whole answer).
+    ClientFirst,
+    /// The server answers and half-closes first; the client reads to EOF, then
+    /// sends its upload (the other half-close direction).
+    UpstreamFirst,
+}
+
+impl Order {
+    fn code(self) -> u64 {
+        match self {
+            Self::Concurrent => 0,
+            Self::ClientFirst => 1,
+            Self::UpstreamFirst => 2,
         }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
     }
-    let got = Received { bytes, sha256: hasher.finalize().into() };
-    let mut payload = Payload::new(DOWNLOAD_SEED, response_len);
+
+    fn from_code(code: u64) -> Result<Self> {
+        Ok(match code {
+            0 => Self::Concurrent,
+            1 => Self::ClientFirst,
+            2 => Self::UpstreamFirst,
+            other => anyhow::bail!("unknown order {other}"),
+        })
+    }
+}
+
+/// Writes `len` bytes of the payload `seed`, then half-closes.
+async fn send_payload<W: tokio::io::AsyncWrite + Unpin>(write: &mut W, seed: u64, len: u64) -> Result<()> {
+    let mut payload = Payload::new(seed, len);
+    let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = payload.fill(&mut buf);
         if n == 0 {
             break;
         }
-        stream.write_all(&buf[..n]).await?;
+        write.write_all(&buf[..n]).await?;
     }
-    stream.shutdown().await?;
+    write.shutdown().await?;
+    Ok(())
+}
+
+/// Reads to EOF; returns the byte count and SHA-256.
+async fn receive_all<R: tokio::io::AsyncRead + Unpin>(read: &mut R) -> Result<Received> {
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = read.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(Received { bytes, sha256: hasher.finalize().into() });
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+}
+
+/// Header: transfer id, response length and [`Order`] (u64 each), then the upload.
+async fn serve(stream: TcpStream) -> Result<(u64, Received)> {
+    let (mut read, mut write) = stream.into_split();
+    let id = read.read_u64().await?;
+    let response_len = read.read_u64().await?;
+    let order = Order::from_code(read.read_u64().await?)?;
+    let got = match order {
+        Order::Concurrent => {
+            let writer =
+                tokio::spawn(async move { send_payload(&mut write, DOWNLOAD_SEED, response_len).await });
+            let got = receive_all(&mut read).await?;
+            writer.await??;
+            got
+        }
+        Order::ClientFirst => {
+            let got = receive_all(&mut read).await?;
+            send_payload(&mut write, DOWNLOAD_SEED, response_len).await?;
+            got
+        }
+        Order::UpstreamFirst => {
+            send_payload(&mut write, DOWNLOAD_SEED, response_len).await?;
+            receive_all(&mut read).await?
+        }
+    };
     Ok((id, got))
 }
 
-/// Sends `up` bytes through `proxy`, half-closes, and checks that exactly the
-/// `down` bytes of the response arrive and the server got exactly the upload.
-/// The client also sends a 16-byte header first (see [`serve`]).
+/// One transfer through `proxy`: `up` bytes to the server, `down` bytes back,
+/// in `order`; checks both by length and SHA-256.
 pub async fn run_transfer(proxy: SocketAddr, server: &TransferServer, up: u64, down: u64) -> Result<()> {
+    run_ordered_transfer(proxy, server, up, down, Order::ClientFirst).await
+}
+
+/// [`run_transfer`] with an explicit [`Order`].
+pub async fn run_ordered_transfer(
+    proxy: SocketAddr,
+    server: &TransferServer,
+    up: u64,
+    down: u64,
+    order: Order,
+) -> Result<()> {
     let id = server.next_id.fetch_add(1, Ordering::Relaxed);
     let stream = TcpStream::connect(proxy).await?;
     let (mut read, mut write) = stream.into_split();
-    let sender = tokio::spawn(async move {
-        write.write_u64(id).await?;
-        write.write_u64(down).await?;
-        let mut payload = Payload::new(UPLOAD_SEED, up);
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = payload.fill(&mut buf);
-            if n == 0 {
-                break;
-            }
-            write.write_all(&buf[..n]).await?;
-        }
-        write.shutdown().await?;
-        anyhow::Ok(write)
-    });
-    let mut hasher = Sha256::new();
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = read.read(&mut buf).await.context("reading the response")?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        got += n as u64;
-    }
-    let _write = sender.await??;
-    let sha: [u8; 32] = hasher.finalize().into();
-    ensure!(got == down, "client received {got} bytes, expected {down}");
-    ensure!(sha == Payload::sha256(DOWNLOAD_SEED, down), "client received the wrong bytes ({down} bytes)");
+    write.write_all(&[id.to_be_bytes(), down.to_be_bytes(), order.code().to_be_bytes()].concat()).await?;
+    let got = if order == Order::UpstreamFirst {
+        let got = receive_all(&mut read).await.context("reading the response")?;
+        send_payload(&mut write, UPLOAD_SEED, up).await?;
+        got
+    } else {
+        let sender = tokio::spawn(async move { send_payload(&mut write, UPLOAD_SEED, up).await });
+        let got = receive_all(&mut read).await.context("reading the response")?;
+        sender.await??;
+        got
+    };
+    ensure!(got.bytes == down, "client received {} bytes, expected {down}", got.bytes);
+    ensure!(
+        got.sha256 == Payload::sha256(DOWNLOAD_SEED, down),
+        "client received the wrong bytes ({down} bytes)"
+    );
     let received = server.received(id).await?;
     ensure!(received.bytes == up, "server received {} bytes, expected {up}", received.bytes);
     ensure!(
@@ -197,6 +255,9 @@ pub async fn run_transfer(proxy: SocketAddr, server: &TransferServer, up: u64, d
     );
     Ok(())
 }
+
+/// Bytes of the header every transfer sends first.
+pub const HEADER_LEN: u64 = 24;
 
 #[cfg(test)]
 mod tests {

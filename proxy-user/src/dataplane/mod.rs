@@ -1,0 +1,198 @@
+//! Data planes: how the bytes of an established connection are moved.
+//!
+//! Every plane forwards both directions until both have ended, carries a
+//! half-close across (EOF on one side becomes `shutdown(SHUT_WR)` on the
+//! other while the other direction goes on), and turns a reset or error on
+//! either side into a reset on both. They differ only in how one direction
+//! moves its bytes: [`copy`] through a userspace buffer, [`splice`] through a
+//! pipe with splice(2), never touching user memory.
+
+pub mod copy;
+pub mod splice;
+
+use std::{
+    io,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::sockopt;
+
+/// The `--dataplane` choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlaneChoice {
+    /// The best plane that has passed its correctness gate on this host: splice.
+    #[default]
+    Auto,
+    /// splice(2) through a pipe per direction: the bytes stay in the kernel.
+    Splice,
+    /// A userspace buffer per direction.
+    Copy,
+}
+
+/// The plane in use, with its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPlane {
+    Splice { pipe_size: usize },
+    Copy { buffer_size: usize },
+}
+
+impl DataPlane {
+    /// Resolves `auto` and says why this plane was chosen.
+    #[must_use]
+    pub fn choose(choice: DataPlaneChoice, pipe_size: usize, buffer_size: usize) -> (Self, &'static str) {
+        match choice {
+            DataPlaneChoice::Auto => (
+                Self::Splice { pipe_size },
+                "auto: the sockmap plane is not offered until it passes its correctness gate; \
+                 splice keeps the bytes in the kernel without it",
+            ),
+            DataPlaneChoice::Splice => (Self::Splice { pipe_size }, "chosen with --dataplane splice"),
+            DataPlaneChoice::Copy => (Self::Copy { buffer_size }, "chosen with --dataplane copy"),
+        }
+    }
+
+    /// A short stable label for logs and metrics.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Splice { .. } => "splice",
+            Self::Copy { .. } => "copy",
+        }
+    }
+}
+
+/// Which socket an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The accepted (client) connection.
+    Downstream,
+    /// The connection to the upstream.
+    Upstream,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides sent FIN; everything was forwarded.
+    Completed,
+    /// A side reset the connection; the reset was carried to the other side.
+    Reset(Side),
+    /// Another I/O error on a side; the other side was reset.
+    Error(Side),
+    /// The drain timeout ran out (or an immediate stop) and the proxy cut it.
+    Stopped,
+}
+
+impl CloseReason {
+    /// A short stable label for logs and metrics.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Reset(Side::Downstream) => "client_reset",
+            Self::Reset(Side::Upstream) => "upstream_reset",
+            Self::Error(Side::Downstream) => "client_error",
+            Self::Error(Side::Upstream) => "upstream_error",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the data plane did.
+#[derive(Debug)]
+pub struct Transfer {
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    pub reason: CloseReason,
+}
+
+/// An I/O error in one direction, by where it happened.
+#[derive(Debug)]
+pub(crate) enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl PumpError {
+    /// The side the error belongs to, given the sides this direction reads and writes.
+    fn side(self, reads: Side, writes: Side) -> (Side, io::Error) {
+        match self {
+            Self::Read(e) => (reads, e),
+            Self::Write(e) => (writes, e),
+        }
+    }
+}
+
+/// Forwards both directions with `plane` until both are finished, a side
+/// fails, or `stop` is cancelled; then closes both sockets.
+pub async fn forward(
+    plane: DataPlane,
+    client: TcpStream,
+    upstream: TcpStream,
+    stop: CancellationToken,
+) -> Transfer {
+    let to_upstream = AtomicU64::new(0);
+    let to_client = AtomicU64::new(0);
+    let reason = {
+        let up = one_direction(plane, &client, &upstream, &to_upstream);
+        let down = one_direction(plane, &upstream, &client, &to_client);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            let result = tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    r.map_err(|e| e.side(Side::Downstream, Side::Upstream))
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    r.map_err(|e| e.side(Side::Upstream, Side::Downstream))
+                }
+                () = stop.cancelled() => break CloseReason::Stopped,
+            };
+            match result {
+                Err((side, error)) if error.kind() == io::ErrorKind::ConnectionReset => {
+                    break CloseReason::Reset(side);
+                }
+                Err((side, _)) => break CloseReason::Error(side),
+                Ok(()) if up_done && down_done => break CloseReason::Completed,
+                Ok(()) => {}
+            }
+        }
+    };
+    if reason != CloseReason::Completed {
+        // Best effort: the socket may already be gone, and it is closed next anyway.
+        let _ = sockopt::reset_on_close(&client);
+        let _ = sockopt::reset_on_close(&upstream);
+    }
+    Transfer {
+        client_to_upstream: to_upstream.load(Ordering::Relaxed),
+        upstream_to_client: to_client.load(Ordering::Relaxed),
+        reason,
+    }
+}
+
+async fn one_direction(
+    plane: DataPlane,
+    from: &TcpStream,
+    to: &TcpStream,
+    copied: &AtomicU64,
+) -> Result<(), PumpError> {
+    match plane {
+        DataPlane::Copy { buffer_size } => copy::pump(from, to, buffer_size, copied).await,
+        DataPlane::Splice { pipe_size } => splice::pump(from, to, pipe_size, copied).await,
+    }
+}
+
+/// `shutdown(SHUT_WR)`: the peer reads EOF once it has read everything before.
+fn shutdown_write<F: AsFd>(socket: &F) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    nix::sys::socket::shutdown(socket.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Write)
+        .map_err(io::Error::from)
+}

@@ -1,0 +1,202 @@
+//! The correctness gate every data plane must pass: byte-exact transfers
+//! (SHA-256) both ways at once from 1 byte to 256 MiB, half-close each way,
+//! reset each way, many connections at once, and no descriptor left behind.
+//! The same tests run for each plane.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use testkit::{
+    process::ProxyProcess,
+    transfer::{HEADER_LEN, Order, TransferServer, run_ordered_transfer},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const UPSTREAM_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+async fn proxy_to(plane: &str, upstream: SocketAddr) -> Result<ProxyProcess> {
+    let upstream = upstream.to_string();
+    let args = ["--upstream", upstream.as_str(), "--dataplane", plane];
+    let proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
+    let chosen = proxy.wait_message("data plane", Duration::from_secs(5)).await?;
+    ensure!(chosen["dataplane"] == plane, "asked for {plane}, the proxy logged {chosen}");
+    Ok(proxy)
+}
+
+async fn sizes_both_ways_at_once(plane: &str) -> Result<()> {
+    let server = TransferServer::start(UPSTREAM_IP).await?;
+    let proxy = proxy_to(plane, server.addr).await?;
+    let sizes = [1, KIB, 64 * KIB, MIB, 64 * MIB, 256 * MIB];
+    for (up, down) in sizes.iter().map(|&s| (s, s)).chain([(0, 0), (1, 0), (0, 1), (3, 64 * MIB)]) {
+        run_ordered_transfer(proxy.addr(), &server, up, down, Order::Concurrent)
+            .await
+            .with_context(|| format!("{plane}: {up} bytes up, {down} down at once"))?;
+    }
+    let closed = proxy.wait_closed(sizes.len() + 4, Duration::from_secs(10)).await?;
+    for (event, size) in closed.iter().zip(sizes) {
+        ensure!(event["reason"] == "completed", "{event}");
+        ensure!(event["bytes_up"].as_u64() == Some(size + HEADER_LEN), "{event}");
+        ensure!(event["bytes_down"].as_u64() == Some(size), "{event}");
+    }
+    Ok(())
+}
+
+async fn half_close_each_way(plane: &str) -> Result<()> {
+    let server = TransferServer::start(UPSTREAM_IP).await?;
+    let proxy = proxy_to(plane, server.addr).await?;
+    for order in [Order::ClientFirst, Order::UpstreamFirst] {
+        for (up, down) in [(0, 1), (1, 0), (1000, 65_537), (MIB + 3, 3 * MIB), (16 * MIB, 16 * MIB)] {
+            run_ordered_transfer(proxy.addr(), &server, up, down, order)
+                .await
+                .with_context(|| format!("{plane} {order:?}: {up} up, {down} down"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The upstream accepts one connection and resets it (SO_LINGER 0) after
+/// reading `before_reset` bytes; the client must see a reset, not an EOF.
+async fn upstream_reset_reaches_the_client(plane: &str) -> Result<()> {
+    let upstream = TcpListener::bind((UPSTREAM_IP, 0)).await?;
+    let proxy = proxy_to(plane, upstream.local_addr()?).await?;
+    let mut client = TcpStream::connect(proxy.addr()).await?;
+    client.write_all(b"hello").await?;
+    let (mut accepted, _) = upstream.accept().await?;
+    let mut buf = [0u8; 5];
+    accepted.read_exact(&mut buf).await?;
+    accepted.set_zero_linger()?;
+    drop(accepted);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await?;
+    let error = read.expect_err("the client saw a clean EOF instead of the upstream's reset");
+    ensure!(error.kind() == std::io::ErrorKind::ConnectionReset, "{plane}: client saw {error}");
+    let closed = proxy.wait_closed(1, Duration::from_secs(5)).await?;
+    ensure!(closed[0]["reason"] == "upstream_reset", "{}", closed[0]);
+    Ok(())
+}
+
+/// The client resets; the upstream must see a reset, not an EOF.
+async fn client_reset_reaches_the_upstream(plane: &str) -> Result<()> {
+    let upstream = TcpListener::bind((UPSTREAM_IP, 0)).await?;
+    let proxy = proxy_to(plane, upstream.local_addr()?).await?;
+    let client = TcpStream::connect(proxy.addr()).await?;
+    client.writable().await?;
+    client.try_write(b"hello")?;
+    let (mut accepted, _) = upstream.accept().await?;
+    let mut buf = [0u8; 5];
+    accepted.read_exact(&mut buf).await?;
+    client.set_zero_linger()?;
+    drop(client);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), accepted.read_to_end(&mut rest)).await?;
+    let error = read.expect_err("the upstream saw a clean EOF instead of the client's reset");
+    ensure!(error.kind() == std::io::ErrorKind::ConnectionReset, "{plane}: upstream saw {error}");
+    let closed = proxy.wait_closed(1, Duration::from_secs(5)).await?;
+    ensure!(closed[0]["reason"] == "client_reset", "{}", closed[0]);
+    Ok(())
+}
+
+/// 1,000 connections at once, each opening with a ClientHello-sized write.
+async fn a_thousand_connections_at_once(plane: &str) -> Result<()> {
+    testkit::raise_fd_limit()?;
+    let server = Arc::new(TransferServer::start(UPSTREAM_IP).await?);
+    let proxy = proxy_to(plane, server.addr).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000u64 {
+        let (server, addr) = (Arc::clone(&server), proxy.addr());
+        tasks.spawn(async move {
+            run_ordered_transfer(addr, &server, 517 - HEADER_LEN + i % 7, 4096 + i, Order::Concurrent).await
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        if let Err(error) = result? {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let odd: Vec<_> = proxy
+                .events()
+                .into_iter()
+                .filter(|e| e["reason"] != "completed" && e["level"] != "INFO")
+                .collect();
+            anyhow::bail!("{plane}: {error:#}; proxy events not completed: {odd:?}");
+        }
+    }
+    let closed = proxy.wait_closed(1000, Duration::from_secs(30)).await?;
+    ensure!(closed.iter().all(|c| c["reason"] == "completed"), "{plane}: not all completed");
+    Ok(())
+}
+
+/// Many short connections in sequence (in small concurrent batches): the
+/// proxy's descriptors return to where they started.
+async fn no_descriptor_left_behind(plane: &str) -> Result<()> {
+    let server = Arc::new(TransferServer::start(UPSTREAM_IP).await?);
+    let proxy = proxy_to(plane, server.addr).await?;
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", proxy.pid())).map(Iterator::count);
+    let before = fds()?;
+    const TOTAL: u64 = 10_000;
+    const BATCH: u64 = 50;
+    for batch in 0..TOTAL / BATCH {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..BATCH {
+            let (server, addr) = (Arc::clone(&server), proxy.addr());
+            tasks.spawn(async move {
+                run_ordered_transfer(addr, &server, 100, batch * BATCH + i, Order::Concurrent).await
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result??;
+        }
+    }
+    proxy.wait_closed(usize::try_from(TOTAL)?, Duration::from_secs(30)).await?;
+    let after = fds()?;
+    ensure!(after <= before, "{plane}: {before} descriptors before {TOTAL} connections, {after} after");
+    Ok(())
+}
+
+macro_rules! gate {
+    ($($plane:ident),*) => {$(
+        mod $plane {
+            use super::*;
+            const PLANE: &str = stringify!($plane);
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sizes_from_1_byte_to_256_mib_both_ways_at_once() -> Result<()> {
+                super::sizes_both_ways_at_once(PLANE).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn half_close_each_way() -> Result<()> {
+                super::half_close_each_way(PLANE).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn upstream_reset_reaches_the_client() -> Result<()> {
+                super::upstream_reset_reaches_the_client(PLANE).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn client_reset_reaches_the_upstream() -> Result<()> {
+                super::client_reset_reaches_the_upstream(PLANE).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_thousand_connections_at_once() -> Result<()> {
+                super::a_thousand_connections_at_once(PLANE).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn no_descriptor_left_behind() -> Result<()> {
+                super::no_descriptor_left_behind(PLANE).await
+            }
+        }
+    )*};
+}
+
+gate!(splice, copy);
