@@ -15,6 +15,67 @@ pub mod map {
     pub const SPLICE_SOCKETS: &str = "SPLICE_SOCKETS";
     /// Per-CPU array with one [`super::VerdictStats`] slot; user space sums the CPUs.
     pub const VERDICT_STATS: &str = "VERDICT_STATS";
+    /// Hash of [`super::Flow`] by the cookie of the socket the bytes come from.
+    pub const SPLICE_FLOWS: &str = "SPLICE_FLOWS";
+    /// Ring buffer of [`super::FlowEvent`]s for user space.
+    pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
+}
+
+/// Size of [`map::SPLICE_EVENTS`] in bytes (a power of two, page multiple).
+pub const SPLICE_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// One direction of a spliced connection, keyed by the source socket's cookie.
+/// User space writes it before inserting the sockets; the program updates the
+/// counters and may set `paused`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Cookie of the socket the bytes are redirected to.
+    pub peer_cookie: u64,
+    /// Bytes redirected to the peer's egress so far.
+    pub redirected_bytes: u64,
+    /// Bytes passed to the source socket's own queue (while paused), for user space.
+    pub passed_bytes: u64,
+    /// Pause once more than this many redirected bytes wait to enter the
+    /// peer's send queue (they sit, uncharged, on the peer's psock queue).
+    pub max_inflight: u64,
+    /// The peer's `tcp_sock.write_seq` at this flow's first skb.
+    pub peer_write_seq_base: u32,
+    /// Nonzero once `peer_write_seq_base` is set.
+    pub base_set: u32,
+    /// Nonzero: return SK_PASS (user space finishes this direction).
+    pub paused: u32,
+    /// Why it paused: one of [`pause`].
+    pub pause_reason: u32,
+}
+
+/// Values of [`Flow::pause_reason`] and [`FlowEvent::reason`].
+pub mod pause {
+    /// Not paused.
+    pub const NONE: u32 = 0;
+    /// More than `max_inflight` bytes were waiting for the peer.
+    pub const INFLIGHT: u32 = 1;
+    /// The peer socket was not in the socket map.
+    pub const NO_PEER: u32 = 2;
+    /// User space asked for it (set-up failed half-way).
+    pub const USER: u32 = 3;
+}
+
+/// Sent through [`map::SPLICE_EVENTS`] when the program pauses a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// Cookie of the source socket of the paused flow.
+    pub cookie: u64,
+    /// One of [`pause`].
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// Names of the globals user space sets when it loads the object.
+pub mod global {
+    /// `u32`: byte offset of `write_seq` in the kernel's `struct tcp_sock`.
+    pub const TCP_SOCK_WRITE_SEQ_OFFSET: &str = "TCP_SOCK_WRITE_SEQ_OFFSET";
 }
 
 /// Capacity of [`map::SPLICE_SOCKETS`]: two sockets per spliced connection.
@@ -28,8 +89,12 @@ pub struct VerdictStats {
     pub skbs: u64,
     /// Payload bytes in those skbs.
     pub bytes: u64,
-    /// Zero-length skbs (a FIN with no data).
+    /// Zero-length skbs (a FIN with no data); dropped, the socket still sees the FIN.
     pub empty_skbs: u64,
+    /// Bytes redirected to a peer socket.
+    pub redirected_bytes: u64,
+    /// Bytes passed to the socket's own queue (no flow, or paused).
+    pub passed_bytes: u64,
 }
 
 impl VerdictStats {
@@ -40,32 +105,44 @@ impl VerdictStats {
             skbs: self.skbs.wrapping_add(other.skbs),
             bytes: self.bytes.wrapping_add(other.bytes),
             empty_skbs: self.empty_skbs.wrapping_add(other.empty_skbs),
+            redirected_bytes: self.redirected_bytes.wrapping_add(other.redirected_bytes),
+            passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: `VerdictStats` is `#[repr(C)]`, made only of `u64`s (no padding,
-    // no invalid bit patterns), so any byte pattern of its size is a valid value.
+    // SAFETY: these types are `#[repr(C)]`, made only of `u64`s and `u32`s with
+    // explicit padding fields (no implicit padding, no invalid bit patterns), so
+    // any byte pattern of their size is a valid value.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::VerdictStats {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::Flow {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::FlowEvent {}
 }
 
 #[cfg(test)]
 mod tests {
-    use super::VerdictStats;
+    use super::{Flow, FlowEvent, VerdictStats};
 
     #[test]
-    fn layout_is_three_u64_without_padding() {
-        assert_eq!(core::mem::size_of::<VerdictStats>(), 24);
-        assert_eq!(core::mem::align_of::<VerdictStats>(), 8);
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<VerdictStats>(), 5 * 8);
+        assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 4 * 4);
+        assert_eq!(core::mem::size_of::<FlowEvent>(), 8 + 2 * 4);
+        assert_eq!(core::mem::align_of::<Flow>(), 8);
     }
 
     #[test]
     fn add_sums_each_field() {
-        let a = VerdictStats { skbs: 1, bytes: 10, empty_skbs: 0 };
-        let b = VerdictStats { skbs: 2, bytes: 5, empty_skbs: 1 };
-        assert_eq!(a.add(b), VerdictStats { skbs: 3, bytes: 15, empty_skbs: 1 });
+        let a = VerdictStats { skbs: 1, bytes: 10, empty_skbs: 0, redirected_bytes: 7, passed_bytes: 3 };
+        let b = VerdictStats { skbs: 2, bytes: 5, empty_skbs: 1, redirected_bytes: 5, passed_bytes: 0 };
+        assert_eq!(
+            a.add(b),
+            VerdictStats { skbs: 3, bytes: 15, empty_skbs: 1, redirected_bytes: 12, passed_bytes: 3 }
+        );
     }
 }

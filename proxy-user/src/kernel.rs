@@ -1,16 +1,22 @@
 //! The kernel programs, embedded in the binary at build time (see build.rs),
 //! loaded and attached with aya.
 
-use std::{io, os::fd::AsFd};
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, MapError, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use aya_log::EbpfLogger;
-use proxy_common::{VerdictStats, map, program};
+use proxy_common::{Flow, VerdictStats, global, map, program};
 use tokio::io::unix::AsyncFd;
+
+use crate::btf::{self, BtfError};
 
 /// The kernel object built by `cargo xtask build-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SPLICE_PROXY_EBPF_OBJECT"));
@@ -19,7 +25,6 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SPLICE_PROXY_EBP
 /// (nix has no wrapper for this option.)
 pub fn socket_cookie<F: AsFd>(socket: &F) -> io::Result<u64> {
     use nix::libc;
-    use std::os::fd::AsRawFd as _;
     let mut cookie: u64 = 0;
     let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");
     // SAFETY: the fd is borrowed and so open for the call; `cookie` and `len`
@@ -42,6 +47,8 @@ pub fn socket_cookie<F: AsFd>(socket: &F) -> io::Result<u64> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    #[error("reading the kernel's BTF: {0}")]
+    Btf(#[from] BtfError),
     #[error("loading the kernel object failed: {0}")]
     Load(#[from] EbpfError),
     #[error("the kernel object has no {kind} named {name}")]
@@ -52,8 +59,8 @@ pub enum KernelError {
     Map { name: &'static str, source: MapError },
     #[error("kernel log ring buffer: {0}")]
     Log(#[from] aya_log::Error),
-    #[error("kernel log ring buffer: cannot watch it: {0}")]
-    LogFd(io::Error),
+    #[error("cannot watch a ring buffer: {0}")]
+    RingFd(io::Error),
     #[error("reading the socket cookie failed: {0}")]
     Cookie(io::Error),
 }
@@ -62,6 +69,7 @@ pub enum KernelError {
 pub struct KernelPrograms {
     ebpf: Ebpf,
     sockets: SockHash<MapData, u64>,
+    flows: HashMap<MapData, u64, Flow>,
     stats: PerCpuArray<MapData, VerdictStats>,
 }
 
@@ -69,9 +77,14 @@ impl KernelPrograms {
     /// Loads the object with the kernel-side log level `log_level` and attaches
     /// the verdict program to the socket map.
     pub fn load(log_level: log::LevelFilter) -> Result<Self, KernelError> {
+        let write_seq = btf::member_offset(Path::new(btf::VMLINUX), "tcp_sock", "write_seq")?;
         let level = log_level as u8;
-        let mut ebpf = EbpfLoader::new().override_global(aya_log::LEVEL, &level, true).load(KERNEL_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .override_global(global::TCP_SOCK_WRITE_SEQ_OFFSET, &write_seq, true)
+            .load(KERNEL_OBJECT)?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, map::SPLICE_SOCKETS)?;
+        let flows: HashMap<MapData, u64, Flow> = take_map(&mut ebpf, map::SPLICE_FLOWS)?;
         let stats: PerCpuArray<MapData, VerdictStats> = take_map(&mut ebpf, map::VERDICT_STATS)?;
         let name = program::SPLICE_VERDICT;
         let verdict: &mut SkSkb = ebpf
@@ -81,7 +94,7 @@ impl KernelPrograms {
             .map_err(|source| KernelError::Program { name, source })?;
         verdict.load().map_err(|source| KernelError::Program { name, source })?;
         verdict.attach(sockets.fd()).map_err(|source| KernelError::Program { name, source })?;
-        Ok(Self { ebpf, sockets, stats })
+        Ok(Self { ebpf, sockets, flows, stats })
     }
 
     /// Takes the kernel log ring buffer; records go to `logger`.
@@ -93,11 +106,7 @@ impl KernelPrograms {
     /// `tracing`) from a background task.
     pub fn spawn_log_forwarder(&mut self) -> Result<(), KernelError> {
         let logger = self.logger(log::logger())?;
-        // SAFETY: the logger owns the ring buffer's map fd for as long as it
-        // lives, and `as_raw_fd` always returns that same fd.
-        #[allow(unsafe_code)]
-        let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-        let mut logger = registered.map_err(|e| KernelError::LogFd(e.into()))?;
+        let mut logger = watch_readable(logger)?;
         tokio::spawn(async move {
             while let Ok(mut guard) = logger.readable_mut().await {
                 guard.get_inner_mut().flush();
@@ -107,8 +116,14 @@ impl KernelPrograms {
         Ok(())
     }
 
+    /// Takes the flow event ring buffer, watched for readability.
+    pub fn take_events(&mut self) -> Result<AsyncFd<RingBuf<MapData>>, KernelError> {
+        let events: RingBuf<MapData> = take_map(&mut self.ebpf, map::SPLICE_EVENTS)?;
+        watch_readable(events)
+    }
+
     /// Adds a socket to the splice map; returns its cookie (the map key).
-    pub fn insert_socket<F: AsFd + std::os::fd::AsRawFd>(&mut self, socket: &F) -> Result<u64, KernelError> {
+    pub fn insert_socket<F: AsFd + AsRawFd>(&mut self, socket: &F) -> Result<u64, KernelError> {
         let cookie = socket_cookie(socket).map_err(KernelError::Cookie)?;
         self.sockets
             .insert(cookie, socket.as_raw_fd(), 0)
@@ -124,12 +139,50 @@ impl KernelPrograms {
             .map_err(|source| KernelError::Map { name: map::SPLICE_SOCKETS, source })
     }
 
+    /// Sets the flow whose bytes come from the socket `cookie`.
+    pub fn set_flow(&mut self, cookie: u64, flow: &Flow) -> Result<(), KernelError> {
+        self.flows
+            .insert(cookie, flow, 0)
+            .map_err(|source| KernelError::Map { name: map::SPLICE_FLOWS, source })
+    }
+
+    /// The flow of socket `cookie`, if there is one.
+    pub fn flow(&self, cookie: u64) -> Result<Option<Flow>, KernelError> {
+        match self.flows.get(&cookie, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(KernelError::Map { name: map::SPLICE_FLOWS, source }),
+        }
+    }
+
+    /// Removes the flow of socket `cookie` (absent is fine).
+    pub fn remove_flow(&mut self, cookie: u64) -> Result<(), KernelError> {
+        match self.flows.remove(&cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(KernelError::Map { name: map::SPLICE_FLOWS, source }),
+        }
+    }
+
+    /// Number of flows in the map.
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().count()
+    }
+
     /// The verdict program's counters, summed over all CPUs.
     pub fn verdict_stats(&self) -> Result<VerdictStats, KernelError> {
         let per_cpu =
             self.stats.get(&0, 0).map_err(|source| KernelError::Map { name: map::VERDICT_STATS, source })?;
         Ok(per_cpu.iter().fold(VerdictStats::default(), |sum, cpu| sum.add(*cpu)))
     }
+}
+
+/// Registers a map's fd with tokio for readability.
+fn watch_readable<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, KernelError> {
+    // SAFETY: `inner` owns its map fd for as long as it lives, and `as_raw_fd`
+    // always returns that same fd.
+    #[allow(unsafe_code)]
+    let registered = unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) };
+    registered.map_err(|e| KernelError::RingFd(e.into()))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>

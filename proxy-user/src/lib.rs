@@ -3,6 +3,7 @@
 //! One module per concern; see ARCHITECTURE.md for the life of a connection.
 
 pub mod addr;
+pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod connect;
