@@ -126,6 +126,13 @@ pub struct Options {
     #[arg(long, value_name = "BYTES")]
     pub splice_pipe_size: Option<usize>,
 
+    /// Sockmap plane: bytes one direction may have redirected but not yet in the
+    /// peer's send queue (the kernel queues them without limit); beyond it the
+    /// direction is paused, TCP slows the sender, and the direction finishes in
+    /// user space. [default: 4194304]
+    #[arg(long, value_name = "BYTES")]
+    pub max_inflight: Option<u64>,
+
     /// Bytes of buffer per direction for the userspace copy data plane.
     /// [default: 131072]
     #[arg(long, value_name = "BYTES")]

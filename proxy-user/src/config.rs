@@ -125,9 +125,19 @@ impl Config {
             ));
         }
         let pipe_size = o.splice_pipe_size.unwrap_or(1 << 20);
+        let max_inflight = o.max_inflight.unwrap_or(4 << 20);
+        if !(64 * 1024..=1 << 30).contains(&max_inflight) {
+            return Err(invalid(
+                "max_inflight",
+                "max-inflight",
+                format!("{max_inflight} is not from 64 KiB to 1 GiB"),
+            ));
+        }
         let (dataplane, dataplane_reason) =
-            DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size);
-        if let DataPlane::Splice { pipe_size } = dataplane {
+            DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
+        if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
+            dataplane
+        {
             // Ask the kernel now, so a size it refuses fails here, not per connection.
             Pipe::new(pipe_size).map_err(|e| {
                 invalid("splice_pipe_size", "splice-pipe-size", format!("a pipe of {pipe_size} bytes: {e}"))
@@ -183,6 +193,7 @@ fn overlay(file: Options, flags: Options) -> Options {
         copy_buffer_size: flags.copy_buffer_size.or(file.copy_buffer_size),
         dataplane: flags.dataplane.or(file.dataplane),
         splice_pipe_size: flags.splice_pipe_size.or(file.splice_pipe_size),
+        max_inflight: flags.max_inflight.or(file.max_inflight),
         log_format: flags.log_format.or(file.log_format),
     }
 }

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod proxy;
 pub mod server;
 pub mod sockopt;
+pub mod tcpstat;
 
 /// Process exit codes (also listed in `--help`).
 pub mod exit {

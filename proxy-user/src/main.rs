@@ -7,7 +7,7 @@ use splice_proxy::{
     cli::{Cli, Command},
     config::Config,
     exit,
-    kernel::KernelPrograms,
+    kernel::{KernelError, KernelPrograms},
     logging,
     server::{Server, StartError},
 };
@@ -42,9 +42,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
-    // Kept alive for the whole run: dropping it detaches the programs.
-    let _kernel = probe_kernel_programs();
-    let server = match Server::start(&config) {
+    let server = match Server::start(&config, load_kernel_programs()) {
         Ok(server) => server,
         Err(error @ StartError::Bind(_)) => {
             tracing::error!(%error, "start-up failed");
@@ -72,20 +70,18 @@ fn raise_fd_limit() {
     }
 }
 
-/// Loads the embedded kernel programs to learn whether this host can run them.
-/// No data plane needs them yet, so failing here is not fatal.
-fn probe_kernel_programs() -> Option<KernelPrograms> {
-    match KernelPrograms::load(logging::kernel_log_level()) {
-        Ok(mut kernel) => {
-            if let Err(error) = kernel.spawn_log_forwarder() {
-                tracing::warn!(%error, "kernel log records will not be shown");
-            }
-            tracing::info!("kernel programs loaded and attached");
-            Some(kernel)
-        }
-        Err(error) => {
-            tracing::warn!(%error, "kernel programs unavailable on this host");
-            None
-        }
+/// Loads the embedded kernel programs. Only the sockmap data plane needs
+/// them; the others run without (the server decides).
+fn load_kernel_programs() -> Result<KernelPrograms, KernelError> {
+    let loaded = KernelPrograms::load(logging::kernel_log_level());
+    match &loaded {
+        Ok(_) => tracing::info!("kernel programs loaded and attached"),
+        Err(error) => tracing::warn!(%error, "kernel programs unavailable on this host"),
     }
+    loaded.map(|mut kernel| {
+        if let Err(error) = kernel.spawn_log_forwarder() {
+            tracing::warn!(%error, "kernel log records will not be shown");
+        }
+        kernel
+    })
 }

@@ -3,6 +3,7 @@
 
 use std::{
     io,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,7 +18,7 @@ use crate::{
     addr::{ClientAddr, ListenAddr, UpstreamAddr, UpstreamTarget},
     config::Config,
     connect::{ConnectError, Connector},
-    dataplane::{self, DataPlane, Transfer},
+    dataplane::{self, DataPlane, Transfer, sockmap::SockmapPlane},
     dns::{ResolveError, UpstreamResolver},
     sockopt::{self, TcpConfig},
 };
@@ -33,6 +34,8 @@ pub struct Proxy {
     connector: Connector,
     tcp: TcpConfig,
     dataplane: DataPlane,
+    /// Set when the data plane is sockmap.
+    sockmap: Option<Arc<SockmapPlane>>,
 }
 
 /// Why no upstream connection was made.
@@ -57,13 +60,14 @@ impl SetupError {
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Result<Self, ResolveError> {
+    pub fn new(config: &Config, sockmap: Option<Arc<SockmapPlane>>) -> Result<Self, ResolveError> {
         Ok(Self {
             upstream: config.upstream.clone(),
             resolver: UpstreamResolver::new(&config.dns)?,
             connector: Connector::new(config.connect),
             tcp: config.tcp,
             dataplane: config.dataplane,
+            sockmap,
         })
     }
 
@@ -126,14 +130,16 @@ impl Proxy {
                 return;
             }
         };
-        let Transfer { client_to_upstream, upstream_to_client, reason } =
-            dataplane::forward(self.dataplane, client, upstream, stop).await;
+        let Transfer { client_to_upstream, upstream_to_client, kernel_bytes, paused_directions, reason } =
+            dataplane::forward(self.dataplane, self.sockmap.as_deref(), client, upstream, stop).await;
         tracing::info!(
             upstream = %upstream_addr,
             resolve_ms = millis(resolve_time),
             connect_ms = millis(connect_time),
             bytes_up = client_to_upstream,
             bytes_down = upstream_to_client,
+            kernel_bytes,
+            paused_directions,
             duration_ms = millis(started.elapsed()),
             reason = reason.label(),
             "connection closed"

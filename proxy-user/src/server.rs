@@ -11,7 +11,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
+    dataplane::{DataPlane, sockmap::SockmapPlane},
     dns::ResolveError,
+    kernel::{KernelError, KernelPrograms},
     listener::{BindError, Listener},
     proxy::Proxy,
 };
@@ -27,6 +29,10 @@ pub enum StartError {
     Resolver(#[from] ResolveError),
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("the sockmap data plane needs the kernel programs, which did not load: {0}")]
+    NoKernel(String),
+    #[error("starting the sockmap data plane: {0}")]
+    Sockmap(#[from] KernelError),
 }
 
 /// How the server stopped.
@@ -43,6 +49,8 @@ pub enum Stopped {
 /// A server with its listeners bound and its signal handlers installed.
 pub struct Server {
     listeners: Vec<Listener>,
+    /// Loaded kernel programs not used by the data plane, kept for their logs.
+    _kernel: Option<KernelPrograms>,
     proxy: Arc<Proxy>,
     drain_timeout: Duration,
     dataplane_reason: &'static str,
@@ -51,16 +59,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Installs the signal handlers, builds the resolver and binds every
-    /// listener; nothing is accepted yet.
-    pub fn start(config: &Config) -> Result<Self, StartError> {
+    /// Installs the signal handlers, builds the resolver and the data plane,
+    /// and binds every listener; nothing is accepted yet. `kernel` is the
+    /// loaded kernel programs, or why they could not be loaded.
+    pub fn start(config: &Config, kernel: Result<KernelPrograms, KernelError>) -> Result<Self, StartError> {
         let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
-        let proxy = Arc::new(Proxy::new(config)?);
+        let (sockmap, kernel) = match (config.dataplane, kernel) {
+            (DataPlane::Sockmap { max_inflight, buffer_size, fallback_pipe_size }, Ok(kernel)) => {
+                (Some(SockmapPlane::start(kernel, max_inflight, buffer_size, fallback_pipe_size)?), None)
+            }
+            (DataPlane::Sockmap { .. }, Err(error)) => return Err(StartError::NoKernel(error.to_string())),
+            (_, kernel) => (None, kernel.ok()),
+        };
+        let proxy = Arc::new(Proxy::new(config, sockmap)?);
         let listeners = config.listen.iter().map(|addr| Listener::bind(*addr)).collect::<Result<_, _>>()?;
         Ok(Self {
             listeners,
             proxy,
+            _kernel: kernel,
             drain_timeout: config.drain_timeout,
             dataplane_reason: config.dataplane_reason,
             sigterm,

@@ -61,6 +61,29 @@ pub fn reset_on_close<F: AsFd>(fd: &F) -> Result<(), SockoptError> {
     set(fd, sockopt::Linger, &linger, "SO_LINGER")
 }
 
+/// SO_RCVLOWAT (nix has no wrapper). Setting it runs the socket's data-ready
+/// path, which is how the sockmap plane gets bytes that were queued before the
+/// socket entered the map read by the verdict program.
+pub fn set_rcvlowat<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError> {
+    use std::os::fd::AsRawFd as _;
+    let len = nix::libc::socklen_t::try_from(size_of::<i32>()).expect("4 fits socklen_t");
+    // SAFETY: the fd is borrowed, so open; the value pointer and length describe `bytes`.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(SockoptError { option: "SO_RCVLOWAT", source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{TcpListener, TcpStream};

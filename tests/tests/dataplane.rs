@@ -199,4 +199,4 @@ macro_rules! gate {
     )*};
 }
 
-gate!(splice, copy);
+gate!(sockmap, splice, copy);

@@ -8,6 +8,7 @@
 //! pipe with splice(2), never touching user memory.
 
 pub mod copy;
+pub mod sockmap;
 pub mod splice;
 
 use std::{
@@ -33,19 +34,38 @@ pub enum DataPlaneChoice {
     Splice,
     /// A userspace buffer per direction.
     Copy,
+    /// Both sockets in a BPF socket map; an `sk_skb` verdict program redirects
+    /// every skb to the peer. Not yet proven on lossy links: `auto` does not pick it.
+    Sockmap,
 }
 
 /// The plane in use, with its settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPlane {
-    Splice { pipe_size: usize },
-    Copy { buffer_size: usize },
+    Splice {
+        pipe_size: usize,
+    },
+    Copy {
+        buffer_size: usize,
+    },
+    /// `fallback_pipe_size`: connections that cannot be spliced in the kernel
+    /// (the client closed before insertion) go through splice(2).
+    Sockmap {
+        max_inflight: u64,
+        buffer_size: usize,
+        fallback_pipe_size: usize,
+    },
 }
 
 impl DataPlane {
     /// Resolves `auto` and says why this plane was chosen.
     #[must_use]
-    pub fn choose(choice: DataPlaneChoice, pipe_size: usize, buffer_size: usize) -> (Self, &'static str) {
+    pub fn choose(
+        choice: DataPlaneChoice,
+        pipe_size: usize,
+        buffer_size: usize,
+        max_inflight: u64,
+    ) -> (Self, &'static str) {
         match choice {
             DataPlaneChoice::Auto => (
                 Self::Splice { pipe_size },
@@ -54,6 +74,10 @@ impl DataPlane {
             ),
             DataPlaneChoice::Splice => (Self::Splice { pipe_size }, "chosen with --dataplane splice"),
             DataPlaneChoice::Copy => (Self::Copy { buffer_size }, "chosen with --dataplane copy"),
+            DataPlaneChoice::Sockmap => (
+                Self::Sockmap { max_inflight, buffer_size, fallback_pipe_size: pipe_size },
+                "chosen with --dataplane sockmap (not yet proven on lossy links, so auto does not pick it)",
+            ),
         }
     }
 
@@ -63,6 +87,7 @@ impl DataPlane {
         match self {
             Self::Splice { .. } => "splice",
             Self::Copy { .. } => "copy",
+            Self::Sockmap { .. } => "sockmap",
         }
     }
 }
@@ -109,6 +134,10 @@ impl CloseReason {
 pub struct Transfer {
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+    /// Of those, the bytes the kernel redirected (sockmap plane) without user space.
+    pub kernel_bytes: u64,
+    /// Directions the sockmap program paused and user space finished.
+    pub paused_directions: u32,
     pub reason: CloseReason,
 }
 
@@ -133,60 +162,99 @@ impl PumpError {
 /// fails, or `stop` is cancelled; then closes both sockets.
 pub async fn forward(
     plane: DataPlane,
+    sockmap: Option<&sockmap::SockmapPlane>,
     client: TcpStream,
     upstream: TcpStream,
     stop: CancellationToken,
 ) -> Transfer {
+    match (plane, sockmap) {
+        (DataPlane::Sockmap { .. }, Some(sockmap)) => sockmap.forward(client, upstream, stop).await,
+        (DataPlane::Copy { buffer_size }, _) => {
+            forward_user(client, upstream, stop, UserPump::Copy { buffer_size }).await
+        }
+        (DataPlane::Splice { pipe_size }, _)
+        | (DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. }, None) => {
+            forward_user(client, upstream, stop, UserPump::Splice { pipe_size }).await
+        }
+    }
+}
+
+/// How a direction moves bytes when the kernel does not splice it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UserPump {
+    Copy { buffer_size: usize },
+    Splice { pipe_size: usize },
+}
+
+impl UserPump {
+    async fn run(self, from: &TcpStream, to: &TcpStream, copied: &AtomicU64) -> Result<(), PumpError> {
+        match self {
+            Self::Copy { buffer_size } => copy::pump(from, to, buffer_size, copied).await,
+            Self::Splice { pipe_size } => splice::pump(from, to, pipe_size, copied).await,
+        }
+    }
+}
+
+/// Runs one pump per direction (copy or splice).
+pub(crate) async fn forward_user(
+    client: TcpStream,
+    upstream: TcpStream,
+    stop: CancellationToken,
+    pump: UserPump,
+) -> Transfer {
     let to_upstream = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
-    let reason = {
-        let up = one_direction(plane, &client, &upstream, &to_upstream);
-        let down = one_direction(plane, &upstream, &client, &to_client);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            let result = tokio::select! {
-                r = &mut up, if !up_done => {
-                    up_done = true;
-                    r.map_err(|e| e.side(Side::Downstream, Side::Upstream))
-                }
-                r = &mut down, if !down_done => {
-                    down_done = true;
-                    r.map_err(|e| e.side(Side::Upstream, Side::Downstream))
-                }
-                () = stop.cancelled() => break CloseReason::Stopped,
-            };
-            match result {
-                Err((side, error)) if error.kind() == io::ErrorKind::ConnectionReset => {
-                    break CloseReason::Reset(side);
-                }
-                Err((side, _)) => break CloseReason::Error(side),
-                Ok(()) if up_done && down_done => break CloseReason::Completed,
-                Ok(()) => {}
-            }
-        }
-    };
-    if reason != CloseReason::Completed {
-        // Best effort: the socket may already be gone, and it is closed next anyway.
-        let _ = sockopt::reset_on_close(&client);
-        let _ = sockopt::reset_on_close(&upstream);
-    }
+    let reason =
+        drive(pump.run(&client, &upstream, &to_upstream), pump.run(&upstream, &client, &to_client), &stop)
+            .await;
+    finish(reason, &client, &upstream);
     Transfer {
         client_to_upstream: to_upstream.load(Ordering::Relaxed),
         upstream_to_client: to_client.load(Ordering::Relaxed),
+        kernel_bytes: 0,
+        paused_directions: 0,
         reason,
     }
 }
 
-async fn one_direction(
-    plane: DataPlane,
-    from: &TcpStream,
-    to: &TcpStream,
-    copied: &AtomicU64,
-) -> Result<(), PumpError> {
-    match plane {
-        DataPlane::Copy { buffer_size } => copy::pump(from, to, buffer_size, copied).await,
-        DataPlane::Splice { pipe_size } => splice::pump(from, to, pipe_size, copied).await,
+/// Runs the client→upstream (`up`) and upstream→client (`down`) directions
+/// until both end, one fails, or `stop` is cancelled.
+pub(crate) async fn drive(
+    up: impl Future<Output = Result<(), PumpError>>,
+    down: impl Future<Output = Result<(), PumpError>>,
+    stop: &CancellationToken,
+) -> CloseReason {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        let result = tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                r.map_err(|e| e.side(Side::Downstream, Side::Upstream))
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                r.map_err(|e| e.side(Side::Upstream, Side::Downstream))
+            }
+            () = stop.cancelled() => return CloseReason::Stopped,
+        };
+        match result {
+            Err((side, error)) if error.kind() == io::ErrorKind::ConnectionReset => {
+                return CloseReason::Reset(side);
+            }
+            Err((side, _)) => return CloseReason::Error(side),
+            Ok(()) if up_done && down_done => return CloseReason::Completed,
+            Ok(()) => {}
+        }
+    }
+}
+
+/// A connection that did not complete is closed with a reset on both sides.
+pub(crate) fn finish(reason: CloseReason, client: &TcpStream, upstream: &TcpStream) {
+    if reason != CloseReason::Completed {
+        // Best effort: the socket may already be gone, and it is closed next anyway.
+        let _ = sockopt::reset_on_close(client);
+        let _ = sockopt::reset_on_close(upstream);
     }
 }
 
