@@ -24,8 +24,13 @@ const MIB: u64 = 1 << 20;
 const UPSTREAM_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 async fn proxy_to(plane: &str, upstream: SocketAddr) -> Result<ProxyProcess> {
+    proxy_with(plane, upstream, &[]).await
+}
+
+async fn proxy_with(plane: &str, upstream: SocketAddr, extra: &[&str]) -> Result<ProxyProcess> {
     let upstream = upstream.to_string();
-    let args = ["--upstream", upstream.as_str(), "--dataplane", plane];
+    let mut args = vec!["--upstream", upstream.as_str(), "--dataplane", plane];
+    args.extend_from_slice(extra);
     let proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
     let chosen = proxy.wait_message("data plane", Duration::from_secs(5)).await?;
     ensure!(chosen["dataplane"] == plane, "asked for {plane}, the proxy logged {chosen}");
@@ -160,6 +165,79 @@ async fn no_descriptor_left_behind(plane: &str) -> Result<()> {
     Ok(())
 }
 
+/// A first write the size of a ClientHello, sent before the proxy has set up
+/// the connection, must be answered without the client sending more: the
+/// upstream reads exactly those bytes, answers, and only then does the client
+/// close. 1,000 connections at once.
+async fn first_bytes_before_set_up_are_not_stalled(plane: &str) -> Result<()> {
+    testkit::raise_fd_limit()?;
+    const HELLO: usize = 517;
+    const ANSWER: usize = 4096;
+    let upstream = testkit::listen((UPSTREAM_IP, 0).into())?;
+    let proxy = proxy_to(plane, upstream.local_addr()?).await?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let mut hello = [0u8; HELLO];
+                stream.read_exact(&mut hello).await?;
+                stream.write_all(&[hello[0]; ANSWER]).await?;
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).await?;
+                anyhow::Ok(())
+            });
+        }
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000u32 {
+        let addr = proxy.addr();
+        tasks.spawn(async move {
+            let mut stream = TcpStream::connect(addr).await?;
+            let tag = u8::try_from(i % 251).expect("fits");
+            stream.write_all(&[tag; HELLO]).await?;
+            let mut answer = [0u8; ANSWER];
+            tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut answer))
+                .await
+                .context("no answer to the first bytes: stalled")??;
+            ensure!(answer.iter().all(|&b| b == tag), "connection {i} got another connection's bytes");
+            stream.shutdown().await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result?.with_context(|| plane.to_owned())?;
+    }
+    let closed = proxy.wait_closed(1000, Duration::from_secs(30)).await?;
+    ensure!(closed.iter().all(|c| c["reason"] == "completed"), "{plane}: not all completed");
+    if plane == "sockmap" {
+        let kernel: u64 = closed.iter().filter_map(|c| c["kernel_bytes"].as_u64()).sum();
+        ensure!(
+            kernel == 1000 * (HELLO + ANSWER) as u64,
+            "sockmap: only {kernel} bytes went through the kernel"
+        );
+    }
+    Ok(())
+}
+
+/// Sockmap only: with an in-flight bound no transfer reaches (so nothing is
+/// paused), every byte goes through the kernel and user space reads none (the
+/// close log's `kernel_bytes` covers both ways). With the default bound a
+/// reader slower than its writer gets its direction paused and finished in
+/// user space, which the other tests cover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockmap_moves_every_byte_in_the_kernel() -> Result<()> {
+    let server = TransferServer::start(UPSTREAM_IP).await?;
+    let proxy = proxy_with("sockmap", server.addr, &["--max-inflight", "1073741824"]).await?;
+    run_ordered_transfer(proxy.addr(), &server, 64 * MIB, 64 * MIB, Order::UpstreamFirst).await?;
+    let closed = proxy.wait_closed(1, Duration::from_secs(5)).await?;
+    let c = &closed[0];
+    ensure!(c["reason"] == "completed", "{c}");
+    ensure!(c["paused_directions"] == 0, "a direction was paused with fast readers: {c}");
+    let total = c["bytes_up"].as_u64().unwrap_or(0) + c["bytes_down"].as_u64().unwrap_or(0);
+    ensure!(total == 128 * MIB + HEADER_LEN, "{c}");
+    ensure!(c["kernel_bytes"].as_u64() == Some(total), "user space moved some bytes: {c}");
+    Ok(())
+}
+
 macro_rules! gate {
     ($($plane:ident),*) => {$(
         mod $plane {
@@ -189,6 +267,11 @@ macro_rules! gate {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_thousand_connections_at_once() -> Result<()> {
                 super::a_thousand_connections_at_once(PLANE).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn first_bytes_before_set_up_are_not_stalled() -> Result<()> {
+                super::first_bytes_before_set_up_are_not_stalled(PLANE).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
