@@ -7,6 +7,9 @@
 pub mod program {
     /// `sk_skb/stream_verdict` program attached to [`super::map::SPLICE_SOCKETS`].
     pub const SPLICE_VERDICT: &str = "splice_verdict";
+    /// Test helper (XDP): drops about 1 % of IPv4 TCP packets that carry data,
+    /// to make retransmissions overlap received data. Never attached by the daemon.
+    pub const LOSSY_LINK: &str = "lossy_link";
 }
 
 /// Names of the maps in the kernel object.
@@ -19,6 +22,8 @@ pub mod map {
     pub const SPLICE_FLOWS: &str = "SPLICE_FLOWS";
     /// Ring buffer of [`super::FlowEvent`]s for user space.
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
+    /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.
+    pub const LOSSY_DROPS: &str = "LOSSY_DROPS";
 }
 
 /// Size of [`map::SPLICE_EVENTS`] in bytes (a power of two, page multiple).
@@ -47,6 +52,10 @@ pub struct Flow {
     pub paused: u32,
     /// Why it paused: one of [`pause`].
     pub pause_reason: u32,
+    /// TCP sequence number of the next byte this direction expects.
+    pub next_seq: u32,
+    /// Nonzero once `next_seq` is set (by the first skb).
+    pub seq_set: u32,
 }
 
 /// Values of [`Flow::pause_reason`] and [`FlowEvent::reason`].
@@ -59,6 +68,8 @@ pub mod pause {
     pub const NO_PEER: u32 = 2;
     /// User space asked for it (set-up failed half-way).
     pub const USER: u32 = 3;
+    /// The skb's sequence number could not be read, or its head not trimmed.
+    pub const NO_SEQ: u32 = 4;
 }
 
 /// Sent through [`map::SPLICE_EVENTS`] when the program pauses a flow.
@@ -76,6 +87,9 @@ pub struct FlowEvent {
 pub mod global {
     /// `u32`: byte offset of `write_seq` in the kernel's `struct tcp_sock`.
     pub const TCP_SOCK_WRITE_SEQ_OFFSET: &str = "TCP_SOCK_WRITE_SEQ_OFFSET";
+    /// `u32`: byte offset of `cb` in `struct sk_buff` plus that of `seq` in
+    /// `struct tcp_skb_cb`: where an skb's TCP sequence number is.
+    pub const SKB_TCP_SEQ_OFFSET: &str = "SKB_TCP_SEQ_OFFSET";
 }
 
 /// Capacity of [`map::SPLICE_SOCKETS`]: two sockets per spliced connection.
@@ -95,6 +109,11 @@ pub struct VerdictStats {
     pub redirected_bytes: u64,
     /// Bytes passed to the socket's own queue (no flow, or paused).
     pub passed_bytes: u64,
+    /// Bytes cut from the head of retransmitted skbs that overlapped bytes
+    /// already received (they would otherwise be forwarded twice).
+    pub trimmed_bytes: u64,
+    /// skbs dropped because every byte in them had been received before.
+    pub old_skbs: u64,
 }
 
 impl VerdictStats {
@@ -107,6 +126,8 @@ impl VerdictStats {
             empty_skbs: self.empty_skbs.wrapping_add(other.empty_skbs),
             redirected_bytes: self.redirected_bytes.wrapping_add(other.redirected_bytes),
             passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
+            trimmed_bytes: self.trimmed_bytes.wrapping_add(other.trimmed_bytes),
+            old_skbs: self.old_skbs.wrapping_add(other.old_skbs),
         }
     }
 }
@@ -130,19 +151,35 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<VerdictStats>(), 5 * 8);
-        assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 4 * 4);
+        assert_eq!(core::mem::size_of::<VerdictStats>(), 7 * 8);
+        assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 6 * 4);
         assert_eq!(core::mem::size_of::<FlowEvent>(), 8 + 2 * 4);
         assert_eq!(core::mem::align_of::<Flow>(), 8);
     }
 
     #[test]
     fn add_sums_each_field() {
-        let a = VerdictStats { skbs: 1, bytes: 10, empty_skbs: 0, redirected_bytes: 7, passed_bytes: 3 };
-        let b = VerdictStats { skbs: 2, bytes: 5, empty_skbs: 1, redirected_bytes: 5, passed_bytes: 0 };
+        let a =
+            VerdictStats { skbs: 1, bytes: 10, redirected_bytes: 7, passed_bytes: 3, ..Default::default() };
+        let b = VerdictStats {
+            skbs: 2,
+            bytes: 5,
+            empty_skbs: 1,
+            trimmed_bytes: 4,
+            old_skbs: 1,
+            ..Default::default()
+        };
         assert_eq!(
             a.add(b),
-            VerdictStats { skbs: 3, bytes: 15, empty_skbs: 1, redirected_bytes: 12, passed_bytes: 3 }
+            VerdictStats {
+                skbs: 3,
+                bytes: 15,
+                empty_skbs: 1,
+                redirected_bytes: 7,
+                passed_bytes: 3,
+                trimmed_bytes: 4,
+                old_skbs: 1
+            }
         );
     }
 }

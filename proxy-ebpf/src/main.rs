@@ -12,11 +12,16 @@
 #![no_std]
 #![no_main]
 
+mod lossy;
+
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::sk_action,
-    helpers::generated::{bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
+    },
     macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -41,6 +46,11 @@ static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(SPLICE_EVENTS_BYTES, 0);
 /// `proxy_common::global::TCP_SOCK_WRITE_SEQ_OFFSET`).
 #[unsafe(no_mangle)]
 static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
+
+/// Offset of the TCP sequence number in `struct sk_buff` (its `cb` holds a
+/// `struct tcp_skb_cb`): user space always sets it at load from BTF.
+#[unsafe(no_mangle)]
+static SKB_TCP_SEQ_OFFSET: u32 = 0;
 
 /// One [`VerdictStats`] slot per CPU; user space sums the CPUs.
 #[map]
@@ -88,6 +98,30 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     // SAFETY: a pointer from a successful hash lookup; this socket's skbs are
     // handled one at a time (under its socket lock), so nothing else writes it.
     let flow = unsafe { &mut *flow };
+    // A retransmitted skb can start before bytes this socket already received
+    // (seq < rcv_nxt < end_seq). The verdict-only read path hands it over
+    // whole, so cut the old head off; drop it if nothing in it is new.
+    let Some(mut seq) = skb_seq(ctx) else {
+        return Ok(pause_flow(ctx, flow, stats, cookie, pause::NO_SEQ, len));
+    };
+    let mut len = len;
+    if flow.seq_set != 0 {
+        let behind = flow.next_seq.wrapping_sub(seq);
+        if behind != 0 && behind < 1 << 31 {
+            if behind >= len {
+                stats.old_skbs += 1;
+                return Ok(sk_action::SK_DROP);
+            }
+            if trim_head(ctx, behind).is_err() {
+                return Ok(pause_flow(ctx, flow, stats, cookie, pause::NO_SEQ, len));
+            }
+            stats.trimmed_bytes += u64::from(behind);
+            seq = seq.wrapping_add(behind);
+            len -= behind;
+        }
+    }
+    flow.next_seq = seq.wrapping_add(len);
+    flow.seq_set = 1;
     if flow.paused != 0 {
         flow.passed_bytes += u64::from(len);
         stats.passed_bytes += u64::from(len);
@@ -114,8 +148,20 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
         stats.redirected_bytes += u64::from(len);
         return Ok(sk_action::SK_PASS);
     }
-    // Pause: this skb and all later ones stay on this socket, in order.
     let reason = if reason == pause::NONE { pause::NO_PEER } else { reason };
+    Ok(pause_flow(ctx, flow, stats, cookie, reason, len))
+}
+
+/// Pauses the flow: this skb and all later ones stay on this socket, in
+/// order, and user space is told.
+fn pause_flow(
+    ctx: &SkBuffContext,
+    flow: &mut Flow,
+    stats: &mut VerdictStats,
+    cookie: u64,
+    reason: u32,
+    len: u32,
+) -> u32 {
     flow.paused = 1;
     flow.pause_reason = reason;
     flow.passed_bytes += u64::from(len);
@@ -124,8 +170,38 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     if SPLICE_EVENTS.output::<FlowEvent>(&event, 0).is_err() {
         debug!(ctx, "event ring full");
     }
-    Ok(sk_action::SK_PASS)
+    sk_action::SK_PASS
 }
+
+/// The TCP sequence number of the skb's first byte (`TCP_SKB_CB(skb)->seq`).
+fn skb_seq(ctx: &SkBuffContext) -> Option<u32> {
+    // SAFETY: a read of the global; user space set it at load.
+    let offset = unsafe { core::ptr::read_volatile(&raw const SKB_TCP_SEQ_OFFSET) } as usize;
+    // The context of an sk_skb program is the kernel's `struct sk_buff`.
+    let src = ctx.skb.skb.cast::<u8>().wrapping_add(offset).cast::<u32>();
+    // SAFETY: probe_read copes with any address; the offset comes from BTF.
+    unsafe { bpf_probe_read_kernel(src) }.ok()
+}
+
+/// Cuts `bytes` from the head of the skb. The helper takes at most 4095 bytes
+/// per call in sk_skb programs, hence the (bounded) loop.
+fn trim_head(ctx: &SkBuffContext, bytes: u32) -> Result<(), i64> {
+    let mut left = bytes;
+    for _ in 0..MAX_TRIM_STEPS {
+        if left == 0 {
+            return Ok(());
+        }
+        let step = if left > MAX_TRIM_STEP { MAX_TRIM_STEP } else { left };
+        ctx.adjust_room(-(step as i32), 0, 0)?;
+        left -= step;
+    }
+    if left == 0 { Ok(()) } else { Err(-1) }
+}
+
+/// Largest head trim `bpf_skb_adjust_room` does at once for sk_skb.
+const MAX_TRIM_STEP: u32 = 4095;
+/// Enough steps for any skb (64 KiB GSO skbs, and some).
+const MAX_TRIM_STEPS: u32 = 48;
 
 /// The peer socket's `write_seq` (everything ever queued for sending on it),
 /// or `None` when it is not in the socket map.

@@ -77,11 +77,15 @@ impl KernelPrograms {
     /// Loads the object with the kernel-side log level `log_level` and attaches
     /// the verdict program to the socket map.
     pub fn load(log_level: log::LevelFilter) -> Result<Self, KernelError> {
-        let write_seq = btf::member_offset(Path::new(btf::VMLINUX), "tcp_sock", "write_seq")?;
+        let vmlinux = Path::new(btf::VMLINUX);
+        let write_seq = btf::member_offset(vmlinux, "tcp_sock", "write_seq")?;
+        let skb_seq =
+            btf::member_offset(vmlinux, "sk_buff", "cb")? + btf::member_offset(vmlinux, "tcp_skb_cb", "seq")?;
         let level = log_level as u8;
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(global::TCP_SOCK_WRITE_SEQ_OFFSET, &write_seq, true)
+            .override_global(global::SKB_TCP_SEQ_OFFSET, &skb_seq, true)
             .load(KERNEL_OBJECT)?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, map::SPLICE_SOCKETS)?;
         let flows: HashMap<MapData, u64, Flow> = take_map(&mut ebpf, map::SPLICE_FLOWS)?;
@@ -191,4 +195,35 @@ where
 {
     let map = ebpf.take_map(name).ok_or(KernelError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+/// The test helper `lossy_link` attached to one interface (in the calling
+/// thread's network namespace); detached on drop. Only tests use it.
+pub struct LossyLink {
+    _ebpf: Ebpf,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl LossyLink {
+    pub fn attach(interface: &str) -> Result<Self, KernelError> {
+        let mut ebpf = EbpfLoader::new().load(KERNEL_OBJECT)?;
+        let drops: PerCpuArray<MapData, u64> = take_map(&mut ebpf, map::LOSSY_DROPS)?;
+        let name = program::LOSSY_LINK;
+        let xdp: &mut aya::programs::Xdp = ebpf
+            .program_mut(name)
+            .ok_or(KernelError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        xdp.load().map_err(|source| KernelError::Program { name, source })?;
+        xdp.attach(interface, aya::programs::XdpMode::Default)
+            .map_err(|source| KernelError::Program { name, source })?;
+        Ok(Self { _ebpf: ebpf, drops })
+    }
+
+    /// Packets dropped so far.
+    pub fn drops(&self) -> Result<u64, KernelError> {
+        let per_cpu =
+            self.drops.get(&0, 0).map_err(|source| KernelError::Map { name: map::LOSSY_DROPS, source })?;
+        Ok(per_cpu.iter().sum())
+    }
 }

@@ -45,6 +45,82 @@ impl Drop for NetNs {
     }
 }
 
+/// Runs `f` on this thread inside the named namespace, then returns to the
+/// original one. Sockets created in `f` stay in that namespace.
+pub fn in_netns<T>(name: &str, f: impl FnOnce() -> T) -> Result<T> {
+    let original = File::open("/proc/thread-self/ns/net")?;
+    let target = File::open(format!("/run/netns/{name}")).with_context(|| format!("namespace {name}"))?;
+    setns(&target, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns into {name}"))?;
+    let result = f();
+    setns(&original, CloneFlags::CLONE_NEWNET).context("setns back")?;
+    Ok(result)
+}
+
+/// Three namespaces in a line, client — proxy — upstream, joined by two veth
+/// pairs with documentation addresses (192.0.2.0/24 and 198.51.100.0/24).
+/// Everything is deleted on drop, even when the test fails.
+pub struct LineTopology {
+    pub client: String,
+    pub proxy: String,
+    pub upstream: String,
+    /// The proxy's interface facing the client (where a lossy link goes).
+    pub proxy_client_side: &'static str,
+}
+
+impl LineTopology {
+    pub const CLIENT_ADDR: &str = "192.0.2.1";
+    pub const PROXY_CLIENT_SIDE_ADDR: &str = "192.0.2.2";
+    pub const PROXY_UPSTREAM_SIDE_ADDR: &str = "198.51.100.1";
+    pub const UPSTREAM_ADDR: &str = "198.51.100.2";
+
+    pub fn create() -> Result<Self> {
+        require_root("a network namespace topology")?;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let topology = Self {
+            client: format!("sp-c-{id}"),
+            proxy: format!("sp-p-{id}"),
+            upstream: format!("sp-u-{id}"),
+            proxy_client_side: "to-client",
+        };
+        for ns in [&topology.client, &topology.proxy, &topology.upstream] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let (c, p, u) = (&topology.client, &topology.proxy, &topology.upstream);
+        ip(&["-n", c, "link", "add", "to-proxy", "type", "veth", "peer", "name", "to-client", "netns", p])?;
+        ip(&["-n", p, "link", "add", "to-upstream", "type", "veth", "peer", "name", "to-proxy", "netns", u])?;
+        for (ns, dev, addr) in [
+            (c, "to-proxy", Self::CLIENT_ADDR),
+            (p, "to-client", Self::PROXY_CLIENT_SIDE_ADDR),
+            (p, "to-upstream", Self::PROXY_UPSTREAM_SIDE_ADDR),
+            (u, "to-proxy", Self::UPSTREAM_ADDR),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(topology)
+    }
+
+    /// Runs `sysctl -w setting` inside `netns`.
+    pub fn sysctl(netns: &str, setting: &str) -> Result<()> {
+        let status =
+            Command::new("ip").args(["netns", "exec", netns, "sysctl", "-q", "-w", setting]).status()?;
+        if !status.success() {
+            bail!("sysctl {setting} in {netns} failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LineTopology {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.proxy, &self.upstream] {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let status = Command::new("ip").args(args).status().context("running `ip` (install iproute2)")?;
     if !status.success() {

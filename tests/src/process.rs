@@ -50,7 +50,18 @@ impl ProxyProcess {
 
     /// [`Self::start`] with an explicit binary.
     pub fn start_binary<S: AsRef<str>>(binary: &std::path::Path, args: &[S]) -> Result<Self> {
-        let mut cmd = Command::new(binary);
+        Self::start_command(Command::new(binary), args)
+    }
+
+    /// [`Self::start`] inside the network namespace `netns` (`ip netns exec`,
+    /// which execs the proxy, so the child's PID is the proxy's).
+    pub fn start_in_netns<S: AsRef<str>>(netns: &str, args: &[S]) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(binary()?);
+        Self::start_command(cmd, args)
+    }
+
+    fn start_command<S: AsRef<str>>(mut cmd: Command, args: &[S]) -> Result<Self> {
         cmd.args(args.iter().map(AsRef::as_ref)).args(["--log-format", "json"]);
         if !args.iter().any(|a| a.as_ref() == "--listen" || a.as_ref() == "--config") {
             cmd.args(["--listen", "127.0.0.1:0"]);

@@ -89,7 +89,11 @@ pub struct TransferServer {
 
 impl TransferServer {
     pub async fn start(ip: IpAddr) -> Result<Self> {
-        let listener = crate::listen((ip, 0).into())?;
+        Self::serve_on(crate::listen((ip, 0).into())?)
+    }
+
+    /// Serves on a listener made elsewhere (in another network namespace, say).
+    pub fn serve_on(listener: tokio::net::TcpListener) -> Result<Self> {
         let addr = listener.local_addr()?;
         let results = Arc::new(Results::default());
         let sink = Arc::clone(&results);
@@ -228,8 +232,19 @@ pub async fn run_ordered_transfer(
     down: u64,
     order: Order,
 ) -> Result<()> {
-    let id = server.next_id.fetch_add(1, Ordering::Relaxed);
     let stream = TcpStream::connect(proxy).await?;
+    run_transfer_on(stream, server, up, down, order).await
+}
+
+/// [`run_ordered_transfer`] on a connection made elsewhere.
+pub async fn run_transfer_on(
+    stream: TcpStream,
+    server: &TransferServer,
+    up: u64,
+    down: u64,
+    order: Order,
+) -> Result<()> {
+    let id = server.next_id.fetch_add(1, Ordering::Relaxed);
     let (mut read, mut write) = stream.into_split();
     write.write_all(&[id.to_be_bytes(), down.to_be_bytes(), order.code().to_be_bytes()].concat()).await?;
     let got = if order == Order::UpstreamFirst {

@@ -1,0 +1,67 @@
+//! `lossy_link`: a test helper that makes a link lose about 1 % of the IPv4
+//! TCP packets carrying data, so the receiver sees retransmissions that
+//! partly overlap bytes it already has (with SACK off on the sender). Loaded
+//! only by the tests; the daemon never attaches it.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::bpf_get_prandom_u32,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
+
+/// Packets dropped, per CPU.
+#[map]
+static LOSSY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+/// Drop probability in 1/1000.
+const DROP_PER_MILLE: u32 = 10;
+
+#[xdp]
+pub fn lossy_link(ctx: XdpContext) -> u32 {
+    match try_lossy_link(&ctx) {
+        Some(action) => action,
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// Reads `N` bytes at `offset` of the packet, if they are inside it.
+fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+    let start = ctx.data() + offset;
+    if start + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the range was checked against data_end just above.
+    Some(unsafe { *(start as *const [u8; N]) })
+}
+
+fn try_lossy_link(ctx: &XdpContext) -> Option<u32> {
+    let [hi, lo] = bytes::<2>(ctx, 12)?;
+    if u16::from_be_bytes([hi, lo]) != ETH_P_IP {
+        return Some(xdp_action::XDP_PASS);
+    }
+    let ip = bytes::<20>(ctx, ETH_HLEN)?;
+    if ip[9] != IPPROTO_TCP {
+        return Some(xdp_action::XDP_PASS);
+    }
+    let ip_header = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let tcp_flags = bytes::<14>(ctx, ETH_HLEN + ip_header)?;
+    let tcp_header = usize::from(tcp_flags[12] >> 4) * 4;
+    if total <= ip_header + tcp_header {
+        return Some(xdp_action::XDP_PASS);
+    }
+    // SAFETY: the helper has no preconditions.
+    if unsafe { bpf_get_prandom_u32() } % 1000 >= DROP_PER_MILLE {
+        return Some(xdp_action::XDP_PASS);
+    }
+    if let Some(drops) = LOSSY_DROPS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU map, written only here.
+        unsafe { *drops += 1 };
+    }
+    Some(xdp_action::XDP_DROP)
+}
