@@ -53,7 +53,9 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
+    let mut server = server;
     let stopped = server.run().await;
+    server.log_totals();
     tracing::info!(?stopped, "exiting");
     ExitCode::from(exit::OK)
 }

@@ -72,6 +72,11 @@ impl Proxy {
     }
 
     #[must_use]
+    pub fn sockmap(&self) -> Option<&SockmapPlane> {
+        self.sockmap.as_deref()
+    }
+
+    #[must_use]
     pub fn dataplane(&self) -> DataPlane {
         self.dataplane
     }

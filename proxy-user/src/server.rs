@@ -86,7 +86,7 @@ impl Server {
     }
 
     /// Accepts and serves until a signal stops it.
-    pub async fn run(mut self) -> Stopped {
+    pub async fn run(&mut self) -> Stopped {
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();
         let connections = TaskTracker::new();
@@ -134,6 +134,13 @@ impl Server {
         let cut = cut_all(&connections, &stop_connections).await;
         tracing::info!(cut, "SIGINT: stopped");
         Stopped::Interrupted { cut }
+    }
+
+    /// Logs what the sockmap plane did over the whole run (when it is in use).
+    pub fn log_totals(&self) {
+        if let Some(sockmap) = self.proxy.sockmap() {
+            sockmap.log_totals();
+        }
     }
 }
 

@@ -13,12 +13,13 @@ use std::{
 
 use nix::libc;
 
-/// Offset of `tcpi_bytes_acked` in the kernel's `struct tcp_info` (stable uapi
-/// since Linux 4.2).
+/// Offsets of `tcpi_bytes_acked` and `tcpi_bytes_received` in the kernel's
+/// `struct tcp_info` (stable uapi since Linux 4.1/4.2).
 const BYTES_ACKED_OFFSET: usize = 120;
+const BYTES_RECEIVED_OFFSET: usize = 128;
 
-/// Bytes ever queued for sending on `socket`.
-pub fn sent_total<F: AsFd>(socket: &F) -> io::Result<u64> {
+/// `u64` field of `struct tcp_info` at `offset`.
+fn tcp_info_u64<F: AsFd>(socket: &F, offset: usize) -> io::Result<u64> {
     let fd = socket.as_fd().as_raw_fd();
     let mut info = [0u8; 256];
     let mut len = libc::socklen_t::try_from(info.len()).expect("256 fits socklen_t");
@@ -31,11 +32,23 @@ pub fn sent_total<F: AsFd>(socket: &F) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    let acked = info
-        .get(BYTES_ACKED_OFFSET..BYTES_ACKED_OFFSET + 8)
-        .filter(|_| len as usize >= BYTES_ACKED_OFFSET + 8)
-        .ok_or_else(|| io::Error::other("tcp_info too short for tcpi_bytes_acked"))?;
-    let acked = u64::from_ne_bytes(acked.try_into().expect("8 bytes"));
+    let field = info
+        .get(offset..offset + 8)
+        .filter(|_| len as usize >= offset + 8)
+        .ok_or_else(|| io::Error::other(format!("tcp_info too short for a field at {offset}")))?;
+    Ok(u64::from_ne_bytes(field.try_into().expect("8 bytes")))
+}
+
+/// Bytes received in order on `socket` (`tcpi_bytes_received`; duplicates
+/// not counted, a received FIN counts as one).
+pub fn received_total<F: AsFd>(socket: &F) -> io::Result<u64> {
+    tcp_info_u64(socket, BYTES_RECEIVED_OFFSET)
+}
+
+/// Bytes ever queued for sending on `socket`.
+pub fn sent_total<F: AsFd>(socket: &F) -> io::Result<u64> {
+    let fd = socket.as_fd().as_raw_fd();
+    let acked = tcp_info_u64(socket, BYTES_ACKED_OFFSET)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the pointer, which is valid.
     #[allow(unsafe_code)]
@@ -77,6 +90,11 @@ mod tests {
         let mut buf = vec![0u8; 100_000];
         server.read_exact(&mut buf).unwrap();
         assert_eq!(sent_total(&client).unwrap() - base, 100_000);
+        assert_eq!(received_total(&server).unwrap(), 100_000);
+        // The FIN counts as one byte.
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+        assert_eq!(received_total(&server).unwrap(), 100_001);
         assert!(take_error(&client).is_none());
     }
 }

@@ -176,12 +176,43 @@ async fn send_payload<W: tokio::io::AsyncWrite + Unpin>(write: &mut W, seed: u64
     Ok(())
 }
 
+/// How a side reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// As fast as it can.
+    Fast,
+    /// Fast for 16 MiB, then slow (ten 64 KiB reads 20 ms apart), and again.
+    Alternating,
+}
+
+const FAST_PHASE: u64 = 16 << 20;
+const SLOW_READS: u32 = 10;
+const SLOW_GAP: Duration = Duration::from_millis(20);
+
 /// Reads to EOF; returns the byte count and SHA-256.
 async fn receive_all<R: tokio::io::AsyncRead + Unpin>(read: &mut R) -> Result<Received> {
+    receive_paced(read, Pace::Fast).await
+}
+
+/// [`receive_all`] at a [`Pace`].
+async fn receive_paced<R: tokio::io::AsyncRead + Unpin>(read: &mut R, pace: Pace) -> Result<Received> {
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
     let mut buf = vec![0u8; 1 << 16];
+    let mut next_slow_phase = FAST_PHASE;
     loop {
+        if pace == Pace::Alternating && bytes >= next_slow_phase {
+            next_slow_phase += FAST_PHASE;
+            for _ in 0..SLOW_READS {
+                tokio::time::sleep(SLOW_GAP).await;
+                let n = read.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(Received { bytes, sha256: hasher.finalize().into() });
+                }
+                hasher.update(&buf[..n]);
+                bytes += n as u64;
+            }
+        }
         let n = read.read(&mut buf).await?;
         if n == 0 {
             return Ok(Received { bytes, sha256: hasher.finalize().into() });
@@ -196,12 +227,14 @@ async fn serve(stream: TcpStream) -> Result<(u64, Received)> {
     let (mut read, mut write) = stream.into_split();
     let id = read.read_u64().await?;
     let response_len = read.read_u64().await?;
-    let order = Order::from_code(read.read_u64().await?)?;
+    let code = read.read_u64().await?;
+    let order = Order::from_code(code & 0xff)?;
+    let pace = if code & PACED_FLAG != 0 { Pace::Alternating } else { Pace::Fast };
     let got = match order {
         Order::Concurrent => {
             let writer =
                 tokio::spawn(async move { send_payload(&mut write, DOWNLOAD_SEED, response_len).await });
-            let got = receive_all(&mut read).await?;
+            let got = receive_paced(&mut read, pace).await?;
             writer.await??;
             got
         }
@@ -244,16 +277,32 @@ pub async fn run_transfer_on(
     down: u64,
     order: Order,
 ) -> Result<()> {
+    run_paced_transfer_on(stream, server, up, down, order, Pace::Fast).await
+}
+
+/// Header bit: both sides read at [`Pace::Alternating`] (concurrent order only).
+const PACED_FLAG: u64 = 1 << 8;
+
+/// [`run_transfer_on`] with both readers at `pace` (for [`Order::Concurrent`]).
+pub async fn run_paced_transfer_on(
+    stream: TcpStream,
+    server: &TransferServer,
+    up: u64,
+    down: u64,
+    order: Order,
+    pace: Pace,
+) -> Result<()> {
     let id = server.next_id.fetch_add(1, Ordering::Relaxed);
     let (mut read, mut write) = stream.into_split();
-    write.write_all(&[id.to_be_bytes(), down.to_be_bytes(), order.code().to_be_bytes()].concat()).await?;
+    let code = order.code() | if pace == Pace::Alternating { PACED_FLAG } else { 0 };
+    write.write_all(&[id.to_be_bytes(), down.to_be_bytes(), code.to_be_bytes()].concat()).await?;
     let got = if order == Order::UpstreamFirst {
         let got = receive_all(&mut read).await.context("reading the response")?;
         send_payload(&mut write, UPLOAD_SEED, up).await?;
         got
     } else {
         let sender = tokio::spawn(async move { send_payload(&mut write, UPLOAD_SEED, up).await });
-        let got = receive_all(&mut read).await.context("reading the response")?;
+        let got = receive_paced(&mut read, pace).await.context("reading the response")?;
         sender.await??;
         got
     };

@@ -23,27 +23,34 @@ pub(crate) async fn pump(
     from.readable().await.map_err(PumpError::Read)?;
     let mut buf = vec![0u8; buffer_size];
     loop {
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                from.readable().await.map_err(PumpError::Read)?;
-                continue;
-            }
-            Err(e) => return Err(PumpError::Read(e)),
-        };
+        let n = read_some(from, &mut buf).await.map_err(PumpError::Read)?;
         if n == 0 {
             return shutdown_write(to).map_err(PumpError::Write);
         }
-        let mut written = 0;
-        while written < n {
-            match to.try_write(&buf[written..n]) {
-                Ok(k) => written += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    to.writable().await.map_err(PumpError::Write)?;
-                }
-                Err(e) => return Err(PumpError::Write(e)),
-            }
-        }
+        write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
         copied.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// Reads what is there, waiting until something (or EOF) is.
+pub(crate) async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match from.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.readable().await?,
+            result => return result,
+        }
+    }
+}
+
+/// Writes all of `data`, waiting for room as needed.
+pub(crate) async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
+    let mut written = 0;
+    while written < data.len() {
+        match to.try_write(&data[written..]) {
+            Ok(k) => written += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

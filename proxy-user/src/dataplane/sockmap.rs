@@ -46,6 +46,9 @@ use crate::{
 /// How long a peer may take none of the redirected bytes before the
 /// connection is cut (a reader that never drains).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Smallest receive buffer a paused socket is capped to: smaller ones make a
+/// lossy link crawl (a 64 KiB cap took 90 s for 64 MiB at 1 % loss).
+const PAUSED_RCVBUF_FLOOR: u64 = 1 << 20;
 /// Poll interval while waiting for a peer to take redirected bytes (only at
 /// close and after a pause).
 const DRAIN_POLL: Duration = Duration::from_millis(1);
@@ -101,6 +104,29 @@ impl SockmapPlane {
             fallback_pipe_size,
             counters: SockmapCounters::default(),
         }))
+    }
+
+    /// One log line with the plane's totals and the verdict program's counters.
+    pub fn log_totals(&self) {
+        let c = &self.counters;
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        match self.kernel().verdict_stats() {
+            Ok(v) => tracing::info!(
+                spliced = load(&c.spliced),
+                fallbacks = load(&c.fallbacks),
+                client_not_inserted = load(&c.client_not_inserted),
+                pauses = load(&c.pauses),
+                stalls = load(&c.stalls),
+                skbs = v.skbs,
+                redirected_bytes = v.redirected_bytes,
+                passed_bytes = v.passed_bytes,
+                trimmed_bytes = v.trimmed_bytes,
+                old_skbs = v.old_skbs,
+                empty_skbs = v.empty_skbs,
+                "sockmap totals"
+            ),
+            Err(error) => tracing::warn!(%error, "reading the verdict counters"),
+        }
     }
 
     fn kernel(&self) -> std::sync::MutexGuard<'_, KernelPrograms> {
@@ -230,11 +256,50 @@ impl SockmapPlane {
                 redirected = flow.redirected_bytes,
                 "direction paused"
             );
-            // A paused socket's receive buffer must not autotune to tcp_rmem[2].
-            let cap = usize::try_from(self.max_inflight).unwrap_or(usize::MAX);
+            // A paused socket's receive buffer must not autotune to tcp_rmem[2]
+            // (the kernel doubles the value set here).
+            let cap = usize::try_from(self.max_inflight.max(PAUSED_RCVBUF_FLOOR)).unwrap_or(usize::MAX);
             let _ = setsockopt(from, sockopt::RcvBuf, &cap);
         }
-        copy::pump(from, to, self.buffer_size, copied).await
+        self.finish_in_user_space(from, to, flow.redirected_bytes, copied).await
+    }
+
+    /// Copies the rest of a direction whose source is in the socket map, up to
+    /// its EOF. tcp_bpf's recvmsg reports EOF once the FIN is in and the
+    /// psock's message queue is empty, even while passed skbs still wait on
+    /// the psock's backlog queue (when the receive buffer was full); so EOF
+    /// counts only once every byte the socket received (`tcpi_bytes_received`,
+    /// minus one for the FIN) was redirected or copied.
+    async fn finish_in_user_space(
+        &self,
+        from: &TcpStream,
+        to: &TcpStream,
+        redirected: u64,
+        copied: &AtomicU64,
+    ) -> Result<(), PumpError> {
+        let mut buf = vec![0u8; self.buffer_size];
+        let mut progressed = Instant::now();
+        loop {
+            let n = copy::read_some(from, &mut buf).await.map_err(PumpError::Read)?;
+            if n > 0 {
+                copy::write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
+                copied.fetch_add(n as u64, Ordering::Relaxed);
+                progressed = Instant::now();
+                continue;
+            }
+            let received = tcpstat::received_total(from).map_err(PumpError::Read)?.saturating_sub(1);
+            if redirected + copied.load(Ordering::Relaxed) >= received {
+                return shutdown_write(to).map_err(PumpError::Write);
+            }
+            if progressed.elapsed() > STALL_TIMEOUT {
+                self.counters.stalls.fetch_add(1, Ordering::Relaxed);
+                return Err(PumpError::Read(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "bytes received before the FIN never became readable",
+                )));
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
     }
 
     /// Waits until `to` has taken `redirected` bytes into its send queue.
