@@ -1,0 +1,117 @@
+//! A slow reader must not make the host queue without bound: the upstream
+//! reads 1 KiB every 5 ms for 8 s, then fast, while the client sends 256 MiB.
+//! Host memory (MemAvailable: the sockmap plane's psock queues are charged to
+//! no socket, so /proc/net/sockstat would not see them) may drop by less than
+//! 64 MiB, and by no more than twice what the copy plane costs; every byte
+//! arrives.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use sha2::{Digest as _, Sha256};
+use testkit::{process::ProxyProcess, transfer::Payload};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+const MIB: u64 = 1 << 20;
+const TOTAL: u64 = 256 * MIB;
+const SLOW_FOR: Duration = Duration::from_secs(8);
+const SEED: u64 = 42;
+/// Floor of the copy plane's cost in the relative bound.
+const COPY_FLOOR: u64 = 16 * MIB;
+
+fn mem_available() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:")).context("no MemAvailable")?;
+    let kib: u64 = line.split_whitespace().nth(1).context("MemAvailable value")?.parse()?;
+    Ok(kib * 1024)
+}
+
+/// Returns the largest drop of MemAvailable below its starting value.
+async fn transfer_with_slow_reader(plane: &str) -> Result<u64> {
+    let upstream = testkit::listen((IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 0).into())?;
+    let upstream_addr = upstream.local_addr()?.to_string();
+    let proxy = tokio::task::block_in_place(|| {
+        ProxyProcess::start(&["--upstream", upstream_addr.as_str(), "--dataplane", plane])
+    })?;
+    let reader = tokio::spawn(async move {
+        let (mut stream, _) = upstream.accept().await?;
+        let mut hasher = Sha256::new();
+        let mut got = 0u64;
+        let mut small = [0u8; 1024];
+        let slow_until = Instant::now() + SLOW_FOR;
+        while Instant::now() < slow_until {
+            let n = stream.read(&mut small).await?;
+            hasher.update(&small[..n]);
+            got += n as u64;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            got += n as u64;
+        }
+        anyhow::Ok((got, <[u8; 32]>::from(hasher.finalize())))
+    });
+    let baseline = mem_available()?;
+    let lowest = Arc::new(AtomicU64::new(baseline));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (lowest, sampling) = (Arc::clone(&lowest), Arc::clone(&sampling));
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok(now) = mem_available() {
+                    lowest.fetch_min(now, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut client = TcpStream::connect(proxy.addr()).await?;
+    let mut payload = Payload::new(SEED, TOTAL);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = payload.fill(&mut buf);
+        if n == 0 {
+            break;
+        }
+        client.write_all(&buf[..n]).await?;
+    }
+    client.shutdown().await?;
+    let (got, sha) =
+        tokio::time::timeout(Duration::from_secs(120), reader).await.context("reader stuck")???;
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await?;
+    ensure!(got == TOTAL, "{plane}: upstream got {got} of {TOTAL} bytes");
+    ensure!(sha == Payload::sha256(SEED, TOTAL), "{plane}: upstream got the wrong bytes");
+    Ok(baseline.saturating_sub(lowest.load(Ordering::Relaxed)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_keeps_host_memory_bounded() -> Result<()> {
+    let copy = transfer_with_slow_reader("copy").await?;
+    eprintln!("copy: MemAvailable dropped {} KiB", copy / 1024);
+    for plane in ["splice", "sockmap"] {
+        let drop = transfer_with_slow_reader(plane).await?;
+        eprintln!("{plane}: MemAvailable dropped {} KiB", drop / 1024);
+        ensure!(drop < 64 * MIB, "{plane}: host memory dropped {} MiB", drop / MIB);
+        // MemAvailable moves by a few MiB on its own (the copy plane measured
+        // 0–5 MiB here), so the relative bound has a floor.
+        let bound = 2 * copy.max(COPY_FLOOR);
+        ensure!(drop <= bound, "{plane}: dropped {} KiB, copy plane {} KiB", drop / 1024, copy / 1024);
+    }
+    Ok(())
+}
