@@ -92,7 +92,8 @@ pub mod global {
     pub const SKB_TCP_SEQ_OFFSET: &str = "SKB_TCP_SEQ_OFFSET";
 }
 
-/// Capacity of [`map::SPLICE_SOCKETS`]: two sockets per spliced connection.
+/// Compiled-in capacity of [`map::SPLICE_SOCKETS`] and [`map::SPLICE_FLOWS`];
+/// user space resizes both at load to twice `--max-connections`.
 pub const SPLICE_SOCKETS_CAPACITY: u32 = 65_536;
 
 /// Counters the verdict program keeps per CPU; user space adds the CPUs up.

@@ -167,7 +167,9 @@ fn pause_flow(
     flow.passed_bytes += u64::from(len);
     stats.passed_bytes += u64::from(len);
     let event = FlowEvent { cookie, reason, _pad: 0 };
-    if SPLICE_EVENTS.output::<FlowEvent>(&event, 0).is_err() {
+    // Pauses are rare: always wake the reader rather than rely on the
+    // ring buffer's adaptive wake-ups.
+    if SPLICE_EVENTS.output::<FlowEvent>(&event, BPF_RB_FORCE_WAKEUP).is_err() {
         debug!(ctx, "event ring full");
     }
     sk_action::SK_PASS
@@ -197,6 +199,9 @@ fn trim_head(ctx: &SkBuffContext, bytes: u32) -> Result<(), i64> {
     }
     if left == 0 { Ok(()) } else { Err(-1) }
 }
+
+/// `bpf_ringbuf_output` flag: notify the consumer now.
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Largest head trim `bpf_skb_adjust_room` does at once for sk_skb.
 const MAX_TRIM_STEP: u32 = 4095;

@@ -126,6 +126,12 @@ pub struct Options {
     #[arg(long, value_name = "BYTES")]
     pub splice_pipe_size: Option<usize>,
 
+    /// Connections served at once; when all are in use, new connections wait
+    /// in the listen backlog (logged). The sockmap plane's maps are sized for
+    /// it. [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// Sockmap plane: bytes one direction may have redirected but not yet in the
     /// peer's send queue (the kernel queues them without limit); beyond it the
     /// direction is paused, TCP slows the sender, and the direction finishes in

@@ -31,6 +31,8 @@ pub struct Config {
     pub connect: ConnectConfig,
     pub tcp: TcpConfig,
     pub drain_timeout: Duration,
+    /// Connections served at once; the sockmap maps are sized for it.
+    pub max_connections: usize,
     pub dataplane: DataPlane,
     /// Why `dataplane` was chosen (logged at start-up).
     pub dataplane_reason: &'static str,
@@ -52,6 +54,8 @@ const MAX_COPY_BUFFER: usize = 16 * 1024 * 1024;
 /// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s and TCP_KEEPCNT at 127.
 const MAX_KEEPALIVE_SECS: u64 = 32_767;
 const MAX_KEEPALIVE_COUNT: u32 = 127;
+/// Two sockets per connection must fit the u32 size of a BPF map.
+const MAX_CONNECTIONS: usize = 1 << 24;
 
 impl Config {
     /// Reads the config file named by `--config` (if any), lays the flags over
@@ -125,6 +129,14 @@ impl Config {
             ));
         }
         let pipe_size = o.splice_pipe_size.unwrap_or(1 << 20);
+        let max_connections = o.max_connections.unwrap_or(65_536);
+        if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+            return Err(invalid(
+                "max_connections",
+                "max-connections",
+                format!("{max_connections} is not from 1 to {MAX_CONNECTIONS}"),
+            ));
+        }
         let max_inflight = o.max_inflight.unwrap_or(4 << 20);
         if !(64 * 1024..=1 << 30).contains(&max_inflight) {
             return Err(invalid(
@@ -150,6 +162,7 @@ impl Config {
             connect,
             tcp,
             drain_timeout: o.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            max_connections,
             dataplane,
             dataplane_reason,
             log_format: o.log_format.unwrap_or_default(),
@@ -194,6 +207,7 @@ fn overlay(file: Options, flags: Options) -> Options {
         dataplane: flags.dataplane.or(file.dataplane),
         splice_pipe_size: flags.splice_pipe_size.or(file.splice_pipe_size),
         max_inflight: flags.max_inflight.or(file.max_inflight),
+        max_connections: flags.max_connections.or(file.max_connections),
         log_format: flags.log_format.or(file.log_format),
     }
 }

@@ -76,7 +76,9 @@ pub struct KernelPrograms {
 impl KernelPrograms {
     /// Loads the object with the kernel-side log level `log_level` and attaches
     /// the verdict program to the socket map.
-    pub fn load(log_level: log::LevelFilter) -> Result<Self, KernelError> {
+    /// `max_connections` sizes the socket and flow maps (two entries each).
+    pub fn load(log_level: log::LevelFilter, max_connections: usize) -> Result<Self, KernelError> {
+        let entries = u32::try_from(max_connections.saturating_mul(2)).unwrap_or(u32::MAX);
         let vmlinux = Path::new(btf::VMLINUX);
         let write_seq = btf::member_offset(vmlinux, "tcp_sock", "write_seq")?;
         let skb_seq =
@@ -86,6 +88,8 @@ impl KernelPrograms {
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(global::TCP_SOCK_WRITE_SEQ_OFFSET, &write_seq, true)
             .override_global(global::SKB_TCP_SEQ_OFFSET, &skb_seq, true)
+            .map_max_entries(map::SPLICE_SOCKETS, entries)
+            .map_max_entries(map::SPLICE_FLOWS, entries)
             .load(KERNEL_OBJECT)?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, map::SPLICE_SOCKETS)?;
         let flows: HashMap<MapData, u64, Flow> = take_map(&mut ebpf, map::SPLICE_FLOWS)?;

@@ -1,8 +1,11 @@
 //! Listening sockets and the accept loop.
 
-use std::{io, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::{ClientAddr, ListenAddr};
@@ -39,20 +42,35 @@ impl Listener {
         Ok(Self { addr: bound, inner })
     }
 
-    /// Accepts until `stop` is cancelled, handing each connection to `serve`.
-    /// Running out of descriptors or memory pauses accepting briefly instead of
-    /// spinning; a connection aborted before accept is ignored.
-    pub async fn accept_loop<F>(self, stop: CancellationToken, mut serve: F)
+    /// Accepts until `stop` is cancelled, handing each connection to `serve`
+    /// with a permit from `slots`: when none is free, accepting waits (new
+    /// connections wait in the listen backlog) and says so once. Running out
+    /// of descriptors or memory pauses accepting briefly instead of spinning;
+    /// a connection aborted before accept is ignored.
+    pub async fn accept_loop<F>(self, stop: CancellationToken, slots: Arc<Semaphore>, mut serve: F)
     where
-        F: FnMut(TcpStream, ClientAddr, ListenAddr),
+        F: FnMut(TcpStream, ClientAddr, ListenAddr, OwnedSemaphorePermit),
     {
         loop {
+            let permit = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    tracing::warn!(listen = %self.addr, "connection limit reached: new connections wait");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        permit = Arc::clone(&slots).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
+                    }
+                }
+            };
             let accepted = tokio::select! {
                 () = stop.cancelled() => break,
                 accepted = self.inner.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => serve(stream, ClientAddr(peer), self.addr),
+                Ok((stream, peer)) => serve(stream, ClientAddr(peer), self.addr, permit),
                 Err(e) if is_resource_exhaustion(&e) => {
                     tracing::warn!(listen = %self.addr, error = %e, "accept: out of resources, pausing");
                     tokio::time::sleep(RESOURCE_BACKOFF).await;

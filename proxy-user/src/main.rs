@@ -42,7 +42,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
-    let server = match Server::start(&config, load_kernel_programs()) {
+    let server = match Server::start(&config, load_kernel_programs(config.max_connections)) {
         Ok(server) => server,
         Err(error @ StartError::Bind(_)) => {
             tracing::error!(%error, "start-up failed");
@@ -74,8 +74,8 @@ fn raise_fd_limit() {
 
 /// Loads the embedded kernel programs. Only the sockmap data plane needs
 /// them; the others run without (the server decides).
-fn load_kernel_programs() -> Result<KernelPrograms, KernelError> {
-    let loaded = KernelPrograms::load(logging::kernel_log_level());
+fn load_kernel_programs(max_connections: usize) -> Result<KernelPrograms, KernelError> {
+    let loaded = KernelPrograms::load(logging::kernel_log_level(), max_connections);
     match &loaded {
         Ok(_) => tracing::info!("kernel programs loaded and attached"),
         Err(error) => tracing::warn!(%error, "kernel programs unavailable on this host"),

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
+    sync::Semaphore,
     task::JoinSet,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -53,6 +54,7 @@ pub struct Server {
     _kernel: Option<KernelPrograms>,
     proxy: Arc<Proxy>,
     drain_timeout: Duration,
+    max_connections: usize,
     dataplane_reason: &'static str,
     sigterm: Signal,
     sigint: Signal,
@@ -79,6 +81,7 @@ impl Server {
             proxy,
             _kernel: kernel,
             drain_timeout: config.drain_timeout,
+            max_connections: config.max_connections,
             dataplane_reason: config.dataplane_reason,
             sigterm,
             sigint,
@@ -91,6 +94,7 @@ impl Server {
         let stop_connections = CancellationToken::new();
         let connections = TaskTracker::new();
         let mut accept_loops = JoinSet::new();
+        let slots = Arc::new(Semaphore::new(self.max_connections));
         for listener in self.listeners.drain(..) {
             tracing::info!(listen = %listener.addr, upstream = %self.proxy.upstream(), "listening");
             let proxy = Arc::clone(&self.proxy);
@@ -98,10 +102,14 @@ impl Server {
             let stop_connections = stop_connections.clone();
             accept_loops.spawn(listener.accept_loop(
                 stop_accepting.clone(),
-                move |stream, client, listen| {
+                Arc::clone(&slots),
+                move |stream, client, listen, permit| {
                     let proxy = Arc::clone(&proxy);
                     let stop = stop_connections.clone();
-                    connections.spawn(async move { proxy.serve(stream, client, listen, stop).await });
+                    connections.spawn(async move {
+                        proxy.serve(stream, client, listen, stop).await;
+                        drop(permit);
+                    });
                 },
             ));
         }

@@ -283,3 +283,45 @@ macro_rules! gate {
 }
 
 gate!(sockmap, splice, copy);
+
+/// With `--max-connections 2`, a third connection waits in the listen
+/// backlog (unserved) until one of the first two ends, and the proxy says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
+    let upstream = testkit::listen((UPSTREAM_IP, 0).into())?;
+    let upstream_addr = upstream.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.into_split();
+                tokio::io::copy(&mut read, &mut write).await
+            });
+        }
+    });
+    let proxy = proxy_with("copy", upstream_addr, &["--max-connections", "2"]).await?;
+    async fn echo_once(stream: &mut TcpStream, byte: u8) -> Result<()> {
+        stream.write_all(&[byte]).await?;
+        let mut got = [0u8; 1];
+        stream.read_exact(&mut got).await?;
+        ensure!(got[0] == byte, "echo returned {} for {byte}", got[0]);
+        Ok(())
+    }
+    let mut first = TcpStream::connect(proxy.addr()).await?;
+    echo_once(&mut first, 1).await?;
+    let mut second = TcpStream::connect(proxy.addr()).await?;
+    echo_once(&mut second, 2).await?;
+    let mut third = TcpStream::connect(proxy.addr()).await?;
+    let waiting = tokio::time::timeout(Duration::from_millis(500), echo_once(&mut third, 3)).await;
+    ensure!(waiting.is_err(), "a third connection was served beyond --max-connections 2");
+    proxy.wait_message("connection limit reached: new connections wait", Duration::from_secs(5)).await?;
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut got = [0u8; 1];
+        third.read_exact(&mut got).await?;
+        ensure!(got[0] == 3, "echo returned {}", got[0]);
+        anyhow::Ok(())
+    })
+    .await
+    .context("the waiting connection was not served after a slot freed")??;
+    echo_once(&mut second, 4).await
+}

@@ -31,7 +31,7 @@ impl log::Log for Capture {
 fn the_kernel_object_loads_attaches_and_counts_every_byte() -> Result<()> {
     let _netns = NetNs::enter()?;
     let mut kernel =
-        KernelPrograms::load(log::LevelFilter::Trace).context("loading the embedded kernel object")?;
+        KernelPrograms::load(log::LevelFilter::Trace, 16).context("loading the embedded kernel object")?;
     let capture = Capture::default();
     let mut logger = kernel.logger(capture.clone())?;
 

@@ -21,6 +21,8 @@ use testkit::{
 };
 
 const MIB: u64 = 1 << 20;
+/// A run that takes this long has stalled (they take 5–45 s).
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 const TCP_WARNINGS: [&str; 2] = ["TCP recvmsg seq # bug", "cleanup rbuf bug"];
 
 fn tcp_warnings() -> Result<usize> {
@@ -63,7 +65,8 @@ fn every_plane_is_exact_over_a_lossy_link() -> Result<()> {
             runtime
                 .block_on(async {
                     let stream = socket.connect(proxy.addr()).await?;
-                    run_transfer_on(stream, &server, 64 * MIB, 64 * MIB, Order::Concurrent).await
+                    let transfer = run_transfer_on(stream, &server, 64 * MIB, 64 * MIB, Order::Concurrent);
+                    tokio::time::timeout(RUN_TIMEOUT, transfer).await.context("stalled")?
                 })
                 .with_context(|| format!("{plane}, run {} of {runs}", run + 1))?;
         }

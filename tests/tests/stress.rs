@@ -17,6 +17,8 @@ use testkit::{
 use tokio::net::TcpStream;
 
 const MIB: u64 = 1 << 20;
+/// A run that takes this long has stalled (they take 0.3–2 s).
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_plane_is_exact_run_after_run() -> Result<()> {
@@ -31,8 +33,12 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
         for run in 0..runs {
             let pace = if run % 2 == 1 { Pace::Alternating } else { Pace::Fast };
             let stream = TcpStream::connect(proxy.addr()).await?;
-            run_paced_transfer_on(stream, &server, 64 * MIB, 64 * MIB, Order::Concurrent, pace)
+            let transfer =
+                run_paced_transfer_on(stream, &server, 64 * MIB, 64 * MIB, Order::Concurrent, pace);
+            tokio::time::timeout(RUN_TIMEOUT, transfer)
                 .await
+                .context("stalled")
+                .and_then(|r| r)
                 .with_context(|| format!("{plane}, run {} of {runs} ({pace:?})", run + 1))?;
         }
         let closed = proxy.wait_closed(runs, Duration::from_secs(10)).await?;

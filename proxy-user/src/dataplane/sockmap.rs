@@ -49,6 +49,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Smallest receive buffer a paused socket is capped to: smaller ones make a
 /// lossy link crawl (a 64 KiB cap took 90 s for 64 MiB at 1 % loss).
 const PAUSED_RCVBUF_FLOOR: u64 = 1 << 20;
+/// While bytes flow through a spliced direction, how often its pause flag is
+/// read from the map as well (a safety net under the ring buffer events).
+const PAUSE_RECHECK: Duration = Duration::from_millis(50);
 /// Poll interval while waiting for a peer to take redirected bytes (only at
 /// close and after a pause).
 const DRAIN_POLL: Duration = Duration::from_millis(1);
@@ -226,6 +229,7 @@ impl SockmapPlane {
         copied: &AtomicU64,
     ) -> Result<(), PumpError> {
         if in_map {
+            let mut checked = Instant::now();
             loop {
                 tokio::select! {
                     ready = from.ready(Interest::READABLE) => {
@@ -233,8 +237,16 @@ impl SockmapPlane {
                         if ready.is_read_closed() || ready.is_error() {
                             break;
                         }
-                        // Woken by an skb the kernel already redirected: nothing to read.
+                        // Woken by an skb the kernel already redirected: nothing to
+                        // read. While bytes flow, also look at the pause flag now
+                        // and then, in case a pause event was missed.
                         let _ = from.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                        if checked.elapsed() > PAUSE_RECHECK {
+                            checked = Instant::now();
+                            if self.kernel().flow(state.cookie).ok().flatten().is_some_and(|f| f.paused != 0) {
+                                break;
+                            }
+                        }
                     }
                     () = state.paused.notified() => break,
                 }
@@ -382,6 +394,8 @@ async fn dispatch_pauses(
     waiters: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
 ) {
     while let Ok(mut guard) = events.readable_mut().await {
+        // Clear first, then drain: an event that lands while we drain wakes us again.
+        guard.clear_ready();
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             let Some(event) = parse_event(&item) else { continue };
@@ -391,7 +405,6 @@ async fn dispatch_pauses(
                 waiter.notify_one();
             }
         }
-        guard.clear_ready();
     }
 }
 
