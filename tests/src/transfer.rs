@@ -162,7 +162,11 @@ impl Order {
 }
 
 /// Writes `len` bytes of the payload `seed`, then half-closes.
-async fn send_payload<W: tokio::io::AsyncWrite + Unpin>(write: &mut W, seed: u64, len: u64) -> Result<()> {
+pub async fn send_payload<W: tokio::io::AsyncWrite + Unpin>(
+    write: &mut W,
+    seed: u64,
+    len: u64,
+) -> Result<()> {
     let mut payload = Payload::new(seed, len);
     let mut buf = vec![0u8; 1 << 16];
     loop {

@@ -16,11 +16,11 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use sha2::{Digest as _, Sha256};
-use testkit::{process::ProxyProcess, transfer::Payload};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+use testkit::{
+    process::ProxyProcess,
+    transfer::{Payload, send_payload},
 };
+use tokio::{io::AsyncReadExt as _, net::TcpStream};
 
 const MIB: u64 = 1 << 20;
 const TOTAL: u64 = 256 * MIB;
@@ -81,16 +81,7 @@ async fn transfer_with_slow_reader(plane: &str) -> Result<u64> {
         })
     };
     let mut client = TcpStream::connect(proxy.addr()).await?;
-    let mut payload = Payload::new(SEED, TOTAL);
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = payload.fill(&mut buf);
-        if n == 0 {
-            break;
-        }
-        client.write_all(&buf[..n]).await?;
-    }
-    client.shutdown().await?;
+    send_payload(&mut client, SEED, TOTAL).await?;
     let (got, sha) =
         tokio::time::timeout(Duration::from_secs(120), reader).await.context("reader stuck")???;
     sampling.store(false, Ordering::Relaxed);
