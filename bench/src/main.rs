@@ -71,8 +71,14 @@ fn main() -> Result<()> {
     let sink = start_sink()?;
     let splice = Proxy::start(&args.proxy_bin, sink, "splice")?;
     let copy = Proxy::start(&args.proxy_bin, sink, "copy")?;
-    let peers: [(&str, SocketAddr); 3] =
-        [("direct", sink), ("splice-proxy (splice)", splice.addr), ("splice-proxy (copy)", copy.addr)];
+    // Needs root (BPF); fails the bench with the proxy's reason otherwise.
+    let sockmap = Proxy::start(&args.proxy_bin, sink, "sockmap")?;
+    let peers: [(&str, SocketAddr); 4] = [
+        ("direct", sink),
+        ("splice-proxy (sockmap)", sockmap.addr),
+        ("splice-proxy (splice)", splice.addr),
+        ("splice-proxy (copy)", copy.addr),
+    ];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
     for round in 0..args.rounds {
         for (i, (name, addr)) in peers.iter().enumerate() {
