@@ -59,6 +59,20 @@ pub fn sent_total<F: AsFd>(socket: &F) -> io::Result<u64> {
     Ok(acked + u64::try_from(outq).unwrap_or(0))
 }
 
+/// Bytes ready to be read on `socket` (SIOCINQ; for a socket in a socket
+/// map, what its psock queued for user space).
+pub fn readable_bytes<F: AsFd>(socket: &F) -> io::Result<u64> {
+    let fd = socket.as_fd().as_raw_fd();
+    let mut inq: libc::c_int = 0;
+    // SAFETY: SIOCINQ writes one int through the pointer, which is valid.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut inq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(inq).unwrap_or(0))
+}
+
 /// The pending error of `socket` (SO_ERROR), if any; reading it clears it.
 pub fn take_error<F: AsFd>(socket: &F) -> Option<io::Error> {
     match nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SocketError) {

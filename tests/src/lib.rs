@@ -3,6 +3,7 @@
 //! transfers, the proxy as a real process, and a network-namespace guard.
 
 pub mod api;
+pub mod bpf_maps;
 pub mod dns;
 pub mod netns;
 pub mod process;

@@ -66,7 +66,9 @@ impl ProxyProcess {
         if !args.iter().any(|a| a.as_ref() == "--listen" || a.as_ref() == "--config") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        // `SPLICE_PROXY_TEST_LOG` raises the proxy's log level when chasing a failure.
+        let level = std::env::var("SPLICE_PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
+        cmd.env("RUST_LOG", level).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting splice-proxy")?;
         let stderr = child.stderr.take().context("no stderr pipe")?;
         let events = Arc::new(Mutex::new(Vec::new()));

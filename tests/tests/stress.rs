@@ -32,8 +32,9 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
     let server = TransferServer::start(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))).await?;
     let upstream = server.addr.to_string();
     let with_sockmap = std::env::var_os("SPLICE_PROXY_STRESS_SOCKMAP").is_some();
-    let planes: &[&str] = if with_sockmap { &["sockmap", "splice", "copy"] } else { &["splice", "copy"] };
-    for &plane in planes {
+    let default_planes = if with_sockmap { "sockmap,splice,copy" } else { "splice,copy" };
+    let planes = std::env::var("SPLICE_PROXY_STRESS_PLANES").unwrap_or_else(|_| default_planes.to_owned());
+    for plane in planes.split(',') {
         let args = ["--upstream", upstream.as_str(), "--dataplane", plane];
         let proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
         let started = Instant::now();
@@ -42,11 +43,20 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
             let stream = TcpStream::connect(proxy.addr()).await?;
             let transfer =
                 run_paced_transfer_on(stream, &server, 64 * MIB, 64 * MIB, Order::Concurrent, pace);
-            tokio::time::timeout(RUN_TIMEOUT, transfer)
-                .await
-                .context("stalled")
-                .and_then(|r| r)
-                .with_context(|| format!("{plane}, run {} of {runs} ({pace:?})", run + 1))?;
+            let outcome =
+                tokio::time::timeout(RUN_TIMEOUT, transfer).await.context("stalled").and_then(|r| r);
+            if outcome.is_err() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for event in proxy.events().iter().rev().take(40).rev() {
+                    eprintln!("proxy: {event}");
+                }
+                let filter =
+                    format!("( sport = :{} or dport = :{} )", server.addr.port(), proxy.addr().port());
+                let ss =
+                    std::process::Command::new("ss").args(["-tnmieo", "state", "all", &filter]).output()?;
+                eprintln!("ss:\n{}", String::from_utf8_lossy(&ss.stdout));
+            }
+            outcome.with_context(|| format!("{plane}, run {} of {runs} ({pace:?})", run + 1))?;
         }
         let closed = proxy.wait_closed(runs, Duration::from_secs(10)).await?;
         ensure!(closed.iter().all(|c| c["reason"] == "completed"), "{plane}: not all completed");

@@ -52,6 +52,8 @@ const PAUSED_RCVBUF_FLOOR: u64 = 1 << 20;
 /// While bytes flow through a spliced direction, how often its pause flag is
 /// read from the map as well (a safety net under the ring buffer events).
 const PAUSE_RECHECK: Duration = Duration::from_millis(50);
+/// How often an idle paused direction reports its state (debug level).
+const IDLE_REPORT: Duration = Duration::from_secs(5);
 /// Poll interval while waiting for a peer to take redirected bytes (only at
 /// close and after a pause).
 const DRAIN_POLL: Duration = Duration::from_millis(1);
@@ -292,7 +294,18 @@ impl SockmapPlane {
         let mut buf = vec![0u8; self.buffer_size];
         let mut progressed = Instant::now();
         loop {
-            let n = copy::read_some(from, &mut buf).await.map_err(PumpError::Read)?;
+            let Ok(read) = tokio::time::timeout(IDLE_REPORT, copy::read_some(from, &mut buf)).await else {
+                // An idle source is normal (nothing to send); say where it stands.
+                tracing::debug!(
+                    received = tcpstat::received_total(from).ok(),
+                    readable = tcpstat::readable_bytes(from).ok(),
+                    redirected,
+                    copied = copied.load(Ordering::Relaxed),
+                    "paused direction idle"
+                );
+                continue;
+            };
+            let n = read.map_err(PumpError::Read)?;
             if n > 0 {
                 copy::write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
                 copied.fetch_add(n as u64, Ordering::Relaxed);

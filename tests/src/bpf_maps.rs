@@ -1,0 +1,55 @@
+//! Reads the BPF maps a running proxy holds, from outside the process: its
+//! map descriptors are found in `/proc/<pid>/fdinfo` (`map_id:`), each map is
+//! opened by id and its entries are counted.
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap, Map, MapData, MapInfo, SockHash};
+use proxy_common::{Flow, map};
+
+/// Entries in the proxy's socket map and flow map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpliceEntries {
+    pub sockets: usize,
+    pub flows: usize,
+}
+
+/// Counts the entries of `pid`'s [`map::SPLICE_SOCKETS`] and [`map::SPLICE_FLOWS`].
+pub fn splice_entries(pid: i32) -> Result<SpliceEntries> {
+    Ok(SpliceEntries {
+        sockets: count_keys(map_id(pid, map::SPLICE_SOCKETS)?)?,
+        flows: count_keys(map_id(pid, map::SPLICE_FLOWS)?)?,
+    })
+}
+
+/// The id of the map called `name` among `pid`'s descriptors.
+fn map_id(pid: i32, name: &str) -> Result<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        // Descriptors come and go while the proxy runs: skip the ones that vanished.
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else { continue };
+        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) else { continue };
+        let id: u32 = id.trim().parse().with_context(|| format!("map_id {id:?} in {dir}"))?;
+        let info = MapInfo::from_id(id).with_context(|| format!("map id {id}"))?;
+        // The kernel keeps the first 15 bytes of a map's name.
+        let short = &name.as_bytes()[..name.len().min(15)];
+        if info.name() == short {
+            return Ok(id);
+        }
+    }
+    bail!("process {pid} holds no BPF map named {name}")
+}
+
+fn count_keys(id: u32) -> Result<usize> {
+    let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
+    match Map::from_map_data(data).with_context(|| format!("map id {id}"))? {
+        map @ Map::SockHash(_) => {
+            let sockets: SockHash<MapData, u64> = map.try_into()?;
+            Ok(sockets.keys().collect::<Result<Vec<_>, _>>()?.len())
+        }
+        map @ Map::HashMap(_) => {
+            let flows: HashMap<MapData, u64, Flow> = map.try_into()?;
+            Ok(flows.keys().collect::<Result<Vec<_>, _>>()?.len())
+        }
+        other => bail!("map id {id} has an unexpected type: {other:?}"),
+    }
+}
