@@ -1,33 +1,51 @@
-//! Throughput benchmark: one TCP stream over loopback, direct and through
-//! splice-proxy in each data plane, in alternating rounds on the same machine. Reports Gbit/s,
-//! whole-machine busy % and core-seconds per GB (busy = ncpu × wall − Δidle,
-//! idle from /proc/uptime), each the median of the rounds with its range, and
-//! the ratio to the direct connection measured in the same run.
+//! Throughput benchmark over loopback, all on one machine in one run: a direct
+//! connection, splice-proxy in each data plane, and HAProxy in three
+//! configurations, each in three scenarios (one stream at full speed, eight
+//! streams at full speed, one stream paced at 3 Gbit/s). Rounds alternate
+//! across peers; every value is the median of the rounds with its range. CPU
+//! is whole-machine busy time, ncpu × wall − Δidle (idle from /proc/uptime).
 //!
-//! `cargo run --release -p bench -- --help`
+//! `cargo xtask bench [-- --help]`; see bench/README.md.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+mod measure;
+mod peers;
+mod report;
+
+use std::{path::PathBuf, thread, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
+
+use measure::{Sample, Scenario};
+use peers::{Haproxy, PeerKind, RunningPeer};
+
+const USAGE: &str = "\
+bench [--seconds S (3)] [--rounds N (3)] [--only SUBSTRING]
+      [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
+
+Measures, over loopback: direct, splice-proxy (sockmap, splice, copy) and HAProxy
+(splice-auto; splice-request+response with tune.pipesize 1 MiB; no splice with
+tune.bufsize 256 KiB) with 1 stream and 8 streams at full speed and 1 stream paced
+at 3 Gbit/s. --only keeps the peers whose name contains SUBSTRING (any case);
+direct, the reference, is always measured. The sockmap peer needs root.";
+
+/// How long the machine's background load is measured before and after the run.
+const BACKGROUND_WINDOW: Duration = Duration::from_secs(1);
 
 struct Args {
     seconds: f64,
     rounds: usize,
+    only: Option<String>,
     proxy_bin: PathBuf,
+    haproxy_bin: String,
 }
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         seconds: 3.0,
         rounds: 3,
+        only: None,
         proxy_bin: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/splice-proxy")),
+        haproxy_bin: "haproxy".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -35,196 +53,92 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
             "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
+            "--only" => args.only = Some(value()?.to_lowercase()),
             "--proxy-bin" => args.proxy_bin = value()?.into(),
+            "--haproxy-bin" => args.haproxy_bin = value()?,
             "--help" | "-h" => {
-                println!(
-                    "bench [--seconds S (3)] [--rounds N (3)] [--proxy-bin PATH (target/release/splice-proxy)]\n\
-                     One stream over loopback, direct and through splice-proxy, alternating rounds."
-                );
+                println!("{USAGE}");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}; see --help"),
         }
     }
-    if args.rounds == 0 || args.seconds <= 0.0 {
+    if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
         bail!("--rounds and --seconds must be positive");
     }
     Ok(args)
 }
 
-/// One measured run.
-#[derive(Clone, Copy)]
-struct Sample {
-    gbit_per_s: f64,
-    busy_percent: f64,
-    core_s_per_gb: f64,
-}
-
 fn main() -> Result<()> {
     let args = parse_args()?;
-    if !args.proxy_bin.is_file() {
-        bail!(
-            "{} is missing: run `cargo build --release --bin splice-proxy` first",
-            args.proxy_bin.display()
-        );
+    let kinds: Vec<PeerKind> = PeerKind::ALL
+        .into_iter()
+        .filter(|kind| {
+            *kind == PeerKind::Direct
+                || args.only.as_ref().is_none_or(|only| kind.name().to_lowercase().contains(only))
+        })
+        .collect();
+    if kinds.len() == 1 && args.only.is_some() {
+        bail!("--only matches no peer besides direct; peer names: {}", peer_names());
     }
-    let sink = start_sink()?;
-    let splice = Proxy::start(&args.proxy_bin, sink, "splice")?;
-    let copy = Proxy::start(&args.proxy_bin, sink, "copy")?;
-    // Needs root (BPF); fails the bench with the proxy's reason otherwise.
-    let sockmap = Proxy::start(&args.proxy_bin, sink, "sockmap")?;
-    let peers: [(&str, SocketAddr); 4] = [
-        ("direct", sink),
-        ("splice-proxy (sockmap)", sockmap.addr),
-        ("splice-proxy (splice)", splice.addr),
-        ("splice-proxy (copy)", copy.addr),
-    ];
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
-    for round in 0..args.rounds {
-        for (i, (name, addr)) in peers.iter().enumerate() {
-            let sample = measure(*addr, Duration::from_secs_f64(args.seconds))?;
-            eprintln!("round {}: {name}: {:.1} Gbit/s", round + 1, sample.gbit_per_s);
-            samples[i].push(sample);
+    let haproxy =
+        if kinds.iter().any(PeerKind::is_haproxy) { Some(Haproxy::find(&args.haproxy_bin)?) } else { None };
+
+    let sink = peers::start_sink()?;
+    // Started before any measurement; every child is killed by its PID when
+    // `running` is dropped, on success, error or panic alike.
+    let mut running: Vec<RunningPeer> = kinds
+        .iter()
+        .map(|kind| RunningPeer::start(*kind, sink, &args.proxy_bin, haproxy.as_ref()))
+        .collect::<Result<_>>()?;
+
+    let busy_before = measure::background_busy_percent(BACKGROUND_WINDOW)?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    // samples[scenario][peer][round]
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; Scenario::ALL.len()];
+    for round in 1..=args.rounds {
+        for (scenario_index, scenario) in Scenario::ALL.iter().enumerate() {
+            for (peer_index, peer) in running.iter_mut().enumerate() {
+                peer.check_alive()?;
+                // Let the previous run's queues and timers settle.
+                thread::sleep(Duration::from_millis(200));
+                let sample = measure::run(*scenario, peer.addr, duration)
+                    .with_context(|| format!("round {round}, {}, {}", scenario.title(), peer.kind.name()))?;
+                eprintln!(
+                    "round {round}/{}: {}: {}: {:.1} Gbit/s, busy {:.0} %",
+                    args.rounds,
+                    scenario.title(),
+                    peer.kind.name(),
+                    sample.gbit_per_s,
+                    sample.busy_percent
+                );
+                samples[scenario_index][peer_index].push(sample);
+            }
         }
     }
-    println!("one stream over loopback, {} rounds of {} s, {} CPUs", args.rounds, args.seconds, ncpu());
-    println!("| peer | Gbit/s | busy % | core-s per GB | throughput vs direct | cost vs direct |");
-    println!("|---|---|---|---|---|---|");
-    let direct = summarize(&samples[0]);
-    for ((name, _), peer) in peers.iter().zip(&samples) {
-        let s = summarize(peer);
-        println!(
-            "| {name} | {} | {} | {} | {:.2} | {:.2} |",
-            s.gbit.show(1),
-            s.busy.show(1),
-            s.cost.show(2),
-            s.gbit.median / direct.gbit.median,
-            s.cost.median / direct.cost.median
-        );
+    let busy_after = measure::background_busy_percent(BACKGROUND_WINDOW)?;
+    drop(running);
+
+    report::print_header(
+        &args_summary(&args),
+        haproxy.as_ref().map(Haproxy::version),
+        [busy_before, busy_after],
+    );
+    for (scenario, peer_samples) in Scenario::ALL.iter().zip(&samples) {
+        report::print_scenario(*scenario, &kinds, peer_samples);
     }
     Ok(())
 }
 
-/// Median with range.
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
+fn args_summary(args: &Args) -> String {
+    let (plural, note) = match args.rounds {
+        1 => ("", " (a smoke run: no spread, not a measurement)"),
+        2 => ("s", " (fewer than 3: a smoke run)"),
+        _ => ("s", ""),
+    };
+    format!("{} round{plural} of {} s per peer and scenario{note}", args.rounds, args.seconds)
 }
 
-impl Stat {
-    fn of(mut values: Vec<f64>) -> Self {
-        values.sort_by(f64::total_cmp);
-        let n = values.len();
-        let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
-        Self { median, min: values[0], max: values[n - 1] }
-    }
-
-    fn show(&self, digits: usize) -> String {
-        format!("{:.digits$} ({:.digits$}–{:.digits$})", self.median, self.min, self.max)
-    }
-}
-
-struct Summary {
-    gbit: Stat,
-    busy: Stat,
-    cost: Stat,
-}
-
-fn summarize(samples: &[Sample]) -> Summary {
-    Summary {
-        gbit: Stat::of(samples.iter().map(|s| s.gbit_per_s).collect()),
-        busy: Stat::of(samples.iter().map(|s| s.busy_percent).collect()),
-        cost: Stat::of(samples.iter().map(|s| s.core_s_per_gb).collect()),
-    }
-}
-
-/// Sends as fast as possible for `duration`; the sink discards.
-fn measure(addr: SocketAddr, duration: Duration) -> Result<Sample> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    let buf = vec![0x5au8; 256 * 1024];
-    let idle_before = idle_seconds()?;
-    let started = Instant::now();
-    let mut sent = 0u64;
-    while started.elapsed() < duration {
-        stream.write_all(&buf)?;
-        sent += buf.len() as u64;
-    }
-    stream.shutdown(std::net::Shutdown::Write)?;
-    // The sink answers with one byte once it has read everything.
-    let mut done = [0u8; 1];
-    stream.read_exact(&mut done).context("waiting for the sink to finish")?;
-    let wall = started.elapsed().as_secs_f64();
-    let idle = idle_seconds()? - idle_before;
-    let busy = (ncpu() as f64 * wall - idle).max(0.0);
-    let gb = sent as f64 / 1e9;
-    Ok(Sample {
-        gbit_per_s: gb * 8.0 / wall,
-        busy_percent: 100.0 * busy / (ncpu() as f64 * wall),
-        core_s_per_gb: busy / gb,
-    })
-}
-
-/// A server that reads each connection to EOF, then writes one byte.
-fn start_sink() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    thread::spawn(move || {
-        for mut stream in listener.incoming().map_while(Result::ok) {
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 256 * 1024];
-                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-                let _ = stream.write_all(&[1]);
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// splice-proxy started by the bench; killed (by its PID) on drop.
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Proxy {
-    fn start(binary: &std::path::Path, upstream: SocketAddr, dataplane: &str) -> Result<Self> {
-        // Reserve a port, free it, and hand it to the proxy.
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Command::new(binary)
-            .args(["--listen", &addr.to_string(), "--upstream", &upstream.to_string()])
-            .args(["--dataplane", dataplane])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting splice-proxy")?;
-        let proxy = Self { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
-            if Instant::now() > deadline {
-                bail!("splice-proxy did not listen on {addr}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(proxy)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ncpu() -> usize {
-    thread::available_parallelism().map_or(1, std::num::NonZero::get)
-}
-
-/// Idle time of all CPUs together, in seconds (second field of /proc/uptime).
-fn idle_seconds() -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/uptime")?;
-    text.split_whitespace().nth(1).context("/proc/uptime has no idle field")?.parse().context("/proc/uptime")
+fn peer_names() -> String {
+    PeerKind::ALL.iter().map(|kind| format!("`{}`", kind.name())).collect::<Vec<_>>().join(", ")
 }

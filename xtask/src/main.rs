@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
 //!
 //! Every task that needs the kernel toolchain first makes sure it is present
 //! (see [`prereq`]), so a fresh Debian 12 host needs no other set-up step.
@@ -27,7 +27,11 @@ enum Task {
     /// Install what the build needs when it is missing (Debian packages
     /// llvm-22-dev and libpolly-22-dev, bpf-linker for LLVM 22, the nightly
     /// rust-src). Idempotent; does nothing when all is present.
-    Setup,
+    Setup {
+        /// Also install what `bench` needs: the Debian package haproxy.
+        #[arg(long)]
+        bench: bool,
+    },
     /// Build the kernel object (nightly, -Z build-std=core, bpf-linker) that
     /// proxy-user embeds. Runs `setup` first.
     BuildEbpf,
@@ -41,16 +45,29 @@ enum Task {
     /// Run the local demo: DNS server, two TLS "API servers" on 127.0.0.2 and
     /// 127.0.0.3, the proxy, and a client, while the DNS answer rotates.
     Demo,
+    /// Run the throughput benchmark (bench/README.md): direct, splice-proxy in
+    /// each data plane and HAProxy in three configurations, over loopback.
+    /// Installs haproxy when missing, builds the kernel object and the release
+    /// binaries first. Needs root for the sockmap plane.
+    Bench {
+        /// Arguments passed to the bench, after `--` (see `cargo xtask bench -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     match cli.task {
-        Task::Setup => prereq::ensure(),
+        Task::Setup { bench } => {
+            prereq::ensure()?;
+            if bench { prereq::ensure_bench() } else { Ok(()) }
+        }
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::Demo => demo(&root),
+        Task::Bench { bench_args } => bench(&root, &bench_args),
     }
 }
 
@@ -100,6 +117,17 @@ fn demo(root: &Path) -> Result<()> {
     run(Command::new(root.join("target/release/demo"))
         .arg("--proxy-bin")
         .arg(root.join("target/release/splice-proxy")))
+}
+
+fn bench(root: &Path, bench_args: &[String]) -> Result<()> {
+    prereq::ensure_bench()?;
+    build_ebpf(root)?;
+    run(cargo(root).args(["build", "--release", "--workspace", "--bins"]))?;
+    // Given first, so that a --proxy-bin among `bench_args` wins.
+    run(Command::new(root.join("target/release/bench"))
+        .arg("--proxy-bin")
+        .arg(root.join("target/release/splice-proxy"))
+        .args(bench_args))
 }
 
 fn cargo(root: &Path) -> Command {

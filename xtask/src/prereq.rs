@@ -4,7 +4,8 @@
 //! - the nightly toolchain with `rust-src` (for `-Z build-std=core`);
 //! - Debian's `llvm-22-dev` and `libpolly-22-dev`, which `bpf-linker` links to;
 //! - `bpf-linker` 0.13 built with `--features llvm-22`;
-//! - `iproute2` (`ip netns`) for the tests that run in their own network namespace.
+//! - `iproute2` (`ip netns`) for the tests that run in their own network namespace;
+//! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), the benchmark's reference.
 //!
 //! On a host where we cannot install (not Debian, not root) we stop and print
 //! the exact commands to run instead.
@@ -23,9 +24,14 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// Makes sure every prerequisite is present, installing what is missing.
 pub fn ensure() -> Result<()> {
     ensure_nightly()?;
-    ensure_debian_packages()?;
+    ensure_debian_packages(DEBIAN_PACKAGES, "LLVM 22 development files with Polly, and iproute2")?;
     ensure_bpf_linker()?;
     Ok(())
+}
+
+/// Makes sure HAProxy, which the benchmark compares against, is installed.
+pub fn ensure_bench() -> Result<()> {
+    ensure_debian_packages(&["haproxy"], "HAProxy 2.6, or pass the bench --haproxy-bin PATH")
 }
 
 fn ensure_nightly() -> Result<()> {
@@ -44,9 +50,9 @@ fn ensure_nightly() -> Result<()> {
     Ok(())
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        DEBIAN_PACKAGES.iter().copied().filter(|pkg| !debian_package_installed(pkg)).collect();
+/// `elsewhere` says what to install on other distributions.
+fn ensure_debian_packages(packages: &[&str], elsewhere: &str) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|pkg| !debian_package_installed(pkg)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -54,7 +60,7 @@ fn ensure_debian_packages() -> Result<()> {
     if !Path::new("/etc/debian_version").exists() || !is_root() {
         bail!(
             "missing packages: {}\nthis host is not Debian or we are not root, so install them yourself:\n  \
-             {install}\n(on other distributions: LLVM 22 development files with Polly, and iproute2)",
+             {install}\n(on other distributions: {elsewhere})",
             missing.join(", ")
         );
     }

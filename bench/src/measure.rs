@@ -1,0 +1,179 @@
+//! The scenarios and one measurement of one: bytes sent, wall time until the
+//! sink has read them all, and whole-machine busy time over that wall time.
+//!
+//! Busy time is ncpu × wall − Δidle, with the idle time of all CPUs from the
+//! second field of /proc/uptime. The user/system tick counters are not used:
+//! on virtual machines they alias with paced traffic.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::Barrier,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+/// Size of each write to the peer.
+const WRITE_SIZE: usize = 256 * 1024;
+/// Size of each write of the paced sender, made on its schedule.
+const PACED_CHUNK: usize = 64 * 1024;
+/// How long a write, or the wait for the sink's final byte, may block.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug)]
+pub enum Scenario {
+    /// `streams` connections at once, each sending as fast as it can.
+    FullSpeed { streams: usize },
+    /// One connection sending at a fixed rate.
+    Paced { gbit_per_s: f64 },
+}
+
+impl Scenario {
+    pub const ALL: [Self; 3] =
+        [Self::FullSpeed { streams: 1 }, Self::FullSpeed { streams: 8 }, Self::Paced { gbit_per_s: 3.0 }];
+
+    pub fn title(self) -> String {
+        match self {
+            Self::FullSpeed { streams: 1 } => "1 stream, full speed".into(),
+            Self::FullSpeed { streams } => format!("{streams} streams, full speed"),
+            Self::Paced { gbit_per_s } => format!("1 stream paced at {gbit_per_s} Gbit/s"),
+        }
+    }
+
+    pub fn is_paced(self) -> bool {
+        matches!(self, Self::Paced { .. })
+    }
+
+    fn streams(self) -> usize {
+        match self {
+            Self::FullSpeed { streams } => streams,
+            Self::Paced { .. } => 1,
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    /// All streams together, over the wall time.
+    pub gbit_per_s: f64,
+    /// Whole-machine busy time as a share of ncpu × wall.
+    pub busy_percent: f64,
+    /// Busy core-seconds per 10^9 bytes carried.
+    pub core_s_per_gb: f64,
+}
+
+/// Connects every stream of `scenario` to `addr`, sends for `duration`, and
+/// waits until the sink has read every byte of every stream.
+pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration) -> Result<Sample> {
+    let streams: Vec<TcpStream> = (0..scenario.streams())
+        .map(|_| connect(addr))
+        .collect::<Result<_>>()
+        .with_context(|| format!("connecting to {addr}"))?;
+    // The senders start together, after the clock and the idle counter.
+    let start = Barrier::new(streams.len() + 1);
+    let (sent, wall, idle) = thread::scope(|scope| {
+        let senders: Vec<_> = streams
+            .into_iter()
+            .map(|stream| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    send_then_wait_for_sink(stream, scenario, duration)
+                })
+            })
+            .collect();
+        let idle_before = idle_seconds();
+        let started = Instant::now();
+        start.wait();
+        let mut sent = 0u64;
+        for sender in senders {
+            sent += sender.join().expect("sender thread panicked")?;
+        }
+        let wall = started.elapsed().as_secs_f64();
+        anyhow::Ok((sent, wall, idle_seconds()? - idle_before?))
+    })?;
+    let capacity = ncpu() as f64 * wall;
+    let busy = (capacity - idle).max(0.0);
+    let gb = sent as f64 / 1e9;
+    Ok(Sample {
+        gbit_per_s: gb * 8.0 / wall,
+        busy_percent: 100.0 * busy / capacity,
+        core_s_per_gb: busy / gb,
+    })
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_write_timeout(Some(STALL_TIMEOUT))?;
+    stream.set_read_timeout(Some(STALL_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Returns the bytes sent.
+fn send_then_wait_for_sink(mut stream: TcpStream, scenario: Scenario, duration: Duration) -> Result<u64> {
+    let started = Instant::now();
+    let mut sent = 0u64;
+    match scenario {
+        Scenario::FullSpeed { .. } => {
+            let buf = vec![0x5au8; WRITE_SIZE];
+            while started.elapsed() < duration {
+                stream.write_all(&buf).context("sending")?;
+                sent += buf.len() as u64;
+            }
+        }
+        Scenario::Paced { gbit_per_s } => {
+            let buf = vec![0x5au8; PACED_CHUNK];
+            let bytes_per_s = gbit_per_s * 1e9 / 8.0;
+            while started.elapsed() < duration {
+                // The next chunk is due once the schedule has reached the
+                // bytes already sent; behind schedule, it goes at once.
+                let due = Duration::from_secs_f64(sent as f64 / bytes_per_s);
+                if let Some(early) = due.checked_sub(started.elapsed()) {
+                    thread::sleep(early);
+                }
+                stream.write_all(&buf).context("sending")?;
+                sent += buf.len() as u64;
+            }
+        }
+    }
+    stream.shutdown(Shutdown::Write)?;
+    // The sink answers with one byte once it has read everything.
+    let mut done = [0u8; 1];
+    stream.read_exact(&mut done).context("waiting for the sink to have read everything")?;
+    Ok(sent)
+}
+
+/// Whole-machine busy % over `duration` with nothing sent: how quiet the machine is.
+pub fn background_busy_percent(duration: Duration) -> Result<f64> {
+    let idle_before = idle_seconds()?;
+    let started = Instant::now();
+    thread::sleep(duration);
+    let capacity = ncpu() as f64 * started.elapsed().as_secs_f64();
+    Ok(100.0 * (capacity - (idle_seconds()? - idle_before)).max(0.0) / capacity)
+}
+
+/// Online CPUs: the `cpuN` lines of /proc/stat, the CPUs whose idle time
+/// /proc/uptime sums (whatever this process's affinity).
+pub fn ncpu() -> usize {
+    let per_cpu_lines = std::fs::read_to_string("/proc/stat").map_or(0, |stat| {
+        stat.lines()
+            .filter(|line| {
+                line.strip_prefix("cpu").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count()
+    });
+    if per_cpu_lines > 0 {
+        per_cpu_lines
+    } else {
+        thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    }
+}
+
+/// Idle time of all CPUs together, in seconds (second field of /proc/uptime).
+fn idle_seconds() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/uptime")?;
+    text.split_whitespace().nth(1).context("/proc/uptime has no idle field")?.parse().context("/proc/uptime")
+}
