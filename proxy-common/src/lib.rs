@@ -20,6 +20,9 @@ pub mod map {
     pub const VERDICT_STATS: &str = "VERDICT_STATS";
     /// Hash of [`super::Flow`] by the cookie of the socket the bytes come from.
     pub const SPLICE_FLOWS: &str = "SPLICE_FLOWS";
+    /// Hash of `u64` by source cookie: bytes of a paused direction that user
+    /// space has written to the peer (written only by user space).
+    pub const SPLICE_USER_BYTES: &str = "SPLICE_USER_BYTES";
     /// Ring buffer of [`super::FlowEvent`]s for user space.
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
     /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.
@@ -56,13 +59,19 @@ pub struct Flow {
     pub next_seq: u32,
     /// Nonzero once `next_seq` is set (by the first skb).
     pub seq_set: u32,
+    /// Times the program paused this direction.
+    pub pauses: u32,
+    /// Times it resumed splicing after user space had written every passed byte.
+    pub resumes: u32,
 }
 
 /// Values of [`Flow::pause_reason`] and [`FlowEvent::reason`].
 pub mod pause {
     /// Not paused.
     pub const NONE: u32 = 0;
-    /// More than `max_inflight` bytes were waiting for the peer.
+    /// More than `max_inflight` bytes were waiting for the peer. The only
+    /// reason the program resumes from: once user space has written every
+    /// passed byte and fewer than half of `max_inflight` wait.
     pub const INFLIGHT: u32 = 1;
     /// The peer socket was not in the socket map.
     pub const NO_PEER: u32 = 2;
@@ -87,13 +96,18 @@ pub struct FlowEvent {
 pub mod global {
     /// `u32`: byte offset of `write_seq` in the kernel's `struct tcp_sock`.
     pub const TCP_SOCK_WRITE_SEQ_OFFSET: &str = "TCP_SOCK_WRITE_SEQ_OFFSET";
+    /// `u32`: byte offset of `sk_wmem_queued` in `struct sock` (the start of `struct tcp_sock`).
+    pub const SOCK_WMEM_QUEUED_OFFSET: &str = "SOCK_WMEM_QUEUED_OFFSET";
+    /// `u32`: byte offset of `sk_sndbuf` in `struct sock`.
+    pub const SOCK_SNDBUF_OFFSET: &str = "SOCK_SNDBUF_OFFSET";
     /// `u32`: byte offset of `cb` in `struct sk_buff` plus that of `seq` in
     /// `struct tcp_skb_cb`: where an skb's TCP sequence number is.
     pub const SKB_TCP_SEQ_OFFSET: &str = "SKB_TCP_SEQ_OFFSET";
 }
 
-/// Compiled-in capacity of [`map::SPLICE_SOCKETS`] and [`map::SPLICE_FLOWS`];
-/// user space resizes both at load to twice `--max-connections`.
+/// Compiled-in capacity of [`map::SPLICE_SOCKETS`], [`map::SPLICE_FLOWS`]
+/// and [`map::SPLICE_USER_BYTES`]; user space resizes them at load to twice
+/// `--max-connections`.
 pub const SPLICE_SOCKETS_CAPACITY: u32 = 65_536;
 
 /// Counters the verdict program keeps per CPU; user space adds the CPUs up.

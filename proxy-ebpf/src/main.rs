@@ -8,7 +8,10 @@
 //! and once more than `max_inflight` bytes wait it pauses the direction: from
 //! then on it returns SK_PASS (the bytes stay on the source socket, charged to
 //! its receive buffer, so TCP slows the sender) and tells user space, which
-//! finishes that direction with plain reads and writes.
+//! copies them with plain reads and writes. Once user space has written every
+//! passed byte to the peer (it says so in `SPLICE_USER_BYTES`) and the peer
+//! has taken most of what waited, the next skb is redirected again: every
+//! byte before it is already in the peer's send queue, so order holds.
 #![no_std]
 #![no_main]
 
@@ -37,6 +40,11 @@ static SPLICE_SOCKETS: SockHash<u64> = SockHash::with_max_entries(SPLICE_SOCKETS
 #[map]
 static SPLICE_FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(SPLICE_SOCKETS_CAPACITY, 0);
 
+/// Bytes of each paused direction that user space wrote to the peer, by
+/// source cookie; only user space writes it.
+#[map]
+static SPLICE_USER_BYTES: HashMap<u64, u64> = HashMap::with_max_entries(SPLICE_SOCKETS_CAPACITY, 0);
+
 /// Pause notifications ([`FlowEvent`]) for user space.
 #[map]
 static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(SPLICE_EVENTS_BYTES, 0);
@@ -46,6 +54,15 @@ static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(SPLICE_EVENTS_BYTES, 0);
 /// `proxy_common::global::TCP_SOCK_WRITE_SEQ_OFFSET`).
 #[unsafe(no_mangle)]
 static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
+
+/// Byte offsets of `sk_wmem_queued` and `sk_sndbuf` in `struct sock` (which
+/// `struct tcp_sock` starts with): user space always sets them at load from
+/// BTF (named by `proxy_common::global::SOCK_WMEM_QUEUED_OFFSET` and
+/// `SOCK_SNDBUF_OFFSET`).
+#[unsafe(no_mangle)]
+static SOCK_WMEM_QUEUED_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCK_SNDBUF_OFFSET: u32 = 0;
 
 /// Offset of the TCP sequence number in `struct sk_buff` (its `cb` holds a
 /// `struct tcp_skb_cb`): user space always sets it at load from BTF.
@@ -122,24 +139,29 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     }
     flow.next_seq = seq.wrapping_add(len);
     flow.seq_set = 1;
+    // SAFETY: a plain read of a value user space keeps up to date.
+    let user_bytes = unsafe { SPLICE_USER_BYTES.get(&cookie) }.copied().unwrap_or(0);
+    let peer = peer_backlog(flow, user_bytes);
     if flow.paused != 0 {
-        flow.passed_bytes += u64::from(len);
-        stats.passed_bytes += u64::from(len);
-        return Ok(sk_action::SK_PASS);
-    }
-    let reason = match peer_write_seq(flow.peer_cookie) {
-        None => pause::NO_PEER,
-        Some(write_seq) => {
-            if flow.base_set == 0 {
-                flow.peer_write_seq_base = write_seq;
-                flow.base_set = 1;
-            }
-            // Bytes redirected but not yet in the peer's send queue. Sequence
-            // arithmetic wraps at 4 GiB; the difference stays far below that.
-            let taken = write_seq.wrapping_sub(flow.peer_write_seq_base);
-            let waiting = (flow.redirected_bytes as u32).wrapping_sub(taken);
-            if u64::from(waiting) + u64::from(len) > flow.max_inflight { pause::INFLIGHT } else { pause::NONE }
+        // Resume only when no passed byte is left for user space to write
+        // (then every earlier byte is in the peer's send queue) and the peer
+        // has room for twice what pausing allows.
+        let resumable = flow.pause_reason == pause::INFLIGHT
+            && user_bytes == flow.passed_bytes
+            && peer.is_some_and(|p| p.fits(len, flow.max_inflight / 2, 1));
+        if !resumable {
+            flow.passed_bytes += u64::from(len);
+            stats.passed_bytes += u64::from(len);
+            return Ok(sk_action::SK_PASS);
         }
+        flow.paused = 0;
+        flow.pause_reason = pause::NONE;
+        flow.resumes += 1;
+    }
+    let reason = match peer {
+        None => pause::NO_PEER,
+        Some(p) if !p.fits(len, flow.max_inflight, 2) => pause::INFLIGHT,
+        Some(_) => pause::NONE,
     };
     if reason == pause::NONE
         && SPLICE_SOCKETS.redirect_skb(ctx, flow.peer_cookie, 0) == i64::from(sk_action::SK_PASS)
@@ -150,6 +172,55 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     }
     let reason = if reason == pause::NONE { pause::NO_PEER } else { reason };
     Ok(pause_flow(ctx, flow, stats, cookie, reason, len))
+}
+
+/// How much the peer socket holds of what this direction gave it.
+#[derive(Clone, Copy)]
+struct PeerBacklog {
+    /// Bytes given to the peer (redirected, or written by user space) that
+    /// are not yet in its send queue: they sit, uncharged, on its psock queue.
+    queued: u64,
+    /// The peer's send queue (`sk_wmem_queued`) and its limit (`sk_sndbuf`).
+    wmem_queued: u64,
+    sndbuf: u64,
+}
+
+impl PeerBacklog {
+    /// Whether `len` more bytes may be redirected: at most `max_queued` may
+    /// wait on the psock queue, and all of them must fit in the send queue
+    /// without waiting for an acknowledgement: the psock worker sends only
+    /// while the socket is writeable (free space at least half of what is
+    /// queued), and skb overhead can double the charge. A redirected skb that
+    /// cannot move into the send queue blocks the psock queue, and the bytes
+    /// this socket passes to user space queue up behind it; if its receive
+    /// window closes meanwhile, the peer's acknowledgements are refused as
+    /// beyond the window, nothing moves, and the connection hangs
+    /// (ARCHITECTURE.md). At most `thirds` thirds of the send buffer may be
+    /// used: two to keep splicing, one to resume.
+    fn fits(self, len: u32, max_queued: u64, thirds: u64) -> bool {
+        let queued = self.queued + u64::from(len);
+        queued <= max_queued && self.wmem_queued + 2 * queued <= self.sndbuf * thirds / 3
+    }
+}
+
+/// What the peer holds for this direction; `None` when it is not in the socket map.
+fn peer_backlog(flow: &mut Flow, user_bytes: u64) -> Option<PeerBacklog> {
+    let peer = peer_socket_state(flow.peer_cookie)?;
+    if flow.base_set == 0 {
+        flow.peer_write_seq_base = peer.write_seq;
+        flow.base_set = 1;
+    }
+    // Sequence arithmetic wraps at 4 GiB; the difference stays far below
+    // that. User space publishes its count after its write returns, so the
+    // difference can be briefly negative: nothing waits then.
+    let taken = peer.write_seq.wrapping_sub(flow.peer_write_seq_base);
+    let given = flow.redirected_bytes.wrapping_add(user_bytes) as u32;
+    let waiting = given.wrapping_sub(taken) as i32;
+    Some(PeerBacklog {
+        queued: if waiting > 0 { waiting as u64 } else { 0 },
+        wmem_queued: u64::from(peer.wmem_queued),
+        sndbuf: u64::from(peer.sndbuf),
+    })
 }
 
 /// Pauses the flow: this skb and all later ones stay on this socket, in
@@ -164,6 +235,7 @@ fn pause_flow(
 ) -> u32 {
     flow.paused = 1;
     flow.pause_reason = reason;
+    flow.pauses += 1;
     flow.passed_bytes += u64::from(len);
     stats.passed_bytes += u64::from(len);
     let event = FlowEvent { cookie, reason, _pad: 0 };
@@ -208,9 +280,17 @@ const MAX_TRIM_STEP: u32 = 4095;
 /// Enough steps for any skb (64 KiB GSO skbs, and some).
 const MAX_TRIM_STEPS: u32 = 48;
 
-/// The peer socket's `write_seq` (everything ever queued for sending on it),
-/// or `None` when it is not in the socket map.
-fn peer_write_seq(peer_cookie: u64) -> Option<u32> {
+/// Fields of the peer socket the flow control reads.
+struct PeerSocket {
+    /// `tcp_sock.write_seq`: everything ever queued for sending on it.
+    write_seq: u32,
+    /// `sock.sk_wmem_queued` and `sock.sk_sndbuf`.
+    wmem_queued: u32,
+    sndbuf: u32,
+}
+
+/// Reads the peer socket's fields, or `None` when it is not in the socket map.
+fn peer_socket_state(peer_cookie: u64) -> Option<PeerSocket> {
     let map = (&raw const SPLICE_SOCKETS).cast_mut().cast::<c_void>();
     let key = (&raw const peer_cookie).cast::<c_void>();
     // SAFETY: a lookup in a SOCKHASH returns a referenced socket or null; it
@@ -221,17 +301,25 @@ fn peer_write_seq(peer_cookie: u64) -> Option<u32> {
     }
     // SAFETY: `sk` is a valid socket pointer for as long as we hold it.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>();
-    let sent = if tp.is_null() {
+    let state = if tp.is_null() {
         None
     } else {
-        // SAFETY: `tp` points into `sk`, which we still hold; the offset comes
-        // from the running kernel's BTF.
-        let offset = unsafe { core::ptr::read_volatile(&raw const TCP_SOCK_WRITE_SEQ_OFFSET) } as usize;
-        Some(unsafe { *tp.add(offset).cast::<u32>() })
+        // SAFETY (all three): reads of globals user space set at load from
+        // the running kernel's BTF, and loads inside `tp` (a `tcp_sock`,
+        // which starts with its `sock`) while we still hold it.
+        let field = |offset: &u32| unsafe {
+            let offset = core::ptr::read_volatile(offset) as usize;
+            *tp.add(offset).cast::<u32>()
+        };
+        Some(PeerSocket {
+            write_seq: field(&TCP_SOCK_WRITE_SEQ_OFFSET),
+            wmem_queued: field(&SOCK_WMEM_QUEUED_OFFSET),
+            sndbuf: field(&SOCK_SNDBUF_OFFSET),
+        })
     };
     // SAFETY: releases the reference taken by the lookup.
     unsafe { bpf_sk_release(sk.cast::<c_void>()) };
-    sent
+    state
 }
 
 #[cfg(not(test))]

@@ -70,6 +70,7 @@ pub struct KernelPrograms {
     ebpf: Ebpf,
     sockets: SockHash<MapData, u64>,
     flows: HashMap<MapData, u64, Flow>,
+    user_bytes: HashMap<MapData, u64, u64>,
     stats: PerCpuArray<MapData, VerdictStats>,
 }
 
@@ -81,18 +82,24 @@ impl KernelPrograms {
         let entries = u32::try_from(max_connections.saturating_mul(2)).unwrap_or(u32::MAX);
         let vmlinux = Path::new(btf::VMLINUX);
         let write_seq = btf::member_offset(vmlinux, "tcp_sock", "write_seq")?;
+        let wmem_queued = btf::member_offset(vmlinux, "sock", "sk_wmem_queued")?;
+        let sndbuf = btf::member_offset(vmlinux, "sock", "sk_sndbuf")?;
         let skb_seq =
             btf::member_offset(vmlinux, "sk_buff", "cb")? + btf::member_offset(vmlinux, "tcp_skb_cb", "seq")?;
         let level = log_level as u8;
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(global::TCP_SOCK_WRITE_SEQ_OFFSET, &write_seq, true)
+            .override_global(global::SOCK_WMEM_QUEUED_OFFSET, &wmem_queued, true)
+            .override_global(global::SOCK_SNDBUF_OFFSET, &sndbuf, true)
             .override_global(global::SKB_TCP_SEQ_OFFSET, &skb_seq, true)
             .map_max_entries(map::SPLICE_SOCKETS, entries)
             .map_max_entries(map::SPLICE_FLOWS, entries)
+            .map_max_entries(map::SPLICE_USER_BYTES, entries)
             .load(KERNEL_OBJECT)?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, map::SPLICE_SOCKETS)?;
         let flows: HashMap<MapData, u64, Flow> = take_map(&mut ebpf, map::SPLICE_FLOWS)?;
+        let user_bytes: HashMap<MapData, u64, u64> = take_map(&mut ebpf, map::SPLICE_USER_BYTES)?;
         let stats: PerCpuArray<MapData, VerdictStats> = take_map(&mut ebpf, map::VERDICT_STATS)?;
         let name = program::SPLICE_VERDICT;
         let verdict: &mut SkSkb = ebpf
@@ -102,7 +109,7 @@ impl KernelPrograms {
             .map_err(|source| KernelError::Program { name, source })?;
         verdict.load().map_err(|source| KernelError::Program { name, source })?;
         verdict.attach(sockets.fd()).map_err(|source| KernelError::Program { name, source })?;
-        Ok(Self { ebpf, sockets, flows, stats })
+        Ok(Self { ebpf, sockets, flows, user_bytes, stats })
     }
 
     /// Takes the kernel log ring buffer; records go to `logger`.
@@ -163,12 +170,21 @@ impl KernelPrograms {
         }
     }
 
-    /// Removes the flow of socket `cookie` (absent is fine).
+    /// Removes the flow of socket `cookie` and its user byte count (absent is fine).
     pub fn remove_flow(&mut self, cookie: u64) -> Result<(), KernelError> {
-        match self.flows.remove(&cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(KernelError::Map { name: map::SPLICE_FLOWS, source }),
-        }
+        let user_bytes = ignore_missing(self.user_bytes.remove(&cookie))
+            .map_err(|source| KernelError::Map { name: map::SPLICE_USER_BYTES, source });
+        let flow = ignore_missing(self.flows.remove(&cookie))
+            .map_err(|source| KernelError::Map { name: map::SPLICE_FLOWS, source });
+        user_bytes.and(flow)
+    }
+
+    /// Tells the program how many passed bytes of the flow from `cookie` user
+    /// space has written to the peer (it resumes splicing once that is all).
+    pub fn set_user_bytes(&mut self, cookie: u64, bytes: u64) -> Result<(), KernelError> {
+        self.user_bytes
+            .insert(cookie, bytes, 0)
+            .map_err(|source| KernelError::Map { name: map::SPLICE_USER_BYTES, source })
     }
 
     /// Number of flows in the map.
@@ -181,6 +197,16 @@ impl KernelPrograms {
         let per_cpu =
             self.stats.get(&0, 0).map_err(|source| KernelError::Map { name: map::VERDICT_STATS, source })?;
         Ok(per_cpu.iter().fold(VerdictStats::default(), |sum, cpu| sum.add(*cpu)))
+    }
+}
+
+/// A delete of a key that is not there (ENOENT, which aya reports as a
+/// syscall error) is not a failure.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+        other => other,
     }
 }
 

@@ -135,8 +135,15 @@ impl Proxy {
                 return;
             }
         };
-        let Transfer { client_to_upstream, upstream_to_client, kernel_bytes, paused_directions, reason } =
-            dataplane::forward(self.dataplane, self.sockmap.as_deref(), client, upstream, stop).await;
+        let Transfer {
+            client_to_upstream,
+            upstream_to_client,
+            kernel_bytes,
+            paused_directions,
+            pauses,
+            resumes,
+            reason,
+        } = dataplane::forward(self.dataplane, self.sockmap.as_deref(), client, upstream, stop).await;
         tracing::info!(
             upstream = %upstream_addr,
             resolve_ms = millis(resolve_time),
@@ -145,6 +152,8 @@ impl Proxy {
             bytes_down = upstream_to_client,
             kernel_bytes,
             paused_directions,
+            pauses,
+            resumes,
             duration_ms = millis(started.elapsed()),
             reason = reason.label(),
             "connection closed"

@@ -54,6 +54,21 @@ pub fn apply<F: AsFd>(fd: &F, tcp: &TcpConfig) -> Result<(), SockoptError> {
     Ok(())
 }
 
+/// Fixes the receive buffer at `bytes` (the kernel doubles the value for
+/// its bookkeeping), which also stops its autotuning. SO_RCVBUFFORCE first,
+/// which may exceed `net.core.rmem_max` (needs CAP_NET_ADMIN, as the sockmap
+/// plane does), then SO_RCVBUF.
+pub fn fix_receive_buffer<F: AsFd>(fd: &F, bytes: usize) -> Result<(), SockoptError> {
+    set(fd, sockopt::RcvBufForce, &bytes, "SO_RCVBUFFORCE")
+        .or_else(|_| set(fd, sockopt::RcvBuf, &bytes, "SO_RCVBUF"))
+}
+
+/// Fixes the send buffer at `bytes` (doubled by the kernel, as above).
+pub fn fix_send_buffer<F: AsFd>(fd: &F, bytes: usize) -> Result<(), SockoptError> {
+    set(fd, sockopt::SndBufForce, &bytes, "SO_SNDBUFFORCE")
+        .or_else(|_| set(fd, sockopt::SndBuf, &bytes, "SO_SNDBUF"))
+}
+
 /// SO_LINGER 0: closing the socket sends a reset instead of a FIN. Used to
 /// carry a reset from one side of a connection to the other.
 pub fn reset_on_close<F: AsFd>(fd: &F) -> Result<(), SockoptError> {

@@ -154,6 +154,48 @@ impl ProxyProcess {
         }
     }
 
+    /// What a failing test should print about the proxy: whether it still
+    /// runs, its threads' kernel stacks, and every TCP socket on its listen
+    /// port or on `other_ports`, with memory and timer details (`ss`).
+    pub fn diagnostics(&mut self, other_ports: &[u16]) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let pid = self.pid();
+        match self.child.try_wait() {
+            Ok(Some(status)) => _ = writeln!(out, "proxy {pid} exited: {status}"),
+            Ok(None) => _ = writeln!(out, "proxy {pid} is running"),
+            Err(error) => _ = writeln!(out, "proxy {pid}: {error}"),
+        }
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.map_while(Result::ok) {
+                let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();
+                let _ = writeln!(out, "thread {:?} {}{}", task.file_name(), read("stat"), read("stack"));
+            }
+        }
+        let ports: Vec<String> = self
+            .listen
+            .iter()
+            .map(|a| a.port())
+            .chain(other_ports.iter().copied())
+            .map(|p| format!(":{p} "))
+            .collect();
+        match Command::new("ss").args(["-tnmieoa"]).output() {
+            Ok(ss) => {
+                let text = String::from_utf8_lossy(&ss.stdout);
+                let mut lines = text.lines().peekable();
+                while let Some(line) = lines.next() {
+                    // A socket is a header line and an indented detail line.
+                    let detail = lines.next_if(|l| l.starts_with(char::is_whitespace)).unwrap_or_default();
+                    if ports.iter().any(|p| line.contains(p.as_str())) {
+                        let _ = writeln!(out, "{line}\n{detail}");
+                    }
+                }
+            }
+            Err(error) => _ = writeln!(out, "ss: {error}"),
+        }
+        out
+    }
+
     pub fn signal(&self, signal: Signal) -> Result<()> {
         nix::sys::signal::kill(self.pid(), signal).with_context(|| format!("sending {signal}"))
     }

@@ -250,22 +250,23 @@ async fn first_bytes_before_set_up_are_not_stalled(plane: &str) -> Result<()> {
     Ok(())
 }
 
-/// Sockmap only: with an in-flight bound no transfer reaches (so nothing is
-/// paused), every byte goes through the kernel and user space reads none (the
-/// close log's `kernel_bytes` covers both ways). With the default bound a
-/// reader slower than its writer gets its direction paused and finished in
-/// user space, which the other tests cover.
+/// Sockmap only: with an in-flight bound no transfer reaches and socket
+/// buffers (16 MiB, doubled) that hold a whole direction, nothing is paused:
+/// every byte goes through the kernel and user space reads none (the close
+/// log's `kernel_bytes` covers both ways). A reader slower than its writer
+/// gets its direction paused, copied in user space and resumed, which the
+/// other tests cover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockmap_moves_every_byte_in_the_kernel() -> Result<()> {
     let server = TransferServer::start(UPSTREAM_IP).await?;
     let proxy = proxy_with("sockmap", server.addr, &["--max-inflight", "1073741824"]).await?;
-    run_ordered_transfer(proxy.addr(), &server, 64 * MIB, 64 * MIB, Order::UpstreamFirst).await?;
+    run_ordered_transfer(proxy.addr(), &server, 8 * MIB, 8 * MIB, Order::UpstreamFirst).await?;
     let closed = proxy.wait_closed(1, Duration::from_secs(5)).await?;
     let c = &closed[0];
     ensure!(c["reason"] == "completed", "{c}");
     ensure!(c["paused_directions"] == 0, "a direction was paused with fast readers: {c}");
     let total = c["bytes_up"].as_u64().unwrap_or(0) + c["bytes_down"].as_u64().unwrap_or(0);
-    ensure!(total == 128 * MIB + HEADER_LEN, "{c}");
+    ensure!(total == 16 * MIB + HEADER_LEN, "{c}");
     ensure!(c["kernel_bytes"].as_u64() == Some(total), "user space moved some bytes: {c}");
     Ok(())
 }

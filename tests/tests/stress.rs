@@ -36,7 +36,7 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
     let planes = std::env::var("SPLICE_PROXY_STRESS_PLANES").unwrap_or_else(|_| default_planes.to_owned());
     for plane in planes.split(',') {
         let args = ["--upstream", upstream.as_str(), "--dataplane", plane];
-        let proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
+        let mut proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
         let started = Instant::now();
         for run in 0..runs {
             let pace = if run % 2 == 1 { Pace::Alternating } else { Pace::Fast };
@@ -50,11 +50,7 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
                 for event in proxy.events().iter().rev().take(40).rev() {
                     eprintln!("proxy: {event}");
                 }
-                let filter =
-                    format!("( sport = :{} or dport = :{} )", server.addr.port(), proxy.addr().port());
-                let ss =
-                    std::process::Command::new("ss").args(["-tnmieo", "state", "all", &filter]).output()?;
-                eprintln!("ss:\n{}", String::from_utf8_lossy(&ss.stdout));
+                eprintln!("{}", proxy.diagnostics(&[server.addr.port()]));
             }
             outcome.with_context(|| format!("{plane}, run {} of {runs} ({pace:?})", run + 1))?;
         }
@@ -62,8 +58,9 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
         ensure!(closed.iter().all(|c| c["reason"] == "completed"), "{plane}: not all completed");
         let paused: u64 = closed.iter().filter_map(|c| c["paused_directions"].as_u64()).sum();
         let kernel: u64 = closed.iter().filter_map(|c| c["kernel_bytes"].as_u64()).sum();
+        let resumes: u64 = closed.iter().filter_map(|c| c["resumes"].as_u64()).sum();
         eprintln!(
-            "{plane}: {runs} runs exact in {:.1} s; {paused} directions paused, {} MiB through the kernel",
+            "{plane}: {runs} runs exact in {:.1} s; {paused} directions paused, {resumes} resumes, {} MiB through the kernel",
             started.elapsed().as_secs_f64(),
             kernel / MIB
         );

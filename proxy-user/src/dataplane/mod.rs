@@ -138,6 +138,9 @@ pub struct Transfer {
     pub kernel_bytes: u64,
     /// Directions the sockmap program paused and user space finished.
     pub paused_directions: u32,
+    /// Times the program paused a direction, and resumed one (sockmap plane).
+    pub pauses: u32,
+    pub resumes: u32,
     pub reason: CloseReason,
 }
 
@@ -213,6 +216,8 @@ pub(crate) async fn forward_user(
         upstream_to_client: to_client.load(Ordering::Relaxed),
         kernel_bytes: 0,
         paused_directions: 0,
+        pauses: 0,
+        resumes: 0,
         reason,
     }
 }

@@ -28,7 +28,6 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use nix::sys::socket::{setsockopt, sockopt};
 use proxy_common::{Flow, FlowEvent, pause};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -37,7 +36,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{CloseReason, PumpError, Transfer, UserPump, copy, drive, finish, shutdown_write};
+use super::{CloseReason, PumpError, Transfer, UserPump, drive, finish, shutdown_write};
 use crate::{
     kernel::{KernelError, KernelPrograms, socket_cookie},
     sockopt as tcp_options, tcpstat,
@@ -46,14 +45,19 @@ use crate::{
 /// How long a peer may take none of the redirected bytes before the
 /// connection is cut (a reader that never drains).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Smallest receive buffer a paused socket is capped to: smaller ones make a
-/// lossy link crawl (a 64 KiB cap took 90 s for 64 MiB at 1 % loss).
-const PAUSED_RCVBUF_FLOOR: u64 = 1 << 20;
+/// Smallest socket buffers of a spliced connection (the kernel doubles them):
+/// smaller ones make a lossy link crawl once paused (a 64 KiB receive buffer
+/// took 90 s for 64 MiB at 1 % loss).
+const BUFFER_FLOOR: u64 = 1 << 20;
+/// Largest socket buffers of a spliced connection, whatever `--max-inflight`
+/// says: the memory a connection may pin stays bounded.
+const BUFFER_CEILING: u64 = 16 << 20;
 /// While bytes flow through a spliced direction, how often its pause flag is
 /// read from the map as well (a safety net under the ring buffer events).
 const PAUSE_RECHECK: Duration = Duration::from_millis(50);
-/// How often an idle paused direction reports its state (debug level).
-const IDLE_REPORT: Duration = Duration::from_secs(5);
+/// Bytes a paused direction may hold in user space, read but not yet
+/// written (see [`SockmapPlane::copy_passed`]).
+const PENDING_LIMIT: usize = 1 << 20;
 /// Poll interval while waiting for a peer to take redirected bytes (only at
 /// close and after a pause).
 const DRAIN_POLL: Duration = Duration::from_millis(1);
@@ -67,8 +71,10 @@ pub struct SockmapCounters {
     pub fallbacks: AtomicU64,
     /// Connections whose client could not be inserted (already closed).
     pub client_not_inserted: AtomicU64,
-    /// Directions paused by the program and finished in user space.
+    /// Times the program paused a direction (user space copied meanwhile).
     pub pauses: AtomicU64,
+    /// Times the program resumed splicing a paused direction.
+    pub resumes: AtomicU64,
     /// Connections cut because a peer took no redirected bytes for [`STALL_TIMEOUT`].
     pub stalls: AtomicU64,
 }
@@ -121,6 +127,7 @@ impl SockmapPlane {
                 fallbacks = load(&c.fallbacks),
                 client_not_inserted = load(&c.client_not_inserted),
                 pauses = load(&c.pauses),
+                resumes = load(&c.resumes),
                 stalls = load(&c.stalls),
                 skbs = v.skbs,
                 redirected_bytes = v.redirected_bytes,
@@ -163,16 +170,31 @@ impl SockmapPlane {
         }
         finish(reason, &client, &upstream);
         let [up, down] = self.tear_down(&setup);
+        self.counters.pauses.fetch_add(u64::from(up.pauses + down.pauses), Ordering::Relaxed);
+        self.counters.resumes.fetch_add(u64::from(up.resumes + down.resumes), Ordering::Relaxed);
         Transfer {
             client_to_upstream: up.redirected_bytes + copied_up.load(Ordering::Relaxed),
             upstream_to_client: down.redirected_bytes + copied_down.load(Ordering::Relaxed),
             kernel_bytes: up.redirected_bytes + down.redirected_bytes,
-            paused_directions: [up, down].iter().map(|f| u32::from(f.paused != 0)).sum(),
+            paused_directions: [up, down].iter().map(|f| u32::from(f.pauses != 0)).sum(),
+            pauses: up.pauses + down.pauses,
+            resumes: up.resumes + down.resumes,
             reason,
         }
     }
 
     fn set_up(&self, client: &TcpStream, upstream: &TcpStream) -> Result<Setup, SetupError> {
+        // Both buffers are fixed before the sockets enter the map. A paused
+        // socket's receive buffer must not autotune to tcp_rmem[2], and
+        // capping it only at pause time, below what it already held, hung
+        // connections; the program keeps what waits for a socket's send
+        // queue within that queue's free room (ARCHITECTURE.md).
+        let buffer =
+            usize::try_from(self.max_inflight.clamp(BUFFER_FLOOR, BUFFER_CEILING)).unwrap_or(usize::MAX);
+        for socket in [client, upstream] {
+            tcp_options::fix_receive_buffer(socket, buffer).map_err(SetupError::Buffer)?;
+            tcp_options::fix_send_buffer(socket, buffer).map_err(SetupError::Buffer)?;
+        }
         let client_cookie = socket_cookie(client).map_err(SetupError::Io)?;
         let upstream_cookie = socket_cookie(upstream).map_err(SetupError::Io)?;
         let up = DirectionState::new(client_cookie, tcpstat::sent_total(upstream).map_err(SetupError::Io)?);
@@ -219,9 +241,13 @@ impl SockmapPlane {
         Ok(setup)
     }
 
-    /// One direction: wait for the source's FIN (or reset, or a pause), then
-    /// close or continue in user space. `in_map`: the source socket is in the
-    /// socket map (false only for a client that could not be inserted).
+    /// One direction. While the program splices it, user space only waits
+    /// for the source's FIN, reset or a pause. While it is paused, user space
+    /// copies what the program passed, after making sure the peer has taken
+    /// every byte redirected before them, and tells the program how far it
+    /// got; the program resumes splicing by itself once that is everything.
+    /// `in_map`: the source socket is in the socket map (false only for a
+    /// client that could not be inserted: then everything is copied).
     async fn direction(
         &self,
         from: &TcpStream,
@@ -230,90 +256,182 @@ impl SockmapPlane {
         in_map: bool,
         copied: &AtomicU64,
     ) -> Result<(), PumpError> {
-        if in_map {
-            let mut checked = Instant::now();
-            loop {
-                tokio::select! {
-                    ready = from.ready(Interest::READABLE) => {
-                        let ready = ready.map_err(PumpError::Read)?;
-                        if ready.is_read_closed() || ready.is_error() {
-                            break;
-                        }
+        let mut buf = Vec::new();
+        let mut copying = !in_map;
+        let mut checked = Instant::now();
+        loop {
+            if copying {
+                match self.copy_passed(from, to, state, &mut buf, copied).await? {
+                    Passed::Eof => return self.close_direction(from, to, state, &mut buf, copied).await,
+                    // Nothing to read now: splicing again if the program resumed.
+                    Passed::Drained => copying = !in_map || self.flow(state.cookie).paused != 0,
+                }
+            }
+            tokio::select! {
+                ready = from.ready(Interest::READABLE) => {
+                    let ready = ready.map_err(PumpError::Read)?;
+                    if ready.is_read_closed() || ready.is_error() {
+                        // Read to find out: passed bytes, the EOF, or the error.
+                        copying = true;
+                    } else if !copying {
                         // Woken by an skb the kernel already redirected: nothing to
                         // read. While bytes flow, also look at the pause flag now
                         // and then, in case a pause event was missed.
                         let _ = from.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
                         if checked.elapsed() > PAUSE_RECHECK {
                             checked = Instant::now();
-                            if self.kernel().flow(state.cookie).ok().flatten().is_some_and(|f| f.paused != 0) {
-                                break;
-                            }
+                            copying = self.flow(state.cookie).paused != 0;
                         }
                     }
-                    () = state.paused.notified() => break,
                 }
-            }
-            if let Some(error) = tcpstat::take_error(from) {
-                return Err(PumpError::Read(error));
+                () = state.paused.notified() => copying = true,
             }
         }
-        let flow = self.kernel().flow(state.cookie).ok().flatten().unwrap_or_default();
-        self.wait_taken(to, state.peer_base, flow.redirected_bytes).await?;
-        if in_map && flow.paused == 0 {
-            // FIN: every byte before it is in the peer's send queue now.
-            return shutdown_write(to).map_err(PumpError::Write);
-        }
-        if flow.paused != 0 && flow.pause_reason != pause::USER {
-            self.counters.pauses.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                reason = flow.pause_reason,
-                redirected = flow.redirected_bytes,
-                "direction paused"
-            );
-            // A paused socket's receive buffer must not autotune to tcp_rmem[2]
-            // (the kernel doubles the value set here).
-            let cap = usize::try_from(self.max_inflight.max(PAUSED_RCVBUF_FLOOR)).unwrap_or(usize::MAX);
-            let _ = setsockopt(from, sockopt::RcvBuf, &cap);
-        }
-        self.finish_in_user_space(from, to, flow.redirected_bytes, copied).await
     }
 
-    /// Copies the rest of a direction whose source is in the socket map, up to
-    /// its EOF. tcp_bpf's recvmsg reports EOF once the FIN is in and the
-    /// psock's message queue is empty, even while passed skbs still wait on
-    /// the psock's backlog queue (when the receive buffer was full); so EOF
-    /// counts only once every byte the socket received (`tcpi_bytes_received`,
-    /// minus one for the FIN) was redirected or copied.
-    async fn finish_in_user_space(
+    /// The flow from `cookie` as the program left it (default when gone).
+    fn flow(&self, cookie: u64) -> Flow {
+        self.kernel().flow(cookie).ok().flatten().unwrap_or_default()
+    }
+
+    /// Reads and forwards what the program passed to `from`'s own queue
+    /// until nothing is left to read (or the EOF) and everything read is
+    /// written. Reading goes on while a write waits (up to
+    /// [`PENDING_LIMIT`] bytes): a paused socket whose reader stalls behind
+    /// its write closes its receive window, and this kernel then refuses the
+    /// peer's acknowledgements that carry a sequence beyond that window, so
+    /// the other direction's writes through it stall too; with both
+    /// directions paused that was a deadlock (ARCHITECTURE.md).
+    async fn copy_passed(
         &self,
         from: &TcpStream,
         to: &TcpStream,
-        redirected: u64,
+        state: &DirectionState,
+        buf: &mut Vec<u8>,
         copied: &AtomicU64,
-    ) -> Result<(), PumpError> {
-        let mut buf = vec![0u8; self.buffer_size];
+    ) -> Result<Passed, PumpError> {
+        if buf.is_empty() {
+            buf.resize(self.buffer_size, 0);
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        let (mut eof, mut drained, mut ordered) = (false, false, false);
+        let mut taken_last = None;
         let mut progressed = Instant::now();
         loop {
-            let Ok(read) = tokio::time::timeout(IDLE_REPORT, copy::read_some(from, &mut buf)).await else {
-                // An idle source is normal (nothing to send); say where it stands.
-                tracing::debug!(
-                    received = tcpstat::received_total(from).ok(),
-                    readable = tcpstat::readable_bytes(from).ok(),
-                    redirected,
-                    copied = copied.load(Ordering::Relaxed),
-                    "paused direction idle"
-                );
-                continue;
-            };
-            let n = read.map_err(PumpError::Read)?;
-            if n > 0 {
-                copy::write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
-                copied.fetch_add(n as u64, Ordering::Relaxed);
-                progressed = Instant::now();
+            if !eof && !drained && pending.len() < PENDING_LIMIT {
+                match from.try_read(buf) {
+                    Ok(0) => eof = true,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained = true,
+                    Err(e) => return Err(PumpError::Read(e)),
+                }
                 continue;
             }
+            if pending.is_empty() {
+                return Ok(if eof { Passed::Eof } else { Passed::Drained });
+            }
+            if !ordered {
+                // The program redirects nothing while passed bytes are
+                // unwritten, so this count covers every byte that must reach
+                // the peer's send queue before these.
+                let redirected = self.flow(state.cookie).redirected_bytes;
+                let taken =
+                    tcpstat::sent_total(to).map_err(PumpError::Write)?.saturating_sub(state.peer_base);
+                ordered = taken >= redirected + copied.load(Ordering::Relaxed);
+                if !ordered {
+                    self.check_taking(to, taken, redirected, &mut taken_last, &mut progressed)?;
+                }
+            }
+            let wrote = if ordered {
+                match to.try_write(&pending) {
+                    Ok(k) => k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
+            } else {
+                0
+            };
+            if wrote > 0 {
+                pending.drain(..wrote);
+                // Once everything passed is written the program may resume,
+                // redirect, and pause again: bytes read after that wait for
+                // the new redirected ones to be taken.
+                ordered = !pending.is_empty();
+                let total = copied.fetch_add(wrote as u64, Ordering::Relaxed) + wrote as u64;
+                if let Err(error) = self.kernel().set_user_bytes(state.cookie, total) {
+                    // Safe: the program only stays paused.
+                    tracing::debug!(%error, "publishing the user byte count");
+                }
+                continue;
+            }
+            let can_read = !eof && pending.len() < PENDING_LIMIT;
+            tokio::select! {
+                ready = from.ready(Interest::READABLE), if can_read => {
+                    ready.map_err(PumpError::Read)?;
+                    drained = false;
+                }
+                ready = to.ready(Interest::WRITABLE), if ordered => {
+                    ready.map_err(PumpError::Write)?;
+                }
+                () = tokio::time::sleep(DRAIN_POLL), if !ordered => {}
+            }
+        }
+    }
+
+    /// While passed bytes wait for the peer to take earlier redirected ones:
+    /// notes progress, and gives up after [`STALL_TIMEOUT`] without any.
+    fn check_taking(
+        &self,
+        to: &TcpStream,
+        taken: u64,
+        redirected: u64,
+        last: &mut Option<u64>,
+        progressed: &mut Instant,
+    ) -> Result<(), PumpError> {
+        if let Some(error) = tcpstat::take_error(to) {
+            return Err(PumpError::Write(error));
+        }
+        if *last != Some(taken) {
+            *last = Some(taken);
+            *progressed = Instant::now();
+        } else if progressed.elapsed() > STALL_TIMEOUT {
+            self.counters.stalls.fetch_add(1, Ordering::Relaxed);
+            return Err(PumpError::Write(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "peer took none of {} waiting bytes for {STALL_TIMEOUT:?}",
+                    redirected.saturating_sub(taken)
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// The source's EOF: once every byte it received was redirected or
+    /// copied and the peer has taken them all, shut the peer's write side.
+    /// tcp_bpf's recvmsg reports EOF once the FIN is in and the psock's
+    /// message queue is empty, even while passed skbs still wait on the
+    /// psock's backlog queue (when the receive buffer was full); so EOF counts
+    /// only once every byte the socket received (`tcpi_bytes_received`, minus
+    /// one for the FIN) is accounted for.
+    async fn close_direction(
+        &self,
+        from: &TcpStream,
+        to: &TcpStream,
+        state: &DirectionState,
+        buf: &mut Vec<u8>,
+        copied: &AtomicU64,
+    ) -> Result<(), PumpError> {
+        if let Some(error) = tcpstat::take_error(from) {
+            return Err(PumpError::Read(error));
+        }
+        let mut progressed = Instant::now();
+        loop {
+            let redirected = self.flow(state.cookie).redirected_bytes;
             let received = tcpstat::received_total(from).map_err(PumpError::Read)?.saturating_sub(1);
-            if redirected + copied.load(Ordering::Relaxed) >= received {
+            let done = copied.load(Ordering::Relaxed);
+            if redirected + done >= received {
+                self.wait_taken(to, state.peer_base, redirected + done).await?;
                 return shutdown_write(to).map_err(PumpError::Write);
             }
             if progressed.elapsed() > STALL_TIMEOUT {
@@ -324,6 +442,10 @@ impl SockmapPlane {
                 )));
             }
             tokio::time::sleep(DRAIN_POLL).await;
+            self.copy_passed(from, to, state, buf, copied).await?;
+            if copied.load(Ordering::Relaxed) > done {
+                progressed = Instant::now();
+            }
         }
     }
 
@@ -371,12 +493,22 @@ impl SockmapPlane {
     }
 }
 
+/// What [`SockmapPlane::copy_passed`] stopped at.
+enum Passed {
+    /// Nothing more to read for now.
+    Drained,
+    /// The source's EOF.
+    Eof,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SetupError {
     #[error(transparent)]
     Io(io::Error),
     #[error(transparent)]
     Kernel(KernelError),
+    #[error(transparent)]
+    Buffer(tcp_options::SockoptError),
 }
 
 /// One direction's bookkeeping.
