@@ -1,0 +1,275 @@
+//! One direction of a kernel-spliced connection: waiting for its FIN, reset
+//! or pause; copying what a paused direction passes, in order; closing it
+//! once every byte is accounted for.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use proxy_common::Flow;
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{DirectionState, SockmapPlane};
+use crate::{
+    dataplane::{PumpError, shutdown_write},
+    tcpstat,
+};
+
+/// How long a peer may take none of the redirected bytes before the
+/// connection is cut (a reader that never drains).
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// While bytes flow through a spliced direction, how often its pause flag is
+/// read from the map as well (a safety net under the ring buffer events).
+const PAUSE_RECHECK: Duration = Duration::from_millis(50);
+/// Bytes a paused direction may hold in user space, read but not yet
+/// written (see [`SockmapPlane::copy_passed`]).
+const PENDING_LIMIT: usize = 1 << 20;
+/// Poll interval while waiting for a peer to take redirected bytes (only at
+/// close and after a pause).
+const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+/// What [`SockmapPlane::copy_passed`] stopped at.
+enum Passed {
+    /// Nothing more to read for now.
+    Drained,
+    /// The source's EOF.
+    Eof,
+}
+
+impl SockmapPlane {
+    /// One direction. While the program splices it, user space only waits
+    /// for the source's FIN, reset or a pause. While it is paused, user space
+    /// copies what the program passed, after making sure the peer has taken
+    /// every byte redirected before them, and tells the program how far it
+    /// got; the program resumes splicing by itself once that is everything.
+    /// `in_map`: the source socket is in the socket map (false only for a
+    /// client that could not be inserted: then everything is copied).
+    pub(super) async fn direction(
+        &self,
+        from: &TcpStream,
+        to: &TcpStream,
+        state: &DirectionState,
+        in_map: bool,
+        copied: &AtomicU64,
+    ) -> Result<(), PumpError> {
+        let mut buf = Vec::new();
+        let mut copying = !in_map;
+        let mut checked = Instant::now();
+        loop {
+            if copying {
+                match self.copy_passed(from, to, state, &mut buf, copied).await? {
+                    Passed::Eof => return self.close_direction(from, to, state, &mut buf, copied).await,
+                    // Nothing to read now: splicing again if the program resumed.
+                    Passed::Drained => copying = !in_map || self.flow(state.cookie).paused != 0,
+                }
+            }
+            tokio::select! {
+                ready = from.ready(Interest::READABLE) => {
+                    let ready = ready.map_err(PumpError::Read)?;
+                    if ready.is_read_closed() || ready.is_error() {
+                        // Read to find out: passed bytes, the EOF, or the error.
+                        copying = true;
+                    } else if !copying {
+                        // Woken by an skb the kernel already redirected: nothing to
+                        // read. While bytes flow, also look at the pause flag now
+                        // and then, in case a pause event was missed.
+                        let _ = from.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                        if checked.elapsed() > PAUSE_RECHECK {
+                            checked = Instant::now();
+                            copying = self.flow(state.cookie).paused != 0;
+                        }
+                    }
+                }
+                () = state.paused.notified() => copying = true,
+            }
+        }
+    }
+
+    /// The flow from `cookie` as the program left it (default when gone).
+    fn flow(&self, cookie: u64) -> Flow {
+        self.kernel().flow(cookie).ok().flatten().unwrap_or_default()
+    }
+
+    /// Reads and forwards what the program passed to `from`'s own queue
+    /// until nothing is left to read (or the EOF) and everything read is
+    /// written. Reading goes on while a write waits (up to
+    /// [`PENDING_LIMIT`] bytes): a paused socket whose reader stalls behind
+    /// its write closes its receive window, and this kernel then refuses the
+    /// peer's acknowledgements that carry a sequence beyond that window, so
+    /// the other direction's writes through it stall too; with both
+    /// directions paused that was a deadlock (ARCHITECTURE.md).
+    async fn copy_passed(
+        &self,
+        from: &TcpStream,
+        to: &TcpStream,
+        state: &DirectionState,
+        buf: &mut Vec<u8>,
+        copied: &AtomicU64,
+    ) -> Result<Passed, PumpError> {
+        if buf.is_empty() {
+            buf.resize(self.buffer_size, 0);
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        let (mut eof, mut drained, mut ordered) = (false, false, false);
+        let mut taken_last = None;
+        let mut progressed = Instant::now();
+        loop {
+            if !eof && !drained && pending.len() < PENDING_LIMIT {
+                match from.try_read(buf) {
+                    Ok(0) => eof = true,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained = true,
+                    Err(e) => return Err(PumpError::Read(e)),
+                }
+                continue;
+            }
+            if pending.is_empty() {
+                return Ok(if eof { Passed::Eof } else { Passed::Drained });
+            }
+            if !ordered {
+                // The program redirects nothing while passed bytes are
+                // unwritten, so this count covers every byte that must reach
+                // the peer's send queue before these.
+                let redirected = self.flow(state.cookie).redirected_bytes;
+                let taken =
+                    tcpstat::sent_total(to).map_err(PumpError::Write)?.saturating_sub(state.peer_base);
+                ordered = taken >= redirected + copied.load(Ordering::Relaxed);
+                if !ordered {
+                    self.check_taking(to, taken, redirected, &mut taken_last, &mut progressed)?;
+                }
+            }
+            let wrote = if ordered {
+                match to.try_write(&pending) {
+                    Ok(k) => k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
+            } else {
+                0
+            };
+            if wrote > 0 {
+                pending.drain(..wrote);
+                // Once everything passed is written the program may resume,
+                // redirect, and pause again: bytes read after that wait for
+                // the new redirected ones to be taken.
+                ordered = !pending.is_empty();
+                let total = copied.fetch_add(wrote as u64, Ordering::Relaxed) + wrote as u64;
+                if let Err(error) = self.kernel().set_user_bytes(state.cookie, total) {
+                    // Safe: the program only stays paused.
+                    tracing::debug!(%error, "publishing the user byte count");
+                }
+                continue;
+            }
+            let can_read = !eof && pending.len() < PENDING_LIMIT;
+            tokio::select! {
+                ready = from.ready(Interest::READABLE), if can_read => {
+                    ready.map_err(PumpError::Read)?;
+                    drained = false;
+                }
+                ready = to.ready(Interest::WRITABLE), if ordered => {
+                    ready.map_err(PumpError::Write)?;
+                }
+                () = tokio::time::sleep(DRAIN_POLL), if !ordered => {}
+            }
+        }
+    }
+
+    /// While passed bytes wait for the peer to take earlier redirected ones:
+    /// notes progress, and gives up after [`STALL_TIMEOUT`] without any.
+    fn check_taking(
+        &self,
+        to: &TcpStream,
+        taken: u64,
+        redirected: u64,
+        last: &mut Option<u64>,
+        progressed: &mut Instant,
+    ) -> Result<(), PumpError> {
+        if let Some(error) = tcpstat::take_error(to) {
+            return Err(PumpError::Write(error));
+        }
+        if *last != Some(taken) {
+            *last = Some(taken);
+            *progressed = Instant::now();
+        } else if progressed.elapsed() > STALL_TIMEOUT {
+            self.counters.stalls.fetch_add(1, Ordering::Relaxed);
+            return Err(PumpError::Write(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "peer took none of {} waiting bytes for {STALL_TIMEOUT:?}",
+                    redirected.saturating_sub(taken)
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// The source's EOF: once every byte it received was redirected or
+    /// copied and the peer has taken them all, shut the peer's write side.
+    /// tcp_bpf's recvmsg reports EOF once the FIN is in and the psock's
+    /// message queue is empty, even while passed skbs still wait on the
+    /// psock's backlog queue (when the receive buffer was full); so EOF counts
+    /// only once every byte the socket received (`tcpi_bytes_received`, minus
+    /// one for the FIN) is accounted for.
+    async fn close_direction(
+        &self,
+        from: &TcpStream,
+        to: &TcpStream,
+        state: &DirectionState,
+        buf: &mut Vec<u8>,
+        copied: &AtomicU64,
+    ) -> Result<(), PumpError> {
+        if let Some(error) = tcpstat::take_error(from) {
+            return Err(PumpError::Read(error));
+        }
+        let mut progressed = Instant::now();
+        loop {
+            let redirected = self.flow(state.cookie).redirected_bytes;
+            let received = tcpstat::received_total(from).map_err(PumpError::Read)?.saturating_sub(1);
+            let done = copied.load(Ordering::Relaxed);
+            if redirected + done >= received {
+                self.wait_taken(to, state.peer_base, redirected + done).await?;
+                return shutdown_write(to).map_err(PumpError::Write);
+            }
+            if progressed.elapsed() > STALL_TIMEOUT {
+                self.counters.stalls.fetch_add(1, Ordering::Relaxed);
+                return Err(PumpError::Read(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "bytes received before the FIN never became readable",
+                )));
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+            self.copy_passed(from, to, state, buf, copied).await?;
+            if copied.load(Ordering::Relaxed) > done {
+                progressed = Instant::now();
+            }
+        }
+    }
+
+    /// Waits until `to` has taken `redirected` bytes into its send queue.
+    async fn wait_taken(&self, to: &TcpStream, base: u64, redirected: u64) -> Result<(), PumpError> {
+        let mut last = None;
+        let mut progressed = Instant::now();
+        loop {
+            let taken = tcpstat::sent_total(to).map_err(PumpError::Write)?.saturating_sub(base);
+            if taken >= redirected {
+                return Ok(());
+            }
+            if let Some(error) = tcpstat::take_error(to) {
+                return Err(PumpError::Write(error));
+            }
+            if last != Some(taken) {
+                last = Some(taken);
+                progressed = Instant::now();
+            } else if progressed.elapsed() > STALL_TIMEOUT {
+                self.counters.stalls.fetch_add(1, Ordering::Relaxed);
+                return Err(PumpError::Write(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("peer took none of {} waiting bytes for {STALL_TIMEOUT:?}", redirected - taken),
+                )));
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The sockmap plane: both sockets of a connection go into the SOCKHASH whose
+//! verdict program redirects every skb to the peer's egress. User space keeps
+//! the control:
+//!
+//! - set-up (here): both sockets' buffers fixed, a flow entry per direction,
+//!   then the upstream socket (the target of the client's first bytes) before
+//!   the client socket, then SO_RCVLOWAT on both so bytes queued before
+//!   insertion (the ClientHello) are read;
+//! - each direction ([`direction`]): on FIN, wait until the peer socket has
+//!   taken every redirected byte into its send queue, then `shutdown(SHUT_WR)`
+//!   it; a reset becomes a reset on both (SO_LINGER 0); while the program has
+//!   a direction paused (its peer did not drain: SK_PASS keeps the bytes on
+//!   the source socket, charged to its receive buffer, so TCP slows the
+//!   sender), copy the passed bytes in order and tell the program, which
+//!   resumes splicing once user space has caught up;
+//! - pause events from the program's ring buffer ([`events`]).
+//!
+//! Sockets leave the maps only when they are closed.
+
+mod direction;
+mod events;
+
+use std::{
+    collections::HashMap,
+    io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use proxy_common::{Flow, pause};
+use tokio::{net::TcpStream, sync::Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{CloseReason, Transfer, UserPump, drive, finish};
+use crate::{
+    kernel::{KernelError, KernelPrograms, socket_cookie},
+    sockopt as tcp_options, tcpstat,
+};
+
+/// Smallest socket buffers of a spliced connection (the kernel doubles them):
+/// smaller ones make a lossy link crawl once paused (a 64 KiB receive buffer
+/// took 90 s for 64 MiB at 1 % loss).
+const BUFFER_FLOOR: u64 = 1 << 20;
+/// Largest socket buffers of a spliced connection, whatever `--max-inflight`
+/// says: the memory a connection may pin stays bounded.
+const BUFFER_CEILING: u64 = 16 << 20;
+
+/// Counts of what the plane did, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct SockmapCounters {
+    /// Connections spliced in the kernel (both sockets inserted).
+    pub spliced: AtomicU64,
+    /// Connections that fell back entirely (the upstream socket could not be inserted).
+    pub fallbacks: AtomicU64,
+    /// Connections whose client could not be inserted (already closed).
+    pub client_not_inserted: AtomicU64,
+    /// Times the program paused a direction (user space copied meanwhile).
+    pub pauses: AtomicU64,
+    /// Times the program resumed splicing a paused direction.
+    pub resumes: AtomicU64,
+    /// Connections cut because a peer took no redirected bytes for [`STALL_TIMEOUT`].
+    pub stalls: AtomicU64,
+}
+
+/// The kernel side shared by every connection on this plane.
+pub struct SockmapPlane {
+    kernel: Mutex<KernelPrograms>,
+    /// Who waits for a pause of the flow keyed by source cookie.
+    pause_waiters: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    max_inflight: u64,
+    buffer_size: usize,
+    fallback_pipe_size: usize,
+    pub counters: SockmapCounters,
+}
+
+impl std::fmt::Debug for SockmapPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SockmapPlane").field("max_inflight", &self.max_inflight).finish_non_exhaustive()
+    }
+}
+
+impl SockmapPlane {
+    /// Takes the loaded programs and starts the pause event reader.
+    pub fn start(
+        mut kernel: KernelPrograms,
+        max_inflight: u64,
+        buffer_size: usize,
+        fallback_pipe_size: usize,
+    ) -> Result<Arc<Self>, KernelError> {
+        let events = kernel.take_events()?;
+        let pause_waiters = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(events::dispatch_pauses(events, Arc::clone(&pause_waiters)));
+        Ok(Arc::new(Self {
+            kernel: Mutex::new(kernel),
+            pause_waiters,
+            max_inflight,
+            buffer_size,
+            fallback_pipe_size,
+            counters: SockmapCounters::default(),
+        }))
+    }
+
+    /// One log line with the plane's totals and the verdict program's counters.
+    pub fn log_totals(&self) {
+        let c = &self.counters;
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        match self.kernel().verdict_stats() {
+            Ok(v) => tracing::info!(
+                spliced = load(&c.spliced),
+                fallbacks = load(&c.fallbacks),
+                client_not_inserted = load(&c.client_not_inserted),
+                pauses = load(&c.pauses),
+                resumes = load(&c.resumes),
+                stalls = load(&c.stalls),
+                skbs = v.skbs,
+                redirected_bytes = v.redirected_bytes,
+                passed_bytes = v.passed_bytes,
+                trimmed_bytes = v.trimmed_bytes,
+                old_skbs = v.old_skbs,
+                empty_skbs = v.empty_skbs,
+                "sockmap totals"
+            ),
+            Err(error) => tracing::warn!(%error, "reading the verdict counters"),
+        }
+    }
+
+    fn kernel(&self) -> std::sync::MutexGuard<'_, KernelPrograms> {
+        self.kernel.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
+        self.pause_waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Splices one connection until it ends.
+    pub async fn forward(&self, client: TcpStream, upstream: TcpStream, stop: CancellationToken) -> Transfer {
+        let setup = match self.set_up(&client, &upstream) {
+            Ok(setup) => setup,
+            Err(error) => {
+                tracing::debug!(%error, "not spliced in the kernel; using splice(2)");
+                self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                let pump = UserPump::Splice { pipe_size: self.fallback_pipe_size };
+                return super::forward_user(client, upstream, stop, pump).await;
+            }
+        };
+        let copied_up = AtomicU64::new(0);
+        let copied_down = AtomicU64::new(0);
+        let up = self.direction(&client, &upstream, &setup.up, setup.client_in_map, &copied_up);
+        let down = self.direction(&upstream, &client, &setup.down, true, &copied_down);
+        let reason = drive(up, down, &stop).await;
+        if let CloseReason::Error(_) = reason {
+            tracing::debug!(?reason, "sockmap connection failed");
+        }
+        finish(reason, &client, &upstream);
+        let [up, down] = self.tear_down(&setup);
+        self.counters.pauses.fetch_add(u64::from(up.pauses + down.pauses), Ordering::Relaxed);
+        self.counters.resumes.fetch_add(u64::from(up.resumes + down.resumes), Ordering::Relaxed);
+        Transfer {
+            client_to_upstream: up.redirected_bytes + copied_up.load(Ordering::Relaxed),
+            upstream_to_client: down.redirected_bytes + copied_down.load(Ordering::Relaxed),
+            kernel_bytes: up.redirected_bytes + down.redirected_bytes,
+            paused_directions: [up, down].iter().map(|f| u32::from(f.pauses != 0)).sum(),
+            pauses: up.pauses + down.pauses,
+            resumes: up.resumes + down.resumes,
+            reason,
+        }
+    }
+
+    fn set_up(&self, client: &TcpStream, upstream: &TcpStream) -> Result<Setup, SetupError> {
+        // Both buffers are fixed before the sockets enter the map. A paused
+        // socket's receive buffer must not autotune to tcp_rmem[2], and
+        // capping it only at pause time, below what it already held, hung
+        // connections; the program keeps what waits for a socket's send
+        // queue within that queue's free room (ARCHITECTURE.md).
+        let buffer =
+            usize::try_from(self.max_inflight.clamp(BUFFER_FLOOR, BUFFER_CEILING)).unwrap_or(usize::MAX);
+        for socket in [client, upstream] {
+            tcp_options::fix_receive_buffer(socket, buffer).map_err(SetupError::Buffer)?;
+            tcp_options::fix_send_buffer(socket, buffer).map_err(SetupError::Buffer)?;
+        }
+        let client_cookie = socket_cookie(client).map_err(SetupError::Io)?;
+        let upstream_cookie = socket_cookie(upstream).map_err(SetupError::Io)?;
+        let up = DirectionState::new(client_cookie, tcpstat::sent_total(upstream).map_err(SetupError::Io)?);
+        let down = DirectionState::new(upstream_cookie, tcpstat::sent_total(client).map_err(SetupError::Io)?);
+        {
+            let mut waiters = self.waiters();
+            waiters.insert(client_cookie, Arc::clone(&up.paused));
+            waiters.insert(upstream_cookie, Arc::clone(&down.paused));
+        }
+        let flow = |peer_cookie| Flow { peer_cookie, max_inflight: self.max_inflight, ..Flow::default() };
+        let mut setup = Setup { up, down, client_in_map: true };
+        let mut kernel = self.kernel();
+        let inserted = kernel
+            .set_flow(client_cookie, &flow(upstream_cookie))
+            .and_then(|()| kernel.set_flow(upstream_cookie, &flow(client_cookie)))
+            // The upstream first: the client's first bytes are redirected to it.
+            .and_then(|()| kernel.insert_socket(upstream));
+        if let Err(error) = inserted {
+            drop(kernel);
+            self.tear_down(&setup);
+            return Err(SetupError::Kernel(error));
+        }
+        if let Err(error) = kernel.insert_socket(client) {
+            // Typically EOPNOTSUPP: the client already sent its FIN. The upstream
+            // stays in the map (removing it could lose bytes), paused: both
+            // directions go through user space.
+            tracing::debug!(%error, "client socket not spliced; this connection is copied in user space");
+            self.counters.client_not_inserted.fetch_add(1, Ordering::Relaxed);
+            let paused = Flow { paused: 1, pause_reason: pause::USER, ..flow(client_cookie) };
+            let _ = kernel.set_flow(upstream_cookie, &paused);
+            let _ = kernel.remove_flow(client_cookie);
+            setup.client_in_map = false;
+            setup.down.paused.notify_one();
+        } else {
+            self.counters.spliced.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(kernel);
+        // Run the verdict for bytes that arrived before insertion.
+        for socket in [upstream, client] {
+            if let Err(error) = tcp_options::set_rcvlowat(socket, 1) {
+                tracing::debug!(%error, "SO_RCVLOWAT kick");
+            }
+        }
+        Ok(setup)
+    }
+
+    /// Removes the flows and waiters; returns the last state of each (up, down).
+    fn tear_down(&self, setup: &Setup) -> [Flow; 2] {
+        let mut kernel = self.kernel();
+        let mut flows = [Flow::default(); 2];
+        for (slot, state) in flows.iter_mut().zip([&setup.up, &setup.down]) {
+            *slot = kernel.flow(state.cookie).ok().flatten().unwrap_or_default();
+            if let Err(error) = kernel.remove_flow(state.cookie) {
+                tracing::warn!(%error, cookie = state.cookie, "removing a flow");
+            }
+        }
+        drop(kernel);
+        let mut waiters = self.waiters();
+        waiters.remove(&setup.up.cookie);
+        waiters.remove(&setup.down.cookie);
+        flows
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error(transparent)]
+    Io(io::Error),
+    #[error(transparent)]
+    Kernel(KernelError),
+    #[error(transparent)]
+    Buffer(tcp_options::SockoptError),
+}
+
+/// One direction's bookkeeping.
+struct DirectionState {
+    /// Cookie of the source socket (the flow's key).
+    cookie: u64,
+    /// `sent_total` of the destination when the connection was set up.
+    peer_base: u64,
+    /// Notified when the program pauses this flow.
+    paused: Arc<Notify>,
+}
+
+impl DirectionState {
+    fn new(cookie: u64, peer_base: u64) -> Self {
+        Self { cookie, peer_base, paused: Arc::new(Notify::new()) }
+    }
+}
+
+struct Setup {
+    up: DirectionState,
+    down: DirectionState,
+    client_in_map: bool,
+}
