@@ -133,9 +133,11 @@ pub struct Options {
     pub max_connections: Option<usize>,
 
     /// Sockmap plane: bytes one direction may have redirected but not yet in the
-    /// peer's send queue (the kernel queues them without limit); beyond it the
-    /// direction is paused, TCP slows the sender, and the direction finishes in
-    /// user space. [default: 4194304]
+    /// peer's send queue (the kernel queues them without limit); beyond it, or
+    /// beyond what the peer's send queue has room for, the direction is paused:
+    /// TCP slows the sender and user space copies until it has caught up, then
+    /// the kernel splices again. Also sets both sockets' buffers (clamped to
+    /// 1-16 MiB, doubled by the kernel). [default: 4194304]
     #[arg(long, value_name = "BYTES")]
     pub max_inflight: Option<u64>,
 

@@ -68,8 +68,8 @@ impl Server {
         let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
         let (sockmap, kernel) = match (config.dataplane, kernel) {
-            (DataPlane::Sockmap { max_inflight, buffer_size, fallback_pipe_size }, Ok(kernel)) => {
-                (Some(SockmapPlane::start(kernel, max_inflight, buffer_size, fallback_pipe_size)?), None)
+            (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
+                (Some(SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?), None)
             }
             (DataPlane::Sockmap { .. }, Err(error)) => return Err(StartError::NoKernel(error.to_string())),
             (_, kernel) => (None, kernel.ok()),

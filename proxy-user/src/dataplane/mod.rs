@@ -52,7 +52,6 @@ pub enum DataPlane {
     /// (the client closed before insertion) go through splice(2).
     Sockmap {
         max_inflight: u64,
-        buffer_size: usize,
         fallback_pipe_size: usize,
     },
 }
@@ -75,7 +74,7 @@ impl DataPlane {
             DataPlaneChoice::Splice => (Self::Splice { pipe_size }, "chosen with --dataplane splice"),
             DataPlaneChoice::Copy => (Self::Copy { buffer_size }, "chosen with --dataplane copy"),
             DataPlaneChoice::Sockmap => (
-                Self::Sockmap { max_inflight, buffer_size, fallback_pipe_size: pipe_size },
+                Self::Sockmap { max_inflight, fallback_pipe_size: pipe_size },
                 "chosen with --dataplane sockmap (not yet proven on lossy links, so auto does not pick it)",
             ),
         }

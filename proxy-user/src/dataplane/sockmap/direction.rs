@@ -38,6 +38,49 @@ enum Passed {
     Eof,
 }
 
+/// Bytes read from a paused source and not yet written: one buffer of
+/// [`PENDING_LIMIT`] bytes, allocated at the first pause, filled at `end`
+/// and written from `start`.
+#[derive(Default)]
+struct Pending {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn has_room(&self) -> bool {
+        self.buf.is_empty() || self.end < self.buf.len()
+    }
+
+    /// Where the next read goes.
+    fn room(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = vec![0; PENDING_LIMIT];
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn written(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+}
+
 impl SockmapPlane {
     /// One direction. While the program splices it, user space only waits
     /// for the source's FIN, reset or a pause. While it is paused, user space
@@ -54,13 +97,13 @@ impl SockmapPlane {
         in_map: bool,
         copied: &AtomicU64,
     ) -> Result<(), PumpError> {
-        let mut buf = Vec::new();
+        let mut pending = Pending::default();
         let mut copying = !in_map;
         let mut checked = Instant::now();
         loop {
             if copying {
-                match self.copy_passed(from, to, state, &mut buf, copied).await? {
-                    Passed::Eof => return self.close_direction(from, to, state, &mut buf, copied).await,
+                match self.copy_passed(from, to, state, &mut pending, copied).await? {
+                    Passed::Eof => return self.close_direction(from, to, state, &mut pending, copied).await,
                     // Nothing to read now: splicing again if the program resumed.
                     Passed::Drained => copying = !in_map || self.flow(state.cookie).paused != 0,
                 }
@@ -105,21 +148,17 @@ impl SockmapPlane {
         from: &TcpStream,
         to: &TcpStream,
         state: &DirectionState,
-        buf: &mut Vec<u8>,
+        pending: &mut Pending,
         copied: &AtomicU64,
     ) -> Result<Passed, PumpError> {
-        if buf.is_empty() {
-            buf.resize(self.buffer_size, 0);
-        }
-        let mut pending: Vec<u8> = Vec::new();
         let (mut eof, mut drained, mut ordered) = (false, false, false);
         let mut taken_last = None;
         let mut progressed = Instant::now();
         loop {
-            if !eof && !drained && pending.len() < PENDING_LIMIT {
-                match from.try_read(buf) {
+            if !eof && !drained && pending.has_room() {
+                match from.try_read(pending.room()) {
                     Ok(0) => eof = true,
-                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    Ok(n) => pending.filled(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained = true,
                     Err(e) => return Err(PumpError::Read(e)),
                 }
@@ -141,7 +180,7 @@ impl SockmapPlane {
                 }
             }
             let wrote = if ordered {
-                match to.try_write(&pending) {
+                match to.try_write(pending.data()) {
                     Ok(k) => k,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(e) => return Err(PumpError::Write(e)),
@@ -150,19 +189,22 @@ impl SockmapPlane {
                 0
             };
             if wrote > 0 {
-                pending.drain(..wrote);
-                // Once everything passed is written the program may resume,
-                // redirect, and pause again: bytes read after that wait for
-                // the new redirected ones to be taken.
-                ordered = !pending.is_empty();
+                pending.written(wrote);
                 let total = copied.fetch_add(wrote as u64, Ordering::Relaxed) + wrote as u64;
-                if let Err(error) = self.kernel().set_user_bytes(state.cookie, total) {
-                    // Safe: the program only stays paused.
-                    tracing::debug!(%error, "publishing the user byte count");
+                if pending.is_empty() {
+                    // Only now can the count equal what the program passed,
+                    // which lets it resume; and once it has resumed,
+                    // redirected and paused again, bytes read after that
+                    // wait for the new redirected ones to be taken.
+                    ordered = false;
+                    if let Err(error) = self.kernel().set_user_bytes(state.cookie, total) {
+                        // Safe: the program only stays paused.
+                        tracing::debug!(%error, "publishing the user byte count");
+                    }
                 }
                 continue;
             }
-            let can_read = !eof && pending.len() < PENDING_LIMIT;
+            let can_read = !eof && pending.has_room();
             tokio::select! {
                 ready = from.ready(Interest::READABLE), if can_read => {
                     ready.map_err(PumpError::Read)?;
@@ -217,7 +259,7 @@ impl SockmapPlane {
         from: &TcpStream,
         to: &TcpStream,
         state: &DirectionState,
-        buf: &mut Vec<u8>,
+        pending: &mut Pending,
         copied: &AtomicU64,
     ) -> Result<(), PumpError> {
         if let Some(error) = tcpstat::take_error(from) {
@@ -240,7 +282,7 @@ impl SockmapPlane {
                 )));
             }
             tokio::time::sleep(DRAIN_POLL).await;
-            self.copy_passed(from, to, state, buf, copied).await?;
+            self.copy_passed(from, to, state, pending, copied).await?;
             if copied.load(Ordering::Relaxed) > done {
                 progressed = Instant::now();
             }

@@ -70,7 +70,6 @@ pub struct SockmapPlane {
     /// Who waits for a pause of the flow keyed by source cookie.
     pause_waiters: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
     max_inflight: u64,
-    buffer_size: usize,
     fallback_pipe_size: usize,
     pub counters: SockmapCounters,
 }
@@ -86,8 +85,7 @@ impl SockmapPlane {
     pub fn start(
         mut kernel: KernelPrograms,
         max_inflight: u64,
-        buffer_size: usize,
-        fallback_pipe_size: usize,
+            fallback_pipe_size: usize,
     ) -> Result<Arc<Self>, KernelError> {
         let events = kernel.take_events()?;
         let pause_waiters = Arc::new(Mutex::new(HashMap::new()));
@@ -96,7 +94,6 @@ impl SockmapPlane {
             kernel: Mutex::new(kernel),
             pause_waiters,
             max_inflight,
-            buffer_size,
             fallback_pipe_size,
             counters: SockmapCounters::default(),
         }))
