@@ -85,7 +85,7 @@ impl SockmapPlane {
     pub fn start(
         mut kernel: KernelPrograms,
         max_inflight: u64,
-            fallback_pipe_size: usize,
+        fallback_pipe_size: usize,
     ) -> Result<Arc<Self>, KernelError> {
         let events = kernel.take_events()?;
         let pause_waiters = Arc::new(Mutex::new(HashMap::new()));
