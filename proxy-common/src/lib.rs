@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<VerdictStats>(), 7 * 8);
-        assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 6 * 4);
+        assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 8 * 4);
         assert_eq!(core::mem::size_of::<FlowEvent>(), 8 + 2 * 4);
         assert_eq!(core::mem::align_of::<Flow>(), 8);
     }

@@ -26,6 +26,8 @@ const PAUSE_RECHECK: Duration = Duration::from_millis(50);
 /// Bytes a paused direction may hold in user space, read but not yet
 /// written (see [`SockmapPlane::copy_passed`]).
 const PENDING_LIMIT: usize = 1 << 20;
+/// First size of that buffer.
+const PENDING_START: usize = 64 << 10;
 /// Poll interval while waiting for a peer to take redirected bytes (only at
 /// close and after a pause).
 const DRAIN_POLL: Duration = Duration::from_millis(1);
@@ -38,9 +40,11 @@ enum Passed {
     Eof,
 }
 
-/// Bytes read from a paused source and not yet written: one buffer of
-/// [`PENDING_LIMIT`] bytes, allocated at the first pause, filled at `end`
-/// and written from `start`.
+/// Bytes read from a paused source and not yet written: one buffer, filled
+/// at `end` and written from `start`. It starts at [`PENDING_START`] bytes and
+/// doubles when full up to [`PENDING_LIMIT`], so the many connections that
+/// pause for a few bytes do not each take (and leave the allocator holding)
+/// a whole megabyte.
 #[derive(Default)]
 struct Pending {
     buf: Vec<u8>,
@@ -54,13 +58,14 @@ impl Pending {
     }
 
     fn has_room(&self) -> bool {
-        self.buf.is_empty() || self.end < self.buf.len()
+        self.end < self.buf.len() || self.buf.len() < PENDING_LIMIT
     }
 
     /// Where the next read goes.
     fn room(&mut self) -> &mut [u8] {
-        if self.buf.is_empty() {
-            self.buf = vec![0; PENDING_LIMIT];
+        if self.end == self.buf.len() {
+            let grown = (self.buf.len() * 2).clamp(PENDING_START, PENDING_LIMIT);
+            self.buf.resize(grown, 0);
         }
         &mut self.buf[self.end..]
     }
