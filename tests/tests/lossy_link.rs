@@ -50,8 +50,9 @@ fn every_plane_is_exact_over_a_lossy_link() -> Result<()> {
     let server = TransferServer::serve_on(tokio::net::TcpListener::from_std(listener)?)?;
     let upstream = server.addr.to_string();
     let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
-    // The second sockmap variant pauses early, so most bytes are finished in
-    // user space after the kernel trimmed overlaps: reads there must be exact too.
+    // The second sockmap variant pauses early, so many bytes are copied in
+    // user space after the kernel trimmed overlaps: reads there must be exact
+    // too, and so must resuming the kernel path afterwards.
     let variants: [(&str, &[&str]); 4] =
         [("sockmap", &[]), ("sockmap", &["--max-inflight", "262144"]), ("splice", &[]), ("copy", &[])];
     for (plane, extra) in variants {
