@@ -309,19 +309,7 @@ impl SockmapPlane {
             if taken >= redirected {
                 return Ok(());
             }
-            if let Some(error) = tcpstat::take_error(to) {
-                return Err(PumpError::Write(error));
-            }
-            if last != Some(taken) {
-                last = Some(taken);
-                progressed = Instant::now();
-            } else if progressed.elapsed() > STALL_TIMEOUT {
-                self.counters.stalls.fetch_add(1, Ordering::Relaxed);
-                return Err(PumpError::Write(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("peer took none of {} waiting bytes for {STALL_TIMEOUT:?}", redirected - taken),
-                )));
-            }
+            self.check_taking(to, taken, redirected, &mut last, &mut progressed)?;
             tokio::time::sleep(DRAIN_POLL).await;
         }
     }
