@@ -39,6 +39,25 @@ fn map_id(pid: i32, name: &str) -> Result<u32> {
     bail!("process {pid} holds no BPF map named {name}")
 }
 
+/// Every flow in `pid`'s [`map::SPLICE_FLOWS`] with the bytes user space
+/// published for it ([`map::SPLICE_USER_BYTES`]), for a failing test to print.
+pub fn flows(pid: i32) -> Result<Vec<(u64, Flow, Option<u64>)>> {
+    let flows: HashMap<MapData, u64, Flow> = open(map_id(pid, map::SPLICE_FLOWS)?)?;
+    let user: HashMap<MapData, u64, u64> = open(map_id(pid, map::SPLICE_USER_BYTES)?)?;
+    flows
+        .iter()
+        .map(|entry| {
+            let (cookie, flow) = entry?;
+            Ok((cookie, flow, user.get(&cookie, 0).ok()))
+        })
+        .collect()
+}
+
+fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(id: u32) -> Result<T> {
+    let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
+    Ok(Map::from_map_data(data).with_context(|| format!("map id {id}"))?.try_into()?)
+}
+
 fn count_keys(id: u32) -> Result<usize> {
     let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
     match Map::from_map_data(data).with_context(|| format!("map id {id}"))? {

@@ -21,6 +21,8 @@ pub struct ProxyProcess {
     reader: Option<std::thread::JoinHandle<()>>,
     /// The bound listen addresses, in the order they were logged.
     pub listen: Vec<SocketAddr>,
+    /// The network namespace it runs in (None: the test's own).
+    netns: Option<String>,
 }
 
 /// Path of the built binary: `SPLICE_PROXY_BIN`, or next to the test executable.
@@ -58,7 +60,9 @@ impl ProxyProcess {
     pub fn start_in_netns<S: AsRef<str>>(netns: &str, args: &[S]) -> Result<Self> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns]).arg(binary()?);
-        Self::start_command(cmd, args)
+        let mut proxy = Self::start_command(cmd, args)?;
+        proxy.netns = Some(netns.to_owned());
+        Ok(proxy)
     }
 
     fn start_command<S: AsRef<str>>(mut cmd: Command, args: &[S]) -> Result<Self> {
@@ -79,7 +83,7 @@ impl ProxyProcess {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(event);
             }
         });
-        let mut proxy = Self { child, events, reader: Some(reader), listen: Vec::new() };
+        let mut proxy = Self { child, events, reader: Some(reader), listen: Vec::new(), netns: None };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if proxy.events().iter().any(|e| message(e) == "ready") {
@@ -172,27 +176,9 @@ impl ProxyProcess {
                 let _ = writeln!(out, "thread {:?} {}{}", task.file_name(), read("stat"), read("stack"));
             }
         }
-        let ports: Vec<String> = self
-            .listen
-            .iter()
-            .map(|a| a.port())
-            .chain(other_ports.iter().copied())
-            .map(|p| format!(":{p} "))
-            .collect();
-        match Command::new("ss").args(["-tnmieoa"]).output() {
-            Ok(ss) => {
-                let text = String::from_utf8_lossy(&ss.stdout);
-                let mut lines = text.lines().peekable();
-                while let Some(line) = lines.next() {
-                    // A socket is a header line and an indented detail line.
-                    let detail = lines.next_if(|l| l.starts_with(char::is_whitespace)).unwrap_or_default();
-                    if ports.iter().any(|p| line.contains(p.as_str())) {
-                        let _ = writeln!(out, "{line}\n{detail}");
-                    }
-                }
-            }
-            Err(error) => _ = writeln!(out, "ss: {error}"),
-        }
+        let ports: Vec<u16> =
+            self.listen.iter().map(SocketAddr::port).chain(other_ports.iter().copied()).collect();
+        out.push_str(&tcp_sockets(self.netns.as_deref(), &ports));
         out
     }
 
@@ -229,6 +215,37 @@ impl Drop for ProxyProcess {
 
 /// The `message` field of a JSON log event.
 #[must_use]
+/// `ss` of every TCP socket in `netns` (None: the test's own) with one of
+/// `ports` as either end, with memory and timer details.
+pub fn tcp_sockets(netns: Option<&str>, ports: &[u16]) -> String {
+    use std::fmt::Write as _;
+    let mut cmd = match netns {
+        Some(netns) => {
+            let mut ip = Command::new("ip");
+            ip.args(["netns", "exec", netns, "ss"]);
+            ip
+        }
+        None => Command::new("ss"),
+    };
+    let mut out = String::new();
+    let ports: Vec<String> = ports.iter().map(|p| format!(":{p} ")).collect();
+    match cmd.args(["-tnmieoa"]).output() {
+        Ok(ss) => {
+            let text = String::from_utf8_lossy(&ss.stdout);
+            let mut lines = text.lines().peekable();
+            while let Some(line) = lines.next() {
+                // A socket is a header line and an indented detail line.
+                let detail = lines.next_if(|l| l.starts_with(char::is_whitespace)).unwrap_or_default();
+                if ports.iter().any(|p| line.contains(p.as_str())) {
+                    let _ = writeln!(out, "{line}\n{detail}");
+                }
+            }
+        }
+        Err(error) => _ = writeln!(out, "ss: {error}"),
+    }
+    out
+}
+
 pub fn message(event: &Value) -> &str {
     event["message"].as_str().unwrap_or_default()
 }
