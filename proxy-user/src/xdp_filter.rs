@@ -29,7 +29,7 @@ pub enum SourceFilterError {
     #[error(
         "attaching the XDP source filter to {interface} failed: native mode: {native}; generic mode: {generic}"
     )]
-    Attach { interface: String, native: Box<ProgramError>, generic: Box<ProgramError> },
+    Attach { interface: String, native: String, generic: String },
     #[error("{action} {prefix} in map {}: {source}", map_of(prefix))]
     Prefix { action: &'static str, prefix: SourcePrefix, source: MapError },
     #[error("guarding TCP port {port} (map {}): {source}", map::GUARDED_PORTS)]
@@ -38,6 +38,17 @@ pub enum SourceFilterError {
     TooManyPorts { count: usize },
     #[error("test run of {name}: {source}", name = program::SOURCE_FILTER)]
     TestRun { source: ProgramError },
+}
+
+/// `error: its cause: ...`: aya's syscall errors keep the OS error as their source.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text = format!("{text}: {inner}");
+        cause = inner.source();
+    }
+    text
 }
 
 fn map_of(prefix: &SourcePrefix) -> &'static str {
@@ -145,12 +156,14 @@ impl SourceFilter {
         let (id, mode, why) = match xdp.attach(interface, XdpMode::Driver) {
             Ok(id) => (id, XdpAttachMode::Native, "the driver runs XDP programs".to_owned()),
             Err(native) => match xdp.attach(interface, XdpMode::Skb) {
-                Ok(id) => (id, XdpAttachMode::Generic, format!("native mode refused: {native}")),
+                Ok(id) => {
+                    (id, XdpAttachMode::Generic, format!("native mode refused: {}", with_causes(&native)))
+                }
                 Err(generic) => {
                     return Err(SourceFilterError::Attach {
                         interface: interface.to_owned(),
-                        native: Box::new(native),
-                        generic: Box::new(generic),
+                        native: with_causes(&native),
+                        generic: with_causes(&generic),
                     });
                 }
             },

@@ -1,19 +1,22 @@
 //! The XDP source filter's verdicts, packet by packet, through
 //! `BPF_PROG_TEST_RUN` (the loaded program, its real maps and counters), and
-//! how it attaches and detaches. Runs as root in its own network namespace.
+//! how it attaches and detaches (also when start-up fails or the proxy is
+//! killed). Runs as root in its own network namespace.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
+use nix::sys::signal::Signal;
 use proxy_common::SourceFilterStats;
 use splice_proxy::{
     source_prefix::SourcePrefix,
     xdp_filter::{SourceFilter, XdpAttachMode},
 };
-use testkit::{frames::*, netns::NetNs};
+use testkit::{frames::*, netns::NetNs, process::ProxyProcess};
 
 /// XDP actions (uapi `enum xdp_action`).
 const XDP_DROP: u32 = 1;
@@ -308,5 +311,36 @@ fn attaches_natively_to_veth_generically_to_loopback_and_detaches_on_drop() -> R
         ensure!(!shown.contains("prog/xdp") && !shown.contains(" xdp"), "{interface} still has XDP: {shown}");
     }
     ensure!(SourceFilter::load(&allowed)?.attach("no-such-if").is_err(), "attached to a missing interface");
+    Ok(())
+}
+
+#[test]
+fn a_failed_start_or_a_killed_proxy_leaves_no_program_attached() -> Result<()> {
+    let _netns = NetNs::enter()?;
+    let status =
+        Command::new("ip").args(["link", "add", "xf-a", "type", "veth", "peer", "name", "xf-b"]).status()?;
+    ensure!(status.success(), "creating a veth pair: {status}");
+    let filter = ["--xdp-interface", "xf-a", "--allow-source", "192.0.2.0/24", "--upstream", "127.0.0.2:443"];
+
+    // Attached before binding; the bind fails; the filter goes with the process.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let out = Command::new(testkit::process::binary()?).args(filter).args(["--listen", &addr]).output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    ensure!(
+        log.contains("XDP source filter attached") && log.contains("XDP source filter detached"),
+        "{log}"
+    );
+    let shown = link_show("xf-a")?;
+    ensure!(!shown.contains("prog/xdp"), "a failed start left XDP on xf-a: {shown}");
+
+    // A BPF link dies with its process, even one killed with SIGKILL.
+    let mut proxy = ProxyProcess::start(&filter)?;
+    ensure!(link_show("xf-a")?.contains("name source_filter"), "not attached while running");
+    proxy.signal(Signal::SIGKILL)?;
+    tokio::runtime::Runtime::new()?.block_on(proxy.wait_exit(Duration::from_secs(10)))?;
+    let shown = link_show("xf-a")?;
+    ensure!(!shown.contains("prog/xdp"), "a killed proxy left XDP on xf-a: {shown}");
     Ok(())
 }
