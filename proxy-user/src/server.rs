@@ -207,11 +207,16 @@ impl Server {
                 "SIGHUP: moving the filter to another interface needs a restart; reloading its list only"
             );
         }
+        // The counters so far, so each reload also reports what the old list did.
+        let (passed, dropped) =
+            filter.counters().map_or((None, None), |c| (Some(c.passed()), Some(c.dropped)));
         match filter.reload(&new.allowed) {
             Ok(summary) => tracing::info!(
                 added = ?strings(&summary.added),
                 removed = ?strings(&summary.removed),
                 allowed = ?strings(&filter.allowed()),
+                passed,
+                dropped,
                 "SIGHUP: source list reloaded"
             ),
             Err(error) => {

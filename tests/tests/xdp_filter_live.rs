@@ -149,6 +149,7 @@ fn only_allowed_sources_get_through_and_sighup_reloads_the_list() -> Result<()> 
         reloaded["added"] == format!("[\"{DENIED_ADDR}/32\"]") && reloaded["removed"] == "[]",
         "{reloaded}"
     );
+    ensure!(reloaded["dropped"].as_u64() == Some(syns), "the reload reports other counters: {reloaded}");
     transfer(DENIED_ADDR).context("the address added by SIGHUP")?;
     transfer(LineTopology::CLIENT_ADDR).context("the allowed address after the reload")?;
 
