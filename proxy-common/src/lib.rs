@@ -10,6 +10,9 @@ pub mod program {
     /// Test helper (XDP): drops about 1 % of IPv4 TCP packets that carry data,
     /// to make retransmissions overlap received data. Never attached by the daemon.
     pub const LOSSY_LINK: &str = "lossy_link";
+    /// XDP program of the source filter (`--xdp-interface`): drops TCP packets
+    /// to a guarded port whose source is in no allowed prefix, passes the rest.
+    pub const SOURCE_FILTER: &str = "source_filter";
 }
 
 /// Names of the maps in the kernel object.
@@ -27,7 +30,24 @@ pub mod map {
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
     /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.
     pub const LOSSY_DROPS: &str = "LOSSY_DROPS";
+    /// LPM trie of allowed IPv4 source prefixes (key: prefix length and the
+    /// four address bytes in network order; value: `u8`, unused).
+    pub const SOURCE_ALLOW_V4: &str = "SOURCE_ALLOW_V4";
+    /// LPM trie of allowed IPv6 source prefixes (sixteen address bytes).
+    pub const SOURCE_ALLOW_V6: &str = "SOURCE_ALLOW_V6";
+    /// Hash of guarded TCP destination ports (host byte order; value `u8`, unused).
+    pub const GUARDED_PORTS: &str = "GUARDED_PORTS";
+    /// Per-CPU array with one [`super::SourceFilterStats`] slot; user space sums the CPUs.
+    pub const SOURCE_STATS: &str = "SOURCE_STATS";
 }
+
+/// Most prefixes per address family the configuration may allow. The tries
+/// hold twice as many, so a reload can add every new prefix before it removes
+/// the old ones.
+pub const MAX_SOURCE_PREFIXES: u32 = 1024;
+
+/// Most TCP ports the source filter can guard (one per listen address).
+pub const MAX_GUARDED_PORTS: u32 = 64;
 
 /// Size of [`map::SPLICE_EVENTS`] in bytes (a power of two, page multiple).
 pub const SPLICE_EVENTS_BYTES: u32 = 256 * 1024;
@@ -147,6 +167,47 @@ impl VerdictStats {
     }
 }
 
+/// Packets the source filter saw, by verdict and reason; kept per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceFilterStats {
+    /// TCP packets to a guarded port from an allowed source: passed.
+    pub allowed: u64,
+    /// TCP packets to a guarded port from any other source: dropped. (Also
+    /// IPv6 packets from such a source whose extension headers are too many
+    /// to find the TCP header behind: they could be for a guarded port.)
+    pub dropped: u64,
+    /// Packets not for a guarded port, passed untouched: not IPv4/IPv6, not
+    /// TCP (UDP to the same port too), or TCP to another port.
+    pub unguarded: u64,
+    /// IP fragments after the first: they carry no port, passed (without
+    /// their first fragment they are never reassembled).
+    pub fragments: u64,
+    /// Packets shorter than their headers say, or with a bad IP version or
+    /// header length: passed untouched (the kernel's IP layer drops them).
+    pub malformed: u64,
+}
+
+impl SourceFilterStats {
+    /// Every packet the program passed.
+    #[must_use]
+    pub const fn passed(&self) -> u64 {
+        self.allowed.wrapping_add(self.unguarded).wrapping_add(self.fragments).wrapping_add(self.malformed)
+    }
+
+    /// Field-wise sum, used to add up the per-CPU slots.
+    #[must_use]
+    pub const fn add(self, other: Self) -> Self {
+        Self {
+            allowed: self.allowed.wrapping_add(other.allowed),
+            dropped: self.dropped.wrapping_add(other.dropped),
+            unguarded: self.unguarded.wrapping_add(other.unguarded),
+            fragments: self.fragments.wrapping_add(other.fragments),
+            malformed: self.malformed.wrapping_add(other.malformed),
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: these types are `#[repr(C)]`, made only of `u64`s and `u32`s with
@@ -158,15 +219,18 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::FlowEvent {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SourceFilterStats {}
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Flow, FlowEvent, VerdictStats};
+    use super::{Flow, FlowEvent, SourceFilterStats, VerdictStats};
 
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<VerdictStats>(), 7 * 8);
+        assert_eq!(core::mem::size_of::<SourceFilterStats>(), 5 * 8);
         assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 8 * 4);
         assert_eq!(core::mem::size_of::<FlowEvent>(), 8 + 2 * 4);
         assert_eq!(core::mem::align_of::<Flow>(), 8);
@@ -196,5 +260,17 @@ mod tests {
                 old_skbs: 1
             }
         );
+    }
+
+    #[test]
+    fn source_filter_stats_sum_and_passed() {
+        let a = SourceFilterStats { allowed: 3, dropped: 2, unguarded: 1, ..Default::default() };
+        let b = SourceFilterStats { allowed: 1, fragments: 4, malformed: 5, ..Default::default() };
+        let sum = a.add(b);
+        assert_eq!(
+            sum,
+            SourceFilterStats { allowed: 4, dropped: 2, unguarded: 1, fragments: 4, malformed: 5 }
+        );
+        assert_eq!(sum.passed(), 4 + 1 + 4 + 5);
     }
 }

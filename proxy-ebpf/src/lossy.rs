@@ -11,6 +11,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
+use crate::packet::bytes;
+
 /// Packets dropped, per CPU.
 #[map]
 static LOSSY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -27,16 +29,6 @@ pub fn lossy_link(ctx: XdpContext) -> u32 {
         Some(action) => action,
         None => xdp_action::XDP_PASS,
     }
-}
-
-/// Reads `N` bytes at `offset` of the packet, if they are inside it.
-fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
-    let start = ctx.data() + offset;
-    if start + N > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: the range was checked against data_end just above.
-    Some(unsafe { *(start as *const [u8; N]) })
 }
 
 fn try_lossy_link(ctx: &XdpContext) -> Option<u32> {

@@ -16,6 +16,8 @@
 #![no_main]
 
 mod lossy;
+mod packet;
+mod source_filter;
 
 use core::ffi::c_void;
 

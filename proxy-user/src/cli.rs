@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::{addr::UpstreamTarget, dataplane::DataPlaneChoice};
+use crate::{addr::UpstreamTarget, dataplane::DataPlaneChoice, source_prefix::SourcePrefix};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -145,6 +145,21 @@ pub struct Options {
     /// [default: 131072]
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer_size: Option<usize>,
+
+    /// Network interface to attach the XDP source filter to: TCP packets that
+    /// arrive there for a listen port are dropped unless their source is in an
+    /// --allow-source prefix; everything else passes. Native XDP when the
+    /// driver supports it, generic otherwise; detached when the proxy exits.
+    #[arg(long, value_name = "IF")]
+    pub xdp_interface: Option<String>,
+
+    /// Source prefix the XDP source filter lets through to the listen ports
+    /// (IPv4 or IPv6 CIDR; a bare address is one host); repeat for several.
+    /// Needs --xdp-interface. SIGHUP reloads the list from the config file
+    /// (key `allowed_source_cidrs`) without a restart.
+    #[arg(long = "allow-source", value_name = "CIDR")]
+    #[serde(default)]
+    pub allowed_source_cidrs: Vec<SourcePrefix>,
 
     /// Log format on standard error. Filter with RUST_LOG (default `info`).
     /// [default: text]

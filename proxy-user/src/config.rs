@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use proxy_common::{MAX_GUARDED_PORTS, MAX_SOURCE_PREFIXES};
 use serde::{Deserialize, Deserializer};
 
 use crate::{
@@ -20,6 +21,8 @@ use crate::{
     dataplane::{DataPlane, splice::Pipe},
     dns::DnsConfig,
     sockopt::TcpConfig,
+    source_prefix::SourcePrefix,
+    xdp_filter::SourceFilterConfig,
 };
 
 /// A fully validated configuration.
@@ -37,6 +40,8 @@ pub struct Config {
     /// Why `dataplane` was chosen (logged at start-up).
     pub dataplane_reason: &'static str,
     pub log_format: LogFormat,
+    /// The XDP source filter, when `xdp_interface` is set.
+    pub source_filter: Option<SourceFilterConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +150,7 @@ impl Config {
                 format!("{max_inflight} is not from 64 KiB to 1 GiB"),
             ));
         }
+        let source_filter = validate_source_filter(o.xdp_interface, o.allowed_source_cidrs, &listen)?;
         let (dataplane, dataplane_reason) =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
@@ -166,6 +172,7 @@ impl Config {
             dataplane,
             dataplane_reason,
             log_format: o.log_format.unwrap_or_default(),
+            source_filter,
         })
     }
 }
@@ -209,6 +216,8 @@ fn overlay(file: Options, flags: Options) -> Options {
         max_inflight: flags.max_inflight.or(file.max_inflight),
         max_connections: flags.max_connections.or(file.max_connections),
         log_format: flags.log_format.or(file.log_format),
+        xdp_interface: flags.xdp_interface.or(file.xdp_interface),
+        allowed_source_cidrs: vec_or(flags.allowed_source_cidrs, file.allowed_source_cidrs),
     }
 }
 
@@ -227,6 +236,62 @@ fn validate_listen(listen: &[SocketAddr]) -> Result<Vec<ListenAddr>, ConfigError
         }
     }
     Ok(listen.iter().copied().map(ListenAddr).collect())
+}
+
+/// `xdp_interface` and `allowed_source_cidrs`: both or neither; the
+/// interface exists (in this network namespace); the list is not empty (that
+/// would drop every TCP packet to a listen port) and fits the kernel maps.
+fn validate_source_filter(
+    interface: Option<String>,
+    allowed: Vec<SourcePrefix>,
+    listen: &[ListenAddr],
+) -> Result<Option<SourceFilterConfig>, ConfigError> {
+    const CIDRS: (&str, &str) = ("allowed_source_cidrs", "allow-source");
+    let Some(interface) = interface else {
+        if allowed.is_empty() {
+            return Ok(None);
+        }
+        return Err(invalid(
+            CIDRS.0,
+            CIDRS.1,
+            "needs xdp_interface (--xdp-interface); without it nothing is filtered",
+        ));
+    };
+    if let Err(errno) = nix::net::if_::if_nametoindex(interface.as_str()) {
+        return Err(invalid(
+            "xdp_interface",
+            "xdp-interface",
+            format!("no network interface {interface:?} ({errno})"),
+        ));
+    }
+    if allowed.is_empty() {
+        return Err(invalid(
+            CIDRS.0,
+            CIDRS.1,
+            "empty: with xdp_interface set every TCP packet to a listen port would be dropped; \
+             list the client prefixes",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for prefix in &allowed {
+        if !seen.insert(prefix) {
+            return Err(invalid(CIDRS.0, CIDRS.1, format!("{prefix} is listed twice")));
+        }
+    }
+    let v4 = allowed.iter().filter(|p| p.addr().is_ipv4()).count();
+    let most = MAX_SOURCE_PREFIXES as usize;
+    if v4 > most || allowed.len() - v4 > most {
+        return Err(invalid(CIDRS.0, CIDRS.1, format!("more than {most} prefixes of one address family")));
+    }
+    let ports: HashSet<u16> = listen.iter().map(|l| l.0.port()).collect();
+    if ports.len() > MAX_GUARDED_PORTS as usize {
+        return Err(invalid(
+            "listen",
+            "listen",
+            format!("the XDP source filter guards at most {MAX_GUARDED_PORTS} ports, not {}", ports.len()),
+        ));
+    }
+    Ok(Some(SourceFilterConfig { interface, allowed }))
 }
 
 fn positive(
@@ -345,6 +410,66 @@ mod tests {
         for (text, field) in cases {
             let err = load(text, Options::default()).unwrap_err().to_string();
             assert!(err.contains(&format!("`{field}")), "{text:?} gave {err:?}, not naming {field}");
+        }
+    }
+
+    const BASE: &str = "listen = [\"127.0.0.1:6443\"]\nupstream = \"a.com:443\"\n";
+
+    #[test]
+    fn source_filter_from_file_and_flags() {
+        let c = load(
+            &format!(
+                "{BASE}xdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n"
+            ),
+            Options::default(),
+        )
+        .unwrap();
+        let filter = c.source_filter.unwrap();
+        assert_eq!(filter.interface, "lo");
+        assert_eq!(filter.allowed, vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()]);
+        let flags =
+            Options { allowed_source_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..Options::default() };
+        let c = load(
+            &format!("{BASE}xdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n"),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(c.source_filter.unwrap().allowed, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(load(BASE, Options::default()).unwrap().source_filter, None);
+    }
+
+    #[test]
+    fn source_filter_errors_name_the_field_and_input() {
+        let cases = [
+            (
+                "allowed_source_cidrs = [\"192.0.2.0/24\"]\n",
+                "`allowed_source_cidrs` (--allow-source): needs xdp_interface",
+            ),
+            (
+                "xdp_interface = \"nosuch0\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n",
+                "`xdp_interface` (--xdp-interface): no network interface \"nosuch0\"",
+            ),
+            ("xdp_interface = \"lo\"\n", "`allowed_source_cidrs` (--allow-source): empty"),
+            (
+                "xdp_interface = \"lo\"\nallowed_source_cidrs = []\n",
+                "`allowed_source_cidrs` (--allow-source): empty",
+            ),
+            (
+                "xdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.0/24\", \"192.0.2.0/24\"]\n",
+                "192.0.2.0/24 is listed twice",
+            ),
+            (
+                "xdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.1/24\"]\n",
+                "`allowed_source_cidrs[0]`",
+            ),
+            (
+                "xdp_interface = \"lo\"\nallowed_source_cidrs = [\"10.0.0.0/8\", \"ten/8\"]\n",
+                "\"ten/8\" is not an IP address",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = load(&format!("{BASE}{text}"), Options::default()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}, not {needle:?}");
         }
     }
 }

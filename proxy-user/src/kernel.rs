@@ -219,12 +219,23 @@ fn watch_readable<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, KernelError> {
     registered.map_err(|e| KernelError::RingFd(e.into()))
 }
 
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(KernelError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+/// Loads the object for one of its XDP programs: the maps only the verdict
+/// program uses get a single entry instead of their compiled-in 65,536 (the
+/// hash maps are preallocated: megabytes for nothing).
+pub(crate) fn load_for_xdp() -> Result<Ebpf, KernelError> {
+    Ok(EbpfLoader::new()
+        .map_max_entries(map::SPLICE_SOCKETS, 1)
+        .map_max_entries(map::SPLICE_FLOWS, 1)
+        .map_max_entries(map::SPLICE_USER_BYTES, 1)
+        .load(KERNEL_OBJECT)?)
 }
 
 /// The test helper `lossy_link` attached to one interface (in the calling
@@ -236,7 +247,7 @@ pub struct LossyLink {
 
 impl LossyLink {
     pub fn attach(interface: &str) -> Result<Self, KernelError> {
-        let mut ebpf = EbpfLoader::new().load(KERNEL_OBJECT)?;
+        let mut ebpf = load_for_xdp()?;
         let drops: PerCpuArray<MapData, u64> = take_map(&mut ebpf, map::LOSSY_DROPS)?;
         let name = program::LOSSY_LINK;
         let xdp: &mut aya::programs::Xdp = ebpf

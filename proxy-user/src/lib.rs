@@ -15,7 +15,9 @@ pub mod logging;
 pub mod proxy;
 pub mod server;
 pub mod sockopt;
+pub mod source_prefix;
 pub mod tcpstat;
+pub mod xdp_filter;
 
 /// Process exit codes (also listed in `--help`).
 pub mod exit {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use splice_proxy::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, Options},
     config::Config,
     exit,
     kernel::{KernelError, KernelPrograms},
@@ -38,11 +38,11 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, options))
 }
 
-async fn run(config: Config) -> ExitCode {
-    let server = match Server::start(&config, load_kernel_programs(config.max_connections)) {
+async fn run(config: Config, flags: Options) -> ExitCode {
+    let server = match Server::start(&config, load_kernel_programs(config.max_connections), &flags) {
         Ok(server) => server,
         Err(error @ StartError::Bind(_)) => {
             tracing::error!(%error, "start-up failed");

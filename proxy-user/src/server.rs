@@ -1,5 +1,7 @@
 //! Start-up, the accept loops, and stopping: SIGTERM drains (listeners close,
-//! open connections get the drain timeout), SIGINT stops at once.
+//! open connections get the drain timeout), SIGINT stops at once. SIGHUP
+//! re-reads the configuration and applies only the XDP source filter's
+//! allow list (every other setting needs a restart).
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,12 +13,14 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    cli::Options,
     config::Config,
     dataplane::{DataPlane, sockmap::SockmapPlane},
     dns::ResolveError,
     kernel::{KernelError, KernelPrograms},
     listener::{BindError, Listener},
     proxy::Proxy,
+    xdp_filter::{SourceFilter, SourceFilterConfig, SourceFilterError},
 };
 
 /// Time connections get to close after they were told to stop.
@@ -34,6 +38,8 @@ pub enum StartError {
     NoKernel(String),
     #[error("starting the sockmap data plane: {0}")]
     Sockmap(#[from] KernelError),
+    #[error("XDP source filter: {0}")]
+    SourceFilter(#[from] SourceFilterError),
 }
 
 /// How the server stopped.
@@ -49,6 +55,10 @@ pub enum Stopped {
 
 /// A server with its listeners bound and its signal handlers installed.
 pub struct Server {
+    /// Detached when the server is dropped (on exit, or when start-up fails).
+    source_filter: Option<SourceFilter>,
+    /// The command line, to re-read the configuration with on SIGHUP.
+    flags: Options,
     listeners: Vec<Listener>,
     /// Loaded kernel programs not used by the data plane, kept for their logs.
     _kernel: Option<KernelPrograms>,
@@ -58,15 +68,26 @@ pub struct Server {
     dataplane_reason: &'static str,
     sigterm: Signal,
     sigint: Signal,
+    sighup: Signal,
 }
 
 impl Server {
     /// Installs the signal handlers, builds the resolver and the data plane,
-    /// and binds every listener; nothing is accepted yet. `kernel` is the
-    /// loaded kernel programs, or why they could not be loaded.
-    pub fn start(config: &Config, kernel: Result<KernelPrograms, KernelError>) -> Result<Self, StartError> {
+    /// attaches the XDP source filter (before binding, with the fixed listen
+    /// ports already guarded), and binds every listener; nothing is accepted
+    /// yet. `kernel` is the loaded kernel programs, or why they could not be
+    /// loaded; `flags` is the command line `config` came from.
+    pub fn start(
+        config: &Config,
+        kernel: Result<KernelPrograms, KernelError>,
+        flags: &Options,
+    ) -> Result<Self, StartError> {
         let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+        let sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+        let fixed_ports: Vec<u16> = config.listen.iter().map(|l| l.0.port()).filter(|p| *p != 0).collect();
+        let mut source_filter =
+            config.source_filter.as_ref().map(|c| start_source_filter(c, &fixed_ports)).transpose()?;
         let (sockmap, kernel) = match (config.dataplane, kernel) {
             (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
                 (Some(SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?), None)
@@ -75,8 +96,17 @@ impl Server {
             (_, kernel) => (None, kernel.ok()),
         };
         let proxy = Arc::new(Proxy::new(config, sockmap)?);
-        let listeners = config.listen.iter().map(|addr| Listener::bind(*addr)).collect::<Result<_, _>>()?;
+        let listeners: Vec<Listener> =
+            config.listen.iter().map(|addr| Listener::bind(*addr)).collect::<Result<_, _>>()?;
+        if let Some(filter) = &mut source_filter {
+            // Port 0 listeners got their port only now.
+            let ports: Vec<u16> = listeners.iter().map(|l| l.addr.0.port()).collect();
+            filter.guard_ports(&ports)?;
+            tracing::info!(?ports, "XDP source filter guards the listen ports");
+        }
         Ok(Self {
+            source_filter,
+            flags: flags.clone(),
             listeners,
             proxy,
             _kernel: kernel,
@@ -85,6 +115,7 @@ impl Server {
             dataplane_reason: config.dataplane_reason,
             sigterm,
             sigint,
+            sighup,
         })
     }
 
@@ -117,9 +148,12 @@ impl Server {
         tokio::spawn(startup_check(Arc::clone(&self.proxy)));
         tracing::info!("ready");
 
-        let drain = tokio::select! {
-            _ = self.sigterm.recv() => true,
-            _ = self.sigint.recv() => false,
+        let drain = loop {
+            tokio::select! {
+                _ = self.sigterm.recv() => break true,
+                _ = self.sigint.recv() => break false,
+                _ = self.sighup.recv() => self.reload_source_list(),
+            }
         };
         stop_accepting.cancel();
         while accept_loops.join_next().await.is_some() {}
@@ -144,12 +178,96 @@ impl Server {
         Stopped::Interrupted { cut }
     }
 
-    /// Logs what the sockmap plane did over the whole run (when it is in use).
+    /// SIGHUP: re-reads the configuration (file and flags, validated as at
+    /// start-up) and applies its allow list to the source filter. Anything
+    /// invalid leaves the old list in place and logs why.
+    fn reload_source_list(&mut self) {
+        let Some(filter) = &mut self.source_filter else {
+            tracing::info!("SIGHUP: no XDP source filter, nothing to reload");
+            return;
+        };
+        let config = match Config::load(&self.flags) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::warn!(%error, "SIGHUP: configuration rejected; the source list stays as it was");
+                return;
+            }
+        };
+        let Some(new) = config.source_filter else {
+            tracing::warn!(
+                "SIGHUP: the configuration no longer sets xdp_interface; removing the filter needs a \
+                 restart; the source list stays as it was"
+            );
+            return;
+        };
+        if let Some(attached) = filter.attached().filter(|a| a.interface != new.interface) {
+            tracing::warn!(
+                attached = attached.interface,
+                configured = new.interface,
+                "SIGHUP: moving the filter to another interface needs a restart; reloading its list only"
+            );
+        }
+        // The counters so far, so each reload also reports what the old list did.
+        let (passed, dropped) =
+            filter.counters().map_or((None, None), |c| (Some(c.passed()), Some(c.dropped)));
+        match filter.reload(&new.allowed) {
+            Ok(summary) => tracing::info!(
+                added = ?strings(&summary.added),
+                removed = ?strings(&summary.removed),
+                allowed = ?strings(&filter.allowed()),
+                passed,
+                dropped,
+                "SIGHUP: source list reloaded"
+            ),
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: reloading the source list failed; the old list stays")
+            }
+        }
+    }
+
+    /// Logs what the sockmap plane and the source filter did over the whole run.
     pub fn log_totals(&self) {
         if let Some(sockmap) = self.proxy.sockmap() {
             sockmap.log_totals();
         }
+        if let Some(filter) = &self.source_filter {
+            match filter.counters() {
+                Ok(c) => tracing::info!(
+                    passed = c.passed(),
+                    dropped = c.dropped,
+                    allowed = c.allowed,
+                    unguarded = c.unguarded,
+                    fragments = c.fragments,
+                    malformed = c.malformed,
+                    "xdp source filter totals"
+                ),
+                Err(error) => tracing::warn!(%error, "cannot read the XDP source filter counters"),
+            }
+        }
     }
+}
+
+/// Loads the source filter with its allow list and the `ports` known before
+/// binding, then attaches it, logging the mode and why.
+fn start_source_filter(
+    config: &SourceFilterConfig,
+    ports: &[u16],
+) -> Result<SourceFilter, SourceFilterError> {
+    let mut filter = SourceFilter::load(&config.allowed)?;
+    filter.guard_ports(ports)?;
+    let attached = filter.attach(&config.interface)?;
+    tracing::info!(
+        interface = attached.interface,
+        mode = %attached.mode,
+        why = attached.why,
+        allowed = ?strings(&filter.allowed()),
+        "XDP source filter attached"
+    );
+    Ok(filter)
+}
+
+fn strings<T: ToString>(items: &[T]) -> Vec<String> {
+    items.iter().map(ToString::to_string).collect()
 }
 
 /// Tells every connection to stop, waits briefly for them, and returns how many there were.

@@ -1,10 +1,11 @@
 //! Reads the BPF maps a running proxy holds, from outside the process: its
 //! map descriptors are found in `/proc/<pid>/fdinfo` (`map_id:`), each map is
-//! opened by id and its entries are counted.
+//! opened by id and its entries are counted; the source filter's counters are
+//! found through the program attached to the interface.
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, Map, MapData, MapInfo, SockHash};
-use proxy_common::{Flow, map};
+use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, SockHash};
+use proxy_common::{Flow, SourceFilterStats, map};
 
 /// Entries in the proxy's socket map and flow map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,4 +72,24 @@ fn count_keys(id: u32) -> Result<usize> {
         }
         other => bail!("map id {id} has an unexpected type: {other:?}"),
     }
+}
+
+/// The counters of the source filter program `prog_id` (read from its
+/// [`map::SOURCE_STATS`]), summed over the CPUs.
+pub fn source_filter_stats(prog_id: u32) -> Result<SourceFilterStats> {
+    let program = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == prog_id)
+        .with_context(|| format!("no loaded program with id {prog_id}"))?;
+    let short = &map::SOURCE_STATS.as_bytes()[..map::SOURCE_STATS.len().min(15)];
+    for id in program.map_ids()?.context("the kernel does not report a program's maps")? {
+        if MapInfo::from_id(id)?.name() != short {
+            continue;
+        }
+        let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
+        let stats: PerCpuArray<MapData, SourceFilterStats> = Map::from_map_data(data)?.try_into()?;
+        let per_cpu = stats.get(&0, 0)?;
+        return Ok(per_cpu.iter().fold(SourceFilterStats::default(), |sum, cpu| sum.add(*cpu)));
+    }
+    bail!("program {prog_id} uses no map named {}", map::SOURCE_STATS)
 }

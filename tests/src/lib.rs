@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bpf_maps;
 pub mod dns;
+pub mod frames;
 pub mod netns;
 pub mod process;
 pub mod transfer;

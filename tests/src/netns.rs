@@ -121,7 +121,38 @@ impl Drop for LineTopology {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+/// An XDP program attached to an interface, as `ip -d link` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdpAttachment {
+    /// `xdp` (native), `xdpgeneric` or `xdpoffload`.
+    pub mode: String,
+    pub prog_id: u32,
+}
+
+/// The XDP program attached to `interface` in `netns`, if any.
+pub fn xdp_attachment(netns: &str, interface: &str) -> Result<Option<XdpAttachment>> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-j", "-d", "link", "show", "dev", interface])
+        .output()
+        .context("running `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!("`ip -n {netns} link show dev {interface}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).context("`ip -j` output")?;
+    let Some(xdp) = links[0].get("xdp") else { return Ok(None) };
+    let mode = match xdp["mode"].as_u64() {
+        Some(1) => "xdp",
+        Some(2) => "xdpgeneric",
+        Some(3) => "xdpoffload",
+        _ => bail!("unknown XDP mode in {xdp}"),
+    };
+    let prog_id = xdp["prog"]["id"].as_u64().and_then(|id| u32::try_from(id).ok());
+    let prog_id = prog_id.with_context(|| format!("no program id in {xdp}"))?;
+    Ok(Some(XdpAttachment { mode: mode.to_owned(), prog_id }))
+}
+
+/// Runs `ip` with `args`; fails with its exit status.
+pub fn ip(args: &[&str]) -> Result<()> {
     let status = Command::new("ip").args(args).status().context("running `ip` (install iproute2)")?;
     if !status.success() {
         bail!("`ip {}` failed: {status}", args.join(" "));

@@ -92,6 +92,8 @@ fn help_lists_the_flags_and_exit_codes() -> Result<()> {
         "--connect-timeout",
         "--config",
         "--log-format",
+        "--xdp-interface",
+        "--allow-source",
         "Exit codes",
     ] {
         assert!(out.contains(needle), "--help lacks {needle}");
