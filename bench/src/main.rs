@@ -19,14 +19,15 @@ use measure::{Sample, Scenario};
 use peers::{Haproxy, PeerKind, RunningPeer};
 
 const USAGE: &str = "\
-bench [--seconds S (3)] [--rounds N (3)] [--only SUBSTRING]
+bench [--seconds S (3)] [--rounds N (3)] [--only SUBSTRING] [--scenario 1|8|paced]
       [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
 
 Measures, over loopback: direct, splice-proxy (sockmap, splice, copy) and HAProxy
 (splice-auto; splice-request+response with tune.pipesize 1 MiB; no splice with
 tune.bufsize 256 KiB) with 1 stream and 8 streams at full speed and 1 stream paced
 at 3 Gbit/s. --only keeps the peers whose name contains SUBSTRING (any case);
-direct, the reference, is always measured. The sockmap peer needs root.";
+direct, the reference, is always measured. --scenario runs only that one (repeatable;
+default all three). The sockmap peer needs root.";
 
 /// How long the machine's background load is measured before and after the run.
 const BACKGROUND_WINDOW: Duration = Duration::from_secs(1);
@@ -35,6 +36,8 @@ struct Args {
     seconds: f64,
     rounds: usize,
     only: Option<String>,
+    /// Indexes into [`Scenario::ALL`] to run, in order.
+    scenarios: Vec<usize>,
     proxy_bin: PathBuf,
     haproxy_bin: String,
 }
@@ -44,6 +47,7 @@ fn parse_args() -> Result<Args> {
         seconds: 3.0,
         rounds: 3,
         only: None,
+        scenarios: Vec::new(),
         proxy_bin: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/splice-proxy")),
         haproxy_bin: "haproxy".into(),
     };
@@ -54,6 +58,18 @@ fn parse_args() -> Result<Args> {
             "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
             "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
             "--only" => args.only = Some(value()?.to_lowercase()),
+            "--scenario" => {
+                let name = value()?;
+                let index = match name.as_str() {
+                    "1" => 0,
+                    "8" => 1,
+                    "paced" => 2,
+                    other => bail!("--scenario {other}: expected 1, 8 or paced"),
+                };
+                if !args.scenarios.contains(&index) {
+                    args.scenarios.push(index);
+                }
+            }
             "--proxy-bin" => args.proxy_bin = value()?.into(),
             "--haproxy-bin" => args.haproxy_bin = value()?,
             "--help" | "-h" => {
@@ -62,6 +78,9 @@ fn parse_args() -> Result<Args> {
             }
             other => bail!("unknown argument {other}; see --help"),
         }
+    }
+    if args.scenarios.is_empty() {
+        args.scenarios = (0..Scenario::ALL.len()).collect();
     }
     if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
         bail!("--rounds and --seconds must be positive");
@@ -95,9 +114,10 @@ fn main() -> Result<()> {
     let busy_before = measure::background_busy_percent(BACKGROUND_WINDOW)?;
     let duration = Duration::from_secs_f64(args.seconds);
     // samples[scenario][peer][round]
-    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; Scenario::ALL.len()];
+    let scenarios: Vec<Scenario> = args.scenarios.iter().map(|&i| Scenario::ALL[i]).collect();
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); running.len()]; scenarios.len()];
     for round in 1..=args.rounds {
-        for (scenario_index, scenario) in Scenario::ALL.iter().enumerate() {
+        for (scenario_index, scenario) in scenarios.iter().enumerate() {
             for (peer_index, peer) in running.iter_mut().enumerate() {
                 peer.check_alive()?;
                 // Let the previous run's queues and timers settle.
@@ -124,7 +144,7 @@ fn main() -> Result<()> {
         haproxy.as_ref().map(Haproxy::version),
         [busy_before, busy_after],
     );
-    for (scenario, peer_samples) in Scenario::ALL.iter().zip(&samples) {
+    for (scenario, peer_samples) in scenarios.iter().zip(&samples) {
         report::print_scenario(*scenario, &kinds, peer_samples);
     }
     Ok(())

@@ -20,9 +20,13 @@ use crate::{
 /// How long a peer may take none of the redirected bytes before the
 /// connection is cut (a reader that never drains).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// While bytes flow through a spliced direction, how often its pause flag is
-/// read from the map as well (a safety net under the ring buffer events).
+/// How soon after a wake-up of a spliced direction its pause flag is read
+/// from the map as well, and how often a paused direction looks for bytes
+/// to read without a wake-up (safety nets under the ring buffer events and
+/// the readiness wake-ups).
 const PAUSE_RECHECK: Duration = Duration::from_millis(50);
+/// Longest wait of an idle paused direction between two looks for bytes.
+const IDLE_READ_RECHECK: Duration = Duration::from_secs(5);
 /// Bytes a paused direction may hold in user space, read but not yet
 /// written (see [`SockmapPlane::copy_passed`]).
 const PENDING_LIMIT: usize = 1 << 20;
@@ -110,13 +114,27 @@ impl SockmapPlane {
     ) -> Result<(), PumpError> {
         let mut pending = Pending::default();
         let mut copying = !in_map;
+        // When the pause flag was last read while spliced, and whether a
+        // wake-up came since (then it is read again PAUSE_RECHECK after).
         let mut checked = Instant::now();
+        let mut woken = false;
+        // How long a paused direction waits for a wake-up before it looks
+        // for bytes itself: doubling while idle, so an idle paused
+        // connection costs a wake-up every few seconds at most.
+        let mut read_recheck = PAUSE_RECHECK;
         loop {
             if copying {
+                let before = copied.load(Ordering::Relaxed);
                 match self.copy_passed(from, to, state, &mut pending, copied).await? {
                     Passed::Eof => return self.close_direction(from, to, state, &mut pending, copied).await,
                     // Nothing to read now: splicing again if the program resumed.
-                    Passed::Drained => copying = !in_map || self.flow(state.cookie).paused != 0,
+                    Passed::Drained => {
+                        copying = !in_map || self.flow(state.cookie).paused != 0;
+                        (checked, woken) = (Instant::now(), false);
+                        if copied.load(Ordering::Relaxed) > before {
+                            read_recheck = PAUSE_RECHECK;
+                        }
+                    }
                 }
             }
             tokio::select! {
@@ -126,17 +144,32 @@ impl SockmapPlane {
                         // Read to find out: passed bytes, the EOF, or the error.
                         copying = true;
                     } else if !copying {
-                        // Woken by an skb the kernel already redirected: nothing to
-                        // read. While bytes flow, also look at the pause flag now
-                        // and then, in case a pause event was missed.
+                        // Woken by an skb the kernel already redirected: nothing to read.
                         let _ = from.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-                        if checked.elapsed() > PAUSE_RECHECK {
-                            checked = Instant::now();
-                            copying = self.flow(state.cookie).paused != 0;
-                        }
+                        woken = true;
                     }
                 }
                 () = state.paused.notified() => copying = true,
+                // Safety nets under the pause events and the readiness
+                // wake-ups: neither is known to fail, and a missed one
+                // would leave the direction waiting for bytes that cannot
+                // come (a paused socket's window closes).
+                () = tokio::time::sleep_until((checked + PAUSE_RECHECK).into()), if !copying && woken => {
+                    (checked, woken) = (Instant::now(), false);
+                    if self.flow(state.cookie).paused != 0 {
+                        self.counters.pauses_found_by_recheck.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(cookie = state.cookie, "pause found by the re-check before its event");
+                        copying = true;
+                    }
+                }
+                () = tokio::time::sleep(read_recheck), if copying => {
+                    if tcpstat::readable_bytes(from).is_ok_and(|n| n > 0) {
+                        self.counters.reads_found_by_recheck.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(cookie = state.cookie, "passed bytes found by the re-check, not by a wake-up");
+                    } else {
+                        read_recheck = (read_recheck * 2).min(IDLE_READ_RECHECK);
+                    }
+                }
             }
         }
     }

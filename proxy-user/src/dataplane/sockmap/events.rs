@@ -2,17 +2,22 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::maps::{MapData, RingBuf};
 use proxy_common::FlowEvent;
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
-/// Reads pause events and wakes the direction waiting for each.
+/// Reads pause events, counts them in `received` and wakes the direction
+/// waiting for each.
 pub(super) async fn dispatch_pauses(
     mut events: AsyncFd<RingBuf<MapData>>,
     waiters: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    received: Arc<AtomicU64>,
 ) {
     while let Ok(mut guard) = events.readable_mut().await {
         // Clear first, then drain: an event that lands while we drain wakes us again.
@@ -20,6 +25,7 @@ pub(super) async fn dispatch_pauses(
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             let Some(event) = parse_event(&item) else { continue };
+            received.fetch_add(1, Ordering::Relaxed);
             let waiter =
                 waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&event.cookie).cloned();
             if let Some(waiter) = waiter {

@@ -62,6 +62,11 @@ pub struct SockmapCounters {
     pub resumes: AtomicU64,
     /// Connections cut because a peer took no redirected bytes for [`STALL_TIMEOUT`].
     pub stalls: AtomicU64,
+    /// Pauses user space found by reading the flag before (or without) the
+    /// program's event.
+    pub pauses_found_by_recheck: AtomicU64,
+    /// Times a paused direction found bytes to read that no wake-up announced.
+    pub reads_found_by_recheck: AtomicU64,
 }
 
 /// The kernel side shared by every connection on this plane.
@@ -69,6 +74,8 @@ pub struct SockmapPlane {
     kernel: Mutex<KernelPrograms>,
     /// Who waits for a pause of the flow keyed by source cookie.
     pause_waiters: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    /// Pause events read from the program's ring buffer (each pause sends one).
+    pause_events: Arc<AtomicU64>,
     max_inflight: u64,
     fallback_pipe_size: usize,
     pub counters: SockmapCounters,
@@ -89,10 +96,12 @@ impl SockmapPlane {
     ) -> Result<Arc<Self>, KernelError> {
         let events = kernel.take_events()?;
         let pause_waiters = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(events::dispatch_pauses(events, Arc::clone(&pause_waiters)));
+        let pause_events = Arc::new(AtomicU64::new(0));
+        tokio::spawn(events::dispatch_pauses(events, Arc::clone(&pause_waiters), Arc::clone(&pause_events)));
         Ok(Arc::new(Self {
             kernel: Mutex::new(kernel),
             pause_waiters,
+            pause_events,
             max_inflight,
             fallback_pipe_size,
             counters: SockmapCounters::default(),
@@ -109,8 +118,11 @@ impl SockmapPlane {
                 fallbacks = load(&c.fallbacks),
                 client_not_inserted = load(&c.client_not_inserted),
                 pauses = load(&c.pauses),
+                pause_events = load(&self.pause_events),
                 resumes = load(&c.resumes),
                 stalls = load(&c.stalls),
+                pauses_found_by_recheck = load(&c.pauses_found_by_recheck),
+                reads_found_by_recheck = load(&c.reads_found_by_recheck),
                 skbs = v.skbs,
                 redirected_bytes = v.redirected_bytes,
                 passed_bytes = v.passed_bytes,
