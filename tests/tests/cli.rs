@@ -74,7 +74,7 @@ fn bad_flags_exit_2_naming_the_flag() -> Result<()> {
 fn a_listen_address_in_use_exits_3_naming_it() -> Result<()> {
     let taken = TcpListener::bind("127.0.0.1:0")?;
     let addr = taken.local_addr()?.to_string();
-    let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443"])?;
+    let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443", "--no-sni-check"])?;
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains(&addr) && out.contains("in use"), "{out}");
     Ok(())

@@ -63,7 +63,8 @@ fn every_plane_is_exact_over_a_lossy_link() -> Result<()> {
     }
     variants.extend([("splice", &[][..]), ("copy", &[][..])]);
     for (plane, extra) in variants {
-        let mut args = vec!["--listen", &listen, "--upstream", &upstream, "--dataplane", plane];
+        let mut args =
+            vec!["--listen", &listen, "--upstream", &upstream, "--dataplane", plane, "--no-sni-check"];
         args.extend_from_slice(extra);
         let mut proxy = ProxyProcess::start_in_netns(&topology.proxy, &args)?;
         let drops_before = lossy.drops()?;

@@ -1,11 +1,14 @@
 //! Configuration: the TOML file and the flags are read into the same
 //! [`Options`] shape, the flags win, and [`Config::from_options`] checks every
 //! value before anything binds a port. Errors name the field (config key and flag).
+//! Listeners and their edge settings: [`listeners`].
+
+mod listeners;
+
+pub use listeners::{ListenerConfig, ListenerOptions};
 
 use std::{
-    collections::HashSet,
     fmt::Display,
-    net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -14,7 +17,6 @@ use std::{
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    addr::{ListenAddr, UpstreamTarget},
     cli::{LogFormat, Options},
     connect::ConnectConfig,
     dataplane::{DataPlane, splice::Pipe},
@@ -25,8 +27,7 @@ use crate::{
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: Vec<ListenAddr>,
-    pub upstream: UpstreamTarget,
+    pub listeners: Vec<ListenerConfig>,
     pub dns: DnsConfig,
     pub connect: ConnectConfig,
     pub tcp: TcpConfig,
@@ -47,6 +48,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, field: String, message: String },
     #[error("field `{field}` (--{flag}): {reason}")]
     Invalid { field: &'static str, flag: &'static str, reason: String },
+    #[error("listeners[{index}] ({listen}): field `{field}` (--{flag}): {reason}")]
+    InvalidListener {
+        index: usize,
+        listen: std::net::SocketAddr,
+        field: &'static str,
+        flag: &'static str,
+        reason: String,
+    },
 }
 
 const MIN_COPY_BUFFER: usize = 4 * 1024;
@@ -70,14 +79,7 @@ impl Config {
 
     /// Validates merged options.
     pub fn from_options(o: Options) -> Result<Self, ConfigError> {
-        let listen = validate_listen(&o.listen)?;
-        let upstream = o.upstream.ok_or_else(|| {
-            invalid(
-                "upstream",
-                "upstream",
-                "missing: set the upstream HOST:PORT in the config file or with --upstream",
-            )
-        })?;
+        let listeners = listeners::listeners(&o)?;
         let dns = DnsConfig {
             servers: o.dns_servers,
             max_ttl: o.dns_max_ttl.unwrap_or(Duration::from_secs(5)),
@@ -156,8 +158,7 @@ impl Config {
             })?;
         }
         Ok(Self {
-            listen,
-            upstream,
+            listeners,
             dns,
             connect,
             tcp,
@@ -191,8 +192,19 @@ fn overlay(file: Options, flags: Options) -> Options {
     }
     Options {
         config: flags.config,
+        // `--listen` replaces every listener of the file, `[[listeners]]` too.
+        listeners: if flags.listen.is_empty() { file.listeners } else { Vec::new() },
         listen: vec_or(flags.listen, file.listen),
         upstream: flags.upstream.or(file.upstream),
+        proxy_protocol: flags.proxy_protocol.or(file.proxy_protocol),
+        proxy_protocol_v1: flags.proxy_protocol_v1 || file.proxy_protocol_v1,
+        chained_proxy_headers: flags.chained_proxy_headers.or(file.chained_proxy_headers),
+        proxy_header_timeout: flags.proxy_header_timeout.or(file.proxy_header_timeout),
+        allowed_vpce_ids: vec_or(flags.allowed_vpce_ids, file.allowed_vpce_ids),
+        allowed_sni: flags.allowed_sni.or(file.allowed_sni),
+        no_sni_check: flags.no_sni_check || file.no_sni_check,
+        routes: vec_or(flags.routes, file.routes),
+        client_hello_timeout: flags.client_hello_timeout.or(file.client_hello_timeout),
         dns_servers: vec_or(flags.dns_servers, file.dns_servers),
         dns_max_ttl: flags.dns_max_ttl.or(file.dns_max_ttl),
         dns_timeout: flags.dns_timeout.or(file.dns_timeout),
@@ -210,23 +222,6 @@ fn overlay(file: Options, flags: Options) -> Options {
         max_connections: flags.max_connections.or(file.max_connections),
         log_format: flags.log_format.or(file.log_format),
     }
-}
-
-fn validate_listen(listen: &[SocketAddr]) -> Result<Vec<ListenAddr>, ConfigError> {
-    if listen.is_empty() {
-        return Err(invalid(
-            "listen",
-            "listen",
-            "missing: give at least one ADDR:PORT in the config file or with --listen",
-        ));
-    }
-    let mut seen = HashSet::new();
-    for addr in listen {
-        if !seen.insert(addr) {
-            return Err(invalid("listen", "listen", format!("{addr} is listed twice")));
-        }
-    }
-    Ok(listen.iter().copied().map(ListenAddr).collect())
 }
 
 fn positive(
@@ -258,8 +253,13 @@ fn keepalive_secs(
     Ok(d)
 }
 
-fn invalid(field: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, flag, reason: reason.into() }
+}
+
+/// `sni_check = false` in the file is the flag `--no-sni-check`.
+pub(crate) fn de_inverted<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    bool::deserialize(d).map(|check| !check)
 }
 
 /// Deserializes an optional value through its `FromStr` (used for `upstream`).
@@ -298,8 +298,10 @@ mod tests {
             Options::default(),
         )
         .unwrap();
-        assert_eq!(c.listen, vec![ListenAddr("127.0.0.1:6443".parse().unwrap())]);
-        assert_eq!(c.upstream.to_string(), "api.example.com:443");
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].addr, crate::addr::ListenAddr("127.0.0.1:6443".parse().unwrap()));
+        let upstream = c.listeners[0].edge.upstreams.default_upstream().unwrap();
+        assert_eq!(upstream.to_string(), "api.example.com:443");
         assert_eq!(c.dns.max_ttl, Duration::ZERO);
         assert_eq!(c.connect.timeout, Duration::from_secs(3));
         assert_eq!(c.tcp.keepalive_idle, Duration::from_secs(30));
@@ -317,7 +319,8 @@ mod tests {
             flags,
         )
         .unwrap();
-        assert_eq!(c.upstream.to_string(), "other.example.com:6443");
+        let upstream = c.listeners[0].edge.upstreams.default_upstream().unwrap();
+        assert_eq!(upstream.to_string(), "other.example.com:6443");
         assert_eq!(c.connect.timeout, Duration::from_millis(500));
     }
 
