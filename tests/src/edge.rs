@@ -93,3 +93,43 @@ pub fn client_hello(server_name: &str) -> Result<Vec<u8>> {
     connection.write_tls(&mut hello)?;
     Ok(hello)
 }
+
+/// CRC-32C (Castagnoli) of `bytes`, for the CRC32C TLV.
+#[must_use]
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for byte in bytes {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0x82F6_3B78 & mask);
+        }
+    }
+    !crc
+}
+
+/// `header` (ending with a zeroed CRC32C TLV value) with its checksum filled in.
+#[must_use]
+pub fn with_crc32c(mut header: Vec<u8>) -> Vec<u8> {
+    let at = header.len() - 4;
+    let crc = crc32c(&header);
+    header[at..].copy_from_slice(&crc.to_be_bytes());
+    header
+}
+
+/// An upstream that echoes every byte it receives and closes after the
+/// client's FIN, so a client sees exactly what the upstream got.
+pub async fn start_echo(ip: std::net::IpAddr) -> Result<SocketAddr> {
+    let listener = crate::listen((ip, 0).into())?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.into_split();
+                tokio::io::copy(&mut read, &mut write).await?;
+                tokio::io::AsyncWriteExt::shutdown(&mut write).await
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -69,7 +69,7 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
             top_level(o).map_err(|FieldError(field, flag, reason)| super::invalid(field, flag, reason))?;
         let top = Arc::new(top);
         for addr in &o.listen {
-            if !seen.insert(*addr) {
+            if addr.port() != 0 && !seen.insert(*addr) {
                 return Err(super::invalid("listen", "listen", format!("{addr} is listed twice")));
             }
             out.push(ListenerConfig { addr: ListenAddr(*addr), edge: Arc::clone(&top) });
@@ -83,7 +83,8 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
             flag,
             reason,
         };
-        if !seen.insert(entry.listen) {
+        // Port 0 (any free port) may repeat: each listener gets its own.
+        if entry.listen.port() != 0 && !seen.insert(entry.listen) {
             return Err(in_listener(FieldError(
                 "listen",
                 "listen",
