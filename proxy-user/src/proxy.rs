@@ -185,7 +185,15 @@ impl Proxy {
             pauses,
             resumes,
             reason,
-        } = dataplane::forward(self.dataplane, self.sockmap.as_deref(), client, upstream, stop).await;
+        } = dataplane::forward(
+            self.dataplane,
+            self.sockmap.as_deref(),
+            client,
+            upstream,
+            stop,
+            learned.bytes_read,
+        )
+        .await;
         tracing::info!(
             upstream = %upstream_addr,
             target = %target,

@@ -275,3 +275,40 @@ async fn a_slow_header_is_closed_at_the_timeout_while_others_are_served() -> Res
     ensure!(closed.iter().filter(|c| c["reason"] == "completed").count() == 3, "{closed:?}");
     Ok(())
 }
+
+/// On every data plane, the bytes after the header (the ClientHello and what
+/// follows it) reach the upstream exactly, and nothing of the header does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_data_plane_gets_exactly_the_bytes_after_the_header() -> Result<()> {
+    let upstream = start_echo(UPSTREAM_IP).await?.to_string();
+    let header = v2_proxy(addr("192.0.2.7:40000"), addr("10.0.0.1:443"), &[]);
+    let hello = client_hello(NAME)?;
+    let after: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for plane in ["splice", "copy", "sockmap"] {
+        let args = [
+            "--upstream",
+            &upstream,
+            "--allow-sni",
+            NAME,
+            "--proxy-protocol",
+            "required",
+            "--dataplane",
+            plane,
+        ];
+        let proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
+        let sent = [header.clone(), hello.clone(), after.clone()].concat();
+        let back = exchange(proxy.addr(), &sent).await.with_context(|| plane)?;
+        ensure!(back.len() == hello.len() + after.len(), "{plane}: {} bytes came back", back.len());
+        ensure!(
+            back == [hello.clone(), after.clone()].concat(),
+            "{plane}: the bytes after the header differ"
+        );
+        let closed = proxy.wait_closed(1, Duration::from_secs(5)).await?;
+        ensure!(
+            closed[0]["reason"] == "completed" && closed[0]["span"]["client"] == "192.0.2.7:40000",
+            "{plane}: {}",
+            closed[0]
+        );
+    }
+    Ok(())
+}

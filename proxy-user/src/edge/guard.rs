@@ -32,6 +32,9 @@ pub struct Learned {
     pub server_name: Option<String>,
     /// Headers dropped after the first (`chained_proxy_headers = "strip"`).
     pub chained_headers: usize,
+    /// Bytes read from the connection (the headers); everything after them
+    /// is left for the data plane.
+    pub bytes_read: u64,
 }
 
 /// Runs the checks of `edge` on a new connection and returns the upstream to
@@ -67,6 +70,7 @@ async fn run<'a>(
             None => {}
             Some(header) => {
                 stats.proxy_headers_accepted.fetch_add(1, Ordering::Relaxed);
+                learned.bytes_read += header.len as u64;
                 learned.client = header.source;
                 learned.proxy_version = Some(header.version);
                 learned.vpce_id = header.vpce_id;
@@ -209,6 +213,7 @@ async fn drop_chained(
         return Err(Refusal::ChainedHeader);
     }
     consume(stream, header.len).await?;
+    learned.bytes_read += header.len as u64;
     learned.chained_headers += 1;
     Ok(())
 }
