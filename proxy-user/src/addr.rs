@@ -48,7 +48,7 @@ pub struct UpstreamTarget {
 }
 
 /// Why an `--upstream` value was rejected.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum TargetParseError {
     #[error("expected HOST:PORT (IPv6 literals as [ADDR]:PORT)")]
     MissingPort,
@@ -94,7 +94,7 @@ impl fmt::Display for UpstreamTarget {
 
 /// A DNS name: dot-separated labels of 1–63 letters, digits and hyphens (not
 /// at either end), 253 characters at most, an optional final dot.
-fn is_dns_name(name: &str) -> bool {
+pub(crate) fn is_dns_name(name: &str) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name);
     !name.is_empty()
         && name.len() <= 253

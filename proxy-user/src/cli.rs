@@ -6,7 +6,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::{addr::UpstreamTarget, dataplane::DataPlaneChoice, source_prefix::SourcePrefix};
+use crate::{
+    addr::UpstreamTarget,
+    config::ListenerOptions,
+    dataplane::DataPlaneChoice,
+    edge::{ChainedHeaders, ProxyProtocolMode, Route},
+    source_prefix::SourcePrefix,
+};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -58,6 +64,65 @@ pub struct Options {
     #[arg(long, value_name = "HOST:PORT")]
     #[serde(default, deserialize_with = "crate::config::de_from_str")]
     pub upstream: Option<UpstreamTarget>,
+
+    /// Whether connections start with a PROXY protocol header (an NLB with
+    /// proxy protocol v2 on sends one): `off`; `optional`, read when there;
+    /// `required`, a connection without a valid header is closed. The client
+    /// address in the header is the one logged. [default: off]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub proxy_protocol: Option<ProxyProtocolMode>,
+
+    /// Also accept v1 (text) PROXY headers, checked as strictly as v2.
+    #[arg(long)]
+    #[serde(default)]
+    pub proxy_protocol_v1: bool,
+
+    /// A second PROXY header right after the first (proxies chained):
+    /// `refuse` closes the connection; `strip` reads and drops up to three
+    /// more, believing only the first. [default: refuse]
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub chained_proxy_headers: Option<ChainedHeaders>,
+
+    /// Time for the whole PROXY header to arrive. [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub proxy_header_timeout: Option<Duration>,
+
+    /// VPC endpoint ID (vpce-...) allowed to connect, from the AWS TLV of the
+    /// PROXY header; repeat for several. When set, a connection from another
+    /// endpoint or without the TLV is closed. Needs --proxy-protocol.
+    #[arg(long = "allow-vpce", value_name = "ID")]
+    #[serde(default)]
+    pub allowed_vpce_ids: Vec<String>,
+
+    /// Server name (SNI) of the ClientHello allowed to the upstream; repeat
+    /// for several. A ClientHello for another name, or not TLS, is closed.
+    /// [default: the upstream's host name]
+    #[arg(long = "allow-sni", value_name = "NAME")]
+    pub allowed_sni: Option<Vec<String>>,
+
+    /// No SNI check: the first bytes are not looked at and may be any
+    /// protocol (plain TCP, benchmarks). Config key: `sni_check = false`.
+    #[arg(long)]
+    #[serde(default, rename = "sni_check", deserialize_with = "crate::config::de_inverted")]
+    pub no_sni_check: bool,
+
+    /// Send a server name to its own upstream (a routed name is allowed);
+    /// repeat for several. Config key: `routes = { "NAME" = "HOST:PORT" }`.
+    #[arg(long = "route", value_name = "SNI=HOST:PORT")]
+    #[serde(default, deserialize_with = "crate::edge::routes::de_routes")]
+    pub routes: Vec<Route>,
+
+    /// Time for the whole TLS ClientHello to arrive, from the end of the PROXY
+    /// header (or from accept). [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub client_hello_timeout: Option<Duration>,
+
+    /// Listeners with settings of their own (config file only, `[[listeners]]`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub listeners: Vec<ListenerOptions>,
 
     /// DNS server to query; repeat for several. Default: the system resolver
     /// configuration (/etc/resolv.conf).

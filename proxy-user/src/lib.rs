@@ -9,6 +9,7 @@ pub mod config;
 pub mod connect;
 pub mod dataplane;
 pub mod dns;
+pub mod edge;
 pub mod kernel;
 pub mod listener;
 pub mod logging;

@@ -26,7 +26,16 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
-        println!("configuration is valid: listen {:?}, upstream {}", config.listen, config.upstream);
+        println!("configuration is valid");
+        for listener in &config.listeners {
+            let edge = &listener.edge;
+            println!(
+                "  listen {} -> {}; proxy protocol {:?}",
+                listener.addr,
+                edge.upstreams.describe(),
+                edge.proxy_protocol.mode
+            );
+        }
         return ExitCode::from(exit::OK);
     }
     logging::init(config.log_format);

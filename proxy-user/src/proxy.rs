@@ -1,5 +1,6 @@
-//! The life of one connection: resolve the upstream now, connect, forward,
-//! and write one access log line when it closes.
+//! The life of one connection: the edge guard (PROXY header, ClientHello),
+//! resolve the upstream now, connect, forward, and write one access log line
+//! when it closes.
 
 use std::{
     io,
@@ -12,7 +13,7 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
+use tracing::{Instrument as _, field::Empty};
 
 use crate::{
     addr::{ClientAddr, ListenAddr, UpstreamAddr, UpstreamTarget},
@@ -20,6 +21,7 @@ use crate::{
     connect::{ConnectError, Connector},
     dataplane::{self, DataPlane, Transfer, sockmap::SockmapPlane},
     dns::{ResolveError, UpstreamResolver},
+    edge::{self, EdgeConfig, EdgeStats, Learned},
     sockopt::{self, TcpConfig},
 };
 
@@ -29,13 +31,14 @@ const REFUSED_LINGER: Duration = Duration::from_secs(1);
 /// Everything a connection needs, shared by all of them.
 #[derive(Debug)]
 pub struct Proxy {
-    upstream: UpstreamTarget,
     resolver: UpstreamResolver,
     connector: Connector,
     tcp: TcpConfig,
     dataplane: DataPlane,
     /// Set when the data plane is sockmap.
     sockmap: Option<Arc<SockmapPlane>>,
+    /// What the edge guards of every listener admitted and refused.
+    edge_stats: EdgeStats,
 }
 
 /// Why no upstream connection was made.
@@ -62,12 +65,12 @@ impl SetupError {
 impl Proxy {
     pub fn new(config: &Config, sockmap: Option<Arc<SockmapPlane>>) -> Result<Self, ResolveError> {
         Ok(Self {
-            upstream: config.upstream.clone(),
             resolver: UpstreamResolver::new(&config.dns)?,
             connector: Connector::new(config.connect),
             tcp: config.tcp,
             dataplane: config.dataplane,
             sockmap,
+            edge_stats: EdgeStats::default(),
         })
     }
 
@@ -82,34 +85,70 @@ impl Proxy {
     }
 
     #[must_use]
-    pub fn upstream(&self) -> &UpstreamTarget {
-        &self.upstream
+    pub fn edge_stats(&self) -> &EdgeStats {
+        &self.edge_stats
     }
 
-    /// Resolves the upstream once, for the start-up check.
-    pub async fn resolve_upstream(&self) -> Result<Vec<UpstreamAddr>, ResolveError> {
-        self.resolver.resolve(&self.upstream).await
+    /// Resolves an upstream once, for the start-up check.
+    pub async fn resolve_upstream(&self, target: &UpstreamTarget) -> Result<Vec<UpstreamAddr>, ResolveError> {
+        self.resolver.resolve(target).await
     }
 
-    /// Serves one accepted connection to its end. `stop` cuts it short.
+    /// Serves one connection accepted from `peer` (the NLB, behind
+    /// PrivateLink) to its end. The span's `client` is the address the PROXY
+    /// header names, or the peer's. `stop` cuts it short.
     pub async fn serve(
         &self,
         client: TcpStream,
-        client_addr: ClientAddr,
+        peer: ClientAddr,
         listen: ListenAddr,
+        edge: Arc<EdgeConfig>,
         stop: CancellationToken,
     ) {
-        let span = tracing::info_span!("conn", client = %client_addr, listen = %listen);
-        self.serve_inner(client, stop).instrument(span).await;
+        let span = tracing::info_span!(
+            "conn",
+            client = Empty,
+            peer = %peer,
+            listen = %listen,
+            proxy_header = Empty,
+            vpce = Empty,
+            sni = Empty
+        );
+        self.serve_inner(client, peer, &edge, stop).instrument(span).await;
     }
 
-    async fn serve_inner(&self, client: TcpStream, stop: CancellationToken) {
+    async fn serve_inner(
+        &self,
+        mut client: TcpStream,
+        peer: ClientAddr,
+        edge: &EdgeConfig,
+        stop: CancellationToken,
+    ) {
         let started = Instant::now();
         if let Err(error) = sockopt::apply(&client, &self.tcp) {
             tracing::warn!(%error, "client socket options");
         }
+        let mut learned = Learned::default();
+        let guarded = tokio::select! {
+            guarded = edge::guard(&mut client, edge, &self.edge_stats, &mut learned) => Some(guarded),
+            () = stop.cancelled() => None,
+        };
+        record_learned(&learned, peer);
+        let edge_time = started.elapsed();
+        let target = match guarded {
+            Some(Ok(target)) => target,
+            Some(Err(refusal)) => {
+                log_refused(refusal.label(), &refusal, &learned, edge_time, started);
+                close_refused(client).await;
+                return;
+            }
+            None => {
+                log_refused("stopped", &"stopped during the edge checks", &learned, edge_time, started);
+                return;
+            }
+        };
         let resolve_started = Instant::now();
-        let resolved = self.resolver.resolve(&self.upstream).await;
+        let resolved = self.resolver.resolve(target).await;
         let resolve_time = resolve_started.elapsed();
         let connect_started = Instant::now();
         let connected = match resolved {
@@ -122,6 +161,9 @@ impl Proxy {
             Err(error) => {
                 tracing::warn!(
                     upstream = "-",
+                    target = %target,
+                    chained_headers = learned.chained_headers,
+                    edge_ms = millis(edge_time),
                     resolve_ms = millis(resolve_time),
                     connect_ms = millis(connect_time),
                     bytes_up = 0u64,
@@ -143,9 +185,20 @@ impl Proxy {
             pauses,
             resumes,
             reason,
-        } = dataplane::forward(self.dataplane, self.sockmap.as_deref(), client, upstream, stop).await;
+        } = dataplane::forward(
+            self.dataplane,
+            self.sockmap.as_deref(),
+            client,
+            upstream,
+            stop,
+            learned.bytes_read,
+        )
+        .await;
         tracing::info!(
             upstream = %upstream_addr,
+            target = %target,
+            chained_headers = learned.chained_headers,
+            edge_ms = millis(edge_time),
             resolve_ms = millis(resolve_time),
             connect_ms = millis(connect_time),
             bytes_up = client_to_upstream,
@@ -164,6 +217,57 @@ impl Proxy {
         let (stream, addr) = self.connector.connect(addrs).await?;
         sockopt::apply(&stream, &self.tcp)?;
         Ok((stream, addr))
+    }
+}
+
+/// The client address (the header's, or the peer's), PROXY header version,
+/// VPC endpoint and server name go into the connection's span, so every line
+/// of it shows them.
+fn record_learned(learned: &Learned, peer: ClientAddr) {
+    let span = tracing::Span::current();
+    match learned.client {
+        Some(client) => span.record("client", tracing::field::display(client)),
+        None => span.record("client", tracing::field::display(peer)),
+    };
+    if let Some(version) = learned.proxy_version {
+        span.record("proxy_header", version);
+    }
+    if let Some(vpce) = &learned.vpce_id {
+        span.record("vpce", vpce.as_str());
+    }
+    if let Some(sni) = &learned.server_name {
+        span.record("sni", sni.as_str());
+    }
+}
+
+/// The access log line of a connection the guard closed: a health check is
+/// routine (info), anything else a warning.
+fn log_refused(
+    reason: &'static str,
+    error: &dyn std::fmt::Display,
+    learned: &Learned,
+    edge_time: Duration,
+    started: Instant,
+) {
+    macro_rules! closed {
+        ($level:ident) => {
+            tracing::$level!(
+                upstream = "-",
+                chained_headers = learned.chained_headers,
+                edge_ms = millis(edge_time),
+                bytes_up = 0u64,
+                bytes_down = 0u64,
+                duration_ms = millis(started.elapsed()),
+                reason,
+                %error,
+                "connection closed"
+            )
+        };
+    }
+    if reason == "health_check" {
+        closed!(info);
+    } else {
+        closed!(warn);
     }
 }
 

@@ -13,10 +13,12 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    addr::UpstreamTarget,
     cli::Options,
     config::Config,
     dataplane::{DataPlane, sockmap::SockmapPlane},
     dns::ResolveError,
+    edge::EdgeConfig,
     kernel::{KernelError, KernelPrograms},
     listener::{BindError, Listener},
     proxy::Proxy,
@@ -59,7 +61,8 @@ pub struct Server {
     source_filter: Option<SourceFilter>,
     /// The command line, to re-read the configuration with on SIGHUP.
     flags: Options,
-    listeners: Vec<Listener>,
+    /// Each bound listener with the edge settings of its connections.
+    listeners: Vec<(Listener, Arc<EdgeConfig>)>,
     /// Loaded kernel programs not used by the data plane, kept for their logs.
     _kernel: Option<KernelPrograms>,
     proxy: Arc<Proxy>,
@@ -85,7 +88,8 @@ impl Server {
         let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
         let sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
-        let fixed_ports: Vec<u16> = config.listen.iter().map(|l| l.0.port()).filter(|p| *p != 0).collect();
+        let fixed_ports: Vec<u16> =
+            config.listeners.iter().map(|l| l.addr.0.port()).filter(|p| *p != 0).collect();
         let mut source_filter =
             config.source_filter.as_ref().map(|c| start_source_filter(c, &fixed_ports)).transpose()?;
         let (sockmap, kernel) = match (config.dataplane, kernel) {
@@ -96,11 +100,14 @@ impl Server {
             (_, kernel) => (None, kernel.ok()),
         };
         let proxy = Arc::new(Proxy::new(config, sockmap)?);
-        let listeners: Vec<Listener> =
-            config.listen.iter().map(|addr| Listener::bind(*addr)).collect::<Result<_, _>>()?;
+        let listeners: Vec<(Listener, Arc<EdgeConfig>)> = config
+            .listeners
+            .iter()
+            .map(|l| Ok((Listener::bind(l.addr)?, Arc::clone(&l.edge))))
+            .collect::<Result<_, BindError>>()?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
-            let ports: Vec<u16> = listeners.iter().map(|l| l.addr.0.port()).collect();
+            let ports: Vec<u16> = listeners.iter().map(|(l, _)| l.addr.0.port()).collect();
             filter.guard_ports(&ports)?;
             tracing::info!(?ports, "XDP source filter guards the listen ports");
         }
@@ -126,26 +133,41 @@ impl Server {
         let connections = TaskTracker::new();
         let mut accept_loops = JoinSet::new();
         let slots = Arc::new(Semaphore::new(self.max_connections));
-        for listener in self.listeners.drain(..) {
-            tracing::info!(listen = %listener.addr, upstream = %self.proxy.upstream(), "listening");
+        let mut targets: Vec<UpstreamTarget> = Vec::new();
+        for (listener, edge) in self.listeners.drain(..) {
+            tracing::info!(
+                listen = %listener.addr,
+                upstream = edge.upstreams.describe(),
+                proxy_protocol = ?edge.proxy_protocol.mode,
+                allowed_vpce_ids = ?edge.proxy_protocol.allowed_vpce_ids,
+                "listening"
+            );
+            for target in edge.upstreams.targets() {
+                if !targets.contains(target) {
+                    targets.push(target.clone());
+                }
+            }
             let proxy = Arc::clone(&self.proxy);
             let connections = connections.clone();
             let stop_connections = stop_connections.clone();
             accept_loops.spawn(listener.accept_loop(
                 stop_accepting.clone(),
                 Arc::clone(&slots),
-                move |stream, client, listen, permit| {
+                move |stream, peer, listen, permit| {
                     let proxy = Arc::clone(&proxy);
+                    let edge = Arc::clone(&edge);
                     let stop = stop_connections.clone();
                     connections.spawn(async move {
-                        proxy.serve(stream, client, listen, stop).await;
+                        proxy.serve(stream, peer, listen, edge, stop).await;
                         drop(permit);
                     });
                 },
             ));
         }
         tracing::info!(dataplane = self.proxy.dataplane().label(), why = self.dataplane_reason, "data plane");
-        tokio::spawn(startup_check(Arc::clone(&self.proxy)));
+        for target in targets {
+            tokio::spawn(startup_check(Arc::clone(&self.proxy), target));
+        }
         tracing::info!("ready");
 
         let drain = loop {
@@ -225,8 +247,10 @@ impl Server {
         }
     }
 
-    /// Logs what the sockmap plane and the source filter did over the whole run.
+    /// Logs what the edge guards, the sockmap plane (when it is in use) and
+    /// the source filter did over the whole run.
     pub fn log_totals(&self) {
+        self.proxy.edge_stats().log_totals();
         if let Some(sockmap) = self.proxy.sockmap() {
             sockmap.log_totals();
         }
@@ -279,14 +303,14 @@ async fn cut_all(connections: &TaskTracker, stop: &CancellationToken) -> usize {
 }
 
 /// A name that does not resolve at start-up is only a warning: it may appear later.
-async fn startup_check(proxy: Arc<Proxy>) {
-    match proxy.resolve_upstream().await {
+async fn startup_check(proxy: Arc<Proxy>, upstream: UpstreamTarget) {
+    match proxy.resolve_upstream(&upstream).await {
         Ok(addrs) => {
             let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-            tracing::info!(upstream = %proxy.upstream(), addrs = ?addrs, "upstream resolves");
+            tracing::info!(%upstream, addrs = ?addrs, "upstream resolves");
         }
         Err(error) => {
-            tracing::warn!(upstream = %proxy.upstream(), %error, "upstream does not resolve yet; will retry for every connection");
+            tracing::warn!(%upstream, %error, "upstream does not resolve yet; will retry for every connection");
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Test kit for splice-proxy's integration tests and the local demo: a DNS
 //! server whose answers change on demand, fake TLS API servers, byte-exact
-//! transfers, the proxy as a real process, and a network-namespace guard.
+//! transfers, the proxy as a real process, PROXY headers and ClientHellos,
+//! and a network-namespace guard.
 
 pub mod api;
 pub mod bpf_maps;
 pub mod dns;
+pub mod edge;
 pub mod frames;
 pub mod netns;
 pub mod process;

@@ -74,7 +74,7 @@ fn bad_flags_exit_2_naming_the_flag() -> Result<()> {
 fn a_listen_address_in_use_exits_3_naming_it() -> Result<()> {
     let taken = TcpListener::bind("127.0.0.1:0")?;
     let addr = taken.local_addr()?.to_string();
-    let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443"])?;
+    let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443", "--no-sni-check"])?;
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains(&addr) && out.contains("in use"), "{out}");
     Ok(())
@@ -94,6 +94,15 @@ fn help_lists_the_flags_and_exit_codes() -> Result<()> {
         "--log-format",
         "--xdp-interface",
         "--allow-source",
+        "--proxy-protocol",
+        "--proxy-protocol-v1",
+        "--chained-proxy-headers",
+        "--proxy-header-timeout",
+        "--allow-vpce",
+        "--allow-sni",
+        "--no-sni-check",
+        "--route",
+        "--client-hello-timeout",
         "Exit codes",
     ] {
         assert!(out.contains(needle), "--help lacks {needle}");
@@ -106,5 +115,50 @@ fn the_example_config_in_the_repository_is_valid() -> Result<()> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/splice-proxy.example.toml");
     let (code, text) = run(&["check-config", "--config", path])?;
     assert_eq!(code, Some(0), "{text}");
+    Ok(())
+}
+
+#[test]
+fn bad_edge_settings_exit_2_naming_the_key_and_flag() -> Result<()> {
+    let base = ["--listen", "127.0.0.1:0", "--upstream", "api.example.com:443"];
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--proxy-protocol", "required", "--allow-vpce", "vpce-nothex!"],
+            "`allowed_vpce_ids` (--allow-vpce)",
+        ),
+        (&["--allow-vpce", "vpce-0123abcd"], "`allowed_vpce_ids` (--allow-vpce)"),
+        (
+            &["--route", "a.example.com=b.example.com:1", "--route", "a.example.com=c.example.com:1"],
+            "`routes` (--route)",
+        ),
+        (&["--no-sni-check", "--allow-sni", "a.example.com"], "`sni_check` (--no-sni-check)"),
+        (&["--proxy-protocol-v1"], "`proxy_protocol_v1` (--proxy-protocol-v1)"),
+    ];
+    for (extra, needle) in cases {
+        let args = [&base[..], extra].concat();
+        let (code, out) = run(&args)?;
+        assert_eq!(code, Some(2), "{args:?}: {out}");
+        assert!(out.contains(needle), "{args:?}: message does not name {needle}: {out}");
+    }
+    // The default allowlist is the upstream's host name: an IP address has none.
+    let (code, out) = run(&["--listen", "127.0.0.1:0", "--upstream", "10.0.0.1:443"])?;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("`allowed_sni` (--allow-sni)") && out.contains("--no-sni-check"), "{out}");
+    let (code, out) = run(&[&base[..], &["--route", "no-equals-sign"]].concat())?;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("--route") && out.contains("SNI=HOST:PORT"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn the_edge_example_in_the_readme_is_valid() -> Result<()> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let section = readme.split("## Edge guard").nth(1).expect("an Edge guard section");
+    let example =
+        section.split("```toml\n").nth(1).and_then(|s| s.split("```").next()).expect("a toml block");
+    let file = config_file(example)?;
+    let (code, text) = run(&["check-config", "--config", file.path().to_str().unwrap()])?;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("0.0.0.0:8443"), "{text}");
     Ok(())
 }

@@ -29,7 +29,8 @@ async fn proxy_to(plane: &str, upstream: SocketAddr) -> Result<ProxyProcess> {
 
 async fn proxy_with(plane: &str, upstream: SocketAddr, extra: &[&str]) -> Result<ProxyProcess> {
     let upstream = upstream.to_string();
-    let mut args = vec!["--upstream", upstream.as_str(), "--dataplane", plane];
+    // Plain TCP payloads, not TLS.
+    let mut args = vec!["--upstream", upstream.as_str(), "--dataplane", plane, "--no-sni-check"];
     args.extend_from_slice(extra);
     let proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
     let chosen = proxy.wait_message("data plane", Duration::from_secs(5)).await?;

@@ -106,7 +106,8 @@ fn every_plane_is_exact_over_a_lossy_link() -> Result<()> {
             .find(|(n, ..)| *n == name)
             .with_context(|| format!("SPLICE_PROXY_LOSSY_VARIANTS: unknown variant {name:?}"))?;
         let (plane, extra) = (*plane, *extra);
-        let mut args = vec!["--listen", &listen, "--upstream", &upstream, "--dataplane", plane];
+        let mut args =
+            vec!["--listen", &listen, "--upstream", &upstream, "--dataplane", plane, "--no-sni-check"];
         args.extend_from_slice(extra);
         let mut proxy = ProxyProcess::start_in_netns(&topology.proxy, &args)?;
         let drops_before = lossy.drops()?;

@@ -45,11 +45,12 @@ async fn setup(initial: Answer, extra_args: &[&str]) -> Result<Setup> {
     Ok(Setup { dns, enis, client: pki.client(API_HOSTNAME)?, proxy })
 }
 
-/// Connects, sends a ClientHello-sized burst, and returns what the read saw:
-/// `Ok(0)` is a clean close (FIN), an error is a reset.
+/// Connects, sends a ClientHello for the API name, and returns what the read
+/// saw: `Ok(0)` is a clean close (FIN), an error is a reset.
 async fn read_after_send(proxy: std::net::SocketAddr) -> std::io::Result<usize> {
+    let hello = testkit::edge::client_hello(API_HOSTNAME).expect("a ClientHello");
     let mut stream = TcpStream::connect(proxy).await?;
-    stream.write_all(&[0x16; 517]).await?;
+    stream.write_all(&hello).await?;
     let mut buf = [0u8; 64];
     tokio::time::timeout(Duration::from_secs(15), stream.read(&mut buf))
         .await

@@ -43,7 +43,7 @@ async fn transfer_with_slow_reader(plane: &str) -> Result<u64> {
     let upstream = testkit::listen((IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 0).into())?;
     let upstream_addr = upstream.local_addr()?.to_string();
     let proxy = tokio::task::block_in_place(|| {
-        ProxyProcess::start(&["--upstream", upstream_addr.as_str(), "--dataplane", plane])
+        ProxyProcess::start(&["--upstream", upstream_addr.as_str(), "--dataplane", plane, "--no-sni-check"])
     })?;
     let reader = tokio::spawn(async move {
         let (mut stream, _) = upstream.accept().await?;

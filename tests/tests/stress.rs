@@ -33,7 +33,7 @@ async fn every_plane_is_exact_run_after_run() -> Result<()> {
     let planes =
         std::env::var("SPLICE_PROXY_STRESS_PLANES").unwrap_or_else(|_| "sockmap,splice,copy".to_owned());
     for plane in planes.split(',') {
-        let args = ["--upstream", upstream.as_str(), "--dataplane", plane];
+        let args = ["--upstream", upstream.as_str(), "--dataplane", plane, "--no-sni-check"];
         let mut proxy = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
         let started = Instant::now();
         for run in 0..runs {

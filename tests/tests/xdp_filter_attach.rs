@@ -67,7 +67,15 @@ fn attaches_natively_to_veth_generically_to_loopback_and_detaches_on_drop() -> R
 fn a_failed_start_or_a_killed_proxy_leaves_no_program_attached() -> Result<()> {
     let _netns = NetNs::enter()?;
     veth_pair()?;
-    let filter = ["--xdp-interface", "xf-a", "--allow-source", "192.0.2.0/24", "--upstream", "127.0.0.2:443"];
+    let filter = [
+        "--xdp-interface",
+        "xf-a",
+        "--allow-source",
+        "192.0.2.0/24",
+        "--upstream",
+        "127.0.0.2:443",
+        "--no-sni-check",
+    ];
 
     // Attached before binding; the bind fails; the filter goes with the process.
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;

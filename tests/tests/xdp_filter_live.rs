@@ -98,7 +98,7 @@ fn only_allowed_sources_get_through_and_sighup_reloads_the_list() -> Result<()> 
     let config_path = config.path().to_str().context("temp path")?.to_owned();
     let mut proxy = ProxyProcess::start_in_netns(
         proxy_ns,
-        &["--config", &config_path, "--listen", &listen, "--upstream", &upstream],
+        &["--config", &config_path, "--listen", &listen, "--upstream", &upstream, "--no-sni-check"],
     )?;
     let attached =
         runtime.block_on(proxy.wait_message("XDP source filter attached", Duration::from_secs(1)))?;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | fuzz`.
 //!
 //! Every task that needs the kernel toolchain first makes sure it is present
 //! (see [`prereq`]), so a fresh Debian 12 host needs no other set-up step.
@@ -54,6 +54,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         bench_args: Vec<String>,
     },
+    /// Run each fuzz target of fuzz/ (cargo-fuzz, nightly) for a bounded
+    /// time: the PROXY header and ClientHello parsers. Installs cargo-fuzz
+    /// when missing. A crash stops the run; its input is saved under
+    /// fuzz/artifacts/<target>/ (turn it into a unit test).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -68,6 +77,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::Demo => demo(&root),
         Task::Bench { bench_args } => bench(&root, &bench_args),
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
     }
 }
 
@@ -128,6 +138,32 @@ fn bench(root: &Path, bench_args: &[String]) -> Result<()> {
         .arg("--proxy-bin")
         .arg(root.join("target/release/splice-proxy"))
         .args(bench_args))
+}
+
+/// The fuzz targets (`fuzz/fuzz_targets/*.rs`) with the longest input each
+/// gets: past its parser's size bound (1,024 and 20,480 bytes).
+const FUZZ_TARGETS: [(&str, u32); 2] = [("proxy_header", 2048), ("client_hello", 24_576)];
+
+fn fuzz(root: &Path, seconds: u32) -> Result<()> {
+    prereq::ensure_fuzz()?;
+    // The targets link proxy-user, whose build embeds the kernel object.
+    if !ebpf_object(root).is_file() {
+        build_ebpf(root)?;
+    }
+    for (target, max_len) in FUZZ_TARGETS {
+        // New inputs go to corpus/ (not kept in git); seeds/ is read only.
+        let corpus = root.join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(root.join("fuzz/seeds").join(target))
+            .args(["--", &format!("-max_total_time={seconds}"), &format!("-max_len={max_len}")])
+            .current_dir(root);
+        clear_outer_cargo_env(&mut cmd);
+        run(&mut cmd)?;
+    }
+    Ok(())
 }
 
 fn cargo(root: &Path) -> Command {

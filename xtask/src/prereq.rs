@@ -34,6 +34,23 @@ pub fn ensure_bench() -> Result<()> {
     ensure_debian_packages(&["haproxy"], "HAProxy 2.6, or pass the bench --haproxy-bin PATH")
 }
 
+/// cargo-fuzz version `cargo xtask fuzz` installs when it is missing.
+const CARGO_FUZZ_VERSION: &str = "0.13";
+
+/// Makes sure the fuzz targets can run: the nightly toolchain and cargo-fuzz
+/// (installed from crates.io when missing).
+pub fn ensure_fuzz() -> Result<()> {
+    ensure_nightly()?;
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        run(Command::new("cargo")
+            .args(["+stable", "install", "cargo-fuzz", "--locked"])
+            .args(["--version", &format!("~{CARGO_FUZZ_VERSION}")]))
+        .context("installing cargo-fuzz failed")?;
+    }
+    Ok(())
+}
+
 fn ensure_nightly() -> Result<()> {
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         bail!(

@@ -164,16 +164,21 @@ impl PumpError {
 }
 
 /// Forwards both directions with `plane` until both are finished, a side
-/// fails, or `stop` is cancelled; then closes both sockets.
+/// fails, or `stop` is cancelled; then closes both sockets. `client_read`:
+/// bytes read from the client before (a PROXY header), which the sockmap
+/// plane must leave out of its count of what the client sent.
 pub async fn forward(
     plane: DataPlane,
     sockmap: Option<&sockmap::SockmapPlane>,
     client: TcpStream,
     upstream: TcpStream,
     stop: CancellationToken,
+    client_read: u64,
 ) -> Transfer {
     match (plane, sockmap) {
-        (DataPlane::Sockmap { .. }, Some(sockmap)) => sockmap.forward(client, upstream, stop).await,
+        (DataPlane::Sockmap { .. }, Some(sockmap)) => {
+            sockmap.forward(client, upstream, stop, client_read).await
+        }
         (DataPlane::Copy { buffer_size }, _) => {
             forward_user(client, upstream, stop, UserPump::Copy { buffer_size }).await
         }

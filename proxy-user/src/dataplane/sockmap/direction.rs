@@ -297,7 +297,7 @@ impl SockmapPlane {
     /// message queue is empty, even while passed skbs still wait on the
     /// psock's backlog queue (when the receive buffer was full); so EOF counts
     /// only once every byte the socket received (`tcpi_bytes_received`, minus
-    /// one for the FIN) is accounted for.
+    /// one for the FIN and the bytes read before set-up) is accounted for.
     async fn close_direction(
         &self,
         from: &TcpStream,
@@ -312,7 +312,10 @@ impl SockmapPlane {
         let mut progressed = Instant::now();
         loop {
             let redirected = self.flow(state.cookie).redirected_bytes;
-            let received = tcpstat::received_total(from).map_err(PumpError::Read)?.saturating_sub(1);
+            let received = tcpstat::received_total(from)
+                .map_err(PumpError::Read)?
+                .saturating_sub(1)
+                .saturating_sub(state.source_read);
             let done = copied.load(Ordering::Relaxed);
             if redirected + done >= received {
                 self.wait_taken(to, state.peer_base, redirected + done).await?;

@@ -143,9 +143,16 @@ impl SockmapPlane {
         self.pause_waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Splices one connection until it ends.
-    pub async fn forward(&self, client: TcpStream, upstream: TcpStream, stop: CancellationToken) -> Transfer {
-        let setup = match self.set_up(&client, &upstream) {
+    /// Splices one connection until it ends. `client_read`: bytes user space
+    /// read from the client before (not for the upstream).
+    pub async fn forward(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        stop: CancellationToken,
+        client_read: u64,
+    ) -> Transfer {
+        let setup = match self.set_up(&client, &upstream, client_read) {
             Ok(setup) => setup,
             Err(error) => {
                 tracing::debug!(%error, "not spliced in the kernel; using splice(2)");
@@ -177,7 +184,12 @@ impl SockmapPlane {
         }
     }
 
-    fn set_up(&self, client: &TcpStream, upstream: &TcpStream) -> Result<Setup, SetupError> {
+    fn set_up(
+        &self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        client_read: u64,
+    ) -> Result<Setup, SetupError> {
         // Both buffers are fixed before the sockets enter the map. A paused
         // socket's receive buffer must not autotune to tcp_rmem[2], and
         // capping it only at pause time, below what it already held, hung
@@ -191,8 +203,13 @@ impl SockmapPlane {
         }
         let client_cookie = socket_cookie(client).map_err(SetupError::Io)?;
         let upstream_cookie = socket_cookie(upstream).map_err(SetupError::Io)?;
-        let up = DirectionState::new(client_cookie, tcpstat::sent_total(upstream).map_err(SetupError::Io)?);
-        let down = DirectionState::new(upstream_cookie, tcpstat::sent_total(client).map_err(SetupError::Io)?);
+        let up = DirectionState::new(
+            client_cookie,
+            tcpstat::sent_total(upstream).map_err(SetupError::Io)?,
+            client_read,
+        );
+        let down =
+            DirectionState::new(upstream_cookie, tcpstat::sent_total(client).map_err(SetupError::Io)?, 0);
         {
             let mut waiters = self.waiters();
             waiters.insert(client_cookie, Arc::clone(&up.paused));
@@ -269,13 +286,16 @@ struct DirectionState {
     cookie: u64,
     /// `sent_total` of the destination when the connection was set up.
     peer_base: u64,
+    /// Bytes the source received that user space read before set-up (the
+    /// client's PROXY header): not part of this direction.
+    source_read: u64,
     /// Notified when the program pauses this flow.
     paused: Arc<Notify>,
 }
 
 impl DirectionState {
-    fn new(cookie: u64, peer_base: u64) -> Self {
-        Self { cookie, peer_base, paused: Arc::new(Notify::new()) }
+    fn new(cookie: u64, peer_base: u64, source_read: u64) -> Self {
+        Self { cookie, peer_base, source_read, paused: Arc::new(Notify::new()) }
     }
 }
 

@@ -1,11 +1,15 @@
 //! Configuration: the TOML file and the flags are read into the same
 //! [`Options`] shape, the flags win, and [`Config::from_options`] checks every
 //! value before anything binds a port. Errors name the field (config key and flag).
+//! Listeners and their edge settings: [`listeners`].
+
+mod listeners;
+
+pub use listeners::{ListenerConfig, ListenerOptions};
 
 use std::{
     collections::HashSet,
     fmt::Display,
-    net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -15,7 +19,6 @@ use proxy_common::{MAX_GUARDED_PORTS, MAX_SOURCE_PREFIXES};
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    addr::{ListenAddr, UpstreamTarget},
     cli::{LogFormat, Options},
     connect::ConnectConfig,
     dataplane::{DataPlane, splice::Pipe},
@@ -28,8 +31,7 @@ use crate::{
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: Vec<ListenAddr>,
-    pub upstream: UpstreamTarget,
+    pub listeners: Vec<ListenerConfig>,
     pub dns: DnsConfig,
     pub connect: ConnectConfig,
     pub tcp: TcpConfig,
@@ -52,6 +54,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, field: String, message: String },
     #[error("field `{field}` (--{flag}): {reason}")]
     Invalid { field: &'static str, flag: &'static str, reason: String },
+    #[error("listeners[{index}] ({listen}): field `{field}` (--{flag}): {reason}")]
+    InvalidListener {
+        index: usize,
+        listen: std::net::SocketAddr,
+        field: &'static str,
+        flag: &'static str,
+        reason: String,
+    },
 }
 
 const MIN_COPY_BUFFER: usize = 4 * 1024;
@@ -75,14 +85,7 @@ impl Config {
 
     /// Validates merged options.
     pub fn from_options(o: Options) -> Result<Self, ConfigError> {
-        let listen = validate_listen(&o.listen)?;
-        let upstream = o.upstream.ok_or_else(|| {
-            invalid(
-                "upstream",
-                "upstream",
-                "missing: set the upstream HOST:PORT in the config file or with --upstream",
-            )
-        })?;
+        let listeners = listeners::listeners(&o)?;
         let dns = DnsConfig {
             servers: o.dns_servers,
             max_ttl: o.dns_max_ttl.unwrap_or(Duration::from_secs(5)),
@@ -150,7 +153,7 @@ impl Config {
                 format!("{max_inflight} is not from 64 KiB to 1 GiB"),
             ));
         }
-        let source_filter = validate_source_filter(o.xdp_interface, o.allowed_source_cidrs, &listen)?;
+        let source_filter = validate_source_filter(o.xdp_interface, o.allowed_source_cidrs, &listeners)?;
         let (dataplane, dataplane_reason) =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
@@ -162,8 +165,7 @@ impl Config {
             })?;
         }
         Ok(Self {
-            listen,
-            upstream,
+            listeners,
             dns,
             connect,
             tcp,
@@ -198,8 +200,19 @@ fn overlay(file: Options, flags: Options) -> Options {
     }
     Options {
         config: flags.config,
+        // `--listen` replaces every listener of the file, `[[listeners]]` too.
+        listeners: if flags.listen.is_empty() { file.listeners } else { Vec::new() },
         listen: vec_or(flags.listen, file.listen),
         upstream: flags.upstream.or(file.upstream),
+        proxy_protocol: flags.proxy_protocol.or(file.proxy_protocol),
+        proxy_protocol_v1: flags.proxy_protocol_v1 || file.proxy_protocol_v1,
+        chained_proxy_headers: flags.chained_proxy_headers.or(file.chained_proxy_headers),
+        proxy_header_timeout: flags.proxy_header_timeout.or(file.proxy_header_timeout),
+        allowed_vpce_ids: vec_or(flags.allowed_vpce_ids, file.allowed_vpce_ids),
+        allowed_sni: flags.allowed_sni.or(file.allowed_sni),
+        no_sni_check: flags.no_sni_check || file.no_sni_check,
+        routes: vec_or(flags.routes, file.routes),
+        client_hello_timeout: flags.client_hello_timeout.or(file.client_hello_timeout),
         dns_servers: vec_or(flags.dns_servers, file.dns_servers),
         dns_max_ttl: flags.dns_max_ttl.or(file.dns_max_ttl),
         dns_timeout: flags.dns_timeout.or(file.dns_timeout),
@@ -221,30 +234,13 @@ fn overlay(file: Options, flags: Options) -> Options {
     }
 }
 
-fn validate_listen(listen: &[SocketAddr]) -> Result<Vec<ListenAddr>, ConfigError> {
-    if listen.is_empty() {
-        return Err(invalid(
-            "listen",
-            "listen",
-            "missing: give at least one ADDR:PORT in the config file or with --listen",
-        ));
-    }
-    let mut seen = HashSet::new();
-    for addr in listen {
-        if !seen.insert(addr) {
-            return Err(invalid("listen", "listen", format!("{addr} is listed twice")));
-        }
-    }
-    Ok(listen.iter().copied().map(ListenAddr).collect())
-}
-
 /// `xdp_interface` and `allowed_source_cidrs`: both or neither; the
 /// interface exists (in this network namespace); the list is not empty (that
 /// would drop every TCP packet to a listen port) and fits the kernel maps.
 fn validate_source_filter(
     interface: Option<String>,
     allowed: Vec<SourcePrefix>,
-    listen: &[ListenAddr],
+    listeners: &[ListenerConfig],
 ) -> Result<Option<SourceFilterConfig>, ConfigError> {
     const CIDRS: (&str, &str) = ("allowed_source_cidrs", "allow-source");
     let Some(interface) = interface else {
@@ -283,7 +279,7 @@ fn validate_source_filter(
     if v4 > most || allowed.len() - v4 > most {
         return Err(invalid(CIDRS.0, CIDRS.1, format!("more than {most} prefixes of one address family")));
     }
-    let ports: HashSet<u16> = listen.iter().map(|l| l.0.port()).collect();
+    let ports: HashSet<u16> = listeners.iter().map(|l| l.addr.0.port()).collect();
     if ports.len() > MAX_GUARDED_PORTS as usize {
         return Err(invalid(
             "listen",
@@ -323,8 +319,13 @@ fn keepalive_secs(
     Ok(d)
 }
 
-fn invalid(field: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, flag, reason: reason.into() }
+}
+
+/// `sni_check = false` in the file is the flag `--no-sni-check`.
+pub(crate) fn de_inverted<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    bool::deserialize(d).map(|check| !check)
 }
 
 /// Deserializes an optional value through its `FromStr` (used for `upstream`).
@@ -363,8 +364,10 @@ mod tests {
             Options::default(),
         )
         .unwrap();
-        assert_eq!(c.listen, vec![ListenAddr("127.0.0.1:6443".parse().unwrap())]);
-        assert_eq!(c.upstream.to_string(), "api.example.com:443");
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].addr, crate::addr::ListenAddr("127.0.0.1:6443".parse().unwrap()));
+        let upstream = c.listeners[0].edge.upstreams.default_upstream().unwrap();
+        assert_eq!(upstream.to_string(), "api.example.com:443");
         assert_eq!(c.dns.max_ttl, Duration::ZERO);
         assert_eq!(c.connect.timeout, Duration::from_secs(3));
         assert_eq!(c.tcp.keepalive_idle, Duration::from_secs(30));
@@ -382,7 +385,8 @@ mod tests {
             flags,
         )
         .unwrap();
-        assert_eq!(c.upstream.to_string(), "other.example.com:6443");
+        let upstream = c.listeners[0].edge.upstreams.default_upstream().unwrap();
+        assert_eq!(upstream.to_string(), "other.example.com:6443");
         assert_eq!(c.connect.timeout, Duration::from_millis(500));
     }
 

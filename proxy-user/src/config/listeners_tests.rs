@@ -1,0 +1,112 @@
+use std::io::Write as _;
+
+use super::*;
+use crate::config::Config;
+
+fn load(text: &str, mut flags: Options) -> Result<Config, ConfigError> {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    flags.config = Some(f.path().into());
+    Config::load(&flags)
+}
+
+const TWO_LISTENERS: &str = r#"
+upstream = "api.example.com:443"
+listen = ["127.0.0.1:6443"]
+proxy_header_timeout = "2s"
+
+[[listeners]]
+listen = "127.0.0.1:7443"
+proxy_protocol = "required"
+allowed_vpce_ids = ["vpce-0123456789abcdef0"]
+routes = { "b.example.com" = "b.internal:6443" }
+
+[[listeners]]
+listen = "127.0.0.1:8443"
+upstream = "10.0.0.1:443"
+sni_check = false
+"#;
+
+#[test]
+fn listeners_take_their_own_keys_and_inherit_the_rest() {
+    let c = load(TWO_LISTENERS, Options::default()).unwrap();
+    assert_eq!(c.listeners.len(), 3);
+    let (top, pp, plain) = (&c.listeners[0].edge, &c.listeners[1].edge, &c.listeners[2].edge);
+    assert_eq!(top.proxy_protocol.mode, ProxyProtocolMode::Off);
+    assert!(top.upstreams.sni_check());
+    assert_eq!(pp.proxy_protocol.mode, ProxyProtocolMode::Required);
+    assert_eq!(pp.proxy_protocol.header_timeout, Duration::from_secs(2));
+    assert!(pp.proxy_protocol.allowed_vpce_ids.contains("vpce-0123456789abcdef0"));
+    assert_eq!(pp.upstreams.choose(Some("b.example.com")).unwrap().to_string(), "b.internal:6443");
+    assert_eq!(pp.upstreams.choose(Some("api.example.com")).unwrap().to_string(), "api.example.com:443");
+    assert!(!plain.upstreams.sni_check());
+    assert_eq!(plain.upstreams.default_upstream().unwrap().to_string(), "10.0.0.1:443");
+    assert_eq!(plain.client_hello_timeout, Duration::from_secs(10));
+}
+
+#[test]
+fn flags_set_the_top_level_and_listen_replaces_every_listener() {
+    let flags = Options {
+        listen: vec!["127.0.0.1:9443".parse().unwrap()],
+        proxy_protocol: Some(ProxyProtocolMode::Optional),
+        allowed_vpce_ids: vec!["vpce-0123abcd".into()],
+        ..Options::default()
+    };
+    let c = load(TWO_LISTENERS, flags).unwrap();
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].edge.proxy_protocol.mode, ProxyProtocolMode::Optional);
+}
+
+#[test]
+fn errors_name_the_key_and_the_listener() {
+    let base = "upstream = \"api.example.com:443\"\nlisten = [\"127.0.0.1:1\"]\n";
+    let cases = [
+        ("proxy_protocol = \"required\"\nallowed_vpce_ids = [\"vpce-XYZ\"]\n", "`allowed_vpce_ids`"),
+        ("allowed_vpce_ids = [\"vpce-0123abcd\"]\n", "`allowed_vpce_ids`"),
+        ("proxy_protocol = \"sometimes\"\n", "`proxy_protocol`"),
+        ("proxy_protocol_v1 = true\n", "`proxy_protocol_v1`"),
+        ("proxy_protocol = \"optional\"\nproxy_header_timeout = \"0s\"\n", "`proxy_header_timeout`"),
+        ("routes = { \"a b\" = \"x:1\" }\n", "`routes"),
+        ("routes = { \"a.com\" = \"x\" }\n", "`routes"),
+        ("allowed_sni = [\"a.com\"]\nroutes = { \"a.com\" = \"x:1\" }\n", "`routes`"),
+        ("allowed_sni = [\"not a name\"]\n", "`allowed_sni`"),
+        ("sni_check = false\nallowed_sni = [\"a.com\"]\n", "`sni_check`"),
+        ("client_hello_timeout = \"0s\"\n", "`client_hello_timeout`"),
+        ("[[listeners]]\nlisten = \"127.0.0.1:1\"\n", "listeners[0] (127.0.0.1:1): field `listen`"),
+        ("[[listeners]]\nlisten = \"127.0.0.1:2\"\nbogus = 1\n", "`listeners[0].bogus"),
+        (
+            "[[listeners]]\nlisten = \"127.0.0.1:2\"\nupstream = \"10.0.0.1:443\"\n",
+            "listeners[0] (127.0.0.1:2): field `allowed_sni` (--allow-sni)",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let text = format!("{base}{extra}");
+        let err = load(&text, Options::default()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text:?} gave {err:?}, not naming {needle}");
+    }
+}
+
+#[test]
+fn duplicate_routes_from_flags_are_refused() {
+    let flags = Options {
+        listen: vec!["127.0.0.1:1".parse().unwrap()],
+        upstream: Some("api.example.com:443".parse().unwrap()),
+        routes: vec!["a.com=x:1".parse().unwrap(), "A.com.=y:1".parse().unwrap()],
+        ..Options::default()
+    };
+    let err = Config::from_options(flags).unwrap_err().to_string();
+    assert!(err.contains("`routes` (--route): a.com is routed twice"), "{err}");
+}
+
+#[test]
+fn an_ip_upstream_needs_names_or_no_check() {
+    let flags = |no_sni_check| Options {
+        listen: vec!["127.0.0.1:1".parse().unwrap()],
+        upstream: Some("10.0.0.1:443".parse().unwrap()),
+        no_sni_check,
+        ..Options::default()
+    };
+    let err = Config::from_options(flags(false)).unwrap_err().to_string();
+    assert!(err.contains("--no-sni-check"), "{err}");
+    assert!(Config::from_options(flags(true)).is_ok());
+}
