@@ -57,10 +57,12 @@ pub fn apply<F: AsFd>(fd: &F, tcp: &TcpConfig) -> Result<(), SockoptError> {
 /// Fixes the receive buffer at `bytes` (the kernel doubles the value for
 /// its bookkeeping), which also stops its autotuning. SO_RCVBUFFORCE first,
 /// which may exceed `net.core.rmem_max` (needs CAP_NET_ADMIN, as the sockmap
-/// plane does), then SO_RCVBUF.
+/// plane does), then SO_RCVBUF; then the window clamp to `bytes` (see
+/// [`set_window_clamp`]).
 pub fn fix_receive_buffer<F: AsFd>(fd: &F, bytes: usize) -> Result<(), SockoptError> {
     set(fd, sockopt::RcvBufForce, &bytes, "SO_RCVBUFFORCE")
-        .or_else(|_| set(fd, sockopt::RcvBuf, &bytes, "SO_RCVBUF"))
+        .or_else(|_| set(fd, sockopt::RcvBuf, &bytes, "SO_RCVBUF"))?;
+    set_window_clamp(fd, i32::try_from(bytes).unwrap_or(i32::MAX))
 }
 
 /// Fixes the send buffer at `bytes` (doubled by the kernel, as above).
@@ -80,21 +82,48 @@ pub fn reset_on_close<F: AsFd>(fd: &F) -> Result<(), SockoptError> {
 /// path, which is how the sockmap plane gets bytes that were queued before the
 /// socket entered the map read by the verdict program.
 pub fn set_rcvlowat<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError> {
+    set_int(fd, nix::libc::SOL_SOCKET, nix::libc::SO_RCVLOWAT, bytes, "SO_RCVLOWAT")
+}
+
+/// TCP_WINDOW_CLAMP (nix has no wrapper): the largest window the socket
+/// advertises. An accepted socket takes its clamp from the listener's buffer
+/// at the handshake (43,520 bytes here) and only autotuning raises it, which
+/// a fixed buffer turns off; so a buffer fixed after the handshake must raise
+/// the clamp too, or the window stays at that first value (ARCHITECTURE.md).
+pub fn set_window_clamp<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError> {
+    set_int(fd, nix::libc::IPPROTO_TCP, nix::libc::TCP_WINDOW_CLAMP, bytes, "TCP_WINDOW_CLAMP")
+}
+
+/// The socket's TCP_WINDOW_CLAMP.
+pub fn window_clamp<F: AsFd>(fd: &F) -> Result<i32, SockoptError> {
     use std::os::fd::AsRawFd as _;
-    let len = nix::libc::socklen_t::try_from(size_of::<i32>()).expect("4 fits socklen_t");
-    // SAFETY: the fd is borrowed, so open; the value pointer and length describe `bytes`.
+    let mut value: i32 = 0;
+    let mut len = nix::libc::socklen_t::try_from(size_of::<i32>()).expect("4 fits socklen_t");
+    // SAFETY: the fd is borrowed, so open; the pointers describe `value` and `len`.
     #[allow(unsafe_code)]
     let rc = unsafe {
-        nix::libc::setsockopt(
+        nix::libc::getsockopt(
             fd.as_fd().as_raw_fd(),
-            nix::libc::SOL_SOCKET,
-            nix::libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
-            len,
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_WINDOW_CLAMP,
+            (&raw mut value).cast(),
+            &raw mut len,
         )
     };
     if rc != 0 {
-        return Err(SockoptError { option: "SO_RCVLOWAT", source: io::Error::last_os_error() });
+        return Err(SockoptError { option: "TCP_WINDOW_CLAMP", source: io::Error::last_os_error() });
+    }
+    Ok(value)
+}
+
+fn set_int<F: AsFd>(fd: &F, level: i32, name: i32, value: i32, option: &'static str) -> Result<(), SockoptError> {
+    use std::os::fd::AsRawFd as _;
+    let len = nix::libc::socklen_t::try_from(size_of::<i32>()).expect("4 fits socklen_t");
+    // SAFETY: the fd is borrowed, so open; the value pointer and length describe `value`.
+    #[allow(unsafe_code)]
+    let rc = unsafe { nix::libc::setsockopt(fd.as_fd().as_raw_fd(), level, name, (&raw const value).cast(), len) };
+    if rc != 0 {
+        return Err(SockoptError { option, source: io::Error::last_os_error() });
     }
     Ok(())
 }
@@ -125,6 +154,12 @@ mod tests {
         assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).unwrap(), 4);
         assert_eq!(getsockopt(&stream, sockopt::TcpUserTimeout).unwrap(), 45_000);
         reset_on_close(&stream).unwrap();
+        // An accepted socket's clamp comes from the handshake; fixing its
+        // buffer raises it.
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(window_clamp(&accepted).unwrap() < 4 << 20);
+        fix_receive_buffer(&accepted, 4 << 20).unwrap();
+        assert!(window_clamp(&accepted).unwrap() >= 4 << 20);
         let linger = getsockopt(&stream, sockopt::Linger).unwrap();
         assert_eq!((linger.l_onoff, linger.l_linger), (1, 0));
     }

@@ -4,10 +4,12 @@
 
 use std::{
     io,
+    os::fd::AsRawFd as _,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
+use nix::sys::socket::MsgFlags;
 use proxy_common::Flow;
 use tokio::{io::Interest, net::TcpStream};
 
@@ -96,6 +98,21 @@ impl Pending {
     }
 }
 
+/// Reads what the program passed to `from`. tokio answers WouldBlock
+/// without asking the socket once it has cleared the socket's readiness;
+/// when bytes are readable anyway (their wake-up was consumed), they are
+/// read directly and counted in `stale`.
+fn read_passed(from: &TcpStream, buf: &mut [u8], stale: &AtomicU64) -> io::Result<usize> {
+    match from.try_read(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && tcpstat::readable_bytes(from)? > 0 => {
+            stale.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("passed bytes readable without readiness; reading them directly");
+            nix::sys::socket::recv(from.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+        }
+        result => result,
+    }
+}
+
 impl SockmapPlane {
     /// One direction. While the program splices it, user space only waits
     /// for the source's FIN, reset or a pause. While it is paused, user space
@@ -144,8 +161,17 @@ impl SockmapPlane {
                         // Read to find out: passed bytes, the EOF, or the error.
                         copying = true;
                     } else if !copying {
-                        // Woken by an skb the kernel already redirected: nothing to read.
-                        let _ = from.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                        // Woken by an skb the kernel redirected: nothing to read, so
+                        // clear the readiness, but only if that is still true when
+                        // tokio clears it. A pause may have passed bytes since the
+                        // wake-up that was just seen; clearing their readiness
+                        // unread left a paused direction waiting for a wake-up that
+                        // never came (its window closes), with 750 KB readable.
+                        let passed = from.try_io(Interest::READABLE, || match tcpstat::readable_bytes(from)? {
+                            0 => Err(io::ErrorKind::WouldBlock.into()),
+                            _ => Ok(()),
+                        });
+                        copying = passed.is_ok();
                         woken = true;
                     }
                 }
@@ -200,7 +226,7 @@ impl SockmapPlane {
         let mut progressed = Instant::now();
         loop {
             if !eof && !drained && pending.has_room() {
-                match from.try_read(pending.room()) {
+                match read_passed(from, pending.room(), &self.counters.reads_without_readiness) {
                     Ok(0) => eof = true,
                     Ok(n) => pending.filled(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained = true,

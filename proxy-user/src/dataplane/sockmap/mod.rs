@@ -65,8 +65,10 @@ pub struct SockmapCounters {
     /// Pauses user space found by reading the flag before (or without) the
     /// program's event.
     pub pauses_found_by_recheck: AtomicU64,
-    /// Times a paused direction found bytes to read that no wake-up announced.
+    /// Times a paused direction's timer found bytes to read that no wake-up announced.
     pub reads_found_by_recheck: AtomicU64,
+    /// Reads tokio refused (no readiness) while the socket had bytes.
+    pub reads_without_readiness: AtomicU64,
 }
 
 /// The kernel side shared by every connection on this plane.
@@ -123,6 +125,7 @@ impl SockmapPlane {
                 stalls = load(&c.stalls),
                 pauses_found_by_recheck = load(&c.pauses_found_by_recheck),
                 reads_found_by_recheck = load(&c.reads_found_by_recheck),
+                reads_without_readiness = load(&c.reads_without_readiness),
                 skbs = v.skbs,
                 redirected_bytes = v.redirected_bytes,
                 passed_bytes = v.passed_bytes,
