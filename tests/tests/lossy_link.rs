@@ -7,7 +7,7 @@
 //!
 //! Runs per variant: 10, or `SPLICE_PROXY_LOSSY_RUNS`. Variants:
 //! `SPLICE_PROXY_LOSSY_VARIANTS`, a comma list of [`VARIANTS`] (default
-//! sockmap, splice, copy); `sockmap-256k` is sockmap with a 256 KiB in-flight
+//! all four); `sockmap-256k` is sockmap with a 256 KiB in-flight
 //! bound (2 MiB socket buffers).
 //! `SPLICE_PROXY_LOSSY_RUN_TIMEOUT` (seconds, default 300) is when a run
 //! counts as stalled; a stalled run prints what the proxy and both ends hold.
@@ -38,7 +38,7 @@ const VARIANTS: [(&str, &str, &[&str]); 4] = [
     ("splice", "splice", &[]),
     ("copy", "copy", &[]),
 ];
-const DEFAULT_VARIANTS: &str = "sockmap,splice,copy";
+const DEFAULT_VARIANTS: &str = "sockmap,sockmap-256k,splice,copy";
 const TCP_WARNINGS: [&str; 2] = ["TCP recvmsg seq # bug", "cleanup rbuf bug"];
 
 fn tcp_warnings() -> Result<usize> {
