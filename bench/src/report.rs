@@ -66,7 +66,7 @@ pub fn print_scenario(scenario: Scenario, kinds: &[PeerKind], samples: &[Vec<Sam
                 s.busy.show(1),
                 s.cost.show(2),
                 added.show(1),
-                ratio(added.median, best_added),
+                ratio_above(added.median, best_added, ADDED_NOISE_FLOOR),
                 ratio(s.busy.median, best.map(|b| b.busy.median)),
                 ratio(s.busy.median, Some(direct.busy.median)),
             );
@@ -93,10 +93,19 @@ pub fn print_scenario(scenario: Scenario, kinds: &[PeerKind], samples: &[Vec<Sam
     }
 }
 
+/// Busy points below which CPU added over direct is noise (a saturated or
+/// noisy machine), not a reference to divide by.
+const ADDED_NOISE_FLOOR: f64 = 0.5;
+
 /// "—" when there is nothing to compare with, or the reference is not positive.
 fn ratio(value: f64, reference: Option<f64>) -> String {
+    ratio_above(value, reference, 0.0)
+}
+
+/// "—" when there is nothing to compare with, or the reference is not above `floor`.
+fn ratio_above(value: f64, reference: Option<f64>, floor: f64) -> String {
     match reference {
-        Some(reference) if reference > 0.0 => format!("{:.2}", value / reference),
+        Some(reference) if reference > floor => format!("{:.2}", value / reference),
         _ => "—".into(),
     }
 }
