@@ -116,12 +116,19 @@ pub fn window_clamp<F: AsFd>(fd: &F) -> Result<i32, SockoptError> {
     Ok(value)
 }
 
-fn set_int<F: AsFd>(fd: &F, level: i32, name: i32, value: i32, option: &'static str) -> Result<(), SockoptError> {
+fn set_int<F: AsFd>(
+    fd: &F,
+    level: i32,
+    name: i32,
+    value: i32,
+    option: &'static str,
+) -> Result<(), SockoptError> {
     use std::os::fd::AsRawFd as _;
     let len = nix::libc::socklen_t::try_from(size_of::<i32>()).expect("4 fits socklen_t");
     // SAFETY: the fd is borrowed, so open; the value pointer and length describe `value`.
     #[allow(unsafe_code)]
-    let rc = unsafe { nix::libc::setsockopt(fd.as_fd().as_raw_fd(), level, name, (&raw const value).cast(), len) };
+    let rc =
+        unsafe { nix::libc::setsockopt(fd.as_fd().as_raw_fd(), level, name, (&raw const value).cast(), len) };
     if rc != 0 {
         return Err(SockoptError { option, source: io::Error::last_os_error() });
     }

@@ -133,3 +133,26 @@ pub async fn start_echo(ip: std::net::IpAddr) -> Result<SocketAddr> {
     });
     Ok(addr)
 }
+
+/// Writes `chunks` one by one (TCP_NODELAY, `gap` after each so each leaves
+/// as its own segment), half-closes, and reads what comes back until the
+/// proxy closes (empty when it closed the connection itself).
+pub async fn exchange_in_chunks(
+    proxy: std::net::SocketAddr,
+    chunks: &[&[u8]],
+    gap: std::time::Duration,
+) -> Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await?;
+    stream.set_nodelay(true)?;
+    for chunk in chunks {
+        stream.write_all(chunk).await?;
+        tokio::time::sleep(gap).await;
+    }
+    stream.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut back))
+        .await
+        .context("the proxy never closed")??;
+    Ok(back)
+}

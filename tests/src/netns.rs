@@ -102,6 +102,18 @@ impl LineTopology {
         Ok(topology)
     }
 
+    /// A [`TransferServer`] on the upstream namespace's address (port 0);
+    /// call it inside a tokio runtime.
+    pub fn transfer_server(&self) -> Result<crate::transfer::TransferServer> {
+        let listener = in_netns(&self.upstream, || {
+            std::net::TcpListener::bind((Self::UPSTREAM_ADDR, 0)).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+        })??;
+        crate::transfer::TransferServer::serve_on(tokio::net::TcpListener::from_std(listener)?)
+    }
+
     /// Runs `sysctl -w setting` inside `netns`.
     pub fn sysctl(netns: &str, setting: &str) -> Result<()> {
         let status =

@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
 use testkit::{
-    edge::{client_hello, start_echo, v1_line, v2_local, v2_proxy, v2_raw, vpce_tlv, with_crc32c},
+    edge::{
+        client_hello, exchange_in_chunks, start_echo, v1_line, v2_local, v2_proxy, v2_raw, vpce_tlv,
+        with_crc32c,
+    },
     process::{ProxyProcess, message},
 };
 use tokio::{
@@ -156,17 +159,9 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// Sends `bytes`, half-closes, and reads to the end: what the echoing
-/// upstream sent back (empty when the proxy closed the connection itself).
+/// Sends `bytes` in one write, half-closes, and returns what came back.
 async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(proxy).await?;
-    stream.write_all(bytes).await?;
-    stream.shutdown().await?;
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut back))
-        .await
-        .context("the proxy never closed")??;
-    Ok(back)
+    exchange_in_chunks(proxy, &[bytes], Duration::ZERO).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

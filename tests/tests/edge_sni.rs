@@ -5,7 +5,7 @@
 //! the totals logged at exit.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use testkit::{
     api::{ApiServer, Pki},
     dns::{Answer, DnsServer},
-    edge::{client_hello, start_echo},
+    edge::{client_hello, exchange_in_chunks, start_echo},
     process::{ProxyProcess, message},
 };
 use tokio::{
@@ -28,23 +28,6 @@ const ECHO: &str = "echo.example.test";
 const ENI_A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const ENI_B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 const ECHO_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
-
-/// Writes `chunks` one by one (TCP_NODELAY, a pause between them so each
-/// leaves as its own segment), half-closes, reads to the end.
-async fn exchange_in_chunks(proxy: SocketAddr, chunks: &[&[u8]], gap: Duration) -> Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(proxy).await?;
-    stream.set_nodelay(true)?;
-    for chunk in chunks {
-        stream.write_all(chunk).await?;
-        tokio::time::sleep(gap).await;
-    }
-    stream.shutdown().await?;
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut back))
-        .await
-        .context("the proxy never closed")??;
-    Ok(back)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_is_checked_and_routes_pick_the_cluster() -> Result<()> {

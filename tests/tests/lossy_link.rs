@@ -23,7 +23,7 @@ use testkit::{
     bpf_maps,
     netns::{LineTopology, in_netns},
     process::{ProxyProcess, tcp_sockets},
-    transfer::{Order, TransferServer, run_transfer_on},
+    transfer::{Order, run_transfer_on},
 };
 
 const MIB: u64 = 1 << 20;
@@ -86,13 +86,7 @@ fn every_plane_is_exact_over_a_lossy_link() -> Result<()> {
     let warnings_before = tcp_warnings()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let _guard = runtime.enter();
-    let listener = in_netns(&topology.upstream, || {
-        std::net::TcpListener::bind((LineTopology::UPSTREAM_ADDR, 0)).and_then(|l| {
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-    })??;
-    let server = TransferServer::serve_on(tokio::net::TcpListener::from_std(listener)?)?;
+    let server = topology.transfer_server()?;
     let upstream = server.addr.to_string();
     let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
     let run_timeout = std::env::var("SPLICE_PROXY_LOSSY_RUN_TIMEOUT")

@@ -20,7 +20,7 @@ use testkit::{
     bpf_maps::source_filter_stats,
     netns::{LineTopology, in_netns, ip, xdp_attachment},
     process::ProxyProcess,
-    transfer::{Order, TransferServer, run_transfer_on},
+    transfer::{Order, run_transfer_on},
 };
 
 /// The second client address, on the same veth as `LineTopology::CLIENT_ADDR`.
@@ -83,13 +83,7 @@ fn only_allowed_sources_get_through_and_sighup_reloads_the_list() -> Result<()> 
     ip(&["-n", client, "addr", "add", &format!("{DENIED_ADDR}/24"), "dev", "to-proxy"])?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let _guard = runtime.enter();
-    let listener = in_netns(&topology.upstream, || {
-        std::net::TcpListener::bind((LineTopology::UPSTREAM_ADDR, 0)).and_then(|l| {
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-    })??;
-    let server = TransferServer::serve_on(tokio::net::TcpListener::from_std(listener)?)?;
+    let server = topology.transfer_server()?;
     let mut config = tempfile::NamedTempFile::new()?;
     let allowed = format!("{}/32", LineTopology::CLIENT_ADDR);
     write_config(&mut config, &[&allowed])?;
