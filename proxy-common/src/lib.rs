@@ -116,6 +116,8 @@ pub struct FlowEvent {
 pub mod global {
     /// `u32`: byte offset of `write_seq` in the kernel's `struct tcp_sock`.
     pub const TCP_SOCK_WRITE_SEQ_OFFSET: &str = "TCP_SOCK_WRITE_SEQ_OFFSET";
+    /// `u32`: byte offset of `copied_seq` in `struct tcp_sock`.
+    pub const TCP_SOCK_COPIED_SEQ_OFFSET: &str = "TCP_SOCK_COPIED_SEQ_OFFSET";
     /// `u32`: byte offset of `sk_wmem_queued` in `struct sock` (the start of `struct tcp_sock`).
     pub const SOCK_WMEM_QUEUED_OFFSET: &str = "SOCK_WMEM_QUEUED_OFFSET";
     /// `u32`: byte offset of `sk_sndbuf` in `struct sock`.

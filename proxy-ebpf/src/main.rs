@@ -57,6 +57,11 @@ static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(SPLICE_EVENTS_BYTES, 0);
 #[unsafe(no_mangle)]
 static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
 
+/// Byte offset of `copied_seq` in `struct tcp_sock`, set like the one above
+/// (`proxy_common::global::TCP_SOCK_COPIED_SEQ_OFFSET`).
+#[unsafe(no_mangle)]
+static TCP_SOCK_COPIED_SEQ_OFFSET: u32 = 0;
+
 /// Byte offsets of `sk_wmem_queued` and `sk_sndbuf` in `struct sock` (which
 /// `struct tcp_sock` starts with): user space always sets them at load from
 /// BTF (named by `proxy_common::global::SOCK_WMEM_QUEUED_OFFSET` and
@@ -124,6 +129,15 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
         return Ok(pause_flow(ctx, flow, stats, cookie, pause::NO_SEQ, len));
     };
     let mut len = len;
+    if flow.seq_set == 0 {
+        // The first skb may hold bytes user space read before the socket
+        // entered the map (a PROXY header): the verdict path hands the skb
+        // over whole, so start from the first byte nobody read.
+        if let Some(own) = socket_state(cookie) {
+            flow.next_seq = own.copied_seq;
+            flow.seq_set = 1;
+        }
+    }
     if flow.seq_set != 0 {
         let behind = flow.next_seq.wrapping_sub(seq);
         if behind != 0 && behind < 1 << 31 {
@@ -207,7 +221,7 @@ impl PeerBacklog {
 
 /// What the peer holds for this direction; `None` when it is not in the socket map.
 fn peer_backlog(flow: &mut Flow, user_bytes: u64) -> Option<PeerBacklog> {
-    let peer = peer_socket_state(flow.peer_cookie)?;
+    let peer = socket_state(flow.peer_cookie)?;
     if flow.base_set == 0 {
         flow.peer_write_seq_base = peer.write_seq;
         flow.base_set = 1;
@@ -282,19 +296,21 @@ const MAX_TRIM_STEP: u32 = 4095;
 /// Enough steps for any skb (64 KiB GSO skbs, and some).
 const MAX_TRIM_STEPS: u32 = 48;
 
-/// Fields of the peer socket the flow control reads.
-struct PeerSocket {
+/// Fields of a socket in the map that the program reads.
+struct SocketState {
     /// `tcp_sock.write_seq`: everything ever queued for sending on it.
     write_seq: u32,
+    /// `tcp_sock.copied_seq`: the next byte to hand to a reader.
+    copied_seq: u32,
     /// `sock.sk_wmem_queued` and `sock.sk_sndbuf`.
     wmem_queued: u32,
     sndbuf: u32,
 }
 
-/// Reads the peer socket's fields, or `None` when it is not in the socket map.
-fn peer_socket_state(peer_cookie: u64) -> Option<PeerSocket> {
+/// Reads the fields of the socket with `cookie`, or `None` when it is not in the socket map.
+fn socket_state(cookie: u64) -> Option<SocketState> {
     let map = (&raw const SPLICE_SOCKETS).cast_mut().cast::<c_void>();
-    let key = (&raw const peer_cookie).cast::<c_void>();
+    let key = (&raw const cookie).cast::<c_void>();
     // SAFETY: a lookup in a SOCKHASH returns a referenced socket or null; it
     // is released below on every path.
     let sk = unsafe { bpf_map_lookup_elem(map, key) };
@@ -306,15 +322,16 @@ fn peer_socket_state(peer_cookie: u64) -> Option<PeerSocket> {
     let state = if tp.is_null() {
         None
     } else {
-        // SAFETY (all three): reads of globals user space set at load from
+        // SAFETY (all four): reads of globals user space set at load from
         // the running kernel's BTF, and loads inside `tp` (a `tcp_sock`,
         // which starts with its `sock`) while we still hold it.
         let field = |offset: &u32| unsafe {
             let offset = core::ptr::read_volatile(offset) as usize;
             *tp.add(offset).cast::<u32>()
         };
-        Some(PeerSocket {
+        Some(SocketState {
             write_seq: field(&TCP_SOCK_WRITE_SEQ_OFFSET),
+            copied_seq: field(&TCP_SOCK_COPIED_SEQ_OFFSET),
             wmem_queued: field(&SOCK_WMEM_QUEUED_OFFSET),
             sndbuf: field(&SOCK_SNDBUF_OFFSET),
         })

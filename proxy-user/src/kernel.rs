@@ -82,6 +82,7 @@ impl KernelPrograms {
         let entries = u32::try_from(max_connections.saturating_mul(2)).unwrap_or(u32::MAX);
         let vmlinux = Path::new(btf::VMLINUX);
         let write_seq = btf::member_offset(vmlinux, "tcp_sock", "write_seq")?;
+        let copied_seq = btf::member_offset(vmlinux, "tcp_sock", "copied_seq")?;
         let wmem_queued = btf::member_offset(vmlinux, "sock", "sk_wmem_queued")?;
         let sndbuf = btf::member_offset(vmlinux, "sock", "sk_sndbuf")?;
         let skb_seq =
@@ -90,6 +91,7 @@ impl KernelPrograms {
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .override_global(global::TCP_SOCK_WRITE_SEQ_OFFSET, &write_seq, true)
+            .override_global(global::TCP_SOCK_COPIED_SEQ_OFFSET, &copied_seq, true)
             .override_global(global::SOCK_WMEM_QUEUED_OFFSET, &wmem_queued, true)
             .override_global(global::SOCK_SNDBUF_OFFSET, &sndbuf, true)
             .override_global(global::SKB_TCP_SEQ_OFFSET, &skb_seq, true)
