@@ -3,6 +3,7 @@
 //! transfers, the proxy as a real process, PROXY headers and ClientHellos,
 //! and a network-namespace guard.
 
+pub mod admin;
 pub mod api;
 pub mod bpf_maps;
 pub mod dns;
