@@ -12,8 +12,14 @@ use tokio::{
 
 /// `GET path` on `addr` (HTTP/1.1, `Connection: close`); the status code and body.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    get_on(stream, path).await
+}
+
+/// [`get`] on a connection made elsewhere (in another network namespace, say).
+pub async fn get_on(mut stream: TcpStream, path: &str) -> Result<(u16, String)> {
+    let addr = stream.peer_addr()?;
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();

@@ -49,6 +49,8 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error("health-check port (health_listen, --health-listen): {0}")]
+    HealthBind(BindError),
     #[error(transparent)]
     Resolver(#[from] ResolveError),
     #[error("cannot install the signal handlers: {0}")]
@@ -65,7 +67,7 @@ impl StartError {
     /// A listen, admin or health-check address could not be bound.
     #[must_use]
     pub fn is_bind(&self) -> bool {
-        matches!(self, Self::Bind(_) | Self::Admin(AdminError::Bind { .. }))
+        matches!(self, Self::Bind(_) | Self::HealthBind(_) | Self::Admin(AdminError::Bind { .. }))
     }
 }
 
@@ -156,7 +158,8 @@ impl Server {
             filter.guard_ports(&ports)?;
             tracing::info!(?ports, "XDP source filter guards the listen ports");
         }
-        let health_port = config.admin.health_listen.map(HealthPort::bind).transpose()?;
+        let health_port =
+            config.admin.health_listen.map(HealthPort::bind).transpose().map_err(StartError::HealthBind)?;
         let admin = AdminEndpoint::bind(config.admin.listen)?;
         let admin_addr = admin.addr;
         let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
