@@ -19,7 +19,7 @@ Exit codes:
   0  stopped by SIGTERM (after the drain) or SIGINT; check-config: the configuration is valid
   1  failed while running (the log says why)
   2  invalid command line or configuration (the message names the field)
-  3  a listen address could not be bound (the message names the address)";
+  3  a listen, admin or health-check address could not be bound (the message names it)";
 
 #[derive(Debug, Parser)]
 #[command(
