@@ -26,6 +26,18 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpList
     socket.listen(4096)
 }
 
+/// The next connection on `listener` that brings data. The proxy's
+/// background probe connects to the upstream and closes without a byte:
+/// a test accepting upstream connections by hand skips those.
+pub async fn accept_with_data(listener: &tokio::net::TcpListener) -> std::io::Result<tokio::net::TcpStream> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        if stream.peek(&mut [0u8; 1]).await? > 0 {
+            return Ok(stream);
+        }
+    }
+}
+
 /// Raises this process's soft descriptor limit to the hard limit (tests that
 /// hold thousands of sockets need more than the usual 1,024).
 pub fn raise_fd_limit() -> anyhow::Result<()> {
