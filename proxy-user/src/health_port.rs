@@ -4,8 +4,9 @@
 //! (FIN); while not ready the socket is closed, and a check gets a reset.
 //! From the first moment of a drain it stays closed.
 //!
-//! It is bound at start-up (a port in use fails the start), then closed
-//! until the first readiness; reopened on the same port (the one port 0 got).
+//! It is bound once at start-up to check the port is free (a port in use
+//! fails the start) and closed again at once: it opens at the first
+//! readiness, on the same port (the one port 0 got).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -28,10 +29,11 @@ pub struct HealthPort {
 }
 
 impl HealthPort {
-    /// Binds `addr` now (port 0: any free port, kept for reopening).
+    /// Binds `addr` and closes it again (port 0: the port it got is kept),
+    /// so a port in use fails now and nothing is accepted before readiness.
     pub fn bind(addr: SocketAddr) -> Result<Self, BindError> {
         let listener = Listener::bind(ListenAddr(addr))?;
-        Ok(Self { addr: listener.addr.0, listener: Some(listener.into_inner()) })
+        Ok(Self { addr: listener.addr.0, listener: None })
     }
 
     /// Opens and closes the port as readiness changes, until a drain starts.
