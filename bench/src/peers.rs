@@ -145,6 +145,8 @@ fn start_splice_proxy(binary: &Path, sink: SocketAddr, dataplane: &str) -> Resul
     let child = Command::new(binary)
         .args(["--listen", &addr.to_string(), "--upstream", &sink.to_string()])
         .args(["--dataplane", dataplane])
+        // Several proxies run at once: no shared admin port.
+        .args(["--admin-listen", "127.0.0.1:0"])
         // The bench moves plain TCP, not TLS.
         .arg("--no-sni-check")
         .env("RUST_LOG", "warn")

@@ -19,7 +19,7 @@ Exit codes:
   0  stopped by SIGTERM (after the drain) or SIGINT; check-config: the configuration is valid
   1  failed while running (the log says why)
   2  invalid command line or configuration (the message names the field)
-  3  a listen address could not be bound (the message names the address)";
+  3  a listen, admin or health-check address could not be bound (the message names it)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -158,6 +158,35 @@ pub struct Options {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+
+    /// After SIGTERM, how long the proxy goes on accepting new connections
+    /// while it already reports not ready (/readyz 503, health port closed),
+    /// so the NLB deregisters it before the listeners close. Sized for an NLB
+    /// health check of 10 s × 3 failures. A second SIGTERM ends it early.
+    /// [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Option<Duration>,
+
+    /// Address of the admin HTTP endpoint: /metrics (Prometheus text),
+    /// /healthz, /readyz, /debug/connections. Port 0 = any free port (logged).
+    /// [default: 127.0.0.1:9901]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// Plain TCP health-check port for NLB TCP health checks: it accepts (and
+    /// closes at once) only while the proxy is ready, and is closed otherwise,
+    /// from the first moment of a drain on. [default: off]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// Time between background probes of each upstream (resolve, then a TCP
+    /// connect that is closed at once). The proxy is ready while, for every
+    /// upstream, a resolution and a connect succeeded within three intervals.
+    /// [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub probe_interval: Option<Duration>,
 
     /// Idle time before the first TCP keepalive probe, on both sockets. Keep it
     /// well under the NLB's 350 s idle timeout. [default: 30s]

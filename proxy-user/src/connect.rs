@@ -44,6 +44,14 @@ fn describe(attempts: &[Attempt]) -> String {
     attempts.iter().map(|a| format!("{}: {}", a.addr, a.error)).collect::<Vec<_>>().join(", ")
 }
 
+/// A connection made, and the addresses that failed before it.
+#[derive(Debug)]
+pub struct Connected {
+    pub stream: TcpStream,
+    pub addr: UpstreamAddr,
+    pub failed: Vec<Attempt>,
+}
+
 #[derive(Debug)]
 pub struct Connector {
     config: ConnectConfig,
@@ -76,13 +84,13 @@ impl Connector {
     }
 
     /// Connects to the first address (in [`Self::order`]) that accepts.
-    pub async fn connect(&self, addrs: &[UpstreamAddr]) -> Result<(TcpStream, UpstreamAddr), ConnectError> {
+    pub async fn connect(&self, addrs: &[UpstreamAddr]) -> Result<Connected, ConnectError> {
         let mut attempts = Vec::new();
         for addr in self.order(addrs) {
             let error = match tokio::time::timeout(self.config.timeout, TcpStream::connect(addr.0)).await {
                 Ok(Ok(stream)) => {
                     self.recently_failed.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
-                    return Ok((stream, addr));
+                    return Ok(Connected { stream, addr, failed: attempts });
                 }
                 Ok(Err(error)) => error,
                 Err(_) => io::Error::new(
@@ -139,9 +147,14 @@ mod tests {
         dead_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let dead = UpstreamAddr(dead_socket.local_addr().unwrap());
         let c = connector();
+        let first = c.connect(&[dead, live]).await.unwrap();
+        assert_eq!(first.addr, live);
+        assert_eq!(first.failed.len(), 1, "the dead address came first: {first:?}");
+        assert_eq!(first.failed[0].addr, dead);
         for _ in 0..4 {
-            let (_, chosen) = c.connect(&[dead, live]).await.unwrap();
-            assert_eq!(chosen, live);
+            let connected = c.connect(&[dead, live]).await.unwrap();
+            assert_eq!(connected.addr, live);
+            assert!(connected.failed.is_empty(), "the dead address goes last now");
         }
         assert!(c.recently_failed.lock().unwrap().contains_key(&dead));
         let err = c.connect(&[dead]).await.unwrap_err();

@@ -3,16 +3,21 @@
 //! One module per concern; see ARCHITECTURE.md for the life of a connection.
 
 pub mod addr;
+pub mod admin;
 pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod connections;
 pub mod dataplane;
 pub mod dns;
 pub mod edge;
+pub mod health;
+pub mod health_port;
 pub mod kernel;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sockopt;
@@ -28,6 +33,6 @@ pub mod exit {
     pub const RUNTIME: u8 = 1;
     /// Invalid command line or configuration.
     pub const CONFIG: u8 = 2;
-    /// A listen address could not be bound.
+    /// A listen, admin or health-check address could not be bound.
     pub const BIND: u8 = 3;
 }

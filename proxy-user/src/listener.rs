@@ -42,6 +42,12 @@ impl Listener {
         Ok(Self { addr: bound, inner })
     }
 
+    /// The tokio listener, for a caller with an accept loop of its own.
+    #[must_use]
+    pub fn into_inner(self) -> TcpListener {
+        self.inner
+    }
+
     /// Accepts until `stop` is cancelled, handing each connection to `serve`
     /// with a permit from `slots`: when none is free, accepting waits (new
     /// connections wait in the listen backlog) and says so once. Running out

@@ -9,7 +9,7 @@ use splice_proxy::{
     exit,
     kernel::{KernelError, KernelPrograms},
     logging,
-    server::{Server, StartError},
+    server::Server,
 };
 
 fn main() -> ExitCode {
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
 async fn run(config: Config, flags: Options) -> ExitCode {
     let server = match Server::start(&config, load_kernel_programs(config.max_connections), &flags) {
         Ok(server) => server,
-        Err(error @ StartError::Bind(_)) => {
+        Err(error) if error.is_bind() => {
             tracing::error!(%error, "start-up failed");
             return ExitCode::from(exit::BIND);
         }

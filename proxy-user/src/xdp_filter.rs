@@ -8,7 +8,7 @@
 //! exit and on every start-up error after it was attached. The link is a BPF
 //! link, so it also goes away if the process is killed.
 
-use std::{collections::BTreeSet, fmt, net::IpAddr};
+use std::{collections::BTreeSet, fmt, net::IpAddr, sync::Arc};
 
 use aya::{
     Ebpf,
@@ -104,7 +104,7 @@ pub struct SourceFilter {
     allow_v4: LpmTrie<MapData, [u8; 4], u8>,
     allow_v6: LpmTrie<MapData, [u8; 16], u8>,
     ports: HashMap<MapData, u16, u8>,
-    stats: PerCpuArray<MapData, SourceFilterStats>,
+    stats: Arc<SourceFilterCounters>,
     /// What the tries hold now.
     allowed: BTreeSet<SourcePrefix>,
     ebpf: Ebpf,
@@ -120,7 +120,7 @@ impl SourceFilter {
             allow_v4: kernel::take_map(&mut ebpf, map::SOURCE_ALLOW_V4)?,
             allow_v6: kernel::take_map(&mut ebpf, map::SOURCE_ALLOW_V6)?,
             ports: kernel::take_map(&mut ebpf, map::GUARDED_PORTS)?,
-            stats: kernel::take_map(&mut ebpf, map::SOURCE_STATS)?,
+            stats: Arc::new(SourceFilterCounters(kernel::take_map(&mut ebpf, map::SOURCE_STATS)?)),
             allowed: BTreeSet::new(),
             ebpf,
         };
@@ -247,9 +247,14 @@ impl SourceFilter {
 
     /// The program's counters, summed over all CPUs.
     pub fn counters(&self) -> Result<SourceFilterStats, SourceFilterError> {
-        let per_cpu =
-            self.stats.get(&0, 0).map_err(|source| KernelError::Map { name: map::SOURCE_STATS, source })?;
-        Ok(per_cpu.iter().fold(SourceFilterStats::default(), |sum, cpu| sum.add(*cpu)))
+        self.stats.read()
+    }
+
+    /// A handle on the counters for the metrics endpoint. It holds the map,
+    /// not the program's link: the filter still detaches when dropped.
+    #[must_use]
+    pub fn counters_handle(&self) -> Arc<SourceFilterCounters> {
+        Arc::clone(&self.stats)
     }
 
     /// Runs the program once on `frame` (an Ethernet frame, at least 14
@@ -259,6 +264,24 @@ impl SourceFilter {
         let xdp = self.program()?;
         let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
         xdp.test_run(opts).map(|r| r.return_value).map_err(|source| SourceFilterError::TestRun { source })
+    }
+}
+
+/// The filter's per-CPU counters map.
+pub struct SourceFilterCounters(PerCpuArray<MapData, SourceFilterStats>);
+
+impl fmt::Debug for SourceFilterCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(map::SOURCE_STATS)
+    }
+}
+
+impl SourceFilterCounters {
+    /// The counters now, summed over all CPUs.
+    pub fn read(&self) -> Result<SourceFilterStats, SourceFilterError> {
+        let per_cpu =
+            self.0.get(&0, 0).map_err(|source| KernelError::Map { name: map::SOURCE_STATS, source })?;
+        Ok(per_cpu.iter().fold(SourceFilterStats::default(), |sum, cpu| sum.add(*cpu)))
     }
 }
 

@@ -122,6 +122,31 @@ pub fn with_crc32c(mut header: Vec<u8>) -> Vec<u8> {
 pub async fn start_echo(ip: std::net::IpAddr) -> Result<SocketAddr> {
     let listener = crate::listen((ip, 0).into())?;
     let addr = listener.local_addr()?;
+    serve_echo(listener);
+    Ok(addr)
+}
+
+/// Echo upstreams on each of `ips`, all on one port (the ENIs behind one
+/// name); returns that port.
+pub async fn start_echoes_on_common_port(ips: &[std::net::IpAddr]) -> Result<u16> {
+    'attempt: for _ in 0..20 {
+        let first = crate::listen((ips[0], 0).into())?;
+        let port = first.local_addr()?.port();
+        let mut listeners = vec![first];
+        for ip in &ips[1..] {
+            match crate::listen((*ip, port).into()) {
+                Ok(listener) => listeners.push(listener),
+                Err(_) => continue 'attempt,
+            }
+        }
+        listeners.into_iter().for_each(serve_echo);
+        return Ok(port);
+    }
+    anyhow::bail!("no port was free on all of {ips:?}")
+}
+
+/// Serves the echo upstream on `listener`.
+pub fn serve_echo(listener: tokio::net::TcpListener) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -131,7 +156,6 @@ pub async fn start_echo(ip: std::net::IpAddr) -> Result<SocketAddr> {
             });
         }
     });
-    Ok(addr)
 }
 
 /// Writes `chunks` one by one (TCP_NODELAY, `gap` after each so each leaves

@@ -3,6 +3,7 @@
 //! transfers, the proxy as a real process, PROXY headers and ClientHellos,
 //! and a network-namespace guard.
 
+pub mod admin;
 pub mod api;
 pub mod bpf_maps;
 pub mod dns;
@@ -23,6 +24,18 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpList
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// The next connection on `listener` that brings data. The proxy's
+/// background probe connects to the upstream and closes without a byte:
+/// a test accepting upstream connections by hand skips those.
+pub async fn accept_with_data(listener: &tokio::net::TcpListener) -> std::io::Result<tokio::net::TcpStream> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        if stream.peek(&mut [0u8; 1]).await? > 0 {
+            return Ok(stream);
+        }
+    }
 }
 
 /// Raises this process's soft descriptor limit to the hard limit (tests that

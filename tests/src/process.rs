@@ -21,6 +21,10 @@ pub struct ProxyProcess {
     reader: Option<std::thread::JoinHandle<()>>,
     /// The bound listen addresses, in the order they were logged.
     pub listen: Vec<SocketAddr>,
+    /// The admin endpoint's bound address.
+    pub admin: Option<SocketAddr>,
+    /// The TCP health-check port's bound address (`--health-listen`).
+    pub health: Option<SocketAddr>,
     /// The network namespace it runs in (None: the test's own).
     netns: Option<String>,
 }
@@ -44,8 +48,11 @@ pub fn binary() -> Result<PathBuf> {
 }
 
 impl ProxyProcess {
-    /// Starts the proxy with `args` plus `--log-format json` (and `--listen
-    /// 127.0.0.1:0` when `args` names no listener); returns once it is ready.
+    /// Starts the proxy with `args` plus `--log-format json`, and unless
+    /// `args` set them: `--listen 127.0.0.1:0` (when no `--config` either),
+    /// `--admin-listen 127.0.0.1:0` (parallel tests must not share 9901) and
+    /// `--drain-delay 0s` (SIGTERM closes the listeners at once, as the
+    /// tests written before the delay expect); returns once it accepts.
     pub fn start<S: AsRef<str>>(args: &[S]) -> Result<Self> {
         Self::start_binary(&binary()?, args)
     }
@@ -67,8 +74,15 @@ impl ProxyProcess {
 
     fn start_command<S: AsRef<str>>(mut cmd: Command, args: &[S]) -> Result<Self> {
         cmd.args(args.iter().map(AsRef::as_ref)).args(["--log-format", "json"]);
-        if !args.iter().any(|a| a.as_ref() == "--listen" || a.as_ref() == "--config") {
+        let given = |flag: &str| args.iter().any(|a| a.as_ref() == flag);
+        if !given("--listen") && !given("--config") {
             cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !given("--admin-listen") {
+            cmd.args(["--admin-listen", "127.0.0.1:0"]);
+        }
+        if !given("--drain-delay") {
+            cmd.args(["--drain-delay", "0s"]);
         }
         // `SPLICE_PROXY_TEST_LOG` raises the proxy's log level when chasing a failure.
         let level = std::env::var("SPLICE_PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
@@ -83,7 +97,15 @@ impl ProxyProcess {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(event);
             }
         });
-        let mut proxy = Self { child, events, reader: Some(reader), listen: Vec::new(), netns: None };
+        let mut proxy = Self {
+            child,
+            events,
+            reader: Some(reader),
+            listen: Vec::new(),
+            admin: None,
+            health: None,
+            netns: None,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if proxy.events().iter().any(|e| message(e) == "ready") {
@@ -103,6 +125,12 @@ impl ProxyProcess {
             .filter(|e| message(e) == "listening")
             .filter_map(|e| e["listen"].as_str()?.parse().ok())
             .collect();
+        let events = proxy.events();
+        let logged = |msg: &str, field: &str| {
+            events.iter().find(|e| message(e) == msg).and_then(|e| e[field].as_str()?.parse().ok())
+        };
+        proxy.admin = logged("admin endpoint listening", "admin");
+        proxy.health = logged("health-check port bound; open while ready", "health");
         Ok(proxy)
     }
 
@@ -115,6 +143,18 @@ impl ProxyProcess {
     #[must_use]
     pub fn pid(&self) -> Pid {
         Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"))
+    }
+
+    /// `GET path` on the admin endpoint: status code and body.
+    pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        crate::admin::get(self.admin.context("no admin endpoint was logged")?, path).await
+    }
+
+    /// `/metrics`, parsed.
+    pub async fn metrics(&self) -> Result<crate::admin::Exposition> {
+        let (status, body) = self.admin_get("/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
+        crate::admin::Exposition::parse(&body)
     }
 
     /// Every log event so far (JSON objects; lines that were not JSON as strings).

@@ -81,6 +81,24 @@ fn a_listen_address_in_use_exits_3_naming_it() -> Result<()> {
 }
 
 #[test]
+fn an_admin_or_health_address_in_use_exits_3_naming_it() -> Result<()> {
+    let taken = TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let base = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.2:443", "--no-sni-check"];
+    for (flag, key) in [("--admin-listen", "admin_listen"), ("--health-listen", "health_listen")] {
+        let mut args = base.to_vec();
+        if flag == "--health-listen" {
+            args.extend(["--admin-listen", "127.0.0.1:0"]);
+        }
+        args.extend([flag, addr.as_str()]);
+        let (code, out) = run(&args)?;
+        assert_eq!(code, Some(3), "{args:?}: {out}");
+        assert!(out.contains(&addr) && out.contains("in use") && out.contains(key), "{args:?}: {out}");
+    }
+    Ok(())
+}
+
+#[test]
 fn help_lists_the_flags_and_exit_codes() -> Result<()> {
     let (code, out) = run(&["--help"])?;
     assert_eq!(code, Some(0));
@@ -103,6 +121,10 @@ fn help_lists_the_flags_and_exit_codes() -> Result<()> {
         "--no-sni-check",
         "--route",
         "--client-hello-timeout",
+        "--admin-listen",
+        "--health-listen",
+        "--drain-delay",
+        "--probe-interval",
         "Exit codes",
     ] {
         assert!(out.contains(needle), "--help lacks {needle}");

@@ -76,7 +76,7 @@ async fn upstream_reset_reaches_the_client(plane: &str) -> Result<()> {
     let proxy = proxy_to(plane, upstream.local_addr()?).await?;
     let mut client = TcpStream::connect(proxy.addr()).await?;
     client.write_all(b"hello").await?;
-    let (mut accepted, _) = upstream.accept().await?;
+    let mut accepted = testkit::accept_with_data(&upstream).await?;
     let mut buf = [0u8; 5];
     accepted.read_exact(&mut buf).await?;
     accepted.set_zero_linger()?;
@@ -97,7 +97,7 @@ async fn client_reset_reaches_the_upstream(plane: &str) -> Result<()> {
     let client = TcpStream::connect(proxy.addr()).await?;
     client.writable().await?;
     client.try_write(b"hello")?;
-    let (mut accepted, _) = upstream.accept().await?;
+    let mut accepted = testkit::accept_with_data(&upstream).await?;
     let mut buf = [0u8; 5];
     accepted.read_exact(&mut buf).await?;
     client.set_zero_linger()?;

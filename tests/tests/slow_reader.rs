@@ -46,7 +46,7 @@ async fn transfer_with_slow_reader(plane: &str) -> Result<u64> {
         ProxyProcess::start(&["--upstream", upstream_addr.as_str(), "--dataplane", plane, "--no-sni-check"])
     })?;
     let reader = tokio::spawn(async move {
-        let (mut stream, _) = upstream.accept().await?;
+        let mut stream = testkit::accept_with_data(&upstream).await?;
         let mut hasher = Sha256::new();
         let mut got = 0u64;
         let mut small = [0u8; 1024];

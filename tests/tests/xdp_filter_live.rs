@@ -5,7 +5,8 @@
 //! one's SYNs are dropped, every one counted; an invalid config file on
 //! SIGHUP is rejected with its reason; a file adding the second address lets
 //! it in without a restart; the totals logged at exit match the program's
-//! counters, and the program is gone from the interface after the exit.
+//! counters (and so do its metrics), and the program is gone from the
+//! interface after the exit.
 
 use std::{
     io::Write as _,
@@ -17,6 +18,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use proxy_common::SourceFilterStats;
 use testkit::{
+    admin::Exposition,
     bpf_maps::source_filter_stats,
     netns::{LineTopology, in_netns, ip, xdp_attachment},
     process::ProxyProcess,
@@ -146,6 +148,25 @@ fn only_allowed_sources_get_through_and_sighup_reloads_the_list() -> Result<()> 
     ensure!(reloaded["dropped"].as_u64() == Some(syns), "the reload reports other counters: {reloaded}");
     transfer(DENIED_ADDR).context("the address added by SIGHUP")?;
     transfer(LineTopology::CLIENT_ADDR).context("the allowed address after the reload")?;
+
+    // The metrics endpoint (inside the proxy's namespace) reads the same counters.
+    let admin = proxy.admin.context("no admin endpoint logged")?;
+    let (status, body) = runtime.block_on(async {
+        let socket = in_netns(proxy_ns, tokio::net::TcpSocket::new_v4)??;
+        testkit::admin::get_on(socket.connect(admin).await?, "/metrics").await
+    })?;
+    ensure!(status == 200, "/metrics answered {status}");
+    let metrics = Exposition::parse(&body)?;
+    let counted = |result: &str| metrics.count("splice_proxy_xdp_packets_total", &[("result", result)]);
+    let now = source_filter_stats(prog)?;
+    ensure!(counted("dropped") == syns as f64, "{syns} SYNs dropped, /metrics: {}", counted("dropped"));
+    ensure!(
+        counted("allowed") >= after_allowed.allowed as f64 && counted("allowed") <= now.allowed as f64,
+        "/metrics: {} allowed, the map: {} then {}",
+        counted("allowed"),
+        after_allowed.allowed,
+        now.allowed
+    );
 
     proxy.signal(Signal::SIGTERM)?;
     let status = runtime.block_on(proxy.wait_exit(Duration::from_secs(40)))?;

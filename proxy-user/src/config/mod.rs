@@ -3,8 +3,10 @@
 //! value before anything binds a port. Errors name the field (config key and flag).
 //! Listeners and their edge settings: [`listeners`].
 
+mod admin;
 mod listeners;
 
+pub use admin::AdminConfig;
 pub use listeners::{ListenerConfig, ListenerOptions};
 
 use std::{
@@ -36,6 +38,8 @@ pub struct Config {
     pub connect: ConnectConfig,
     pub tcp: TcpConfig,
     pub drain_timeout: Duration,
+    /// Admin endpoint, health-check port, drain delay, probe interval.
+    pub admin: AdminConfig,
     /// Connections served at once; the sockmap maps are sized for it.
     pub max_connections: usize,
     pub dataplane: DataPlane,
@@ -153,6 +157,8 @@ impl Config {
                 format!("{max_inflight} is not from 64 KiB to 1 GiB"),
             ));
         }
+        let admin =
+            admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
         let source_filter = validate_source_filter(o.xdp_interface, o.allowed_source_cidrs, &listeners)?;
         let (dataplane, dataplane_reason) =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
@@ -170,6 +176,7 @@ impl Config {
             connect,
             tcp,
             drain_timeout: o.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            admin,
             max_connections,
             dataplane,
             dataplane_reason,
@@ -219,6 +226,10 @@ fn overlay(file: Options, flags: Options) -> Options {
         connect_timeout: flags.connect_timeout.or(file.connect_timeout),
         failed_address_hold: flags.failed_address_hold.or(file.failed_address_hold),
         drain_timeout: flags.drain_timeout.or(file.drain_timeout),
+        drain_delay: flags.drain_delay.or(file.drain_delay),
+        admin_listen: flags.admin_listen.or(file.admin_listen),
+        health_listen: flags.health_listen.or(file.health_listen),
+        probe_interval: flags.probe_interval.or(file.probe_interval),
         tcp_keepalive_idle: flags.tcp_keepalive_idle.or(file.tcp_keepalive_idle),
         tcp_keepalive_interval: flags.tcp_keepalive_interval.or(file.tcp_keepalive_interval),
         tcp_keepalive_count: flags.tcp_keepalive_count.or(file.tcp_keepalive_count),

@@ -146,6 +146,14 @@ pub struct Transfer {
     pub reason: CloseReason,
 }
 
+/// Bytes moved so far each way, for `/debug/connections` (the copy and
+/// splice planes add as they go; sockmap's are set from its [`Transfer`] at close).
+#[derive(Debug, Default)]
+pub struct ByteProgress {
+    pub client_to_upstream: AtomicU64,
+    pub upstream_to_client: AtomicU64,
+}
+
 /// An I/O error in one direction, by where it happened.
 #[derive(Debug)]
 pub(crate) enum PumpError {
@@ -166,7 +174,9 @@ impl PumpError {
 /// Forwards both directions with `plane` until both are finished, a side
 /// fails, or `stop` is cancelled; then closes both sockets. `client_read`:
 /// bytes read from the client before (a PROXY header), which the sockmap
-/// plane must leave out of its count of what the client sent.
+/// plane must leave out of its count of what the client sent. `progress`
+/// counts the bytes as they move on the copy and splice planes (sockmap
+/// reports them in the returned [`Transfer`] only).
 pub async fn forward(
     plane: DataPlane,
     sockmap: Option<&sockmap::SockmapPlane>,
@@ -174,19 +184,26 @@ pub async fn forward(
     upstream: TcpStream,
     stop: CancellationToken,
     client_read: u64,
+    progress: &ByteProgress,
 ) -> Transfer {
     match (plane, sockmap) {
         (DataPlane::Sockmap { .. }, Some(sockmap)) => {
             sockmap.forward(client, upstream, stop, client_read).await
         }
         (DataPlane::Copy { buffer_size }, _) => {
-            forward_user(client, upstream, stop, UserPump::Copy { buffer_size }).await
+            forward_user_counted(client, upstream, stop, UserPump::Copy { buffer_size }, progress).await
         }
         (DataPlane::Splice { pipe_size }, _)
         | (DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. }, None) => {
-            forward_user(client, upstream, stop, UserPump::Splice { pipe_size }).await
+            forward_user_counted(client, upstream, stop, UserPump::Splice { pipe_size }, progress).await
         }
     }
+}
+
+/// Whether [`forward`] with `plane` counts bytes in its `progress` as they move.
+#[must_use]
+pub fn counts_live(plane: DataPlane, sockmap: Option<&sockmap::SockmapPlane>) -> bool {
+    !matches!((plane, sockmap), (DataPlane::Sockmap { .. }, Some(_)))
 }
 
 /// How a direction moves bytes when the kernel does not splice it.
@@ -212,10 +229,21 @@ pub(crate) async fn forward_user(
     stop: CancellationToken,
     pump: UserPump,
 ) -> Transfer {
-    let to_upstream = AtomicU64::new(0);
-    let to_client = AtomicU64::new(0);
+    forward_user_counted(client, upstream, stop, pump, &ByteProgress::default()).await
+}
+
+/// [`forward_user`], counting into `progress`.
+async fn forward_user_counted(
+    client: TcpStream,
+    upstream: TcpStream,
+    stop: CancellationToken,
+    pump: UserPump,
+    progress: &ByteProgress,
+) -> Transfer {
+    let to_upstream = &progress.client_to_upstream;
+    let to_client = &progress.upstream_to_client;
     let reason =
-        drive(pump.run(&client, &upstream, &to_upstream), pump.run(&upstream, &client, &to_client), &stop)
+        drive(pump.run(&client, &upstream, to_upstream), pump.run(&upstream, &client, to_client), &stop)
             .await;
     finish(reason, &client, &upstream);
     Transfer {

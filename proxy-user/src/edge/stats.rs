@@ -1,5 +1,5 @@
 //! Counters of what the edge guard admitted and refused, over the whole run
-//! (logged at exit; there is no metrics endpoint yet).
+//! (logged at exit, read by the metrics endpoint at each scrape).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,7 +30,37 @@ pub struct EdgeStats {
 impl EdgeStats {
     /// Counts one connection closed for `refusal`.
     pub fn refused(&self, refusal: &Refusal) {
-        let counter = match refusal {
+        self.counter(refusal).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each refusal's label (as in the access log) with its count.
+    #[must_use]
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        let text = String::new;
+        [
+            Refusal::HealthCheck,
+            Refusal::ClosedBeforeData,
+            Refusal::HeaderMissing,
+            Refusal::HeaderInvalid(text()),
+            Refusal::HeaderOversized(text()),
+            Refusal::HeaderTimeout,
+            Refusal::ChainedHeader,
+            Refusal::VpceMissing,
+            Refusal::VpceDenied(text()),
+            Refusal::NotTls(text()),
+            Refusal::ClientHelloInvalid(text()),
+            Refusal::ClientHelloTimeout,
+            Refusal::SniMissing,
+            Refusal::SniDenied(text()),
+            Refusal::ClientError(std::io::ErrorKind::Other.into()),
+        ]
+        .iter()
+        .map(|r| (r.label(), self.counter(r).load(Ordering::Relaxed)))
+        .collect()
+    }
+
+    fn counter(&self, refusal: &Refusal) -> &AtomicU64 {
+        match refusal {
             Refusal::HealthCheck => &self.health_checks,
             Refusal::ClosedBeforeData => &self.closed_before_data,
             Refusal::HeaderMissing => &self.proxy_header_missing,
@@ -46,8 +76,7 @@ impl EdgeStats {
             Refusal::SniMissing => &self.sni_missing,
             Refusal::SniDenied(_) => &self.sni_denied,
             Refusal::ClientError(_) => &self.client_errors,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// One line with every counter.
@@ -73,5 +102,24 @@ impl EdgeStats {
             client_errors = get(&self.client_errors),
             "edge totals"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_its_own_label_and_counter() {
+        let stats = EdgeStats::default();
+        stats.refused(&Refusal::SniDenied("x.example.com".into()));
+        stats.refused(&Refusal::SniDenied("y.example.com".into()));
+        stats.refused(&Refusal::HealthCheck);
+        let refusals = stats.refusals();
+        let labels: std::collections::HashSet<_> = refusals.iter().map(|(l, _)| *l).collect();
+        assert_eq!(labels.len(), 15);
+        assert!(refusals.contains(&("sni_denied", 2)));
+        assert!(refusals.contains(&("health_check", 1)));
+        assert_eq!(refusals.iter().map(|(_, n)| n).sum::<u64>(), 3);
     }
 }

@@ -1,32 +1,31 @@
 //! The life of one connection: the edge guard (PROXY header, ClientHello),
 //! resolve the upstream now, connect, forward, and write one access log line
-//! when it closes.
+//! when it closes; each step feeds the metrics, the readiness state and the
+//! table of open connections. [`probe`]: the background upstream probe.
 
-use std::{
-    io,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+mod closing;
+pub mod probe;
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use std::{sync::Arc, time::Instant};
+
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, field::Empty};
+
+use closing::{close_refused, log_refused, millis, record_learned};
 
 use crate::{
     addr::{ClientAddr, ListenAddr, UpstreamAddr, UpstreamTarget},
     config::Config,
-    connect::{ConnectError, Connector},
+    connect::{ConnectError, Connected, Connector},
+    connections::{ConnectionTable, Registration},
     dataplane::{self, DataPlane, Transfer, sockmap::SockmapPlane},
     dns::{ResolveError, UpstreamResolver},
     edge::{self, EdgeConfig, EdgeStats, Learned},
+    health::Health,
+    metrics::Metrics,
     sockopt::{self, TcpConfig},
 };
-
-/// How long a refused client may take to close after our FIN before we drop it.
-const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
 /// Everything a connection needs, shared by all of them.
 #[derive(Debug)]
@@ -39,6 +38,9 @@ pub struct Proxy {
     sockmap: Option<Arc<SockmapPlane>>,
     /// What the edge guards of every listener admitted and refused.
     edge_stats: EdgeStats,
+    metrics: Metrics,
+    health: Arc<Health>,
+    connections: Arc<ConnectionTable>,
 }
 
 /// Why no upstream connection was made.
@@ -62,8 +64,20 @@ impl SetupError {
     }
 }
 
+/// Where a connection reports what happens to it.
+#[derive(Debug, Clone)]
+pub struct Observers {
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub connections: Arc<ConnectionTable>,
+}
+
 impl Proxy {
-    pub fn new(config: &Config, sockmap: Option<Arc<SockmapPlane>>) -> Result<Self, ResolveError> {
+    pub fn new(
+        config: &Config,
+        sockmap: Option<Arc<SockmapPlane>>,
+        observers: Observers,
+    ) -> Result<Self, ResolveError> {
         Ok(Self {
             resolver: UpstreamResolver::new(&config.dns)?,
             connector: Connector::new(config.connect),
@@ -71,6 +85,9 @@ impl Proxy {
             dataplane: config.dataplane,
             sockmap,
             edge_stats: EdgeStats::default(),
+            metrics: observers.metrics,
+            health: observers.health,
+            connections: observers.connections,
         })
     }
 
@@ -89,11 +106,6 @@ impl Proxy {
         &self.edge_stats
     }
 
-    /// Resolves an upstream once, for the start-up check.
-    pub async fn resolve_upstream(&self, target: &UpstreamTarget) -> Result<Vec<UpstreamAddr>, ResolveError> {
-        self.resolver.resolve(target).await
-    }
-
     /// Serves one connection accepted from `peer` (the NLB, behind
     /// PrivateLink) to its end. The span's `client` is the address the PROXY
     /// header names, or the peer's. `stop` cuts it short.
@@ -105,6 +117,8 @@ impl Proxy {
         edge: Arc<EdgeConfig>,
         stop: CancellationToken,
     ) {
+        self.metrics.accepted(listen);
+        let registration = self.connections.register(peer, listen);
         let span = tracing::info_span!(
             "conn",
             client = Empty,
@@ -114,7 +128,7 @@ impl Proxy {
             vpce = Empty,
             sni = Empty
         );
-        self.serve_inner(client, peer, &edge, stop).instrument(span).await;
+        self.serve_inner(client, peer, &edge, stop, &registration).instrument(span).await;
     }
 
     async fn serve_inner(
@@ -123,6 +137,7 @@ impl Proxy {
         peer: ClientAddr,
         edge: &EdgeConfig,
         stop: CancellationToken,
+        registration: &Registration,
     ) {
         let started = Instant::now();
         if let Err(error) = sockopt::apply(&client, &self.tcp) {
@@ -138,27 +153,40 @@ impl Proxy {
         let target = match guarded {
             Some(Ok(target)) => target,
             Some(Err(refusal)) => {
+                self.metrics.closed(refusal.label(), 0, 0, 0);
                 log_refused(refusal.label(), &refusal, &learned, edge_time, started);
                 close_refused(client).await;
                 return;
             }
             None => {
+                self.metrics.closed("stopped", 0, 0, 0);
                 log_refused("stopped", &"stopped during the edge checks", &learned, edge_time, started);
                 return;
             }
         };
+        registration.connecting(learned.client, learned.server_name.as_deref(), target.to_string());
         let resolve_started = Instant::now();
         let resolved = self.resolver.resolve(target).await;
         let resolve_time = resolve_started.elapsed();
+        self.metrics.resolved(resolve_time, resolved.as_ref().err().map(ResolveError::kind));
         let connect_started = Instant::now();
         let connected = match resolved {
-            Ok(addrs) => self.connect(&addrs).await,
+            Ok(addrs) => {
+                self.health.resolved(target);
+                let connected = self.connect(&addrs).await;
+                self.metrics.connect_time(connect_started.elapsed());
+                connected
+            }
             Err(e) => Err(e.into()),
         };
         let connect_time = connect_started.elapsed();
         let (upstream, upstream_addr) = match connected {
-            Ok(connected) => connected,
+            Ok(connected) => {
+                self.health.connected(target);
+                connected
+            }
             Err(error) => {
+                self.metrics.closed(error.reason(), 0, 0, 0);
                 tracing::warn!(
                     upstream = "-",
                     target = %target,
@@ -177,6 +205,9 @@ impl Proxy {
                 return;
             }
         };
+        let sockmap = self.sockmap.as_deref();
+        registration.forwarding(upstream_addr, dataplane::counts_live(self.dataplane, sockmap));
+        let progress = registration.bytes();
         let Transfer {
             client_to_upstream,
             upstream_to_client,
@@ -185,15 +216,10 @@ impl Proxy {
             pauses,
             resumes,
             reason,
-        } = dataplane::forward(
-            self.dataplane,
-            self.sockmap.as_deref(),
-            client,
-            upstream,
-            stop,
-            learned.bytes_read,
-        )
-        .await;
+        } = dataplane::forward(self.dataplane, sockmap, client, upstream, stop, learned.bytes_read, progress)
+            .await;
+        // Counted before the log line, so whoever reads the line finds it counted.
+        self.metrics.closed(reason.label(), client_to_upstream, upstream_to_client, kernel_bytes);
         tracing::info!(
             upstream = %upstream_addr,
             target = %target,
@@ -213,85 +239,37 @@ impl Proxy {
         );
     }
 
+    /// Connects to one of `addrs` for a client connection, counting each
+    /// failed address and the one that accepted.
     async fn connect(&self, addrs: &[UpstreamAddr]) -> Result<(TcpStream, UpstreamAddr), SetupError> {
-        let (stream, addr) = self.connector.connect(addrs).await?;
+        let result = self.connector.connect(addrs).await;
+        let failed = match &result {
+            Ok(connected) => &connected.failed,
+            Err(error) => &error.attempts,
+        };
+        for attempt in failed {
+            self.metrics.connect_failed(attempt.addr);
+        }
+        let Connected { stream, addr, .. } = result?;
+        self.metrics.connected(addr);
         sockopt::apply(&stream, &self.tcp)?;
         Ok((stream, addr))
     }
-}
 
-/// The client address (the header's, or the peer's), PROXY header version,
-/// VPC endpoint and server name go into the connection's span, so every line
-/// of it shows them.
-fn record_learned(learned: &Learned, peer: ClientAddr) {
-    let span = tracing::Span::current();
-    match learned.client {
-        Some(client) => span.record("client", tracing::field::display(client)),
-        None => span.record("client", tracing::field::display(peer)),
-    };
-    if let Some(version) = learned.proxy_version {
-        span.record("proxy_header", version);
+    /// Resolves `target` and connects to one of its addresses, then closes
+    /// the connection: the background probe. Records successes for
+    /// readiness; feeds no client-connection metric.
+    pub async fn probe(&self, target: &UpstreamTarget) -> Result<Vec<UpstreamAddr>, probe::ProbeError> {
+        let addrs = self.resolver.resolve(target).await.map_err(probe::ProbeError::Resolve)?;
+        self.health.resolved(target);
+        let connected = self.connector.connect(&addrs).await.map_err(probe::ProbeError::Connect)?;
+        self.health.connected(target);
+        drop(connected.stream);
+        Ok(addrs)
     }
-    if let Some(vpce) = &learned.vpce_id {
-        span.record("vpce", vpce.as_str());
-    }
-    if let Some(sni) = &learned.server_name {
-        span.record("sni", sni.as_str());
-    }
-}
 
-/// The access log line of a connection the guard closed: a health check is
-/// routine (info), anything else a warning.
-fn log_refused(
-    reason: &'static str,
-    error: &dyn std::fmt::Display,
-    learned: &Learned,
-    edge_time: Duration,
-    started: Instant,
-) {
-    macro_rules! closed {
-        ($level:ident) => {
-            tracing::$level!(
-                upstream = "-",
-                chained_headers = learned.chained_headers,
-                edge_ms = millis(edge_time),
-                bytes_up = 0u64,
-                bytes_down = 0u64,
-                duration_ms = millis(started.elapsed()),
-                reason,
-                %error,
-                "connection closed"
-            )
-        };
+    #[must_use]
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
-    if reason == "health_check" {
-        closed!(info);
-    } else {
-        closed!(warn);
-    }
-}
-
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-/// Closes a client we could not serve with a FIN, not a reset: the client may
-/// already have sent its ClientHello, and closing a socket with unread bytes
-/// would reset it. So: FIN, then read and discard until the client closes too
-/// (or [`REFUSED_LINGER`] passes).
-async fn close_refused(mut client: TcpStream) {
-    if client.shutdown().await.is_err() {
-        return;
-    }
-    let mut sink = [0u8; 4096];
-    let discard = async {
-        loop {
-            match client.read(&mut sink).await {
-                Ok(0) => return Ok::<(), io::Error>(()),
-                Ok(_) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(REFUSED_LINGER, discard).await;
 }

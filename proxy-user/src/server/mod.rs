@@ -1,37 +1,56 @@
-//! Start-up, the accept loops, and stopping: SIGTERM drains (listeners close,
-//! open connections get the drain timeout), SIGINT stops at once. SIGHUP
-//! re-reads the configuration and applies only the XDP source filter's
-//! allow list (every other setting needs a restart).
+//! Start-up (signals, source filter, data plane, listeners, admin endpoint,
+//! health-check port), the accept loops and upstream probes, and stopping:
+//! SIGTERM turns readiness false at once, keeps accepting for the drain
+//! delay, then closes the listeners and gives open connections the drain
+//! timeout; SIGINT stops at once. SIGHUP re-reads the configuration and
+//! applies only the XDP source filter's allow list (every other setting
+//! needs a restart).
+
+mod source_filter;
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::Semaphore,
+    sync::{Semaphore, watch},
     task::JoinSet,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     addr::UpstreamTarget,
+    admin::{AdminEndpoint, AdminError, AdminState},
     cli::Options,
-    config::Config,
+    config::{AdminConfig, Config},
+    connections::ConnectionTable,
     dataplane::{DataPlane, sockmap::SockmapPlane},
     dns::ResolveError,
     edge::EdgeConfig,
+    health::Health,
+    health_port::HealthPort,
     kernel::{KernelError, KernelPrograms},
     listener::{BindError, Listener},
-    proxy::Proxy,
-    xdp_filter::{SourceFilter, SourceFilterConfig, SourceFilterError},
+    metrics::{
+        Metrics,
+        collectors::{ProxyCollector, StateCollector, XdpCollector},
+    },
+    proxy::{Observers, Proxy, probe},
+    xdp_filter::{SourceFilter, SourceFilterError},
 };
 
 /// Time connections get to close after they were told to stop.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Longest wait for the health-check port to close when a drain starts.
+const HEALTH_PORT_CLOSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("health-check port (health_listen, --health-listen): {0}")]
+    HealthBind(BindError),
     #[error(transparent)]
     Resolver(#[from] ResolveError),
     #[error("cannot install the signal handlers: {0}")]
@@ -42,6 +61,14 @@ pub enum StartError {
     Sockmap(#[from] KernelError),
     #[error("XDP source filter: {0}")]
     SourceFilter(#[from] SourceFilterError),
+}
+
+impl StartError {
+    /// A listen, admin or health-check address could not be bound.
+    #[must_use]
+    pub fn is_bind(&self) -> bool {
+        matches!(self, Self::Bind(_) | Self::HealthBind(_) | Self::Admin(AdminError::Bind { .. }))
+    }
 }
 
 /// How the server stopped.
@@ -66,6 +93,11 @@ pub struct Server {
     /// Loaded kernel programs not used by the data plane, kept for their logs.
     _kernel: Option<KernelPrograms>,
     proxy: Arc<Proxy>,
+    health: Arc<Health>,
+    health_port: Option<HealthPort>,
+    /// Every upstream of every listener, probed in the background.
+    targets: Vec<UpstreamTarget>,
+    admin: AdminConfig,
     drain_timeout: Duration,
     max_connections: usize,
     dataplane_reason: &'static str,
@@ -77,9 +109,10 @@ pub struct Server {
 impl Server {
     /// Installs the signal handlers, builds the resolver and the data plane,
     /// attaches the XDP source filter (before binding, with the fixed listen
-    /// ports already guarded), and binds every listener; nothing is accepted
-    /// yet. `kernel` is the loaded kernel programs, or why they could not be
-    /// loaded; `flags` is the command line `config` came from.
+    /// ports already guarded), binds every listener, the health-check port
+    /// and the admin endpoint, which starts serving (not ready yet); no
+    /// connection is accepted yet. `kernel` is the loaded kernel programs, or
+    /// why they could not be loaded; `flags` is the command line `config` came from.
     pub fn start(
         config: &Config,
         kernel: Result<KernelPrograms, KernelError>,
@@ -91,7 +124,7 @@ impl Server {
         let fixed_ports: Vec<u16> =
             config.listeners.iter().map(|l| l.addr.0.port()).filter(|p| *p != 0).collect();
         let mut source_filter =
-            config.source_filter.as_ref().map(|c| start_source_filter(c, &fixed_ports)).transpose()?;
+            config.source_filter.as_ref().map(|c| source_filter::start(c, &fixed_ports)).transpose()?;
         let (sockmap, kernel) = match (config.dataplane, kernel) {
             (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
                 (Some(SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?), None)
@@ -99,7 +132,21 @@ impl Server {
             (DataPlane::Sockmap { .. }, Err(error)) => return Err(StartError::NoKernel(error.to_string())),
             (_, kernel) => (None, kernel.ok()),
         };
-        let proxy = Arc::new(Proxy::new(config, sockmap)?);
+        let mut targets: Vec<UpstreamTarget> = Vec::new();
+        for target in config.listeners.iter().flat_map(|l| l.edge.upstreams.targets()) {
+            if !targets.contains(target) {
+                targets.push(target.clone());
+            }
+        }
+        let health = Arc::new(Health::new(&targets, config.admin.readiness_window()));
+        let metrics = Metrics::default();
+        let connections = Arc::new(ConnectionTable::default());
+        let observers = Observers {
+            metrics: metrics.clone(),
+            health: Arc::clone(&health),
+            connections: Arc::clone(&connections),
+        };
+        let proxy = Arc::new(Proxy::new(config, sockmap, observers)?);
         let listeners: Vec<(Listener, Arc<EdgeConfig>)> = config
             .listeners
             .iter()
@@ -111,11 +158,40 @@ impl Server {
             filter.guard_ports(&ports)?;
             tracing::info!(?ports, "XDP source filter guards the listen ports");
         }
+        let health_port =
+            config.admin.health_listen.map(HealthPort::bind).transpose().map_err(StartError::HealthBind)?;
+        let admin = AdminEndpoint::bind(config.admin.listen)?;
+        let admin_addr = admin.addr;
+        let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
+            Box::new(StateCollector {
+                health: Arc::clone(&health),
+                connections: Arc::clone(&connections),
+                addresses: Arc::clone(metrics.addresses()),
+                plane: config.dataplane.label(),
+            }),
+            Box::new(ProxyCollector(Arc::clone(&proxy))),
+        ];
+        if let Some(filter) = &source_filter {
+            collectors.push(Box::new(XdpCollector(filter.counters_handle())));
+        }
+        admin.spawn(AdminState {
+            registry: metrics.registry(collectors),
+            health: Arc::clone(&health),
+            connections,
+        })?;
+        tracing::info!(admin = %admin_addr, "admin endpoint listening");
+        if let Some(port) = &health_port {
+            tracing::info!(health = %port.addr, "health-check port bound; open while ready");
+        }
         Ok(Self {
             source_filter,
             flags: flags.clone(),
             listeners,
             proxy,
+            health,
+            health_port,
+            targets,
+            admin: config.admin,
             _kernel: kernel,
             drain_timeout: config.drain_timeout,
             max_connections: config.max_connections,
@@ -130,10 +206,11 @@ impl Server {
     pub async fn run(&mut self) -> Stopped {
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();
+        let stop_probes = CancellationToken::new();
+        let _stop_probes_on_return = stop_probes.clone().drop_guard();
         let connections = TaskTracker::new();
         let mut accept_loops = JoinSet::new();
         let slots = Arc::new(Semaphore::new(self.max_connections));
-        let mut targets: Vec<UpstreamTarget> = Vec::new();
         for (listener, edge) in self.listeners.drain(..) {
             tracing::info!(
                 listen = %listener.addr,
@@ -142,11 +219,6 @@ impl Server {
                 allowed_vpce_ids = ?edge.proxy_protocol.allowed_vpce_ids,
                 "listening"
             );
-            for target in edge.upstreams.targets() {
-                if !targets.contains(target) {
-                    targets.push(target.clone());
-                }
-            }
             let proxy = Arc::clone(&self.proxy);
             let connections = connections.clone();
             let stop_connections = stop_connections.clone();
@@ -165,18 +237,29 @@ impl Server {
             ));
         }
         tracing::info!(dataplane = self.proxy.dataplane().label(), why = self.dataplane_reason, "data plane");
-        for target in targets {
-            tokio::spawn(startup_check(Arc::clone(&self.proxy), target));
+        for target in &self.targets {
+            let (proxy, target, stop) = (Arc::clone(&self.proxy), target.clone(), stop_probes.clone());
+            tokio::spawn(probe::run(proxy, target, self.admin.probe_interval, stop));
+        }
+        let (health_port_closed, mut health_port_watch) = watch::channel(self.health_port.is_none());
+        if let Some(port) = self.health_port.take() {
+            tokio::spawn(port.run(Arc::clone(&self.health), health_port_closed));
         }
         tracing::info!("ready");
 
-        let drain = loop {
+        let mut drain = loop {
             tokio::select! {
                 _ = self.sigterm.recv() => break true,
                 _ = self.sigint.recv() => break false,
-                _ = self.sighup.recv() => self.reload_source_list(),
+                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags),
             }
         };
+        if drain {
+            self.health.start_drain();
+            let _ =
+                tokio::time::timeout(HEALTH_PORT_CLOSE, health_port_watch.wait_for(|closed| *closed)).await;
+            drain = self.drain_delay(connections.len()).await;
+        }
         stop_accepting.cancel();
         while accept_loops.join_next().await.is_some() {}
         connections.close();
@@ -200,49 +283,26 @@ impl Server {
         Stopped::Interrupted { cut }
     }
 
-    /// SIGHUP: re-reads the configuration (file and flags, validated as at
-    /// start-up) and applies its allow list to the source filter. Anything
-    /// invalid leaves the old list in place and logs why.
-    fn reload_source_list(&mut self) {
-        let Some(filter) = &mut self.source_filter else {
-            tracing::info!("SIGHUP: no XDP source filter, nothing to reload");
-            return;
-        };
-        let config = match Config::load(&self.flags) {
-            Ok(config) => config,
-            Err(error) => {
-                tracing::warn!(%error, "SIGHUP: configuration rejected; the source list stays as it was");
-                return;
-            }
-        };
-        let Some(new) = config.source_filter else {
-            tracing::warn!(
-                "SIGHUP: the configuration no longer sets xdp_interface; removing the filter needs a \
-                 restart; the source list stays as it was"
-            );
-            return;
-        };
-        if let Some(attached) = filter.attached().filter(|a| a.interface != new.interface) {
-            tracing::warn!(
-                attached = attached.interface,
-                configured = new.interface,
-                "SIGHUP: moving the filter to another interface needs a restart; reloading its list only"
-            );
-        }
-        // The counters so far, so each reload also reports what the old list did.
-        let (passed, dropped) =
-            filter.counters().map_or((None, None), |c| (Some(c.passed()), Some(c.dropped)));
-        match filter.reload(&new.allowed) {
-            Ok(summary) => tracing::info!(
-                added = ?strings(&summary.added),
-                removed = ?strings(&summary.removed),
-                allowed = ?strings(&filter.allowed()),
-                passed,
-                dropped,
-                "SIGHUP: source list reloaded"
-            ),
-            Err(error) => {
-                tracing::error!(%error, "SIGHUP: reloading the source list failed; the old list stays")
+    /// Readiness is already false: go on accepting for the drain delay so
+    /// the NLB deregisters this target first. A second SIGTERM ends the
+    /// delay early; SIGINT too, and then nothing is drained (returns false).
+    async fn drain_delay(&mut self, open: usize) -> bool {
+        let delay = self.admin.drain_delay;
+        tracing::info!(
+            ?delay,
+            open,
+            "SIGTERM: not ready; still accepting until the drain delay is over, then the listeners close"
+        );
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return true,
+                _ = self.sigterm.recv() => {
+                    tracing::info!("second SIGTERM: the drain delay ends now");
+                    return true;
+                }
+                _ = self.sigint.recv() => return false,
+                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags),
             }
         }
     }
@@ -255,43 +315,9 @@ impl Server {
             sockmap.log_totals();
         }
         if let Some(filter) = &self.source_filter {
-            match filter.counters() {
-                Ok(c) => tracing::info!(
-                    passed = c.passed(),
-                    dropped = c.dropped,
-                    allowed = c.allowed,
-                    unguarded = c.unguarded,
-                    fragments = c.fragments,
-                    malformed = c.malformed,
-                    "xdp source filter totals"
-                ),
-                Err(error) => tracing::warn!(%error, "cannot read the XDP source filter counters"),
-            }
+            source_filter::log_totals(filter);
         }
     }
-}
-
-/// Loads the source filter with its allow list and the `ports` known before
-/// binding, then attaches it, logging the mode and why.
-fn start_source_filter(
-    config: &SourceFilterConfig,
-    ports: &[u16],
-) -> Result<SourceFilter, SourceFilterError> {
-    let mut filter = SourceFilter::load(&config.allowed)?;
-    filter.guard_ports(ports)?;
-    let attached = filter.attach(&config.interface)?;
-    tracing::info!(
-        interface = attached.interface,
-        mode = %attached.mode,
-        why = attached.why,
-        allowed = ?strings(&filter.allowed()),
-        "XDP source filter attached"
-    );
-    Ok(filter)
-}
-
-fn strings<T: ToString>(items: &[T]) -> Vec<String> {
-    items.iter().map(ToString::to_string).collect()
 }
 
 /// Tells every connection to stop, waits briefly for them, and returns how many there were.
@@ -300,17 +326,4 @@ async fn cut_all(connections: &TaskTracker, stop: &CancellationToken) -> usize {
     stop.cancel();
     let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
     open
-}
-
-/// A name that does not resolve at start-up is only a warning: it may appear later.
-async fn startup_check(proxy: Arc<Proxy>, upstream: UpstreamTarget) {
-    match proxy.resolve_upstream(&upstream).await {
-        Ok(addrs) => {
-            let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-            tracing::info!(%upstream, addrs = ?addrs, "upstream resolves");
-        }
-        Err(error) => {
-            tracing::warn!(%upstream, %error, "upstream does not resolve yet; will retry for every connection");
-        }
-    }
 }

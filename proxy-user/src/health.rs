@@ -1,0 +1,193 @@
+//! Readiness: the proxy can serve new connections now. Ready = not draining
+//! AND, for every upstream target, a resolution and a TCP connect succeeded
+//! within the readiness window (client connections and the background probe
+//! both count). Liveness (/healthz) needs no state: the process answers.
+//!
+//! Timestamps are atomics (milliseconds since start-up), so recording a
+//! success on the data path takes no lock. The drain flag is a watch channel,
+//! so the TCP health port ([`crate::health_port`]) closes the moment a drain starts.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use crate::addr::UpstreamTarget;
+
+/// One upstream target's last successes.
+#[derive(Debug)]
+struct TargetHealth {
+    target: UpstreamTarget,
+    /// Milliseconds since `Health::started` + 1 of the last success; 0 = never.
+    resolved: AtomicU64,
+    connected: AtomicU64,
+}
+
+/// Shared readiness state.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    window: Duration,
+    targets: Vec<TargetHealth>,
+    draining: watch::Sender<bool>,
+}
+
+/// The readiness answer with its reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not (empty when ready).
+    pub reasons: Vec<String>,
+    /// Per target: ready or not.
+    pub targets: Vec<(String, bool)>,
+}
+
+impl Readiness {
+    /// The /readyz body: `ready`, or `not ready` and one reason per line.
+    #[must_use]
+    pub fn body(&self) -> String {
+        let mut text = String::from(if self.ready { "ready\n" } else { "not ready\n" });
+        for reason in &self.reasons {
+            let _ = writeln!(text, "{reason}");
+        }
+        text
+    }
+}
+
+impl Health {
+    /// `targets`: every upstream of every listener; `window`: how long a
+    /// success counts.
+    #[must_use]
+    pub fn new(targets: &[UpstreamTarget], window: Duration) -> Self {
+        let targets = targets
+            .iter()
+            .map(|t| TargetHealth {
+                target: t.clone(),
+                resolved: AtomicU64::new(0),
+                connected: AtomicU64::new(0),
+            })
+            .collect();
+        Self { started: Instant::now(), window, targets, draining: watch::Sender::new(false) }
+    }
+
+    fn stamp(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn target(&self, target: &UpstreamTarget) -> Option<&TargetHealth> {
+        self.targets.iter().find(|t| t.target == *target)
+    }
+
+    /// `target` resolved just now.
+    pub fn resolved(&self, target: &UpstreamTarget) {
+        if let Some(t) = self.target(target) {
+            t.resolved.store(self.stamp(), Ordering::Relaxed);
+        }
+    }
+
+    /// An address of `target` accepted a connection just now.
+    pub fn connected(&self, target: &UpstreamTarget) {
+        if let Some(t) = self.target(target) {
+            t.connected.store(self.stamp(), Ordering::Relaxed);
+        }
+    }
+
+    /// Starts the drain: not ready from now on. Returns false when a drain had
+    /// already started.
+    pub fn start_drain(&self) -> bool {
+        !self.draining.send_replace(true)
+    }
+
+    #[must_use]
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Watches the drain flag.
+    #[must_use]
+    pub fn subscribe_drain(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// The readiness now, with reasons.
+    #[must_use]
+    pub fn readiness(&self) -> Readiness {
+        let now = self.stamp();
+        let window = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        let recent = |stamp: u64| stamp != 0 && now - stamp <= window;
+        let mut reasons = Vec::new();
+        if self.is_draining() {
+            reasons.push("draining (SIGTERM)".to_owned());
+        }
+        let mut targets = Vec::new();
+        for t in &self.targets {
+            let mut ok = true;
+            for (what, stamp) in [("resolution", &t.resolved), ("connect", &t.connected)] {
+                if !recent(stamp.load(Ordering::Relaxed)) {
+                    ok = false;
+                    reasons.push(format!(
+                        "{}: no successful {what} in the last {}",
+                        t.target,
+                        humantime::format_duration(self.window)
+                    ));
+                }
+            }
+            targets.push((t.target.to_string(), ok));
+        }
+        Readiness { ready: reasons.is_empty(), reasons, targets }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &str) -> UpstreamTarget {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn ready_needs_a_resolution_and_a_connect_for_every_target_and_no_drain() {
+        let (a, b) = (target("a.example.com:443"), target("b.example.com:443"));
+        let health = Health::new(&[a.clone(), b.clone()], Duration::from_secs(30));
+        let r = health.readiness();
+        assert!(!r.ready);
+        assert_eq!(r.reasons.len(), 4, "{r:?}");
+        health.resolved(&a);
+        health.connected(&a);
+        health.resolved(&b);
+        let r = health.readiness();
+        assert!(!r.ready);
+        assert_eq!(r.reasons, ["b.example.com:443: no successful connect in the last 30s"]);
+        assert_eq!(
+            r.targets,
+            [("a.example.com:443".to_owned(), true), ("b.example.com:443".to_owned(), false)]
+        );
+        health.connected(&b);
+        // A target nobody configured changes nothing.
+        health.connected(&target("c.example.com:443"));
+        assert!(health.readiness().ready);
+        assert_eq!(health.readiness().body(), "ready\n");
+        assert!(health.start_drain());
+        assert!(!health.start_drain(), "a second drain is not a new one");
+        let r = health.readiness();
+        assert!(!r.ready);
+        assert_eq!(r.body(), "not ready\ndraining (SIGTERM)\n");
+    }
+
+    #[test]
+    fn successes_expire_after_the_window() {
+        let a = target("a.example.com:443");
+        let health = Health::new(std::slice::from_ref(&a), Duration::from_millis(50));
+        health.resolved(&a);
+        health.connected(&a);
+        assert!(health.readiness().ready);
+        std::thread::sleep(Duration::from_millis(120));
+        let r = health.readiness();
+        assert!(!r.ready);
+        assert!(r.reasons[0].contains("no successful resolution in the last 50ms"), "{r:?}");
+    }
+}
