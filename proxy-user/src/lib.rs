@@ -15,6 +15,7 @@ pub mod listener;
 pub mod logging;
 pub mod proxy;
 pub mod server;
+pub mod service_manager;
 pub mod sockopt;
 pub mod source_prefix;
 pub mod tcpstat;

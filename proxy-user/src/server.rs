@@ -22,6 +22,7 @@ use crate::{
     kernel::{KernelError, KernelPrograms},
     listener::{BindError, Listener},
     proxy::Proxy,
+    service_manager,
     xdp_filter::{SourceFilter, SourceFilterConfig, SourceFilterError},
 };
 
@@ -134,6 +135,7 @@ impl Server {
         let mut accept_loops = JoinSet::new();
         let slots = Arc::new(Semaphore::new(self.max_connections));
         let mut targets: Vec<UpstreamTarget> = Vec::new();
+        let listening: Vec<_> = self.listeners.iter().map(|(l, _)| l.addr).collect();
         for (listener, edge) in self.listeners.drain(..) {
             tracing::info!(
                 listen = %listener.addr,
@@ -169,6 +171,7 @@ impl Server {
             tokio::spawn(startup_check(Arc::clone(&self.proxy), target));
         }
         tracing::info!("ready");
+        service_manager::ready(&listening, self.proxy.dataplane().label());
 
         let drain = loop {
             tokio::select! {
@@ -177,6 +180,11 @@ impl Server {
                 _ = self.sighup.recv() => self.reload_source_list(),
             }
         };
+        if drain {
+            service_manager::draining(connections.len(), self.drain_timeout);
+        } else {
+            service_manager::stopping_now(connections.len());
+        }
         stop_accepting.cancel();
         while accept_loops.join_next().await.is_some() {}
         connections.close();

@@ -50,6 +50,13 @@ impl ProxyProcess {
         Self::start_binary(&binary()?, args)
     }
 
+    /// [`Self::start`] with extra environment variables (`NOTIFY_SOCKET`, say).
+    pub fn start_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
+        let mut cmd = Command::new(binary()?);
+        cmd.envs(env.iter().copied());
+        Self::start_command(cmd, args)
+    }
+
     /// [`Self::start`] with an explicit binary.
     pub fn start_binary<S: AsRef<str>>(binary: &std::path::Path, args: &[S]) -> Result<Self> {
         Self::start_command(Command::new(binary), args)
@@ -72,6 +79,10 @@ impl ProxyProcess {
         }
         // `SPLICE_PROXY_TEST_LOG` raises the proxy's log level when chasing a failure.
         let level = std::env::var("SPLICE_PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
+        // A test run started by systemd must not pass its own notify socket on.
+        if !cmd.get_envs().any(|(key, _)| key == "NOTIFY_SOCKET") {
+            cmd.env_remove("NOTIFY_SOCKET");
+        }
         cmd.env("RUST_LOG", level).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting splice-proxy")?;
         let stderr = child.stderr.take().context("no stderr pipe")?;
