@@ -57,6 +57,15 @@ impl ProxyProcess {
         Self::start_command(cmd, args)
     }
 
+    /// [`Self::start`] through a program that execs the proxy (`setpriv
+    /// ARGS... -- <binary> ...`, say), so the child's PID is the proxy's.
+    pub fn start_wrapped<S: AsRef<str>>(wrapper: &[&str], args: &[S]) -> Result<Self> {
+        let (program, wrapper_args) = wrapper.split_first().context("empty wrapper")?;
+        let mut cmd = Command::new(program);
+        cmd.args(wrapper_args).arg(binary()?);
+        Self::start_command(cmd, args)
+    }
+
     /// [`Self::start`] with an explicit binary.
     pub fn start_binary<S: AsRef<str>>(binary: &std::path::Path, args: &[S]) -> Result<Self> {
         Self::start_command(Command::new(binary), args)
