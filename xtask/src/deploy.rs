@@ -2,8 +2,9 @@
 //! checked by the tools that will read them, each failure naming the file and
 //! the validator:
 //! - systemd units: `systemd-analyze verify`, in a private mount namespace
-//!   whose /usr/local/bin holds the built binary and the scripts next to the
-//!   units (verify checks that each command exists); a warning fails too;
+//!   whose /usr/local/bin holds (links to) the built binary and the scripts
+//!   next to the units (verify checks that each command exists); a warning
+//!   fails too;
 //! - Kubernetes manifests: `kubernetes-validate --strict` against the
 //!   Kubernetes 1.32 schemas, and kustomization.yaml lists each of them;
 //! - CloudFormation templates: `cfn-lint` (warnings fail too);
@@ -58,13 +59,14 @@ fn check_systemd(dir: &Path, binary: &Path, bin: &Path) -> Result<()> {
         );
     }
     std::fs::create_dir_all(bin)?;
-    std::fs::copy(binary, bin.join("splice-proxy"))?;
+    let binary = std::path::absolute(binary)?;
+    std::os::unix::fs::symlink(&binary, bin.join("splice-proxy"))?;
     let mut units = Vec::new();
     for path in files(dir, "")? {
         if path.extension().is_some_and(|ext| ext == "service") {
             units.push(path);
         } else if path.metadata()?.permissions().mode() & 0o111 != 0 {
-            std::fs::copy(&path, bin.join(path.file_name().unwrap_or_default()))?;
+            std::os::unix::fs::symlink(&path, bin.join(path.file_name().unwrap_or_default()))?;
         }
     }
     if units.is_empty() {
