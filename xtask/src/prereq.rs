@@ -7,7 +7,8 @@
 //! - `iproute2` (`ip netns`) for the tests that run in their own network namespace;
 //! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), the benchmark's reference;
 //! - for `cargo xtask check-deploy` (part of `test`): `systemd-analyze` (Debian's
-//!   `systemd`), `unshare` (`util-linux`), `mount`, and `cfn-lint` and
+//!   `systemd`), `unshare` (`util-linux`), `mount`, `curl` (the drain
+//!   watcher's test runs the script, which uses it), and `cfn-lint` and
 //!   `kubernetes-validate` at pinned versions in a virtual environment under
 //!   `target/` (Debian 12's Python refuses system-wide pip, PEP 668), made by
 //!   Debian's `/usr/bin/python3` with `python3-venv`.
@@ -75,8 +76,9 @@ pub struct DeployTools {
 /// environment is (re)made only when its record of the pins differs.
 pub fn ensure_deploy(venv: &Path) -> Result<DeployTools> {
     ensure_debian_packages(
-        &["systemd", "util-linux", "mount", "python3-venv"],
-        "systemd-analyze (systemd), unshare (util-linux), mount, and Python 3 with its venv module",
+        &["systemd", "util-linux", "mount", "curl", "python3-venv"],
+        "systemd-analyze (systemd), unshare (util-linux), mount, curl (the lifecycle script's test), \
+         and Python 3 with its venv module",
     )?;
     let pins = format!("cfn-lint=={CFN_LINT_VERSION}\nkubernetes-validate=={KUBERNETES_VALIDATE_VERSION}\n");
     let record = venv.join("splice-proxy-pins.txt");
