@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod service_manager;
 pub mod sockopt;
 pub mod source_prefix;
 pub mod tcpstat;

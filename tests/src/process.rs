@@ -57,6 +57,22 @@ impl ProxyProcess {
         Self::start_binary(&binary()?, args)
     }
 
+    /// [`Self::start`] with extra environment variables (`NOTIFY_SOCKET`, say).
+    pub fn start_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
+        let mut cmd = Command::new(binary()?);
+        cmd.envs(env.iter().copied());
+        Self::start_command(cmd, args)
+    }
+
+    /// [`Self::start`] through a program that execs the proxy (`setpriv
+    /// ARGS... -- <binary> ...`, say), so the child's PID is the proxy's.
+    pub fn start_wrapped<S: AsRef<str>>(wrapper: &[&str], args: &[S]) -> Result<Self> {
+        let (program, wrapper_args) = wrapper.split_first().context("empty wrapper")?;
+        let mut cmd = Command::new(program);
+        cmd.args(wrapper_args).arg(binary()?);
+        Self::start_command(cmd, args)
+    }
+
     /// [`Self::start`] with an explicit binary.
     pub fn start_binary<S: AsRef<str>>(binary: &std::path::Path, args: &[S]) -> Result<Self> {
         Self::start_command(Command::new(binary), args)
@@ -86,6 +102,10 @@ impl ProxyProcess {
         }
         // `SPLICE_PROXY_TEST_LOG` raises the proxy's log level when chasing a failure.
         let level = std::env::var("SPLICE_PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
+        // A test run started by systemd must not pass its own notify socket on.
+        if !cmd.get_envs().any(|(key, _)| key == "NOTIFY_SOCKET") {
+            cmd.env_remove("NOTIFY_SOCKET");
+        }
         cmd.env("RUST_LOG", level).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting splice-proxy")?;
         let stderr = child.stderr.take().context("no stderr pipe")?;

@@ -1,8 +1,11 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | fuzz`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | check-deploy |
+//! package | demo | bench | fuzz`.
 //!
 //! Every task that needs the kernel toolchain first makes sure it is present
 //! (see [`prereq`]), so a fresh Debian 12 host needs no other set-up step.
 
+mod deploy;
+mod package;
 mod prereq;
 
 use prereq::run;
@@ -36,12 +39,20 @@ enum Task {
     /// proxy-user embeds. Runs `setup` first.
     BuildEbpf,
     /// Run every check and test: setup, build-ebpf, cargo fmt --check,
-    /// clippy -D warnings, then the whole test suite.
+    /// clippy -D warnings, check-deploy, then the whole test suite.
     Test {
         /// Extra arguments passed to `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Check the deployment files under deploy/: systemd-analyze verify
+    /// (as root), kubernetes-validate, cfn-lint, and splice-proxy
+    /// check-config on every embedded configuration. Installs the validators
+    /// when missing (Debian packages; PyPI into target/deploy-venv).
+    CheckDeploy,
+    /// Build the release tarball an EC2 instance installs (binary, systemd
+    /// units, drain watcher) into target/package/, and print its SHA-256.
+    Package,
     /// Run the local demo: DNS server, two TLS "API servers" on 127.0.0.2 and
     /// 127.0.0.3, the proxy, and a client, while the DNS answer rotates.
     Demo,
@@ -75,6 +86,12 @@ fn main() -> Result<()> {
         }
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
+        Task::CheckDeploy => check_deploy(&root),
+        Task::Package => {
+            build_ebpf(&root)?;
+            run(cargo(&root).args(["build", "--release", "--bin", "splice-proxy"]))?;
+            package::package(&root).map(drop)
+        }
         Task::Demo => demo(&root),
         Task::Bench { bench_args } => bench(&root, &bench_args),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
@@ -118,7 +135,17 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     run(cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The integration tests start the real binary, so build it first.
     run(cargo(root).args(["build", "--workspace", "--bins"]))?;
+    deploy::check(root, &root.join("target/debug/splice-proxy"))?;
     run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(cargo_test_args))
+}
+
+fn check_deploy(root: &Path) -> Result<()> {
+    // proxy-user's build embeds the kernel object.
+    if !ebpf_object(root).is_file() {
+        build_ebpf(root)?;
+    }
+    run(cargo(root).args(["build", "--bin", "splice-proxy"]))?;
+    deploy::check(root, &root.join("target/debug/splice-proxy"))
 }
 
 fn demo(root: &Path) -> Result<()> {

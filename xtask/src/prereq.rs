@@ -5,7 +5,13 @@
 //! - Debian's `llvm-22-dev` and `libpolly-22-dev`, which `bpf-linker` links to;
 //! - `bpf-linker` 0.13 built with `--features llvm-22`;
 //! - `iproute2` (`ip netns`) for the tests that run in their own network namespace;
-//! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), the benchmark's reference.
+//! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), the benchmark's reference;
+//! - for `cargo xtask check-deploy` (part of `test`): `systemd-analyze` (Debian's
+//!   `systemd`), `unshare` (`util-linux`), `mount`, `curl` (the drain
+//!   watcher's test runs the script, which uses it), and `cfn-lint` and
+//!   `kubernetes-validate` at pinned versions in a virtual environment under
+//!   `target/` (Debian 12's Python refuses system-wide pip, PEP 668), made by
+//!   Debian's `/usr/bin/python3` with `python3-venv`.
 //!
 //! On a host where we cannot install (not Debian, not root) we stop and print
 //! the exact commands to run instead.
@@ -49,6 +55,57 @@ pub fn ensure_fuzz() -> Result<()> {
         .context("installing cargo-fuzz failed")?;
     }
     Ok(())
+}
+
+/// Pinned validators of the deployment files (PyPI). kubernetes-validate
+/// carries the Kubernetes JSON schemas; 1.32.0 has those of Kubernetes 1.32.
+const CFN_LINT_VERSION: &str = "1.58.0";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.32.0";
+/// Debian's interpreter, even when another python3 (pyenv) comes first on PATH.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// The validators' virtual environment.
+pub struct DeployTools {
+    pub python: PathBuf,
+    pub cfn_lint: PathBuf,
+    pub kubernetes_validate: PathBuf,
+}
+
+/// Makes sure `systemd-analyze`, `unshare` and, in the virtual environment
+/// `venv`, the pinned cfn-lint and kubernetes-validate are present. The
+/// environment is (re)made only when its record of the pins differs.
+pub fn ensure_deploy(venv: &Path) -> Result<DeployTools> {
+    ensure_debian_packages(
+        &["systemd", "util-linux", "mount", "curl", "python3-venv"],
+        "systemd-analyze (systemd), unshare (util-linux), mount, curl (the lifecycle script's test), \
+         and Python 3 with its venv module",
+    )?;
+    let pins = format!("cfn-lint=={CFN_LINT_VERSION}\nkubernetes-validate=={KUBERNETES_VALIDATE_VERSION}\n");
+    let record = venv.join("splice-proxy-pins.txt");
+    if std::fs::read_to_string(&record).ok().as_deref() != Some(pins.as_str()) {
+        eprintln!(
+            "setup: installing cfn-lint {CFN_LINT_VERSION} and kubernetes-validate \
+             {KUBERNETES_VALIDATE_VERSION} into {} (about a minute)",
+            venv.display()
+        );
+        if venv.exists() {
+            std::fs::remove_dir_all(venv).with_context(|| format!("removing {}", venv.display()))?;
+        }
+        run(Command::new(SYSTEM_PYTHON).args(["-m", "venv"]).arg(venv)).with_context(|| {
+            format!("could not make a virtual environment; run: {SYSTEM_PYTHON} -m venv {}", venv.display())
+        })?;
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(pins.lines()))
+        .context("could not install the deploy validators from PyPI")?;
+        std::fs::write(&record, &pins).with_context(|| format!("writing {}", record.display()))?;
+    }
+    let bin = venv.join("bin");
+    Ok(DeployTools {
+        python: bin.join("python3"),
+        cfn_lint: bin.join("cfn-lint"),
+        kubernetes_validate: bin.join("kubernetes-validate"),
+    })
 }
 
 fn ensure_nightly() -> Result<()> {
@@ -136,7 +193,7 @@ fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
 }
 

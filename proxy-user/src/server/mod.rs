@@ -35,6 +35,7 @@ use crate::{
         collectors::{ProxyCollector, StateCollector, XdpCollector},
     },
     proxy::{Observers, Proxy, probe},
+    service_manager,
     xdp_filter::{SourceFilter, SourceFilterError},
 };
 
@@ -211,6 +212,7 @@ impl Server {
         let connections = TaskTracker::new();
         let mut accept_loops = JoinSet::new();
         let slots = Arc::new(Semaphore::new(self.max_connections));
+        let listening: Vec<_> = self.listeners.iter().map(|(l, _)| l.addr).collect();
         for (listener, edge) in self.listeners.drain(..) {
             tracing::info!(
                 listen = %listener.addr,
@@ -246,6 +248,7 @@ impl Server {
             tokio::spawn(port.run(Arc::clone(&self.health), health_port_closed));
         }
         tracing::info!("ready");
+        service_manager::ready(&listening, self.proxy.dataplane().label());
 
         let mut drain = loop {
             tokio::select! {
@@ -256,9 +259,12 @@ impl Server {
         };
         if drain {
             self.health.start_drain();
+            service_manager::draining(connections.len(), self.drain_timeout);
             let _ =
                 tokio::time::timeout(HEALTH_PORT_CLOSE, health_port_watch.wait_for(|closed| *closed)).await;
             drain = self.drain_delay(connections.len()).await;
+        } else {
+            service_manager::stopping_now(connections.len());
         }
         stop_accepting.cancel();
         while accept_loops.join_next().await.is_some() {}

@@ -1,0 +1,155 @@
+//! The capabilities the deployment files grant are the ones the proxy needs:
+//! the systemd unit's ambient set and the DaemonSet's added set are the same
+//! four; an unprivileged user holding exactly those (no_new_privs, as the unit
+//! sets) binds port 443 and runs the sockmap plane with bytes moved in the
+//! kernel; without CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON the sockmap plane
+//! cannot start, and without CAP_NET_BIND_SERVICE port 443 cannot be bound.
+//! Runs as root (setpriv) in its own network namespace.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use testkit::{
+    netns::NetNs,
+    process::{ProxyProcess, message},
+};
+
+const UNIT: &str = "deploy/systemd/splice-proxy.service";
+const DAEMONSET: &str = "deploy/kubernetes/daemonset.yaml";
+/// An unprivileged user (Debian's `nobody`), as the unit's dynamic user is.
+const UNPRIVILEGED: &str = "65534";
+
+fn repo_file(path: &str) -> Result<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::read_to_string(root.join(path)).with_context(|| format!("reading {path}"))
+}
+
+/// The capabilities a unit setting lists, without the `CAP_` prefix.
+fn unit_capabilities(unit: &str, key: &str) -> Result<BTreeSet<String>> {
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .with_context(|| format!("{UNIT} has no {key}="))?;
+    line.split_whitespace()
+        .map(|cap| cap.strip_prefix("CAP_").map(str::to_owned).with_context(|| format!("{key}: {cap}")))
+        .collect()
+}
+
+/// The DaemonSet's `add: [...]` capabilities.
+fn daemonset_capabilities(manifest: &str) -> Result<BTreeSet<String>> {
+    let list = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .with_context(|| format!("{DAEMONSET} adds no capabilities"))?;
+    Ok(list.trim_end_matches(']').split(',').map(|c| c.trim().trim_matches('"').to_owned()).collect())
+}
+
+/// `setpriv` giving the unprivileged user exactly `caps` (names without `CAP_`).
+fn as_unprivileged_with(caps: &BTreeSet<String>) -> Vec<String> {
+    let set: String = caps.iter().map(|c| format!(",+{}", c.to_lowercase())).collect();
+    let set = format!("-all{set}");
+    vec![
+        "setpriv".into(),
+        format!("--reuid={UNPRIVILEGED}"),
+        format!("--regid={UNPRIVILEGED}"),
+        "--clear-groups".into(),
+        "--no-new-privs".into(),
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+        "--".into(),
+    ]
+}
+
+fn start(caps: &BTreeSet<String>, upstream: &str) -> Result<ProxyProcess> {
+    let wrapper = as_unprivileged_with(caps);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    ProxyProcess::start_wrapped(
+        &wrapper,
+        &["--listen", "127.0.0.1:443", "--upstream", upstream, "--no-sni-check", "--dataplane", "sockmap"],
+    )
+}
+
+/// One connection through the proxy: `len` bytes up, the same bytes echoed down.
+fn echo_through(proxy: std::net::SocketAddr, upstream: &TcpListener, len: usize) -> Result<()> {
+    let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    std::thread::scope(|scope| {
+        let echo = scope.spawn(|| -> Result<()> {
+            // Skip the proxy's readiness probes: they connect and close without data.
+            loop {
+                let (mut stream, _) = upstream.accept()?;
+                let mut got = Vec::new();
+                stream.read_to_end(&mut got)?;
+                if !got.is_empty() {
+                    stream.write_all(&got)?;
+                    return Ok(());
+                }
+            }
+        });
+        let mut client = TcpStream::connect(proxy)?;
+        client.set_read_timeout(Some(Duration::from_secs(30)))?;
+        client.write_all(&sent)?;
+        client.shutdown(Shutdown::Write)?;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got)?;
+        echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        ensure!(got == sent, "{} bytes came back of {len}, or different ones", got.len());
+        Ok(())
+    })
+}
+
+#[test]
+fn the_deployed_capabilities_are_enough_and_each_is_needed() -> Result<()> {
+    let _ns = NetNs::enter()?;
+    let unit = repo_file(UNIT)?;
+    let caps = unit_capabilities(&unit, "AmbientCapabilities")?;
+    assert_eq!(caps, unit_capabilities(&unit, "CapabilityBoundingSet")?, "{UNIT}: ambient and bounding sets");
+    assert_eq!(caps, daemonset_capabilities(&repo_file(DAEMONSET)?)?, "{UNIT} against {DAEMONSET}");
+    let expected: BTreeSet<String> =
+        ["BPF", "NET_ADMIN", "NET_BIND_SERVICE", "PERFMON"].map(str::to_owned).into();
+    assert_eq!(caps, expected);
+
+    let upstream = TcpListener::bind("127.0.0.1:0")?;
+    let upstream_addr = upstream.local_addr()?.to_string();
+
+    // Exactly the deployed set: port 443, kernel programs, bytes in the kernel.
+    let mut proxy = start(&caps, &upstream_addr)?;
+    let events = proxy.events();
+    ensure!(
+        events.iter().any(|e| message(e) == "kernel programs loaded and attached"),
+        "kernel programs did not load: {events:?}"
+    );
+    echo_through(proxy.addr(), &upstream, 4 << 20)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let closed = rt.block_on(proxy.wait_closed(1, Duration::from_secs(10)))?;
+    let kernel_bytes = closed[0]["kernel_bytes"].as_u64().context("no kernel_bytes")?;
+    ensure!(kernel_bytes > 0, "the sockmap plane moved no byte in the kernel: {closed:?}");
+    proxy.signal(nix::sys::signal::Signal::SIGTERM)?;
+    let exit = rt.block_on(proxy.wait_exit(Duration::from_secs(10)))?;
+    ensure!(exit.success(), "exit {exit}");
+
+    // Each BPF capability left out: the sockmap plane cannot start.
+    for missing in ["BPF", "NET_ADMIN", "PERFMON"] {
+        let fewer: BTreeSet<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        match start(&fewer, &upstream_addr) {
+            Ok(_) => bail!("the sockmap plane started without CAP_{missing}"),
+            Err(error) => ensure!(
+                error.to_string().contains("the sockmap data plane needs the kernel programs"),
+                "without CAP_{missing}: {error:#}"
+            ),
+        }
+    }
+    // Without CAP_NET_BIND_SERVICE: port 443 is refused.
+    let fewer: BTreeSet<String> = caps.iter().filter(|c| *c != "NET_BIND_SERVICE").cloned().collect();
+    match start(&fewer, &upstream_addr) {
+        Ok(_) => bail!("port 443 was bound without CAP_NET_BIND_SERVICE"),
+        Err(error) => ensure!(error.to_string().contains("exit status: 3"), "{error:#}"),
+    }
+    Ok(())
+}
