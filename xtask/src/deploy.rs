@@ -24,15 +24,6 @@ use crate::prereq::{self, DeployTools};
 /// Schemas kubernetes-validate checks the manifests against (kubectl 1.32).
 const KUBERNETES_VERSION: &str = "1.32.0";
 
-/// Configuration keys whose flags arrive with the admin endpoint. While the
-/// built binary has no such flag (its `--help` does not list it), the key is
-/// left out of the configuration it checks, and a note says so.
-const KEYS_WITH_FLAGS: [(&str, &str); 3] = [
-    ("admin_listen", "--admin-listen"),
-    ("health_listen", "--health-listen"),
-    ("drain_delay", "--drain-delay"),
-];
-
 pub fn check(root: &Path, binary: &Path) -> Result<()> {
     if !binary.is_file() {
         bail!("{} is missing: build it first (cargo build --bin splice-proxy)", binary.display());
@@ -110,24 +101,10 @@ fn check_cloudformation(dir: &Path, tools: &DeployTools) -> Result<()> {
 }
 
 fn check_configs(root: &Path, binary: &Path, tools: &DeployTools, out: &Path) -> Result<()> {
-    let help = output(Command::new(binary).arg("--help"))?;
-    let unknown: Vec<&str> =
-        KEYS_WITH_FLAGS.iter().filter(|(_, flag)| !help.contains(flag)).map(|(key, _)| *key).collect();
-    if !unknown.is_empty() {
-        eprintln!(
-            "check-deploy: this splice-proxy has no flag for {unknown:?} yet; checking the configurations without them"
-        );
-    }
     let script = root.join("xtask/src/deploy_configs.py");
     let listing = output(Command::new(&tools.python).arg(&script).arg(root.join("deploy")).arg(out))?;
     for line in listing.lines() {
         let (file, source) = line.split_once('\t').with_context(|| format!("{script:?} printed {line:?}"))?;
-        let text = std::fs::read_to_string(file)?;
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| !unknown.iter().any(|key| l.split('=').next().is_some_and(|k| k.trim() == *key)))
-            .collect();
-        std::fs::write(file, kept.join("\n") + "\n")?;
         let mut check = Command::new(binary);
         check.args(["check-config", "--config", file]);
         validate(&mut check, Path::new(source), "splice-proxy check-config", false)?;
