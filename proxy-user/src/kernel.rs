@@ -63,6 +63,8 @@ pub enum KernelError {
     RingFd(io::Error),
     #[error("reading the socket cookie failed: {0}")]
     Cookie(io::Error),
+    #[error("creating the epoll for spliced sockets' FINs failed: {0}")]
+    HangupEpoll(io::Error),
 }
 
 /// The loaded programs with their maps; dropping it detaches everything.

@@ -146,6 +146,21 @@ pub struct Transfer {
     pub reason: CloseReason,
 }
 
+impl Transfer {
+    /// A connection that ended before any byte moved.
+    pub(crate) fn failed(reason: CloseReason) -> Self {
+        Self {
+            client_to_upstream: 0,
+            upstream_to_client: 0,
+            kernel_bytes: 0,
+            paused_directions: 0,
+            pauses: 0,
+            resumes: 0,
+            reason,
+        }
+    }
+}
+
 /// Bytes moved so far each way, for `/debug/connections` (the copy and
 /// splice planes add as they go; sockmap's are set from its [`Transfer`] at close).
 #[derive(Debug, Default)]
@@ -290,7 +305,7 @@ pub(crate) async fn drive(
 }
 
 /// A connection that did not complete is closed with a reset on both sides.
-pub(crate) fn finish(reason: CloseReason, client: &TcpStream, upstream: &TcpStream) {
+pub(crate) fn finish<F: AsFd>(reason: CloseReason, client: &F, upstream: &F) {
     if reason != CloseReason::Completed {
         // Best effort: the socket may already be gone, and it is closed next anyway.
         let _ = sockopt::reset_on_close(client);

@@ -4,16 +4,17 @@
 
 use std::{
     io,
-    os::fd::AsRawFd as _,
+    net::TcpStream,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use nix::sys::socket::MsgFlags;
 use proxy_common::Flow;
-use tokio::{io::Interest, net::TcpStream};
 
-use super::{DirectionState, SockmapPlane};
+use super::{
+    DirectionState, SockmapPlane, hangups,
+    paused_io::{PausedIo, recv_now, send_now},
+};
 use crate::{
     dataplane::{PumpError, shutdown_write},
     tcpstat,
@@ -22,13 +23,16 @@ use crate::{
 /// How long a peer may take none of the redirected bytes before the
 /// connection is cut (a reader that never drains).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How soon after a wake-up of a spliced direction its pause flag is read
-/// from the map as well, and how often a paused direction looks for bytes
-/// to read without a wake-up (safety nets under the ring buffer events and
-/// the readiness wake-ups).
-const PAUSE_RECHECK: Duration = Duration::from_millis(50);
-/// Longest wait of an idle paused direction between two looks for bytes.
-const IDLE_READ_RECHECK: Duration = Duration::from_secs(5);
+/// First wait of a direction, after a wake-up, before it looks for itself:
+/// spliced, at its pause flag and for a FIN; paused, for bytes to read.
+/// Safety nets under the pause events, the hang-up epoll and the readiness
+/// of a paused source: none is known to fail, and a missed one would leave
+/// the direction waiting for bytes that cannot come (a paused socket's
+/// window closes).
+const RECHECK_FIRST: Duration = Duration::from_millis(50);
+/// Longest such wait: it doubles while nothing happens, so an idle
+/// connection costs a wake-up every few seconds at most.
+const RECHECK_LAST: Duration = Duration::from_secs(5);
 /// Bytes a paused direction may hold in user space, read but not yet
 /// written (see [`SockmapPlane::copy_passed`]).
 const PENDING_LIMIT: usize = 1 << 20;
@@ -98,21 +102,6 @@ impl Pending {
     }
 }
 
-/// Reads what the program passed to `from`. tokio answers WouldBlock
-/// without asking the socket once it has cleared the socket's readiness;
-/// when bytes are readable anyway (their wake-up was consumed), they are
-/// read directly and counted in `stale`.
-fn read_passed(from: &TcpStream, buf: &mut [u8], stale: &AtomicU64) -> io::Result<usize> {
-    match from.try_read(buf) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && tcpstat::readable_bytes(from)? > 0 => {
-            stale.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("passed bytes readable without readiness; reading them directly");
-            nix::sys::socket::recv(from.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
-        }
-        result => result,
-    }
-}
-
 impl SockmapPlane {
     /// One direction. While the program splices it, user space only waits
     /// for the source's FIN, reset or a pause. While it is paused, user space
@@ -131,69 +120,51 @@ impl SockmapPlane {
     ) -> Result<(), PumpError> {
         let mut pending = Pending::default();
         let mut copying = !in_map;
-        // When the pause flag was last read while spliced, and whether a
-        // wake-up came since (then it is read again PAUSE_RECHECK after).
-        let mut checked = Instant::now();
-        let mut woken = false;
-        // How long a paused direction waits for a wake-up before it looks
-        // for bytes itself: doubling while idle, so an idle paused
-        // connection costs a wake-up every few seconds at most.
-        let mut read_recheck = PAUSE_RECHECK;
+        // The registrations with tokio while user space copies.
+        let mut paused_io: Option<PausedIo> = None;
+        let mut recheck = RECHECK_FIRST;
         loop {
             if copying {
+                let io = match paused_io.take() {
+                    Some(io) => io,
+                    None => PausedIo::register(from, to).map_err(PumpError::Read)?,
+                };
                 let before = copied.load(Ordering::Relaxed);
-                match self.copy_passed(from, to, state, &mut pending, copied).await? {
-                    Passed::Eof => return self.close_direction(from, to, state, &mut pending, copied).await,
+                match self.copy_passed(from, to, &io, state, &mut pending, copied).await? {
+                    Passed::Eof => {
+                        return self.close_direction(from, to, &io, state, &mut pending, copied).await;
+                    }
                     // Nothing to read now: splicing again if the program resumed.
                     Passed::Drained => {
                         copying = !in_map || self.flow(state.cookie).paused != 0;
-                        (checked, woken) = (Instant::now(), false);
-                        if copied.load(Ordering::Relaxed) > before {
-                            read_recheck = PAUSE_RECHECK;
+                        if copied.load(Ordering::Relaxed) > before || !copying {
+                            recheck = RECHECK_FIRST;
                         }
+                        // Spliced again: out of tokio's reactor.
+                        paused_io = copying.then_some(io);
                     }
                 }
             }
             tokio::select! {
-                ready = from.ready(Interest::READABLE) => {
-                    let ready = ready.map_err(PumpError::Read)?;
-                    if ready.is_read_closed() || ready.is_error() {
-                        // Read to find out: passed bytes, the EOF, or the error.
-                        copying = true;
-                    } else if !copying {
-                        // Woken by an skb the kernel redirected: nothing to read, so
-                        // clear the readiness, but only if that is still true when
-                        // tokio clears it. A pause may have passed bytes since the
-                        // wake-up that was just seen; clearing their readiness
-                        // unread left a paused direction waiting for a wake-up that
-                        // never came (its window closes), with 750 KB readable.
-                        let passed = from.try_io(Interest::READABLE, || match tcpstat::readable_bytes(from)? {
-                            0 => Err(io::ErrorKind::WouldBlock.into()),
-                            _ => Ok(()),
-                        });
-                        copying = passed.is_ok();
-                        woken = true;
-                    }
+                // A pause, or the source's FIN, reset or error: read to find out.
+                () = state.wake.notified() => {
+                    copying = true;
+                    recheck = RECHECK_FIRST;
                 }
-                () = state.paused.notified() => copying = true,
-                // Safety nets under the pause events and the readiness
-                // wake-ups: neither is known to fail, and a missed one
-                // would leave the direction waiting for bytes that cannot
-                // come (a paused socket's window closes).
-                () = tokio::time::sleep_until((checked + PAUSE_RECHECK).into()), if !copying && woken => {
-                    (checked, woken) = (Instant::now(), false);
-                    if self.flow(state.cookie).paused != 0 {
+                ready = source_readable(paused_io.as_ref()), if copying => {
+                    ready.map_err(PumpError::Read)?;
+                }
+                () = tokio::time::sleep(recheck) => {
+                    recheck = (recheck * 2).min(RECHECK_LAST);
+                    if copying {
+                        if tcpstat::readable_bytes(from).is_ok_and(|n| n > 0) {
+                            self.counters.reads_found_by_recheck.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(cookie = state.cookie, "passed bytes found by the re-check, not by a wake-up");
+                        }
+                    } else if self.flow(state.cookie).paused != 0 || hangups::needs_reading(from) {
                         self.counters.pauses_found_by_recheck.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(cookie = state.cookie, "pause found by the re-check before its event");
+                        tracing::debug!(cookie = state.cookie, "pause, FIN or passed bytes found by the re-check before an event");
                         copying = true;
-                    }
-                }
-                () = tokio::time::sleep(read_recheck), if copying => {
-                    if tcpstat::readable_bytes(from).is_ok_and(|n| n > 0) {
-                        self.counters.reads_found_by_recheck.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(cookie = state.cookie, "passed bytes found by the re-check, not by a wake-up");
-                    } else {
-                        read_recheck = (read_recheck * 2).min(IDLE_READ_RECHECK);
                     }
                 }
             }
@@ -217,6 +188,7 @@ impl SockmapPlane {
         &self,
         from: &TcpStream,
         to: &TcpStream,
+        io: &PausedIo,
         state: &DirectionState,
         pending: &mut Pending,
         copied: &AtomicU64,
@@ -226,7 +198,7 @@ impl SockmapPlane {
         let mut progressed = Instant::now();
         loop {
             if !eof && !drained && pending.has_room() {
-                match read_passed(from, pending.room(), &self.counters.reads_without_readiness) {
+                match recv_now(from, pending.room()) {
                     Ok(0) => eof = true,
                     Ok(n) => pending.filled(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained = true,
@@ -250,7 +222,7 @@ impl SockmapPlane {
                 }
             }
             let wrote = if ordered {
-                match to.try_write(pending.data()) {
+                match send_now(to, pending.data()) {
                     Ok(k) => k,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(e) => return Err(PumpError::Write(e)),
@@ -276,11 +248,11 @@ impl SockmapPlane {
             }
             let can_read = !eof && pending.has_room();
             tokio::select! {
-                ready = from.ready(Interest::READABLE), if can_read => {
+                ready = io.source_readable(), if can_read => {
                     ready.map_err(PumpError::Read)?;
                     drained = false;
                 }
-                ready = to.ready(Interest::WRITABLE), if ordered => {
+                ready = io.destination_writable(), if ordered => {
                     ready.map_err(PumpError::Write)?;
                 }
                 () = tokio::time::sleep(DRAIN_POLL), if !ordered => {}
@@ -328,6 +300,7 @@ impl SockmapPlane {
         &self,
         from: &TcpStream,
         to: &TcpStream,
+        io: &PausedIo,
         state: &DirectionState,
         pending: &mut Pending,
         copied: &AtomicU64,
@@ -355,7 +328,7 @@ impl SockmapPlane {
                 )));
             }
             tokio::time::sleep(DRAIN_POLL).await;
-            self.copy_passed(from, to, state, pending, copied).await?;
+            self.copy_passed(from, to, io, state, pending, copied).await?;
             if copied.load(Ordering::Relaxed) > done {
                 progressed = Instant::now();
             }
@@ -374,5 +347,13 @@ impl SockmapPlane {
             self.check_taking(to, taken, redirected, &mut last, &mut progressed)?;
             tokio::time::sleep(DRAIN_POLL).await;
         }
+    }
+}
+
+/// [`PausedIo::source_readable`] while copying; never ready otherwise.
+async fn source_readable(io: Option<&PausedIo>) -> io::Result<()> {
+    match io {
+        Some(io) => io.source_readable().await,
+        None => std::future::pending().await,
     }
 }

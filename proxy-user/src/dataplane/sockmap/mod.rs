@@ -13,16 +13,23 @@
 //!   the source socket, charged to its receive buffer, so TCP slows the
 //!   sender), copy the passed bytes in order and tell the program, which
 //!   resumes splicing once user space has caught up;
-//! - pause events from the program's ring buffer ([`events`]).
+//! - pause events from the program's ring buffer ([`events`]);
+//! - FINs and errors of spliced sockets from an epoll that leaves their data
+//!   wake-ups out ([`hangups`]): while spliced, a connection's sockets are
+//!   outside tokio's reactor, and a paused direction registers its own
+//!   ([`paused_io`]).
 //!
 //! Sockets leave the maps only when they are closed.
 
 mod direction;
 mod events;
+mod hangups;
+mod paused_io;
 
 use std::{
     collections::HashMap,
     io,
+    net::TcpStream as StdTcpStream,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -33,7 +40,8 @@ use proxy_common::{Flow, pause};
 use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{CloseReason, Transfer, UserPump, drive, finish};
+use self::hangups::Hangups;
+use super::{CloseReason, Side, Transfer, UserPump, drive, finish};
 use crate::{
     kernel::{KernelError, KernelPrograms, socket_cookie},
     sockopt as tcp_options, tcpstat,
@@ -67,17 +75,18 @@ pub struct SockmapCounters {
     pub pauses_found_by_recheck: AtomicU64,
     /// Times a paused direction's timer found bytes to read that no wake-up announced.
     pub reads_found_by_recheck: AtomicU64,
-    /// Reads tokio refused (no readiness) while the socket had bytes.
-    pub reads_without_readiness: AtomicU64,
 }
 
 /// The kernel side shared by every connection on this plane.
 pub struct SockmapPlane {
     kernel: Mutex<KernelPrograms>,
-    /// Who waits for a pause of the flow keyed by source cookie.
-    pause_waiters: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
+    /// Who waits for a pause of the flow keyed by source cookie, or for a
+    /// FIN or an error of that source.
+    waiters: Arc<Mutex<HashMap<u64, Arc<Notify>>>>,
     /// Pause events read from the program's ring buffer (each pause sends one).
     pause_events: Arc<AtomicU64>,
+    /// FINs and errors of the spliced sockets.
+    hangups: Arc<Hangups>,
     max_inflight: u64,
     fallback_pipe_size: usize,
     pub counters: SockmapCounters,
@@ -90,20 +99,23 @@ impl std::fmt::Debug for SockmapPlane {
 }
 
 impl SockmapPlane {
-    /// Takes the loaded programs and starts the pause event reader.
+    /// Takes the loaded programs and starts the pause and hang-up readers.
     pub fn start(
         mut kernel: KernelPrograms,
         max_inflight: u64,
         fallback_pipe_size: usize,
     ) -> Result<Arc<Self>, KernelError> {
         let events = kernel.take_events()?;
-        let pause_waiters = Arc::new(Mutex::new(HashMap::new()));
+        let hangups = Arc::new(Hangups::new().map_err(KernelError::HangupEpoll)?);
+        let waiters = Arc::new(Mutex::new(HashMap::new()));
         let pause_events = Arc::new(AtomicU64::new(0));
-        tokio::spawn(events::dispatch_pauses(events, Arc::clone(&pause_waiters), Arc::clone(&pause_events)));
+        tokio::spawn(events::dispatch_pauses(events, Arc::clone(&waiters), Arc::clone(&pause_events)));
+        tokio::spawn(Arc::clone(&hangups).dispatch(Arc::clone(&waiters)));
         Ok(Arc::new(Self {
             kernel: Mutex::new(kernel),
-            pause_waiters,
+            waiters,
             pause_events,
+            hangups,
             max_inflight,
             fallback_pipe_size,
             counters: SockmapCounters::default(),
@@ -121,11 +133,11 @@ impl SockmapPlane {
                 client_not_inserted = load(&c.client_not_inserted),
                 pauses = load(&c.pauses),
                 pause_events = load(&self.pause_events),
+                hangup_events = load(&self.hangups.received),
                 resumes = load(&c.resumes),
                 stalls = load(&c.stalls),
                 pauses_found_by_recheck = load(&c.pauses_found_by_recheck),
                 reads_found_by_recheck = load(&c.reads_found_by_recheck),
-                reads_without_readiness = load(&c.reads_without_readiness),
                 skbs = v.skbs,
                 redirected_bytes = v.redirected_bytes,
                 passed_bytes = v.passed_bytes,
@@ -143,7 +155,7 @@ impl SockmapPlane {
     }
 
     fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
-        self.pause_waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Splices one connection until it ends. `client_read`: bytes user space
@@ -155,13 +167,28 @@ impl SockmapPlane {
         stop: CancellationToken,
         client_read: u64,
     ) -> Transfer {
+        // Out of tokio's reactor: a spliced socket would wake it for every
+        // redirected skb (see `hangups`).
+        let (client, upstream) = match leave_reactor(client, upstream) {
+            Ok(sockets) => sockets,
+            Err((side, error)) => {
+                tracing::warn!(%error, ?side, "taking a socket out of the reactor failed; connection closed");
+                return Transfer::failed(CloseReason::Error(side));
+            }
+        };
         let setup = match self.set_up(&client, &upstream, client_read) {
             Ok(setup) => setup,
             Err(error) => {
                 tracing::debug!(%error, "not spliced in the kernel; using splice(2)");
                 self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
                 let pump = UserPump::Splice { pipe_size: self.fallback_pipe_size };
-                return super::forward_user(client, upstream, stop, pump).await;
+                return match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
+                    (Ok(client), Ok(upstream)) => super::forward_user(client, upstream, stop, pump).await,
+                    (Err(error), _) | (_, Err(error)) => {
+                        tracing::warn!(%error, "registering a socket with the reactor failed; connection closed");
+                        Transfer::failed(CloseReason::Error(Side::Downstream))
+                    }
+                };
             }
         };
         let copied_up = AtomicU64::new(0);
@@ -173,7 +200,7 @@ impl SockmapPlane {
             tracing::debug!(?reason, "sockmap connection failed");
         }
         finish(reason, &client, &upstream);
-        let [up, down] = self.tear_down(&setup);
+        let [up, down] = self.tear_down(&setup, [&client, &upstream]);
         self.counters.pauses.fetch_add(u64::from(up.pauses + down.pauses), Ordering::Relaxed);
         self.counters.resumes.fetch_add(u64::from(up.resumes + down.resumes), Ordering::Relaxed);
         Transfer {
@@ -189,8 +216,8 @@ impl SockmapPlane {
 
     fn set_up(
         &self,
-        client: &TcpStream,
-        upstream: &TcpStream,
+        client: &StdTcpStream,
+        upstream: &StdTcpStream,
         client_read: u64,
     ) -> Result<Setup, SetupError> {
         // Both buffers are fixed before the sockets enter the map. A paused
@@ -215,11 +242,19 @@ impl SockmapPlane {
             DirectionState::new(upstream_cookie, tcpstat::sent_total(client).map_err(SetupError::Io)?, 0);
         {
             let mut waiters = self.waiters();
-            waiters.insert(client_cookie, Arc::clone(&up.paused));
-            waiters.insert(upstream_cookie, Arc::clone(&down.paused));
+            waiters.insert(client_cookie, Arc::clone(&up.wake));
+            waiters.insert(upstream_cookie, Arc::clone(&down.wake));
+        }
+        let watched = self
+            .hangups
+            .watch(client, client_cookie)
+            .and_then(|()| self.hangups.watch(upstream, upstream_cookie));
+        let mut setup = Setup { up, down, client_in_map: true };
+        if let Err(error) = watched {
+            self.tear_down(&setup, [client, upstream]);
+            return Err(SetupError::Io(error));
         }
         let flow = |peer_cookie| Flow { peer_cookie, max_inflight: self.max_inflight, ..Flow::default() };
-        let mut setup = Setup { up, down, client_in_map: true };
         let mut kernel = self.kernel();
         let inserted = kernel
             .set_flow(client_cookie, &flow(upstream_cookie))
@@ -228,7 +263,7 @@ impl SockmapPlane {
             .and_then(|()| kernel.insert_socket(upstream));
         if let Err(error) = inserted {
             drop(kernel);
-            self.tear_down(&setup);
+            self.tear_down(&setup, [client, upstream]);
             return Err(SetupError::Kernel(error));
         }
         if let Err(error) = kernel.insert_socket(client) {
@@ -241,7 +276,7 @@ impl SockmapPlane {
             let _ = kernel.set_flow(upstream_cookie, &paused);
             let _ = kernel.remove_flow(client_cookie);
             setup.client_in_map = false;
-            setup.down.paused.notify_one();
+            setup.down.wake.notify_one();
         } else {
             self.counters.spliced.fetch_add(1, Ordering::Relaxed);
         }
@@ -255,8 +290,12 @@ impl SockmapPlane {
         Ok(setup)
     }
 
-    /// Removes the flows and waiters; returns the last state of each (up, down).
-    fn tear_down(&self, setup: &Setup) -> [Flow; 2] {
+    /// Removes the flows, waiters and hang-up registrations of `sockets`;
+    /// returns the last state of each flow (up, down).
+    fn tear_down(&self, setup: &Setup, sockets: [&StdTcpStream; 2]) -> [Flow; 2] {
+        for socket in sockets {
+            self.hangups.unwatch(socket);
+        }
         let mut kernel = self.kernel();
         let mut flows = [Flow::default(); 2];
         for (slot, state) in flows.iter_mut().zip([&setup.up, &setup.down]) {
@@ -292,14 +331,26 @@ struct DirectionState {
     /// Bytes the source received that user space read before set-up (the
     /// client's PROXY header): not part of this direction.
     source_read: u64,
-    /// Notified when the program pauses this flow.
-    paused: Arc<Notify>,
+    /// Notified when the program pauses this flow, and at the source's FIN,
+    /// reset or error.
+    wake: Arc<Notify>,
 }
 
 impl DirectionState {
     fn new(cookie: u64, peer_base: u64, source_read: u64) -> Self {
-        Self { cookie, peer_base, source_read, paused: Arc::new(Notify::new()) }
+        Self { cookie, peer_base, source_read, wake: Arc::new(Notify::new()) }
     }
+}
+
+/// Both sockets out of tokio's reactor (nonblocking, as they were); on
+/// failure, the side whose socket failed.
+fn leave_reactor(
+    client: TcpStream,
+    upstream: TcpStream,
+) -> Result<(StdTcpStream, StdTcpStream), (Side, io::Error)> {
+    let client = client.into_std().map_err(|e| (Side::Downstream, e))?;
+    let upstream = upstream.into_std().map_err(|e| (Side::Upstream, e))?;
+    Ok((client, upstream))
 }
 
 struct Setup {
