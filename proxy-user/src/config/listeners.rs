@@ -12,10 +12,9 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::MAX_SOURCE_PREFIXES;
 use serde::Deserialize;
 
-use super::{ConfigError, de_from_str};
+use super::{ConfigError, de_from_str, source_lists};
 use crate::{
     addr::{ListenAddr, UpstreamTarget},
     cli::Options,
@@ -115,35 +114,13 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
     Ok(out)
 }
 
-/// One listener's `allowed_source_cidrs`: only with `xdp_interface`, not
-/// empty (that would drop every TCP packet to its port), no duplicate, and
-/// at most [`MAX_SOURCE_PREFIXES`] per address family.
+/// [`source_lists::listener_list`], its error naming the key and flag.
 fn source_list(
     list: Option<Vec<SourcePrefix>>,
     has_interface: bool,
 ) -> Result<Option<BTreeSet<SourcePrefix>>, FieldError> {
-    let err = |why: String| FieldError("allowed_source_cidrs", "allow-source", why);
-    let Some(list) = list else { return Ok(None) };
-    if !has_interface {
-        return Err(err("needs xdp_interface (--xdp-interface); without it nothing is filtered".into()));
-    }
-    if list.is_empty() {
-        return Err(err("empty: every TCP packet to this listener's port would be dropped; leave the \
-             key out for a listener that is not filtered"
-            .into()));
-    }
-    let mut set = BTreeSet::new();
-    for prefix in list {
-        if !set.insert(prefix) {
-            return Err(err(format!("{prefix} is listed twice")));
-        }
-    }
-    let v4 = set.iter().filter(|p| p.addr().is_ipv4()).count();
-    let most = MAX_SOURCE_PREFIXES as usize;
-    if v4 > most || set.len() - v4 > most {
-        return Err(err(format!("more than {most} prefixes of one address family")));
-    }
-    Ok(Some(set))
+    source_lists::listener_list(list, has_interface)
+        .map_err(|why| FieldError(source_lists::KEY, source_lists::FLAG, why))
 }
 
 fn top_level(o: &Options) -> Result<EdgeConfig, FieldError> {

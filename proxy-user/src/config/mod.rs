@@ -1,23 +1,23 @@
 //! Configuration: the TOML file and the flags are read into the same
 //! [`Options`] shape, the flags win, and [`Config::from_options`] checks every
 //! value before anything binds a port. Errors name the field (config key and flag).
-//! Listeners and their edge settings: [`listeners`].
+//! Listeners and their edge settings: [`listeners`]; the XDP source
+//! filter's interface and allow lists: [`source_lists`].
 
 mod admin;
 mod listeners;
+mod source_lists;
 
 pub use admin::AdminConfig;
 pub use listeners::{ListenerConfig, ListenerOptions};
 
 use std::{
-    collections::HashMap,
     fmt::Display,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
 };
 
-use proxy_common::{MAX_GUARDED_PORTS, MAX_SOURCE_PREFIXES};
 use serde::{Deserialize, Deserializer};
 
 use crate::{
@@ -159,7 +159,7 @@ impl Config {
         }
         let admin =
             admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
-        let source_filter = validate_source_filter(o.xdp_interface, &listeners)?;
+        let source_filter = source_lists::validate(o.xdp_interface, &listeners)?;
         let (dataplane, dataplane_reason) =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
@@ -243,79 +243,6 @@ fn overlay(file: Options, flags: Options) -> Options {
         xdp_interface: flags.xdp_interface.or(file.xdp_interface),
         allowed_source_cidrs: vec_or(flags.allowed_source_cidrs, file.allowed_source_cidrs),
     }
-}
-
-/// `xdp_interface`: the interface exists (in this network namespace), some
-/// listener has an allow list (else nothing would be filtered), listeners
-/// that share a port share their list (the filter tells them apart by port
-/// only), and the lists fit the kernel maps. Each list itself was checked
-/// with its listener.
-fn validate_source_filter(
-    interface: Option<String>,
-    listeners: &[ListenerConfig],
-) -> Result<Option<SourceFilterConfig>, ConfigError> {
-    const CIDRS: (&str, &str) = ("allowed_source_cidrs", "allow-source");
-    let Some(interface) = interface else { return Ok(None) };
-    if let Err(errno) = nix::net::if_::if_nametoindex(interface.as_str()) {
-        return Err(invalid(
-            "xdp_interface",
-            "xdp-interface",
-            format!("no network interface {interface:?} ({errno})"),
-        ));
-    }
-    // Port 0 listeners each get a port of their own.
-    let mut by_port: HashMap<u16, &ListenerConfig> = HashMap::new();
-    let mut guarded = Vec::new();
-    for listener in listeners {
-        let port = listener.addr.0.port();
-        if port != 0
-            && let Some(first) = by_port.insert(port, listener)
-        {
-            if first.allowed_sources != listener.allowed_sources {
-                return Err(invalid(
-                    CIDRS.0,
-                    CIDRS.1,
-                    format!(
-                        "the listeners on {} and {} share port {port} but not their list; the XDP \
-                         source filter tells listeners apart by port only",
-                        first.addr, listener.addr
-                    ),
-                ));
-            }
-            continue;
-        }
-        if let Some(list) = &listener.allowed_sources {
-            guarded.push(list);
-        }
-    }
-    if guarded.is_empty() {
-        return Err(invalid(
-            CIDRS.0,
-            CIDRS.1,
-            "missing: xdp_interface is set but no listener has an allow list, so nothing would be filtered",
-        ));
-    }
-    if guarded.len() > MAX_GUARDED_PORTS as usize {
-        return Err(invalid(
-            CIDRS.0,
-            CIDRS.1,
-            format!(
-                "{} listen ports have a list; the XDP source filter guards at most {MAX_GUARDED_PORTS}",
-                guarded.len()
-            ),
-        ));
-    }
-    let v4: usize = guarded.iter().map(|l| l.iter().filter(|p| p.addr().is_ipv4()).count()).sum();
-    let all: usize = guarded.iter().map(|l| l.len()).sum();
-    let most = MAX_SOURCE_PREFIXES as usize;
-    if v4 > most || all - v4 > most {
-        return Err(invalid(
-            CIDRS.0,
-            CIDRS.1,
-            format!("more than {most} prefixes of one address family over all listeners"),
-        ));
-    }
-    Ok(Some(SourceFilterConfig { interface }))
 }
 
 fn positive(
