@@ -360,5 +360,21 @@ fn verdicts_and_counters_packet_by_packet() -> Result<()> {
             ("/0: other ports unguarded", tcp4("192.0.2.77", OTHER_PORT), XDP_PASS, Counter::Unguarded),
         ],
     )?;
+    // A listener that gains a list on reload: its port is guarded from then on.
+    let summary = filter.reload(&lists(&[(GUARDED, &["0.0.0.0/0"]), (UNGUARDED, &["198.51.100.0/24"])]))?;
+    assert_eq!((summary.added, summary.guarded), (entries(UNGUARDED, &["198.51.100.0/24"]), vec![UNGUARDED]));
+    check_ports(
+        &filter,
+        &[
+            (
+                "newly guarded: allowed",
+                tcp4("198.51.100.9", UNGUARDED),
+                XDP_PASS,
+                Counter::Allowed,
+                UNGUARDED,
+            ),
+            ("newly guarded: denied", tcp4("203.0.113.9", UNGUARDED), XDP_DROP, Counter::Dropped, UNGUARDED),
+        ],
+    )?;
     Ok(())
 }

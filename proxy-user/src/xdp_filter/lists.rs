@@ -179,3 +179,33 @@ impl SourceFilter {
         lists
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(text: &str) -> SourcePrefix {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn entries_hold_each_port_s_prefixes_and_their_union_under_port_0() {
+        let lists = AllowLists::from([
+            (443, BTreeSet::from([prefix("10.0.0.0/8"), prefix("2001:db8::/32")])),
+            (8443, BTreeSet::from([prefix("10.0.0.0/8")])),
+        ]);
+        let got: Vec<String> = entries(&lists).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "10.0.0.0/8 to port 0",
+                "2001:db8::/32 to port 0",
+                "10.0.0.0/8 to port 443",
+                "2001:db8::/32 to port 443",
+                "10.0.0.0/8 to port 8443",
+            ]
+        );
+        let v6 = PortPrefix { port: 443, prefix: prefix("2001:db8::/32") };
+        assert_eq!((v6.key_len(), v6.map_name()), (16 + 32, map::SOURCE_ALLOW_V6));
+    }
+}
