@@ -43,7 +43,8 @@ static SOURCE_ALLOW_V6: LpmTrie<SourceKeyV6, u8> = LpmTrie::with_max_entries(SOU
 
 /// Guarded TCP destination ports (host byte order) with their per-CPU verdict counts.
 #[map]
-static GUARDED_PORTS: PerCpuHashMap<u16, PortFilterStats> = PerCpuHashMap::with_max_entries(MAX_GUARDED_PORTS, 0);
+static GUARDED_PORTS: PerCpuHashMap<u16, PortFilterStats> =
+    PerCpuHashMap::with_max_entries(MAX_GUARDED_PORTS, 0);
 
 /// One [`SourceFilterStats`] slot per CPU; user space sums the CPUs.
 #[map]
@@ -94,15 +95,21 @@ fn try_source_filter(ctx: &XdpContext) -> Result<u32, FilterError> {
     // this program runs on this CPU.
     let stats = unsafe { &mut *stats };
     let (counter, port) = match verdict {
-        Verdict::Allowed(port) => (&mut stats.allowed, port.map(|p| {
-            // SAFETY: this CPU's value of a per-CPU hash entry; written only
-            // by this program on this CPU.
-            unsafe { &mut (*p).allowed }
-        })),
-        Verdict::Denied(port) => (&mut stats.dropped, port.map(|p| {
-            // SAFETY: as above.
-            unsafe { &mut (*p).dropped }
-        })),
+        Verdict::Allowed(port) => (
+            &mut stats.allowed,
+            port.map(|p| {
+                // SAFETY: this CPU's value of a per-CPU hash entry; written only
+                // by this program on this CPU.
+                unsafe { &mut (*p).allowed }
+            }),
+        ),
+        Verdict::Denied(port) => (
+            &mut stats.dropped,
+            port.map(|p| {
+                // SAFETY: as above.
+                unsafe { &mut (*p).dropped }
+            }),
+        ),
         Verdict::Unguarded => (&mut stats.unguarded, None),
         Verdict::Fragment => (&mut stats.fragments, None),
         Verdict::Malformed => (&mut stats.malformed, None),
