@@ -11,7 +11,8 @@ pub mod program {
     /// to make retransmissions overlap received data. Never attached by the daemon.
     pub const LOSSY_LINK: &str = "lossy_link";
     /// XDP program of the source filter (`--xdp-interface`): drops TCP packets
-    /// to a guarded port whose source is in no allowed prefix, passes the rest.
+    /// to a guarded port whose source is in none of that port's allowed
+    /// prefixes, passes the rest.
     pub const SOURCE_FILTER: &str = "source_filter";
 }
 
@@ -30,24 +31,81 @@ pub mod map {
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
     /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.
     pub const LOSSY_DROPS: &str = "LOSSY_DROPS";
-    /// LPM trie of allowed IPv4 source prefixes (key: prefix length and the
-    /// four address bytes in network order; value: `u8`, unused).
+    /// LPM trie of allowed IPv4 sources per listen port (key: [`super::SourceKeyV4`],
+    /// the port and address in network order; value: `u8`, unused).
     pub const SOURCE_ALLOW_V4: &str = "SOURCE_ALLOW_V4";
-    /// LPM trie of allowed IPv6 source prefixes (sixteen address bytes).
+    /// LPM trie of allowed IPv6 sources per listen port (key: [`super::SourceKeyV6`]).
     pub const SOURCE_ALLOW_V6: &str = "SOURCE_ALLOW_V6";
-    /// Hash of guarded TCP destination ports (host byte order; value `u8`, unused).
+    /// Per-CPU hash of the guarded TCP destination ports (host byte order),
+    /// each with its [`super::PortFilterStats`]; user space sums the CPUs.
     pub const GUARDED_PORTS: &str = "GUARDED_PORTS";
     /// Per-CPU array with one [`super::SourceFilterStats`] slot; user space sums the CPUs.
     pub const SOURCE_STATS: &str = "SOURCE_STATS";
 }
 
-/// Most prefixes per address family the configuration may allow. The tries
-/// hold twice as many, so a reload can add every new prefix before it removes
-/// the old ones.
+/// Most (listen port, prefix) pairs per address family the configuration
+/// may allow, over all listeners.
 pub const MAX_SOURCE_PREFIXES: u32 = 1024;
 
-/// Most TCP ports the source filter can guard (one per listen address).
+/// Entries of each source trie: every pair once for its port and at most
+/// once more under [`ANY_GUARDED_PORT`], and all of that twice, so a reload
+/// can add every new entry before it removes the old ones.
+pub const SOURCE_TRIE_CAPACITY: u32 = 4 * MAX_SOURCE_PREFIXES;
+
+/// Most TCP ports the source filter can guard (one per listener with a list).
 pub const MAX_GUARDED_PORTS: u32 = 64;
+
+/// Bits of a source trie key taken by the port: a key of prefix length
+/// `PORT_PREFIX_BITS + n` matches one port and the first `n` address bits.
+pub const PORT_PREFIX_BITS: u32 = 16;
+
+/// The pseudo-port under which the tries hold every listener's prefixes
+/// together: the filter looks a source up there when it cannot find the TCP
+/// header (too many IPv6 extension headers), so a source allowed to any
+/// listener passes. TCP port 0 is never a listen port, and is never guarded.
+pub const ANY_GUARDED_PORT: u16 = 0;
+
+/// Key data of [`map::SOURCE_ALLOW_V4`] (after the trie's `u32` prefix
+/// length): the TCP destination port, then the source address, both in
+/// network byte order, so a prefix covers the port before the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceKeyV4 {
+    /// TCP destination port, big-endian.
+    pub port: [u8; 2],
+    /// IPv4 source address.
+    pub addr: [u8; 4],
+}
+
+/// Key data of [`map::SOURCE_ALLOW_V6`]; see [`SourceKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceKeyV6 {
+    /// TCP destination port, big-endian.
+    pub port: [u8; 2],
+    /// IPv6 source address.
+    pub addr: [u8; 16],
+}
+
+/// Per guarded port and CPU: TCP packets to that port the filter passed
+/// (allowed source) and dropped; user space sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortFilterStats {
+    pub allowed: u64,
+    pub dropped: u64,
+}
+
+impl PortFilterStats {
+    /// Field-wise sum, used to add up the per-CPU values.
+    #[must_use]
+    pub const fn add(self, other: Self) -> Self {
+        Self {
+            allowed: self.allowed.wrapping_add(other.allowed),
+            dropped: self.dropped.wrapping_add(other.dropped),
+        }
+    }
+}
 
 /// Size of [`map::SPLICE_EVENTS`] in bytes (a power of two, page multiple).
 pub const SPLICE_EVENTS_BYTES: u32 = 256 * 1024;
@@ -173,11 +231,12 @@ impl VerdictStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceFilterStats {
-    /// TCP packets to a guarded port from an allowed source: passed.
+    /// TCP packets to a guarded port from a source allowed to that port: passed.
     pub allowed: u64,
     /// TCP packets to a guarded port from any other source: dropped. (Also
-    /// IPv6 packets from such a source whose extension headers are too many
-    /// to find the TCP header behind: they could be for a guarded port.)
+    /// IPv6 packets whose extension headers are too many to find the TCP
+    /// header behind, unless their source is allowed to some guarded port:
+    /// they could be for one.)
     pub dropped: u64,
     /// Packets not for a guarded port, passed untouched: not IPv4/IPv6, not
     /// TCP (UDP to the same port too), or TCP to another port.
@@ -223,11 +282,21 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::SourceFilterStats {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::PortFilterStats {}
+    // SAFETY (the two below): `#[repr(C)]` structs of `u8` arrays only
+    // (alignment 1, no padding); any bytes are a valid value.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SourceKeyV4 {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SourceKeyV6 {}
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Flow, FlowEvent, SourceFilterStats, VerdictStats};
+    use super::{
+        Flow, FlowEvent, PortFilterStats, SourceFilterStats, SourceKeyV4, SourceKeyV6, VerdictStats,
+    };
 
     #[test]
     fn layouts_have_no_implicit_padding() {
@@ -236,6 +305,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 8 * 4);
         assert_eq!(core::mem::size_of::<FlowEvent>(), 8 + 2 * 4);
         assert_eq!(core::mem::align_of::<Flow>(), 8);
+        assert_eq!(core::mem::size_of::<PortFilterStats>(), 2 * 8);
+        assert_eq!(core::mem::size_of::<SourceKeyV4>(), 2 + 4);
+        assert_eq!(core::mem::size_of::<SourceKeyV6>(), 2 + 16);
+        assert_eq!(core::mem::align_of::<SourceKeyV6>(), 1);
     }
 
     #[test]

@@ -11,15 +11,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::packet::bytes;
+use crate::packet::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPV4_HLEN, bytes};
 
 /// Packets dropped, per CPU.
 #[map]
 static LOSSY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_TCP: u8 = 6;
 /// Drop probability in 1/1000.
 const DROP_PER_MILLE: u32 = 10;
 
@@ -36,7 +33,7 @@ fn try_lossy_link(ctx: &XdpContext) -> Option<u32> {
     if u16::from_be_bytes([hi, lo]) != ETH_P_IP {
         return Some(xdp_action::XDP_PASS);
     }
-    let ip = bytes::<20>(ctx, ETH_HLEN)?;
+    let ip = bytes::<IPV4_HLEN>(ctx, ETH_HLEN)?;
     if ip[9] != IPPROTO_TCP {
         return Some(xdp_action::XDP_PASS);
     }

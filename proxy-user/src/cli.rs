@@ -240,17 +240,20 @@ pub struct Options {
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer_size: Option<usize>,
 
-    /// Network interface to attach the XDP source filter to: TCP packets that
-    /// arrive there for a listen port are dropped unless their source is in an
-    /// --allow-source prefix; everything else passes. Native XDP when the
+    /// Network interface to attach the XDP source filter to (one for all
+    /// listeners): TCP packets that arrive there for the port of a listener
+    /// with an allow list are dropped unless their source is in one of that
+    /// listener's prefixes; everything else passes. Native XDP when the
     /// driver supports it, generic otherwise; detached when the proxy exits.
     #[arg(long, value_name = "IF")]
     pub xdp_interface: Option<String>,
 
     /// Source prefix the XDP source filter lets through to the listen ports
     /// (IPv4 or IPv6 CIDR; a bare address is one host); repeat for several.
-    /// Needs --xdp-interface. SIGHUP reloads the list from the config file
-    /// (key `allowed_source_cidrs`) without a restart.
+    /// Needs --xdp-interface. In the config file each [[listeners]] entry may
+    /// have its own `allowed_source_cidrs` (else it takes this one); a
+    /// listener with no list is not filtered. SIGHUP reloads the lists from
+    /// the config file without a restart.
     #[arg(long = "allow-source", value_name = "CIDR")]
     #[serde(default)]
     pub allowed_source_cidrs: Vec<SourcePrefix>,

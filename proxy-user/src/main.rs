@@ -29,8 +29,12 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         for listener in &config.listeners {
             let edge = &listener.edge;
+            let sources = match &listener.allowed_sources {
+                Some(list) => list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                None => "any (not filtered)".to_owned(),
+            };
             println!(
-                "  listen {} -> {}; proxy protocol {:?}",
+                "  listen {} -> {}; proxy protocol {:?}; sources {sources}",
                 listener.addr,
                 edge.upstreams.describe(),
                 edge.proxy_protocol.mode

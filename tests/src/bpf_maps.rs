@@ -1,11 +1,13 @@
 //! Reads the BPF maps a running proxy holds, from outside the process: its
 //! map descriptors are found in `/proc/<pid>/fdinfo` (`map_id:`), each map is
-//! opened by id and its entries are counted; the source filter's counters are
-//! found through the program attached to the interface.
+//! opened by id and its entries are counted; the source filter's counters
+//! (totals and per port) are found through the program attached to the interface.
+
+use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, SockHash};
-use proxy_common::{Flow, SourceFilterStats, map};
+use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, SockHash};
+use proxy_common::{Flow, PortFilterStats, SourceFilterStats, map};
 
 /// Entries in the proxy's socket map and flow map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,22 +76,40 @@ fn count_keys(id: u32) -> Result<usize> {
     }
 }
 
-/// The counters of the source filter program `prog_id` (read from its
-/// [`map::SOURCE_STATS`]), summed over the CPUs.
-pub fn source_filter_stats(prog_id: u32) -> Result<SourceFilterStats> {
+/// The map named `name` (as the kernel shortens it) of program `prog_id`.
+fn program_map(prog_id: u32, name: &str) -> Result<Map> {
     let program = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == prog_id)
         .with_context(|| format!("no loaded program with id {prog_id}"))?;
-    let short = &map::SOURCE_STATS.as_bytes()[..map::SOURCE_STATS.len().min(15)];
+    let short = &name.as_bytes()[..name.len().min(15)];
     for id in program.map_ids()?.context("the kernel does not report a program's maps")? {
-        if MapInfo::from_id(id)?.name() != short {
-            continue;
+        if MapInfo::from_id(id)?.name() == short {
+            let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
+            return Ok(Map::from_map_data(data)?);
         }
-        let data = MapData::from_id(id).with_context(|| format!("opening map id {id}"))?;
-        let stats: PerCpuArray<MapData, SourceFilterStats> = Map::from_map_data(data)?.try_into()?;
-        let per_cpu = stats.get(&0, 0)?;
-        return Ok(per_cpu.iter().fold(SourceFilterStats::default(), |sum, cpu| sum.add(*cpu)));
     }
-    bail!("program {prog_id} uses no map named {}", map::SOURCE_STATS)
+    bail!("program {prog_id} uses no map named {name}")
+}
+
+/// The counters of the source filter program `prog_id` (read from its
+/// [`map::SOURCE_STATS`]), summed over the CPUs.
+pub fn source_filter_stats(prog_id: u32) -> Result<SourceFilterStats> {
+    let stats: PerCpuArray<MapData, SourceFilterStats> =
+        program_map(prog_id, map::SOURCE_STATS)?.try_into()?;
+    let per_cpu = stats.get(&0, 0)?;
+    Ok(per_cpu.iter().fold(SourceFilterStats::default(), |sum, cpu| sum.add(*cpu)))
+}
+
+/// Each guarded port's counters of the source filter program `prog_id`
+/// (its [`map::GUARDED_PORTS`]), summed over the CPUs.
+pub fn source_filter_port_stats(prog_id: u32) -> Result<BTreeMap<u16, PortFilterStats>> {
+    let ports: PerCpuHashMap<MapData, u16, PortFilterStats> =
+        program_map(prog_id, map::GUARDED_PORTS)?.try_into()?;
+    let mut out = BTreeMap::new();
+    for entry in ports.iter() {
+        let (port, per_cpu) = entry?;
+        out.insert(port, per_cpu.iter().fold(PortFilterStats::default(), |sum, cpu| sum.add(*cpu)));
+    }
+    Ok(out)
 }

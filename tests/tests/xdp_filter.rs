@@ -1,13 +1,17 @@
 //! The XDP source filter's verdicts, packet by packet, through
 //! `BPF_PROG_TEST_RUN`: the loaded program with its real maps and counters,
-//! each packet's action and the one counter it moves. Runs as root in its own
-//! network namespace.
+//! each packet's action and the one counter it moves (and, for a guarded
+//! port, that port's counter). Ports with different lists: a source allowed
+//! to one is dropped on the other. Runs as root in its own network namespace.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, ensure};
 use proxy_common::SourceFilterStats;
-use splice_proxy::{source_prefix::SourcePrefix, xdp_filter::SourceFilter};
+use splice_proxy::{
+    source_prefix::SourcePrefix,
+    xdp_filter::{AllowLists, PortPrefix, SourceFilter},
+};
 use testkit::{frames::*, netns::NetNs};
 
 /// XDP actions (uapi `enum xdp_action`).
@@ -17,6 +21,9 @@ const XDP_PASS: u32 = 2;
 const GUARDED: u16 = 6443;
 const ALSO_GUARDED: u16 = 443;
 const UNGUARDED: u16 = 8080;
+/// Guarded with a list of its own ([`OTHER_LIST`]).
+const OTHER_PORT: u16 = 7443;
+const OTHER_LIST: [&str; 2] = ["203.0.113.0/24", "2001:db8:2::/48"];
 const PROXY_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const PROXY_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 2);
 
@@ -46,6 +53,14 @@ fn prefixes(list: &[&str]) -> Vec<SourcePrefix> {
     list.iter().map(|p| p.parse().unwrap_or_else(|e| panic!("{p}: {e}"))).collect()
 }
 
+fn lists(ports: &[(u16, &[&str])]) -> AllowLists {
+    ports.iter().map(|(port, list)| (*port, prefixes(list).into_iter().collect())).collect()
+}
+
+fn entries(port: u16, list: &[&str]) -> Vec<PortPrefix> {
+    prefixes(list).into_iter().map(|prefix| PortPrefix { port, prefix }).collect()
+}
+
 fn ip4(text: &str) -> Ipv4Addr {
     text.parse().expect("IPv4 literal")
 }
@@ -69,6 +84,28 @@ fn tcp6_behind(src: &str, port: u16, first: u8, extensions: &[Vec<u8>]) -> Vec<u
     ethernet(ETH_P_IPV6, &ipv6(ip6(src), PROXY_V6, first, &payload))
 }
 
+/// Like [`check`], and also that the case's port counter (allowed or
+/// dropped) moved by one and no other port's did.
+fn check_ports(filter: &SourceFilter, cases: &[(&str, Vec<u8>, u32, Counter, u16)]) -> Result<()> {
+    for (name, frame, action, counter, port) in cases {
+        let before = filter.port_counters()?;
+        check(filter, &[(name, frame.clone(), *action, *counter)])?;
+        let mut expected = before.clone();
+        match counter {
+            Counter::Allowed => expected.entry(*port).or_default().allowed += 1,
+            Counter::Dropped => expected.entry(*port).or_default().dropped += 1,
+            // Not for a guarded port: no port counter moves.
+            _ => {}
+        }
+        let after = filter.port_counters()?;
+        ensure!(
+            after == expected,
+            "case {name}: port counters {before:?} -> {after:?}, expected {expected:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Runs every case and checks its action and that exactly its counter moved by one.
 fn check(filter: &SourceFilter, cases: &[(&str, Vec<u8>, u32, Counter)]) -> Result<()> {
     for (name, frame, action, counter) in cases {
@@ -87,15 +124,10 @@ fn check(filter: &SourceFilter, cases: &[(&str, Vec<u8>, u32, Counter)]) -> Resu
 #[test]
 fn verdicts_and_counters_packet_by_packet() -> Result<()> {
     let _netns = NetNs::enter()?;
-    let mut filter = SourceFilter::load(&prefixes(&[
-        "192.0.2.0/24",
-        "198.51.100.7/32",
-        "10.0.0.0/8",
-        "10.1.0.0/16",
-        "2001:db8:1::/48",
-    ]))
-    .context("loading the source filter")?;
-    filter.guard_ports(&[GUARDED, ALSO_GUARDED])?;
+    let main: &[&str] = &["192.0.2.0/24", "198.51.100.7/32", "10.0.0.0/8", "10.1.0.0/16", "2001:db8:1::/48"];
+    let mut filter =
+        SourceFilter::load(&lists(&[(GUARDED, main), (ALSO_GUARDED, main), (OTHER_PORT, &OTHER_LIST)]))
+            .context("loading the source filter")?;
 
     let v4_options = V4 { option_words: 3, option_byte: 0x01, ..V4::TCP };
     // Options whose bytes, read as a TCP header at offset 20, would give an unguarded port.
@@ -220,9 +252,15 @@ fn verdicts_and_counters_packet_by_packet() -> Result<()> {
         ),
         (
             "v6 seven extension headers, denied: fails closed",
-            tcp6_behind("2001:db8:2::5", UNGUARDED, IPPROTO_DSTOPTS, &seven_options),
+            tcp6_behind("2001:db8:3::5", UNGUARDED, IPPROTO_DSTOPTS, &seven_options),
             XDP_DROP,
             Counter::Dropped,
+        ),
+        (
+            "v6 seven extension headers, allowed to another port only",
+            tcp6_behind("2001:db8:2::5", UNGUARDED, IPPROTO_DSTOPTS, &seven_options),
+            XDP_PASS,
+            Counter::Allowed,
         ),
         (
             "v6 seven extension headers, allowed",
@@ -239,27 +277,103 @@ fn verdicts_and_counters_packet_by_packet() -> Result<()> {
     ];
     check(&filter, &cases)?;
 
-    // A reload replaces the list in place: the /8 goes, its /16 stays.
-    let summary = filter.reload(&prefixes(&["192.0.2.0/24", "10.1.0.0/16", "2001:db8:1::/48"]))?;
-    assert_eq!(summary.added, Vec::<SourcePrefix>::new());
-    assert_eq!(summary.removed, prefixes(&["10.0.0.0/8", "198.51.100.7/32"]));
+    // Two ports, two lists: each source only to its own port, both families.
+    check_ports(
+        &filter,
+        &[
+            ("v4 allowed to 7443", tcp4("203.0.113.9", OTHER_PORT), XDP_PASS, Counter::Allowed, OTHER_PORT),
+            ("v4 of 7443's list, to 6443", tcp4("203.0.113.9", GUARDED), XDP_DROP, Counter::Dropped, GUARDED),
+            (
+                "v4 of 6443's list, to 7443",
+                tcp4("192.0.2.77", OTHER_PORT),
+                XDP_DROP,
+                Counter::Dropped,
+                OTHER_PORT,
+            ),
+            ("v4 allowed to 6443", tcp4("192.0.2.77", GUARDED), XDP_PASS, Counter::Allowed, GUARDED),
+            ("v4 unguarded port", tcp4("203.0.113.9", UNGUARDED), XDP_PASS, Counter::Unguarded, UNGUARDED),
+            ("v6 allowed to 7443", tcp6("2001:db8:2::5", OTHER_PORT), XDP_PASS, Counter::Allowed, OTHER_PORT),
+            (
+                "v6 of 7443's list, to 443",
+                tcp6("2001:db8:2::5", ALSO_GUARDED),
+                XDP_DROP,
+                Counter::Dropped,
+                ALSO_GUARDED,
+            ),
+            (
+                "v6 of 6443's list, to 7443",
+                tcp6("2001:db8:1::5", OTHER_PORT),
+                XDP_DROP,
+                Counter::Dropped,
+                OTHER_PORT,
+            ),
+            (
+                "v6 allowed to 443",
+                tcp6("2001:db8:1::5", ALSO_GUARDED),
+                XDP_PASS,
+                Counter::Allowed,
+                ALSO_GUARDED,
+            ),
+            ("v6 unguarded port", tcp6("2001:db8:1::5", UNGUARDED), XDP_PASS, Counter::Unguarded, UNGUARDED),
+        ],
+    )?;
+
+    // A reload changes the lists in place: on 6443 the /8 goes, its /16
+    // stays; 443 is no longer guarded; 7443 keeps its list.
+    let kept: &[&str] = &["192.0.2.0/24", "10.1.0.0/16", "2001:db8:1::/48"];
+    let summary = filter.reload(&lists(&[(GUARDED, kept), (OTHER_PORT, &OTHER_LIST)]))?;
+    assert_eq!(summary.added, Vec::<PortPrefix>::new());
+    let mut removed = entries(ALSO_GUARDED, main);
+    removed.extend(entries(GUARDED, &["10.0.0.0/8", "198.51.100.7/32"]));
+    removed.sort();
+    assert_eq!(summary.removed, removed);
+    assert_eq!((summary.guarded, summary.unguarded), (vec![], vec![ALSO_GUARDED]));
+    assert_eq!(filter.allowed(), lists(&[(GUARDED, kept), (OTHER_PORT, &OTHER_LIST)]));
     check(
         &filter,
         &[
             ("after reload: inside the remaining /16", tcp4("10.1.2.3", GUARDED), XDP_PASS, Counter::Allowed),
             ("after reload: the removed /8", tcp4("10.2.0.1", GUARDED), XDP_DROP, Counter::Dropped),
             ("after reload: the removed /32", tcp4("198.51.100.7", GUARDED), XDP_DROP, Counter::Dropped),
+            (
+                "after reload: 443 not guarded",
+                tcp4("203.0.113.9", ALSO_GUARDED),
+                XDP_PASS,
+                Counter::Unguarded,
+            ),
+            ("after reload: 7443 kept", tcp4("203.0.113.9", OTHER_PORT), XDP_PASS, Counter::Allowed),
         ],
     )?;
-    // /0 allows every IPv4 source, and no IPv6 one.
-    let summary = filter.reload(&prefixes(&["0.0.0.0/0"]))?;
-    assert_eq!(summary.added, prefixes(&["0.0.0.0/0"]));
-    assert_eq!(filter.allowed(), prefixes(&["0.0.0.0/0"]));
+    ensure!(!filter.port_counters()?.contains_key(&ALSO_GUARDED), "443 still has counters");
+    // Port 0 holds every list together in the tries: it cannot be a listener's.
+    ensure!(filter.reload(&lists(&[(0, &["192.0.2.0/24"])])).is_err(), "port 0 was accepted");
+    // /0 allows every IPv4 source to its port, and no IPv6 one; 7443 is left unguarded.
+    let summary = filter.reload(&lists(&[(GUARDED, &["0.0.0.0/0"])]))?;
+    assert_eq!(summary.added, entries(GUARDED, &["0.0.0.0/0"]));
+    assert_eq!(summary.unguarded, vec![OTHER_PORT]);
+    assert_eq!(filter.allowed(), lists(&[(GUARDED, &["0.0.0.0/0"])]));
     check(
         &filter,
         &[
             ("/0: any IPv4 source", tcp4("203.0.113.9", GUARDED), XDP_PASS, Counter::Allowed),
             ("/0: not IPv6", tcp6("2001:db8:1::9", GUARDED), XDP_DROP, Counter::Dropped),
+            ("/0: other ports unguarded", tcp4("192.0.2.77", OTHER_PORT), XDP_PASS, Counter::Unguarded),
+        ],
+    )?;
+    // A listener that gains a list on reload: its port is guarded from then on.
+    let summary = filter.reload(&lists(&[(GUARDED, &["0.0.0.0/0"]), (UNGUARDED, &["198.51.100.0/24"])]))?;
+    assert_eq!((summary.added, summary.guarded), (entries(UNGUARDED, &["198.51.100.0/24"]), vec![UNGUARDED]));
+    check_ports(
+        &filter,
+        &[
+            (
+                "newly guarded: allowed",
+                tcp4("198.51.100.9", UNGUARDED),
+                XDP_PASS,
+                Counter::Allowed,
+                UNGUARDED,
+            ),
+            ("newly guarded: denied", tcp4("203.0.113.9", UNGUARDED), XDP_DROP, Counter::Dropped, UNGUARDED),
         ],
     )?;
     Ok(())

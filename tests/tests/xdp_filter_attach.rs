@@ -6,14 +6,13 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{Result, ensure};
 use nix::sys::signal::Signal;
-use splice_proxy::{
-    source_prefix::SourcePrefix,
-    xdp_filter::{SourceFilter, XdpAttachMode},
-};
+use splice_proxy::xdp_filter::{AllowLists, SourceFilter, XdpAttachMode};
 use testkit::{netns::NetNs, process::ProxyProcess};
 
-fn prefixes(list: &[&str]) -> Vec<SourcePrefix> {
-    list.iter().map(|p| p.parse().unwrap_or_else(|e| panic!("{p}: {e}"))).collect()
+/// `list` allowed to port 6443.
+fn lists(list: &[&str]) -> AllowLists {
+    let prefixes = list.iter().map(|p| p.parse().unwrap_or_else(|e| panic!("{p}: {e}"))).collect();
+    AllowLists::from([(6443, prefixes)])
 }
 
 /// Creates the veth pair `xf-a`/`xf-b` in the current namespace.
@@ -35,7 +34,7 @@ fn link_show(interface: &str) -> Result<String> {
 fn attaches_natively_to_veth_generically_to_loopback_and_detaches_on_drop() -> Result<()> {
     let _netns = NetNs::enter()?;
     veth_pair()?;
-    let allowed = prefixes(&["192.0.2.0/24"]);
+    let allowed = lists(&["192.0.2.0/24"]);
 
     let mut on_veth = SourceFilter::load(&allowed)?;
     let attached = on_veth.attach("xf-a")?;

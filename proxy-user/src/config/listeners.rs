@@ -1,7 +1,9 @@
 //! Listeners and their edge settings. Each address of the top-level `listen`
 //! (or `--listen`) gets the top-level settings (flags over the file); each
 //! `[[listeners]]` entry takes its own keys and the top-level value for every
-//! key it leaves out.
+//! key it leaves out. That includes `allowed_source_cidrs`, the XDP source
+//! filter's allow list of the listener's port: a listener with none is not
+//! filtered.
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -12,7 +14,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{ConfigError, de_from_str};
+use super::{ConfigError, de_from_str, source_lists};
 use crate::{
     addr::{ListenAddr, UpstreamTarget},
     cli::Options,
@@ -20,6 +22,7 @@ use crate::{
         ChainedHeaders, EdgeConfig, ProxyProtocolConfig, ProxyProtocolMode, Route, Upstreams, is_vpce_id,
         routes::de_routes_opt,
     },
+    source_prefix::SourcePrefix,
 };
 
 /// One `[[listeners]]` entry of the config file.
@@ -41,6 +44,7 @@ pub struct ListenerOptions {
     pub routes: Option<Vec<Route>>,
     #[serde(default, with = "humantime_serde")]
     pub client_hello_timeout: Option<Duration>,
+    pub allowed_source_cidrs: Option<Vec<SourcePrefix>>,
 }
 
 /// A validated listener.
@@ -48,6 +52,9 @@ pub struct ListenerOptions {
 pub struct ListenerConfig {
     pub addr: ListenAddr,
     pub edge: Arc<EdgeConfig>,
+    /// The source prefixes the XDP filter lets through to this listener's
+    /// port (never empty); `None`: the port is not filtered.
+    pub allowed_sources: Option<BTreeSet<SourcePrefix>>,
 }
 
 /// A bad value: config key, flag, why.
@@ -62,17 +69,23 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
             "missing: give at least one ADDR:PORT in the config file (listen or [[listeners]]) or with --listen",
         ));
     }
+    let at_top = |FieldError(field, flag, reason)| super::invalid(field, flag, reason);
+    let has_interface = o.xdp_interface.is_some();
+    let top_list = (!o.allowed_source_cidrs.is_empty()).then(|| o.allowed_source_cidrs.clone());
+    let top_sources = source_list(top_list, has_interface).map_err(at_top)?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     if !o.listen.is_empty() {
-        let top =
-            top_level(o).map_err(|FieldError(field, flag, reason)| super::invalid(field, flag, reason))?;
-        let top = Arc::new(top);
+        let top = Arc::new(top_level(o).map_err(at_top)?);
         for addr in &o.listen {
             if addr.port() != 0 && !seen.insert(*addr) {
                 return Err(super::invalid("listen", "listen", format!("{addr} is listed twice")));
             }
-            out.push(ListenerConfig { addr: ListenAddr(*addr), edge: Arc::clone(&top) });
+            out.push(ListenerConfig {
+                addr: ListenAddr(*addr),
+                edge: Arc::clone(&top),
+                allowed_sources: top_sources.clone(),
+            });
         }
     }
     for (index, entry) in o.listeners.iter().enumerate() {
@@ -92,9 +105,22 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
             )));
         }
         let edge = from_entry(o, entry).map_err(in_listener)?;
-        out.push(ListenerConfig { addr: ListenAddr(entry.listen), edge: Arc::new(edge) });
+        let allowed_sources = match &entry.allowed_source_cidrs {
+            Some(list) => source_list(Some(list.clone()), has_interface).map_err(in_listener)?,
+            None => top_sources.clone(),
+        };
+        out.push(ListenerConfig { addr: ListenAddr(entry.listen), edge: Arc::new(edge), allowed_sources });
     }
     Ok(out)
+}
+
+/// [`source_lists::listener_list`], its error naming the key and flag.
+fn source_list(
+    list: Option<Vec<SourcePrefix>>,
+    has_interface: bool,
+) -> Result<Option<BTreeSet<SourcePrefix>>, FieldError> {
+    source_lists::listener_list(list, has_interface)
+        .map_err(|why| FieldError(source_lists::KEY, source_lists::FLAG, why))
 }
 
 fn top_level(o: &Options) -> Result<EdgeConfig, FieldError> {

@@ -110,3 +110,86 @@ fn an_ip_upstream_needs_names_or_no_check() {
     assert!(err.contains("--no-sni-check"), "{err}");
     assert!(Config::from_options(flags(true)).is_ok());
 }
+
+fn prefixes(list: &[&str]) -> Option<BTreeSet<SourcePrefix>> {
+    Some(list.iter().map(|p| p.parse().unwrap()).collect())
+}
+
+const SOURCE_LISTS: &str = r#"
+upstream = "api.example.com:443"
+xdp_interface = "lo"
+listen = ["127.0.0.1:6443"]
+allowed_source_cidrs = ["10.0.0.0/8"]
+
+[[listeners]]
+listen = "127.0.0.1:7443"
+allowed_source_cidrs = ["192.0.2.0/24", "2001:db8::/32"]
+
+[[listeners]]
+listen = "127.0.0.1:8443"
+"#;
+
+#[test]
+fn source_lists_per_listener_inherit_the_top_level_one() {
+    let c = load(SOURCE_LISTS, Options::default()).unwrap();
+    assert_eq!(c.source_filter.unwrap().interface, "lo");
+    let lists: Vec<_> = c.listeners.iter().map(|l| l.allowed_sources.clone()).collect();
+    assert_eq!(
+        lists,
+        vec![
+            prefixes(&["10.0.0.0/8"]),
+            prefixes(&["192.0.2.0/24", "2001:db8::/32"]),
+            prefixes(&["10.0.0.0/8"])
+        ]
+    );
+    // Without a top-level list, an entry without the key is not filtered.
+    let text = SOURCE_LISTS.replace("allowed_source_cidrs = [\"10.0.0.0/8\"]\n", "");
+    let c = load(&text, Options::default()).unwrap();
+    let lists: Vec<_> = c.listeners.iter().map(|l| l.allowed_sources.clone()).collect();
+    assert_eq!(lists, vec![None, prefixes(&["192.0.2.0/24", "2001:db8::/32"]), None]);
+    // Two listeners on one port (other addresses) with the same list are fine.
+    let same = "upstream = \"a.example.com:443\"\nxdp_interface = \"lo\"\nallowed_source_cidrs = \
+                [\"10.0.0.0/8\"]\nlisten = [\"127.0.0.1:6443\", \"127.0.0.2:6443\"]\n";
+    assert!(load(same, Options::default()).is_ok());
+}
+
+#[test]
+fn source_list_errors_name_the_listener_and_key() {
+    let entry = |extra: &str, list: &str| {
+        format!(
+            "upstream = \"a.example.com:443\"\n{extra}listen = [\"127.0.0.1:6443\"]\n\
+             [[listeners]]\nlisten = \"127.0.0.2:7443\"\nallowed_source_cidrs = {list}\n"
+        )
+    };
+    let lo = "xdp_interface = \"lo\"\n";
+    let cases = [
+        (
+            entry("", "[\"192.0.2.0/24\"]"),
+            "listeners[0] (127.0.0.2:7443): field `allowed_source_cidrs` (--allow-source): needs xdp_interface",
+        ),
+        (
+            entry(lo, "[]"),
+            "listeners[0] (127.0.0.2:7443): field `allowed_source_cidrs` (--allow-source): empty",
+        ),
+        (
+            entry(lo, "[\"192.0.2.0/24\", \"192.0.2.0/24\"]"),
+            "listeners[0] (127.0.0.2:7443): field `allowed_source_cidrs` (--allow-source): 192.0.2.0/24 \
+             is listed twice",
+        ),
+        (entry(lo, "[\"192.0.2.1/24\"]"), "`listeners[0].allowed_source_cidrs[0]`"),
+        (
+            entry(&format!("{lo}allowed_source_cidrs = [\"10.0.0.0/8\"]\n"), "[\"192.0.2.0/24\"]")
+                .replace("127.0.0.2:7443", "127.0.0.2:6443"),
+            "field `allowed_source_cidrs` (--allow-source): the listeners on 127.0.0.1:6443 and \
+             127.0.0.2:6443 share port 6443 but not their list",
+        ),
+        (
+            entry(lo, "[\"192.0.2.0/24\"]").replace("127.0.0.2:7443", "127.0.0.2:6443"),
+            "share port 6443 but not their list",
+        ),
+    ];
+    for (text, needle) in cases {
+        let err = load(&text, Options::default()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text:?} gave {err:?}, not {needle:?}");
+    }
+}

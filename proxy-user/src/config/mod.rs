@@ -1,23 +1,23 @@
 //! Configuration: the TOML file and the flags are read into the same
 //! [`Options`] shape, the flags win, and [`Config::from_options`] checks every
 //! value before anything binds a port. Errors name the field (config key and flag).
-//! Listeners and their edge settings: [`listeners`].
+//! Listeners and their edge settings: [`listeners`]; the XDP source
+//! filter's interface and allow lists: [`source_lists`].
 
 mod admin;
 mod listeners;
+mod source_lists;
 
 pub use admin::AdminConfig;
 pub use listeners::{ListenerConfig, ListenerOptions};
 
 use std::{
-    collections::HashSet,
     fmt::Display,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
 };
 
-use proxy_common::{MAX_GUARDED_PORTS, MAX_SOURCE_PREFIXES};
 use serde::{Deserialize, Deserializer};
 
 use crate::{
@@ -26,7 +26,6 @@ use crate::{
     dataplane::{DataPlane, splice::Pipe},
     dns::DnsConfig,
     sockopt::TcpConfig,
-    source_prefix::SourcePrefix,
     xdp_filter::SourceFilterConfig,
 };
 
@@ -46,7 +45,8 @@ pub struct Config {
     /// Why `dataplane` was chosen (logged at start-up).
     pub dataplane_reason: &'static str,
     pub log_format: LogFormat,
-    /// The XDP source filter, when `xdp_interface` is set.
+    /// The XDP source filter's interface, when `xdp_interface` is set; the
+    /// allow lists are per listener.
     pub source_filter: Option<SourceFilterConfig>,
 }
 
@@ -159,7 +159,7 @@ impl Config {
         }
         let admin =
             admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
-        let source_filter = validate_source_filter(o.xdp_interface, o.allowed_source_cidrs, &listeners)?;
+        let source_filter = source_lists::validate(o.xdp_interface, &listeners)?;
         let (dataplane, dataplane_reason) =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
@@ -243,62 +243,6 @@ fn overlay(file: Options, flags: Options) -> Options {
         xdp_interface: flags.xdp_interface.or(file.xdp_interface),
         allowed_source_cidrs: vec_or(flags.allowed_source_cidrs, file.allowed_source_cidrs),
     }
-}
-
-/// `xdp_interface` and `allowed_source_cidrs`: both or neither; the
-/// interface exists (in this network namespace); the list is not empty (that
-/// would drop every TCP packet to a listen port) and fits the kernel maps.
-fn validate_source_filter(
-    interface: Option<String>,
-    allowed: Vec<SourcePrefix>,
-    listeners: &[ListenerConfig],
-) -> Result<Option<SourceFilterConfig>, ConfigError> {
-    const CIDRS: (&str, &str) = ("allowed_source_cidrs", "allow-source");
-    let Some(interface) = interface else {
-        if allowed.is_empty() {
-            return Ok(None);
-        }
-        return Err(invalid(
-            CIDRS.0,
-            CIDRS.1,
-            "needs xdp_interface (--xdp-interface); without it nothing is filtered",
-        ));
-    };
-    if let Err(errno) = nix::net::if_::if_nametoindex(interface.as_str()) {
-        return Err(invalid(
-            "xdp_interface",
-            "xdp-interface",
-            format!("no network interface {interface:?} ({errno})"),
-        ));
-    }
-    if allowed.is_empty() {
-        return Err(invalid(
-            CIDRS.0,
-            CIDRS.1,
-            "empty: with xdp_interface set every TCP packet to a listen port would be dropped; \
-             list the client prefixes",
-        ));
-    }
-    let mut seen = HashSet::new();
-    for prefix in &allowed {
-        if !seen.insert(prefix) {
-            return Err(invalid(CIDRS.0, CIDRS.1, format!("{prefix} is listed twice")));
-        }
-    }
-    let v4 = allowed.iter().filter(|p| p.addr().is_ipv4()).count();
-    let most = MAX_SOURCE_PREFIXES as usize;
-    if v4 > most || allowed.len() - v4 > most {
-        return Err(invalid(CIDRS.0, CIDRS.1, format!("more than {most} prefixes of one address family")));
-    }
-    let ports: HashSet<u16> = listeners.iter().map(|l| l.addr.0.port()).collect();
-    if ports.len() > MAX_GUARDED_PORTS as usize {
-        return Err(invalid(
-            "listen",
-            "listen",
-            format!("the XDP source filter guards at most {MAX_GUARDED_PORTS} ports, not {}", ports.len()),
-        ));
-    }
-    Ok(Some(SourceFilterConfig { interface, allowed }))
 }
 
 fn positive(
@@ -432,6 +376,7 @@ mod tests {
 
     #[test]
     fn source_filter_from_file_and_flags() {
+        let set = |list: &[&str]| Some(list.iter().map(|p| p.parse().unwrap()).collect());
         let c = load(
             &format!(
                 "{BASE}xdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n"
@@ -439,9 +384,8 @@ mod tests {
             Options::default(),
         )
         .unwrap();
-        let filter = c.source_filter.unwrap();
-        assert_eq!(filter.interface, "lo");
-        assert_eq!(filter.allowed, vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()]);
+        assert_eq!(c.source_filter.unwrap().interface, "lo");
+        assert_eq!(c.listeners[0].allowed_sources, set(&["192.0.2.0/24", "2001:db8::/32"]));
         let flags =
             Options { allowed_source_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..Options::default() };
         let c = load(
@@ -449,8 +393,9 @@ mod tests {
             flags,
         )
         .unwrap();
-        assert_eq!(c.source_filter.unwrap().allowed, vec!["10.0.0.0/8".parse().unwrap()]);
-        assert_eq!(load(BASE, Options::default()).unwrap().source_filter, None);
+        assert_eq!(c.listeners[0].allowed_sources, set(&["10.0.0.0/8"]));
+        let c = load(BASE, Options::default()).unwrap();
+        assert_eq!((c.source_filter, &c.listeners[0].allowed_sources), (None, &None));
     }
 
     #[test]
@@ -464,10 +409,10 @@ mod tests {
                 "xdp_interface = \"nosuch0\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n",
                 "`xdp_interface` (--xdp-interface): no network interface \"nosuch0\"",
             ),
-            ("xdp_interface = \"lo\"\n", "`allowed_source_cidrs` (--allow-source): empty"),
+            ("xdp_interface = \"lo\"\n", "`allowed_source_cidrs` (--allow-source): missing"),
             (
                 "xdp_interface = \"lo\"\nallowed_source_cidrs = []\n",
-                "`allowed_source_cidrs` (--allow-source): empty",
+                "`allowed_source_cidrs` (--allow-source): missing",
             ),
             (
                 "xdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.0/24\", \"192.0.2.0/24\"]\n",

@@ -141,27 +141,45 @@ impl Collector for ProxyCollector {
     }
 }
 
-/// The XDP source filter's packet counters, summed over the CPUs.
+/// The XDP source filter's packet counters, summed over the CPUs: the
+/// totals by verdict, and allowed/dropped per guarded port.
 #[derive(Debug)]
 pub struct XdpCollector(pub Arc<SourceFilterCounters>);
 
 impl Collector for XdpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Encoded {
-        let Ok(c) = self.0.read() else {
-            // An unreadable map leaves the family out of this scrape.
+        // An unreadable map leaves its family out of this scrape.
+        if let Ok(c) = self.0.read() {
+            family(
+                &mut encoder,
+                ("xdp_packets", "Packets the XDP source filter saw, by verdict", MetricType::Counter),
+                "result",
+                [
+                    ("allowed", c.allowed),
+                    ("dropped", c.dropped),
+                    ("unguarded", c.unguarded),
+                    ("fragments", c.fragments),
+                    ("malformed", c.malformed),
+                ],
+            )?;
+        }
+        let Ok(ports) = self.0.read_ports() else { return Ok(()) };
+        if ports.is_empty() {
             return Ok(());
-        };
-        family(
-            &mut encoder,
-            ("xdp_packets", "Packets the XDP source filter saw, by verdict", MetricType::Counter),
-            "result",
-            [
-                ("allowed", c.allowed),
-                ("dropped", c.dropped),
-                ("unguarded", c.unguarded),
-                ("fragments", c.fragments),
-                ("malformed", c.malformed),
-            ],
-        )
+        }
+        let mut metric = encoder.encode_descriptor(
+            "xdp_port_packets",
+            "TCP packets to a guarded listen port the XDP source filter allowed or dropped",
+            None,
+            MetricType::Counter,
+        )?;
+        for (port, c) in ports {
+            let port = port.to_string();
+            for (result, n) in [("allowed", c.allowed), ("dropped", c.dropped)] {
+                let labels = [("port", port.as_str()), ("result", result)];
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -89,6 +89,9 @@ pub struct Server {
     source_filter: Option<SourceFilter>,
     /// The command line, to re-read the configuration with on SIGHUP.
     flags: Options,
+    /// Each listener's configured address and bound port, for the SIGHUP
+    /// reload of the source lists.
+    listening: Vec<source_filter::Listening>,
     /// Each bound listener with the edge settings of its connections.
     listeners: Vec<(Listener, Arc<EdgeConfig>)>,
     /// Loaded kernel programs not used by the data plane, kept for their logs.
@@ -122,10 +125,11 @@ impl Server {
         let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
         let sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
-        let fixed_ports: Vec<u16> =
-            config.listeners.iter().map(|l| l.addr.0.port()).filter(|p| *p != 0).collect();
+        // Port 0 stays 0 (not known before binding).
+        let fixed_ports: Vec<u16> = config.listeners.iter().map(|l| l.addr.0.port()).collect();
+        let fixed_lists = source_filter::allow_lists(&config.listeners, &fixed_ports);
         let mut source_filter =
-            config.source_filter.as_ref().map(|c| source_filter::start(c, &fixed_ports)).transpose()?;
+            config.source_filter.as_ref().map(|c| source_filter::start(c, &fixed_lists)).transpose()?;
         let (sockmap, kernel) = match (config.dataplane, kernel) {
             (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
                 (Some(SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?), None)
@@ -153,11 +157,11 @@ impl Server {
             .iter()
             .map(|l| Ok((Listener::bind(l.addr)?, Arc::clone(&l.edge))))
             .collect::<Result<_, BindError>>()?;
+        let listening: Vec<source_filter::Listening> =
+            config.listeners.iter().zip(&listeners).map(|(c, (l, _))| (c.addr.0, l.addr.0.port())).collect();
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
-            let ports: Vec<u16> = listeners.iter().map(|(l, _)| l.addr.0.port()).collect();
-            filter.guard_ports(&ports)?;
-            tracing::info!(?ports, "XDP source filter guards the listen ports");
+            source_filter::guard_bound(filter, &config.listeners, &listening)?;
         }
         let health_port =
             config.admin.health_listen.map(HealthPort::bind).transpose().map_err(StartError::HealthBind)?;
@@ -186,6 +190,7 @@ impl Server {
         }
         Ok(Self {
             source_filter,
+            listening,
             flags: flags.clone(),
             listeners,
             proxy,
@@ -254,7 +259,7 @@ impl Server {
             tokio::select! {
                 _ = self.sigterm.recv() => break true,
                 _ = self.sigint.recv() => break false,
-                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags),
+                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags, &self.listening),
             }
         };
         if drain {
@@ -308,7 +313,7 @@ impl Server {
                     return true;
                 }
                 _ = self.sigint.recv() => return false,
-                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags),
+                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags, &self.listening),
             }
         }
     }

@@ -1,79 +1,137 @@
-//! The server's side of the XDP source filter: attach at start-up, reload
-//! its allow list on SIGHUP, log its totals at exit.
+//! The server's side of the XDP source filter: attach at start-up with each
+//! listener's allow list on its port, reload the lists on SIGHUP, log its
+//! totals at exit.
+
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use crate::{
     cli::Options,
-    config::Config,
-    xdp_filter::{SourceFilter, SourceFilterConfig, SourceFilterError},
+    config::{Config, ListenerConfig},
+    xdp_filter::{AllowLists, SourceFilter, SourceFilterConfig, SourceFilterError},
 };
 
-/// Loads the source filter with its allow list and the `ports` known before
+/// A listener as it runs: the address it was configured with and the port
+/// it is bound to (they differ for port 0).
+pub(super) type Listening = (SocketAddr, u16);
+
+/// The allow lists of `listeners`, each on the port of the same index in
+/// `ports` (port 0: not bound yet, left out). Listeners without a list are
+/// not filtered; listeners sharing a port share their list (validated).
+pub(super) fn allow_lists(listeners: &[ListenerConfig], ports: &[u16]) -> AllowLists {
+    let mut lists = AllowLists::new();
+    for (listener, &port) in listeners.iter().zip(ports) {
+        if let (Some(list), true) = (&listener.allowed_sources, port != 0) {
+            lists.insert(port, list.clone());
+        }
+    }
+    lists
+}
+
+/// `{port: [prefix, ...]}` for the log.
+fn describe(lists: &AllowLists) -> BTreeMap<u16, Vec<String>> {
+    lists.iter().map(|(port, list)| (*port, strings(list))).collect()
+}
+
+fn strings<T: ToString>(items: impl IntoIterator<Item = T>) -> Vec<String> {
+    items.into_iter().map(|item| item.to_string()).collect()
+}
+
+/// Loads the source filter with the lists of the ports known before
 /// binding, then attaches it, logging the mode and why.
-pub(super) fn start(config: &SourceFilterConfig, ports: &[u16]) -> Result<SourceFilter, SourceFilterError> {
-    let mut filter = SourceFilter::load(&config.allowed)?;
-    filter.guard_ports(ports)?;
+pub(super) fn start(
+    config: &SourceFilterConfig,
+    lists: &AllowLists,
+) -> Result<SourceFilter, SourceFilterError> {
+    let mut filter = SourceFilter::load(lists)?;
     let attached = filter.attach(&config.interface)?;
     tracing::info!(
         interface = attached.interface,
         mode = %attached.mode,
         why = attached.why,
-        allowed = ?strings(&filter.allowed()),
+        allowed = ?describe(&filter.allowed()),
         "XDP source filter attached"
     );
     Ok(filter)
 }
 
-fn strings<T: ToString>(items: &[T]) -> Vec<String> {
-    items.iter().map(ToString::to_string).collect()
+/// Once every listener is bound: the lists of all ports (port 0 listeners
+/// got theirs only now).
+pub(super) fn guard_bound(
+    filter: &mut SourceFilter,
+    listeners: &[ListenerConfig],
+    listening: &[Listening],
+) -> Result<(), SourceFilterError> {
+    let ports: Vec<u16> = listening.iter().map(|(_, port)| *port).collect();
+    filter.reload(&allow_lists(listeners, &ports))?;
+    tracing::info!(allowed = ?describe(&filter.allowed()), "XDP source filter guards the listen ports");
+    Ok(())
 }
 
 /// SIGHUP: re-reads the configuration (file and flags, validated as at
-/// start-up) and applies its allow list to the source filter. Anything
-/// invalid leaves the old list in place and logs why.
-pub(super) fn reload(filter: Option<&mut SourceFilter>, flags: &Options) {
+/// start-up) and applies its allow lists with [`apply`]. Anything invalid
+/// leaves the old lists in place and logs why.
+pub(super) fn reload(filter: Option<&mut SourceFilter>, flags: &Options, listening: &[Listening]) {
     let Some(filter) = filter else {
         tracing::info!("SIGHUP: no XDP source filter, nothing to reload");
         return;
     };
-    let config = match Config::load(flags) {
-        Ok(config) => config,
+    match Config::load(flags) {
+        Ok(config) => apply(filter, &config, listening),
         Err(error) => {
-            tracing::warn!(%error, "SIGHUP: configuration rejected; the source list stays as it was");
-            return;
-        }
-    };
-    let Some(new) = config.source_filter else {
-        tracing::warn!(
-            "SIGHUP: the configuration no longer sets xdp_interface; removing the filter needs a \
-             restart; the source list stays as it was"
-        );
-        return;
-    };
-    if let Some(attached) = filter.attached().filter(|a| a.interface != new.interface) {
-        tracing::warn!(
-            attached = attached.interface,
-            configured = new.interface,
-            "SIGHUP: moving the filter to another interface needs a restart; reloading its list only"
-        );
-    }
-    // The counters so far, so each reload also reports what the old list did.
-    let (passed, dropped) = filter.counters().map_or((None, None), |c| (Some(c.passed()), Some(c.dropped)));
-    match filter.reload(&new.allowed) {
-        Ok(summary) => tracing::info!(
-            added = ?strings(&summary.added),
-            removed = ?strings(&summary.removed),
-            allowed = ?strings(&filter.allowed()),
-            passed,
-            dropped,
-            "SIGHUP: source list reloaded"
-        ),
-        Err(error) => {
-            tracing::error!(%error, "SIGHUP: reloading the source list failed; the old list stays")
+            tracing::warn!(%error, "SIGHUP: configuration rejected; the source lists stay as they were");
         }
     }
 }
 
-/// One log line with the filter's counters over the whole run.
+/// Makes the allow lists of a validated `config` those of the running
+/// listeners (`listening`, in configuration order), each on its bound port.
+pub(super) fn apply(filter: &mut SourceFilter, config: &Config, listening: &[Listening]) {
+    let Some(new) = &config.source_filter else {
+        tracing::warn!(
+            "SIGHUP: the configuration no longer sets xdp_interface; removing the filter needs a \
+             restart; the source lists stay as they were"
+        );
+        return;
+    };
+    let configured: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr.0).collect();
+    let running: Vec<SocketAddr> = listening.iter().map(|(addr, _)| *addr).collect();
+    if configured != running {
+        tracing::warn!(
+            running = ?strings(&running),
+            configured = ?strings(&configured),
+            "SIGHUP: the listeners changed, which needs a restart; the source lists stay as they were"
+        );
+        return;
+    }
+    if let Some(attached) = filter.attached().filter(|a| a.interface != new.interface) {
+        tracing::warn!(
+            attached = attached.interface,
+            configured = new.interface,
+            "SIGHUP: moving the filter to another interface needs a restart; reloading its lists only"
+        );
+    }
+    // The counters so far, so each reload also reports what the old lists did.
+    let (passed, dropped) = filter.counters().map_or((None, None), |c| (Some(c.passed()), Some(c.dropped)));
+    let ports: Vec<u16> = listening.iter().map(|(_, port)| *port).collect();
+    match filter.reload(&allow_lists(&config.listeners, &ports)) {
+        Ok(summary) => tracing::info!(
+            added = ?strings(&summary.added),
+            removed = ?strings(&summary.removed),
+            guarded = ?summary.guarded,
+            unguarded = ?summary.unguarded,
+            allowed = ?describe(&filter.allowed()),
+            passed,
+            dropped,
+            "SIGHUP: source lists reloaded"
+        ),
+        Err(error) => {
+            tracing::error!(%error, "SIGHUP: reloading the source lists failed; the old lists stay")
+        }
+    }
+}
+
+/// Log lines with the filter's counters over the whole run: the totals,
+/// then one per guarded port.
 pub(super) fn log_totals(filter: &SourceFilter) {
     match filter.counters() {
         Ok(c) => tracing::info!(
@@ -86,5 +144,49 @@ pub(super) fn log_totals(filter: &SourceFilter) {
             "xdp source filter totals"
         ),
         Err(error) => tracing::warn!(%error, "cannot read the XDP source filter counters"),
+    }
+    match filter.port_counters() {
+        Ok(ports) => {
+            for (port, c) in ports {
+                tracing::info!(
+                    port,
+                    allowed = c.allowed,
+                    dropped = c.dropped,
+                    "xdp source filter port totals"
+                );
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the XDP source filter's port counters"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn allow_lists_put_each_listener_s_list_on_its_bound_port() {
+        let entries = "[[listeners]]\nlisten = \"127.0.0.1:0\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n\
+                       [[listeners]]\nlisten = \"127.0.0.1:7443\"\nallowed_source_cidrs = [\"10.0.0.0/8\"]\n\
+                       [[listeners]]\nlisten = \"127.0.0.1:8443\"\n";
+        let options = Options {
+            upstream: Some("10.0.0.1:443".parse().unwrap()),
+            no_sni_check: true,
+            xdp_interface: Some("lo".into()),
+            listeners: toml::from_str::<Options>(entries).unwrap().listeners,
+            ..Options::default()
+        };
+        let config = Config::from_options(options).unwrap();
+        let ten = BTreeSet::from(["10.0.0.0/8".parse().unwrap()]);
+        let doc = BTreeSet::from(["192.0.2.0/24".parse().unwrap()]);
+        // Before binding the port 0 listener is left out; 8443 has no list.
+        assert_eq!(allow_lists(&config.listeners, &[0, 7443, 8443]), AllowLists::from([(7443, ten.clone())]));
+        assert_eq!(
+            allow_lists(&config.listeners, &[40000, 7443, 8443]),
+            AllowLists::from([(7443, ten), (40000, doc)])
+        );
     }
 }

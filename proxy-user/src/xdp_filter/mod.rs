@@ -1,6 +1,8 @@
-//! The XDP source filter (`--xdp-interface`, `--allow-source`): the kernel
-//! program `source_filter` on one interface drops TCP packets to the proxy's
-//! listen ports from sources in no allowed prefix and passes everything else.
+//! The XDP source filter (`--xdp-interface`, `--allow-source`, per listener
+//! `allowed_source_cidrs`): the kernel program `source_filter` on one
+//! interface drops TCP packets to a guarded listen port from sources in none
+//! of that port's prefixes and passes everything else. Allow lists and their
+//! reload: [`lists`]; the per-CPU counters: [`counters`].
 //!
 //! It is loaded from the embedded object on its own (the sockmap plane owns
 //! the other loaded copy), attached natively when the driver supports XDP and
@@ -8,19 +10,28 @@
 //! exit and on every start-up error after it was attached. The link is a BPF
 //! link, so it also goes away if the process is killed.
 
-use std::{collections::BTreeSet, fmt, net::IpAddr, sync::Arc};
+mod counters;
+mod lists;
+
+pub use counters::SourceFilterCounters;
+pub use lists::{AllowLists, PortPrefix, ReloadSummary};
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{LpmTrie, MapData, MapError},
     programs::{Link as _, ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLink},
 };
-use proxy_common::{MAX_GUARDED_PORTS, SourceFilterStats, map, program};
-
-use crate::{
-    kernel::{self, KernelError},
-    source_prefix::SourcePrefix,
+use proxy_common::{
+    MAX_GUARDED_PORTS, PortFilterStats, SourceFilterStats, SourceKeyV4, SourceKeyV6, map, program,
 };
+
+use crate::kernel::{self, KernelError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceFilterError {
@@ -30,12 +41,18 @@ pub enum SourceFilterError {
         "attaching the XDP source filter to {interface} failed: native mode: {native}; generic mode: {generic}"
     )]
     Attach { interface: String, native: String, generic: String },
-    #[error("{action} {prefix} in map {}: {source}", map_of(prefix))]
-    Prefix { action: &'static str, prefix: SourcePrefix, source: MapError },
-    #[error("guarding TCP port {port} (map {}): {source}", map::GUARDED_PORTS)]
-    Port { port: u16, source: MapError },
-    #[error("{count} listen ports, but the source filter guards at most {MAX_GUARDED_PORTS}")]
+    #[error("{action} {entry} in map {}: {source}", entry.map_name())]
+    Prefix { action: &'static str, entry: PortPrefix, source: MapError },
+    #[error("{action} TCP port {port} (map {}): {source}", map::GUARDED_PORTS)]
+    Port { action: &'static str, port: u16, source: MapError },
+    #[error("guarding TCP port {port}: counting the CPUs: {source}")]
+    Cpus { port: u16, source: std::io::Error },
+    #[error(
+        "{count} listen ports with an allow list, but the source filter guards at most {MAX_GUARDED_PORTS}"
+    )]
     TooManyPorts { count: usize },
+    #[error("TCP port 0 cannot be guarded (the tries use it for every listener's prefixes together)")]
+    PortZero,
     #[error("test run of {name}: {source}", name = program::SOURCE_FILTER)]
     TestRun { source: ProgramError },
 }
@@ -51,17 +68,13 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn map_of(prefix: &SourcePrefix) -> &'static str {
-    if prefix.addr().is_ipv4() { map::SOURCE_ALLOW_V4 } else { map::SOURCE_ALLOW_V6 }
-}
-
-/// The validated `xdp_interface` and `allowed_source_cidrs`.
+/// The validated `xdp_interface`; the allow lists are per listener
+/// ([`crate::config::ListenerConfig::allowed_sources`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFilterConfig {
-    /// Interface the program is attached to.
+    /// Interface the program is attached to (one for all listeners: an
+    /// interface holds one XDP program).
     pub interface: String,
-    /// Allowed source prefixes; never empty.
-    pub allowed: Vec<SourcePrefix>,
 }
 
 /// How the program runs on its interface.
@@ -90,43 +103,43 @@ pub struct Attached {
     pub why: String,
 }
 
-/// What a reload changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReloadSummary {
-    pub added: Vec<SourcePrefix>,
-    pub removed: Vec<SourcePrefix>,
-}
-
 /// The loaded filter, its maps, and (once attached) its link.
 pub struct SourceFilter {
     /// Declared first, so it is dropped (detached) before the program is unloaded.
     link: Option<(XdpLink, Attached)>,
-    allow_v4: LpmTrie<MapData, [u8; 4], u8>,
-    allow_v6: LpmTrie<MapData, [u8; 16], u8>,
-    ports: HashMap<MapData, u16, u8>,
+    allow_v4: LpmTrie<MapData, SourceKeyV4, u8>,
+    allow_v6: LpmTrie<MapData, SourceKeyV6, u8>,
+    /// The counters; its port map is also the set of guarded ports.
     stats: Arc<SourceFilterCounters>,
-    /// What the tries hold now.
-    allowed: BTreeSet<SourcePrefix>,
+    /// What the tries hold now: each port's prefixes, and their union under
+    /// [`proxy_common::ANY_GUARDED_PORT`].
+    entries: BTreeSet<PortPrefix>,
+    /// The ports in [`map::GUARDED_PORTS`] now.
+    guarded: BTreeSet<u16>,
     ebpf: Ebpf,
 }
 
 impl SourceFilter {
-    /// Loads the program and its maps with `allowed` in the tries and no
-    /// guarded port; attaches nothing.
-    pub fn load(allowed: &[SourcePrefix]) -> Result<Self, SourceFilterError> {
+    /// Loads the program and its maps with `lists` in the tries (those
+    /// ports guarded); attaches nothing.
+    pub fn load(lists: &AllowLists) -> Result<Self, SourceFilterError> {
         let mut ebpf = kernel::load_for_xdp()?;
+        let stats = SourceFilterCounters {
+            totals: kernel::take_map(&mut ebpf, map::SOURCE_STATS)?,
+            ports: Mutex::new(kernel::take_map(&mut ebpf, map::GUARDED_PORTS)?),
+        };
         let mut filter = Self {
             link: None,
             allow_v4: kernel::take_map(&mut ebpf, map::SOURCE_ALLOW_V4)?,
             allow_v6: kernel::take_map(&mut ebpf, map::SOURCE_ALLOW_V6)?,
-            ports: kernel::take_map(&mut ebpf, map::GUARDED_PORTS)?,
-            stats: Arc::new(SourceFilterCounters(kernel::take_map(&mut ebpf, map::SOURCE_STATS)?)),
-            allowed: BTreeSet::new(),
+            stats: Arc::new(stats),
+            entries: BTreeSet::new(),
+            guarded: BTreeSet::new(),
             ebpf,
         };
         let name = program::SOURCE_FILTER;
         filter.program_mut()?.load().map_err(|source| KernelError::Program { name, source })?;
-        filter.reload(allowed)?;
+        filter.reload(lists)?;
         Ok(filter)
     }
 
@@ -174,71 +187,6 @@ impl SourceFilter {
         Ok(attached)
     }
 
-    /// Guards these TCP destination ports (adding to those already guarded).
-    pub fn guard_ports(&mut self, ports: &[u16]) -> Result<(), SourceFilterError> {
-        let guarded: BTreeSet<u16> =
-            self.ports.keys().filter_map(Result::ok).chain(ports.iter().copied()).collect();
-        if guarded.len() > MAX_GUARDED_PORTS as usize {
-            return Err(SourceFilterError::TooManyPorts { count: guarded.len() });
-        }
-        for &port in ports {
-            self.ports.insert(port, 1, 0).map_err(|source| SourceFilterError::Port { port, source })?;
-        }
-        Ok(())
-    }
-
-    /// Makes `allowed` the allow list without detaching: new prefixes are
-    /// inserted first, then the ones no longer listed removed, so a source
-    /// allowed before and after is never dropped in between. When an insert
-    /// fails, the ones this call inserted are removed again and the old list
-    /// stays.
-    pub fn reload(&mut self, allowed: &[SourcePrefix]) -> Result<ReloadSummary, SourceFilterError> {
-        let wanted: BTreeSet<SourcePrefix> = allowed.iter().copied().collect();
-        let added: Vec<SourcePrefix> = wanted.difference(&self.allowed).copied().collect();
-        let removed: Vec<SourcePrefix> = self.allowed.difference(&wanted).copied().collect();
-        for (done, prefix) in added.iter().enumerate() {
-            if let Err(error) = self.insert(prefix) {
-                for inserted in &added[..done] {
-                    // Best effort: it was inserted a moment ago.
-                    let _ = self.remove(inserted);
-                }
-                return Err(error);
-            }
-        }
-        self.allowed.extend(added.iter().copied());
-        for prefix in &removed {
-            self.remove(prefix)?;
-            self.allowed.remove(prefix);
-        }
-        Ok(ReloadSummary { added, removed })
-    }
-
-    fn insert(&mut self, prefix: &SourcePrefix) -> Result<(), SourceFilterError> {
-        let result = match prefix.addr() {
-            IpAddr::V4(v4) => {
-                self.allow_v4.insert(&Key::new(u32::from(prefix.prefix_len()), v4.octets()), 1, 0)
-            }
-            IpAddr::V6(v6) => {
-                self.allow_v6.insert(&Key::new(u32::from(prefix.prefix_len()), v6.octets()), 1, 0)
-            }
-        };
-        result.map_err(|source| SourceFilterError::Prefix { action: "adding", prefix: *prefix, source })
-    }
-
-    fn remove(&mut self, prefix: &SourcePrefix) -> Result<(), SourceFilterError> {
-        let result = match prefix.addr() {
-            IpAddr::V4(v4) => self.allow_v4.remove(&Key::new(u32::from(prefix.prefix_len()), v4.octets())),
-            IpAddr::V6(v6) => self.allow_v6.remove(&Key::new(u32::from(prefix.prefix_len()), v6.octets())),
-        };
-        result.map_err(|source| SourceFilterError::Prefix { action: "removing", prefix: *prefix, source })
-    }
-
-    /// The prefixes allowed now, in order.
-    #[must_use]
-    pub fn allowed(&self) -> Vec<SourcePrefix> {
-        self.allowed.iter().copied().collect()
-    }
-
     /// Where the filter is attached, if it is.
     #[must_use]
     pub fn attached(&self) -> Option<&Attached> {
@@ -248,6 +196,11 @@ impl SourceFilter {
     /// The program's counters, summed over all CPUs.
     pub fn counters(&self) -> Result<SourceFilterStats, SourceFilterError> {
         self.stats.read()
+    }
+
+    /// Each guarded port's counters, summed over all CPUs.
+    pub fn port_counters(&self) -> Result<BTreeMap<u16, PortFilterStats>, SourceFilterError> {
+        self.stats.read_ports()
     }
 
     /// A handle on the counters for the metrics endpoint. It holds the map,
@@ -264,24 +217,6 @@ impl SourceFilter {
         let xdp = self.program()?;
         let opts = TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() };
         xdp.test_run(opts).map(|r| r.return_value).map_err(|source| SourceFilterError::TestRun { source })
-    }
-}
-
-/// The filter's per-CPU counters map.
-pub struct SourceFilterCounters(PerCpuArray<MapData, SourceFilterStats>);
-
-impl fmt::Debug for SourceFilterCounters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(map::SOURCE_STATS)
-    }
-}
-
-impl SourceFilterCounters {
-    /// The counters now, summed over all CPUs.
-    pub fn read(&self) -> Result<SourceFilterStats, SourceFilterError> {
-        let per_cpu =
-            self.0.get(&0, 0).map_err(|source| KernelError::Map { name: map::SOURCE_STATS, source })?;
-        Ok(per_cpu.iter().fold(SourceFilterStats::default(), |sum, cpu| sum.add(*cpu)))
     }
 }
 
