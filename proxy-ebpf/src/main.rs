@@ -156,7 +156,7 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     flow.next_seq = seq.wrapping_add(len);
     flow.seq_set = 1;
     // SAFETY: a plain read of a value user space keeps up to date.
-    let user_bytes = unsafe { SPLICE_USER_BYTES.get(&cookie) }.copied().unwrap_or(0);
+    let user_bytes = unsafe { SPLICE_USER_BYTES.get(cookie) }.copied().unwrap_or(0);
     let peer = peer_backlog(flow, user_bytes);
     if flow.paused != 0 {
         // Resume only when no passed byte is left for user space to write

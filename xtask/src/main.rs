@@ -129,8 +129,28 @@ fn build_ebpf(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// rustfmt and clippy on the kernel crate, which the workspace excludes
+/// (it builds for the BPF target with nightly).
+fn lint_ebpf(root: &Path) -> Result<()> {
+    let mut fmt = Command::new("rustup");
+    fmt.args(["run", "nightly", "cargo", "fmt", "--", "--check"]).current_dir(root.join("proxy-ebpf"));
+    clear_outer_cargo_env(&mut fmt);
+    run(&mut fmt)?;
+    let mut clippy = Command::new("rustup");
+    clippy
+        .args(["run", "nightly", "cargo", "clippy", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target"))
+        .args(["--", "-D", "warnings"])
+        .current_dir(root.join("proxy-ebpf"));
+    clear_outer_cargo_env(&mut clippy);
+    run(&mut clippy)
+}
+
 fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     build_ebpf(root)?;
+    lint_ebpf(root)?;
     run(cargo(root).args(["fmt", "--all", "--", "--check"]))?;
     run(cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The integration tests start the real binary, so build it first.

@@ -116,10 +116,13 @@ fn ensure_nightly() -> Result<()> {
         );
     }
     let installed = output(Command::new("rustup").args(["+nightly", "component", "list", "--installed"]))?;
-    if !installed.lines().any(|line| line.starts_with("rust-src")) {
-        eprintln!("setup: adding the nightly rust-src component");
-        run(Command::new("rustup").args(["+nightly", "component", "add", "rust-src"]))
-            .context("`rustup +nightly component add rust-src` failed")?;
+    // rust-src for `-Z build-std=core`; clippy and rustfmt to lint the kernel crate.
+    for component in ["rust-src", "clippy", "rustfmt"] {
+        if !installed.lines().any(|line| line.starts_with(component)) {
+            eprintln!("setup: adding the nightly {component} component");
+            run(Command::new("rustup").args(["+nightly", "component", "add", component]))
+                .with_context(|| format!("`rustup +nightly component add {component}` failed"))?;
+        }
     }
     Ok(())
 }
