@@ -209,6 +209,9 @@ pub struct VerdictStats {
     pub trimmed_bytes: u64,
     /// skbs dropped because every byte in them had been received before.
     pub old_skbs: u64,
+    /// Pause events the ring buffer had no room for (user space then wakes
+    /// every direction to read its pause flag).
+    pub lost_events: u64,
 }
 
 impl VerdictStats {
@@ -223,6 +226,7 @@ impl VerdictStats {
             passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
             trimmed_bytes: self.trimmed_bytes.wrapping_add(other.trimmed_bytes),
             old_skbs: self.old_skbs.wrapping_add(other.old_skbs),
+            lost_events: self.lost_events.wrapping_add(other.lost_events),
         }
     }
 }
@@ -300,7 +304,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<VerdictStats>(), 7 * 8);
+        assert_eq!(core::mem::size_of::<VerdictStats>(), 8 * 8);
         assert_eq!(core::mem::size_of::<SourceFilterStats>(), 5 * 8);
         assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 8 * 4);
         assert_eq!(core::mem::size_of::<FlowEvent>(), 8 + 2 * 4);
@@ -321,6 +325,7 @@ mod tests {
             empty_skbs: 1,
             trimmed_bytes: 4,
             old_skbs: 1,
+            lost_events: 2,
             ..Default::default()
         };
         assert_eq!(
@@ -332,7 +337,8 @@ mod tests {
                 redirected_bytes: 7,
                 passed_bytes: 3,
                 trimmed_bytes: 4,
-                old_skbs: 1
+                old_skbs: 1,
+                lost_events: 2
             }
         );
     }

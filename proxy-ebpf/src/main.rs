@@ -258,6 +258,7 @@ fn pause_flow(
     // Pauses are rare: always wake the reader rather than rely on the
     // ring buffer's adaptive wake-ups.
     if SPLICE_EVENTS.output::<FlowEvent>(&event, BPF_RB_FORCE_WAKEUP).is_err() {
+        stats.lost_events += 1;
         debug!(ctx, "event ring full");
     }
     sk_action::SK_PASS

@@ -30,8 +30,11 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// the direction waiting for bytes that cannot come (a paused socket's
 /// window closes).
 const RECHECK_FIRST: Duration = Duration::from_millis(50);
-/// Longest such wait: it doubles while nothing happens, so an idle
-/// connection costs a wake-up every few seconds at most.
+/// Longest such wait: it doubles while nothing happens. A paused direction
+/// goes on looking every [`RECHECK_LAST`]; a spliced one stops once the wait
+/// reaches it, so an idle spliced connection costs no wake-ups at all (a
+/// pause event the ring buffer had no room for is caught plane-wide, see
+/// `events::watch_lost_events`).
 const RECHECK_LAST: Duration = Duration::from_secs(5);
 /// Bytes a paused direction may hold in user space, read but not yet
 /// written (see [`SockmapPlane::copy_passed`]).
@@ -154,7 +157,7 @@ impl SockmapPlane {
                 ready = source_readable(paused_io.as_ref()), if copying => {
                     ready.map_err(PumpError::Read)?;
                 }
-                () = tokio::time::sleep(recheck) => {
+                () = tokio::time::sleep(recheck), if copying || recheck < RECHECK_LAST => {
                     recheck = (recheck * 2).min(RECHECK_LAST);
                     if copying {
                         if tcpstat::readable_bytes(from).is_ok_and(|n| n > 0) {

@@ -89,7 +89,7 @@ impl Hangups {
             let mut guard = match self.epoll.readable().await {
                 Ok(guard) => guard,
                 Err(error) => {
-                    tracing::error!(%error, "waiting on the hang-up epoll; FINs now wait for the re-checks");
+                    tracing::error!(%error, "waiting on the hang-up epoll; FINs of idle spliced connections go unseen");
                     return;
                 }
             };
@@ -100,7 +100,7 @@ impl Hangups {
                     Ok(n) => n,
                     Err(Errno::EINTR) => continue,
                     Err(error) => {
-                        tracing::error!(%error, "reading the hang-up epoll; FINs now wait for the re-checks");
+                        tracing::error!(%error, "reading the hang-up epoll; FINs of idle spliced connections go unseen");
                         return;
                     }
                 };

@@ -111,7 +111,7 @@ impl SockmapPlane {
         let pause_events = Arc::new(AtomicU64::new(0));
         tokio::spawn(events::dispatch_pauses(events, Arc::clone(&waiters), Arc::clone(&pause_events)));
         tokio::spawn(Arc::clone(&hangups).dispatch(Arc::clone(&waiters)));
-        Ok(Arc::new(Self {
+        let plane = Arc::new(Self {
             kernel: Mutex::new(kernel),
             waiters,
             pause_events,
@@ -119,7 +119,9 @@ impl SockmapPlane {
             max_inflight,
             fallback_pipe_size,
             counters: SockmapCounters::default(),
-        }))
+        });
+        tokio::spawn(events::watch_lost_events(Arc::downgrade(&plane)));
+        Ok(plane)
     }
 
     /// One log line with the plane's totals and the verdict program's counters.
@@ -143,6 +145,7 @@ impl SockmapPlane {
                 passed_bytes = v.passed_bytes,
                 trimmed_bytes = v.trimmed_bytes,
                 old_skbs = v.old_skbs,
+                lost_events = v.lost_events,
                 empty_skbs = v.empty_skbs,
                 "sockmap totals"
             ),
