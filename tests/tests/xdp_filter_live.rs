@@ -131,7 +131,7 @@ fn only_allowed_sources_get_through_and_sighup_reloads_the_list() -> Result<()> 
     write_config(&mut config, &[&allowed, "192.0.2.3/33"])?;
     proxy.signal(Signal::SIGHUP)?;
     let rejected = runtime.block_on(proxy.wait_message(
-        "SIGHUP: configuration rejected; the source list stays as it was",
+        "SIGHUP: configuration rejected; the running configuration stays in force",
         Duration::from_secs(5),
     ))?;
     ensure!(rejected["error"].as_str().unwrap_or_default().contains("192.0.2.3/33"), "{rejected}");

@@ -5,9 +5,11 @@
 
 mod admin;
 mod listeners;
+mod reload;
 
 pub use admin::AdminConfig;
 pub use listeners::{ListenerConfig, ListenerOptions};
+pub use reload::NeedsRestart;
 
 use std::{
     collections::HashSet,

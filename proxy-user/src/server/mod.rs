@@ -2,30 +2,32 @@
 //! health-check port), the accept loops and upstream probes, and stopping:
 //! SIGTERM turns readiness false at once, keeps accepting for the drain
 //! delay, then closes the listeners and gives open connections the drain
-//! timeout; SIGINT stops at once. SIGHUP re-reads the configuration and
-//! applies only the XDP source filter's allow list (every other setting
-//! needs a restart).
+//! timeout; SIGINT stops at once. SIGHUP reloads the configuration
+//! ([`reload`]).
 
+mod listeners;
+mod probes;
+mod reload;
 mod source_filter;
 
 use std::{sync::Arc, time::Duration};
 
+use listeners::{Accepting, Bound, ListenerSet};
+use probes::Probes;
+use reload::ConnectionLimit;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::{Semaphore, watch},
-    task::JoinSet,
+    sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    addr::UpstreamTarget,
     admin::{AdminEndpoint, AdminError, AdminState},
     cli::Options,
-    config::{AdminConfig, Config},
+    config::Config,
     connections::ConnectionTable,
     dataplane::{DataPlane, sockmap::SockmapPlane},
     dns::ResolveError,
-    edge::EdgeConfig,
     health::Health,
     health_port::HealthPort,
     kernel::{KernelError, KernelPrograms},
@@ -34,7 +36,7 @@ use crate::{
         Metrics,
         collectors::{ProxyCollector, StateCollector, XdpCollector},
     },
-    proxy::{Observers, Proxy, probe},
+    proxy::{Observers, Proxy},
     service_manager,
     xdp_filter::{SourceFilter, SourceFilterError},
 };
@@ -89,19 +91,21 @@ pub struct Server {
     source_filter: Option<SourceFilter>,
     /// The command line, to re-read the configuration with on SIGHUP.
     flags: Options,
-    /// Each bound listener with the edge settings of its connections.
-    listeners: Vec<(Listener, Arc<EdgeConfig>)>,
+    /// The configuration in force (the last reload's, fixed settings as started).
+    config: Config,
+    listeners: ListenerSet,
     /// Loaded kernel programs not used by the data plane, kept for their logs.
     _kernel: Option<KernelPrograms>,
     proxy: Arc<Proxy>,
     health: Arc<Health>,
     health_port: Option<HealthPort>,
-    /// Every upstream of every listener, probed in the background.
-    targets: Vec<UpstreamTarget>,
-    admin: AdminConfig,
-    drain_timeout: Duration,
-    max_connections: usize,
-    dataplane_reason: &'static str,
+    /// The background probe of every upstream of every listener.
+    probes: Probes,
+    limit: ConnectionLimit,
+    /// What the accept loops hand connections to.
+    accepting: Accepting,
+    /// On sockmap: the connections its maps were sized for.
+    sockmap_capacity: Option<usize>,
     sigterm: Signal,
     sigint: Signal,
     sighup: Signal,
@@ -133,13 +137,8 @@ impl Server {
             (DataPlane::Sockmap { .. }, Err(error)) => return Err(StartError::NoKernel(error.to_string())),
             (_, kernel) => (None, kernel.ok()),
         };
-        let mut targets: Vec<UpstreamTarget> = Vec::new();
-        for target in config.listeners.iter().flat_map(|l| l.edge.upstreams.targets()) {
-            if !targets.contains(target) {
-                targets.push(target.clone());
-            }
-        }
-        let health = Arc::new(Health::new(&targets, config.admin.readiness_window()));
+        let sockmap_capacity = sockmap.is_some().then_some(config.max_connections);
+        let health = Arc::new(Health::new(&probes::targets(config), config.admin.readiness_window()));
         let metrics = Metrics::default();
         let connections = Arc::new(ConnectionTable::default());
         let observers = Observers {
@@ -148,14 +147,15 @@ impl Server {
             connections: Arc::clone(&connections),
         };
         let proxy = Arc::new(Proxy::new(config, sockmap, observers)?);
-        let listeners: Vec<(Listener, Arc<EdgeConfig>)> = config
+        let bound = config
             .listeners
             .iter()
-            .map(|l| Ok((Listener::bind(l.addr)?, Arc::clone(&l.edge))))
+            .map(|l| Ok(Bound { configured: l.addr, listener: Listener::bind(l.addr)? }))
             .collect::<Result<_, BindError>>()?;
+        let listeners = ListenerSet::new(bound, &config.listeners)?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
-            let ports: Vec<u16> = listeners.iter().map(|(l, _)| l.addr.0.port()).collect();
+            let ports: Vec<u16> = listeners.addrs().iter().map(|a| a.0.port()).collect();
             filter.guard_ports(&ports)?;
             tracing::info!(?ports, "XDP source filter guards the listen ports");
         }
@@ -184,19 +184,26 @@ impl Server {
         if let Some(port) = &health_port {
             tracing::info!(health = %port.addr, "health-check port bound; open while ready");
         }
+        let limit = ConnectionLimit::new(config.max_connections);
+        let accepting = Accepting {
+            proxy: Arc::clone(&proxy),
+            connections: TaskTracker::new(),
+            stop_connections: CancellationToken::new(),
+            slots: Arc::clone(&limit.slots),
+        };
         Ok(Self {
             source_filter,
             flags: flags.clone(),
+            config: config.clone(),
             listeners,
+            probes: Probes::new(Arc::clone(&proxy)),
             proxy,
             health,
             health_port,
-            targets,
-            admin: config.admin,
+            limit,
+            accepting,
+            sockmap_capacity,
             _kernel: kernel,
-            drain_timeout: config.drain_timeout,
-            max_connections: config.max_connections,
-            dataplane_reason: config.dataplane_reason,
             sigterm,
             sigint,
             sighup,
@@ -205,78 +212,47 @@ impl Server {
 
     /// Accepts and serves until a signal stops it.
     pub async fn run(&mut self) -> Stopped {
-        let stop_accepting = CancellationToken::new();
-        let stop_connections = CancellationToken::new();
-        let stop_probes = CancellationToken::new();
-        let _stop_probes_on_return = stop_probes.clone().drop_guard();
-        let connections = TaskTracker::new();
-        let mut accept_loops = JoinSet::new();
-        let slots = Arc::new(Semaphore::new(self.max_connections));
-        let listening: Vec<_> = self.listeners.iter().map(|(l, _)| l.addr).collect();
-        for (listener, edge) in self.listeners.drain(..) {
-            tracing::info!(
-                listen = %listener.addr,
-                upstream = edge.upstreams.describe(),
-                proxy_protocol = ?edge.proxy_protocol.mode,
-                allowed_vpce_ids = ?edge.proxy_protocol.allowed_vpce_ids,
-                "listening"
-            );
-            let proxy = Arc::clone(&self.proxy);
-            let connections = connections.clone();
-            let stop_connections = stop_connections.clone();
-            accept_loops.spawn(listener.accept_loop(
-                stop_accepting.clone(),
-                Arc::clone(&slots),
-                move |stream, peer, listen, permit| {
-                    let proxy = Arc::clone(&proxy);
-                    let edge = Arc::clone(&edge);
-                    let stop = stop_connections.clone();
-                    connections.spawn(async move {
-                        proxy.serve(stream, peer, listen, edge, stop).await;
-                        drop(permit);
-                    });
-                },
-            ));
-        }
-        tracing::info!(dataplane = self.proxy.dataplane().label(), why = self.dataplane_reason, "data plane");
-        for target in &self.targets {
-            let (proxy, target, stop) = (Arc::clone(&self.proxy), target.clone(), stop_probes.clone());
-            tokio::spawn(probe::run(proxy, target, self.admin.probe_interval, stop));
-        }
+        let _stop_probes_on_return = self.probes.stopper().drop_guard();
+        let (connections, stop_connections) =
+            (self.accepting.connections.clone(), self.accepting.stop_connections.clone());
+        self.listeners.start(&self.accepting);
+        let why = self.config.dataplane_reason;
+        tracing::info!(dataplane = self.proxy.dataplane().label(), why, "data plane");
+        self.probes.set(&probes::targets(&self.config), self.config.admin.probe_interval);
         let (health_port_closed, mut health_port_watch) = watch::channel(self.health_port.is_none());
         if let Some(port) = self.health_port.take() {
             tokio::spawn(port.run(Arc::clone(&self.health), health_port_closed));
         }
         tracing::info!("ready");
-        service_manager::ready(&listening, self.proxy.dataplane().label());
+        service_manager::ready(&self.listeners.addrs(), self.proxy.dataplane().label());
 
         let mut drain = loop {
             tokio::select! {
                 _ = self.sigterm.recv() => break true,
                 _ = self.sigint.recv() => break false,
-                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags),
+                _ = self.sighup.recv() => self.reload(),
             }
         };
+        let drain_timeout = self.config.drain_timeout;
         if drain {
             self.health.start_drain();
-            service_manager::draining(connections.len(), self.drain_timeout);
+            service_manager::draining(connections.len(), drain_timeout);
             let _ =
                 tokio::time::timeout(HEALTH_PORT_CLOSE, health_port_watch.wait_for(|closed| *closed)).await;
             drain = self.drain_delay(connections.len()).await;
         } else {
             service_manager::stopping_now(connections.len());
         }
-        stop_accepting.cancel();
-        while accept_loops.join_next().await.is_some() {}
+        self.listeners.close().await;
         connections.close();
         if drain {
-            tracing::info!(open = connections.len(), timeout = ?self.drain_timeout, "SIGTERM: draining");
+            tracing::info!(open = connections.len(), timeout = ?drain_timeout, "SIGTERM: draining");
             tokio::select! {
                 () = connections.wait() => {
                     tracing::info!("drained: every connection finished");
                     return Stopped::Drained;
                 }
-                () = tokio::time::sleep(self.drain_timeout) => {
+                () = tokio::time::sleep(drain_timeout) => {
                     let cut = cut_all(&connections, &stop_connections).await;
                     tracing::warn!(cut, "drain timeout: closed the connections still open");
                     return Stopped::DrainTimedOut { cut };
@@ -293,7 +269,7 @@ impl Server {
     /// the NLB deregisters this target first. A second SIGTERM ends the
     /// delay early; SIGINT too, and then nothing is drained (returns false).
     async fn drain_delay(&mut self, open: usize) -> bool {
-        let delay = self.admin.drain_delay;
+        let delay = self.config.admin.drain_delay;
         tracing::info!(
             ?delay,
             open,
@@ -308,7 +284,7 @@ impl Server {
                     return true;
                 }
                 _ = self.sigint.recv() => return false,
-                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags),
+                _ = self.sighup.recv() => self.reload(),
             }
         }
     }

@@ -2,7 +2,6 @@
 //! its allow list on SIGHUP, log its totals at exit.
 
 use crate::{
-    cli::Options,
     config::Config,
     xdp_filter::{SourceFilter, SourceFilterConfig, SourceFilterError},
 };
@@ -27,22 +26,14 @@ fn strings<T: ToString>(items: &[T]) -> Vec<String> {
     items.iter().map(ToString::to_string).collect()
 }
 
-/// SIGHUP: re-reads the configuration (file and flags, validated as at
-/// start-up) and applies its allow list to the source filter. Anything
-/// invalid leaves the old list in place and logs why.
-pub(super) fn reload(filter: Option<&mut SourceFilter>, flags: &Options) {
+/// SIGHUP: applies the allow list of the reloaded configuration (validated
+/// by the caller, [`super::reload`]) to the source filter.
+pub(super) fn reload(filter: Option<&mut SourceFilter>, config: &Config) {
     let Some(filter) = filter else {
         tracing::info!("SIGHUP: no XDP source filter, nothing to reload");
         return;
     };
-    let config = match Config::load(flags) {
-        Ok(config) => config,
-        Err(error) => {
-            tracing::warn!(%error, "SIGHUP: configuration rejected; the source list stays as it was");
-            return;
-        }
-    };
-    let Some(new) = config.source_filter else {
+    let Some(new) = &config.source_filter else {
         tracing::warn!(
             "SIGHUP: the configuration no longer sets xdp_interface; removing the filter needs a \
              restart; the source list stays as it was"
