@@ -50,6 +50,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The XDP source filter, when `xdp_interface` is set.
     pub source_filter: Option<SourceFilterConfig>,
+    /// Where to hand the listening sockets over on a graceful upgrade.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +186,7 @@ impl Config {
             dataplane_reason,
             log_format: o.log_format.unwrap_or_default(),
             source_filter,
+            upgrade_socket: o.upgrade_socket,
         })
     }
 }
@@ -244,6 +247,7 @@ fn overlay(file: Options, flags: Options) -> Options {
         log_format: flags.log_format.or(file.log_format),
         xdp_interface: flags.xdp_interface.or(file.xdp_interface),
         allowed_source_cidrs: vec_or(flags.allowed_source_cidrs, file.allowed_source_cidrs),
+        upgrade_socket: flags.upgrade_socket.or(file.upgrade_socket),
     }
 }
 

@@ -48,6 +48,8 @@ impl Config {
         new.admin.health_listen = self.admin.health_listen;
         keep("log_format", &self.log_format, &new.log_format);
         new.log_format = self.log_format;
+        keep("upgrade_socket", &self.upgrade_socket, &new.upgrade_socket);
+        new.upgrade_socket.clone_from(&self.upgrade_socket);
         let interface = |c: &Config| c.source_filter.as_ref().map(|f| f.interface.clone());
         keep("xdp_interface", &interface(self), &interface(&new));
         match (&self.source_filter, &mut new.source_filter) {

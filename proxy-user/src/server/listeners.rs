@@ -2,8 +2,13 @@
 //! a listener kept gets its new edge settings (for the connections it
 //! accepts from then on), a removed one stops accepting and closes (its open
 //! connections go on), an added one is bound before anything else changes.
+//! Each keeps a second descriptor of its socket to hand to a new process on
+//! a graceful upgrade ([`super::upgrade`]).
 
-use std::sync::Arc;
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+};
 
 use tokio::{
     sync::{Semaphore, watch},
@@ -41,6 +46,8 @@ struct Served {
     edge: watch::Sender<Arc<EdgeConfig>>,
     /// Ends this listener's accept loop (a child of the set's).
     stop: CancellationToken,
+    /// A second descriptor of the listening socket, for a graceful upgrade.
+    fd: OwnedFd,
     /// Until the accept loop starts.
     waiting: Option<Listener>,
 }
@@ -87,11 +94,14 @@ impl ListenerSet {
     }
 
     fn served(&self, b: Bound, edge: &Arc<EdgeConfig>) -> Result<Served, BindError> {
+        let addr = b.listener.addr;
+        let fd = b.listener.as_fd().try_clone_to_owned().map_err(|source| BindError { addr, source })?;
         Ok(Served {
             configured: b.configured,
-            addr: b.listener.addr,
+            addr,
             edge: watch::Sender::new(Arc::clone(edge)),
             stop: self.stop_accepting.child_token(),
+            fd,
             waiting: Some(b.listener),
         })
     }
@@ -99,6 +109,12 @@ impl ListenerSet {
     /// The bound addresses.
     pub fn addrs(&self) -> Vec<ListenAddr> {
         self.served.iter().map(|s| s.addr).collect()
+    }
+
+    /// Each listener's configured and bound address with a new descriptor of
+    /// its socket, for a new process.
+    pub fn handover(&self) -> std::io::Result<Vec<(ListenAddr, ListenAddr, OwnedFd)>> {
+        self.served.iter().map(|s| Ok((s.configured, s.addr, s.fd.try_clone()?))).collect()
     }
 
     /// Starts the accept loop of every listener not accepting yet.

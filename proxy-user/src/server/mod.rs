@@ -3,16 +3,20 @@
 //! SIGTERM turns readiness false at once, keeps accepting for the drain
 //! delay, then closes the listeners and gives open connections the drain
 //! timeout; SIGINT stops at once. SIGHUP reloads the configuration
-//! ([`reload`]).
+//! ([`reload`]). With an upgrade socket, a new process may take the
+//! listening sockets over; this one then drains ([`upgrade`]); SIGUSR2
+//! starts one.
 
 mod listeners;
 mod probes;
 mod reload;
 mod source_filter;
+mod stopping;
+mod upgrade;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
 
-use listeners::{Accepting, Bound, ListenerSet};
+use listeners::{Accepting, ListenerSet};
 use probes::Probes;
 use reload::ConnectionLimit;
 use tokio::{
@@ -20,6 +24,7 @@ use tokio::{
     sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use upgrade::{UpgradeEvent, Upgrades, next_upgrade};
 
 use crate::{
     admin::{AdminEndpoint, AdminError, AdminState},
@@ -31,20 +36,16 @@ use crate::{
     health::Health,
     health_port::HealthPort,
     kernel::{KernelError, KernelPrograms},
-    listener::{BindError, Listener},
+    listener::BindError,
     metrics::{
         Metrics,
         collectors::{ProxyCollector, StateCollector, XdpCollector},
     },
     proxy::{Observers, Proxy},
     service_manager,
+    upgrade::{Handover, UpgradeError},
     xdp_filter::{SourceFilter, SourceFilterError},
 };
-
-/// Time connections get to close after they were told to stop.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Longest wait for the health-check port to close when a drain starts.
-const HEALTH_PORT_CLOSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -64,6 +65,8 @@ pub enum StartError {
     Sockmap(#[from] KernelError),
     #[error("XDP source filter: {0}")]
     SourceFilter(#[from] SourceFilterError),
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
 }
 
 impl StartError {
@@ -106,9 +109,27 @@ pub struct Server {
     accepting: Accepting,
     /// On sockmap: the connections its maps were sized for.
     sockmap_capacity: Option<usize>,
+    /// Sockets taken over from an old process: it is told once this one accepts.
+    handover: Option<Handover>,
+    /// Requests for this process's sockets (with an upgrade socket).
+    upgrades: Option<Upgrades>,
+    /// The admin endpoint's address as configured and as bound, and a second
+    /// descriptor of its socket: handed over on an upgrade.
+    admin_socket: (SocketAddr, SocketAddr, OwnedFd),
+    /// Stops the admin endpoint once a new process took its socket over.
+    admin_stop: CancellationToken,
     sigterm: Signal,
     sigint: Signal,
     sighup: Signal,
+    sigusr2: Signal,
+}
+
+/// Why the serving loop ended.
+enum Stop {
+    Term,
+    Int,
+    /// A new process took the sockets over.
+    Upgraded,
 }
 
 impl Server {
@@ -117,15 +138,22 @@ impl Server {
     /// ports already guarded), binds every listener, the health-check port
     /// and the admin endpoint, which starts serving (not ready yet); no
     /// connection is accepted yet. `kernel` is the loaded kernel programs, or
-    /// why they could not be loaded; `flags` is the command line `config` came from.
+    /// why they could not be loaded; `flags` is the command line `config` came
+    /// from; `handover` the sockets taken over from an old process, if any
+    /// (used where they match the configuration, the rest bound anew).
     pub fn start(
         config: &Config,
         kernel: Result<KernelPrograms, KernelError>,
         flags: &Options,
+        mut handover: Option<Handover>,
     ) -> Result<Self, StartError> {
         let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
         let sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+        let sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signals)?;
+        let handed_listeners =
+            handover.as_mut().map(|h| std::mem::take(&mut h.listeners)).unwrap_or_default();
+        let handed_admin = handover.as_mut().and_then(|h| h.admin.take());
         let fixed_ports: Vec<u16> =
             config.listeners.iter().map(|l| l.addr.0.port()).filter(|p| *p != 0).collect();
         let mut source_filter =
@@ -147,11 +175,7 @@ impl Server {
             connections: Arc::clone(&connections),
         };
         let proxy = Arc::new(Proxy::new(config, sockmap, observers)?);
-        let bound = config
-            .listeners
-            .iter()
-            .map(|l| Ok(Bound { configured: l.addr, listener: Listener::bind(l.addr)? }))
-            .collect::<Result<_, BindError>>()?;
+        let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
         let listeners = ListenerSet::new(bound, &config.listeners)?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
@@ -159,10 +183,19 @@ impl Server {
             filter.guard_ports(&ports)?;
             tracing::info!(?ports, "XDP source filter guards the listen ports");
         }
-        let health_port =
-            config.admin.health_listen.map(HealthPort::bind).transpose().map_err(StartError::HealthBind)?;
-        let admin = AdminEndpoint::bind(config.admin.listen)?;
+        let health_port = match config.admin.health_listen {
+            // The old process holds it until it drains.
+            Some(addr) if handover.is_some() && addr.port() != 0 => Some(HealthPort::inherited(addr)),
+            health => health.map(HealthPort::bind).transpose().map_err(StartError::HealthBind)?,
+        };
+        let admin = match handed_admin.filter(|h| upgrade::admin_matches(h, config.admin.listen)) {
+            Some(handed) => AdminEndpoint::from_fd(handed.fd)?,
+            None => AdminEndpoint::bind(config.admin.listen)?,
+        };
         let admin_addr = admin.addr;
+        let admin_fd =
+            admin.try_clone_fd().map_err(|source| AdminError::Bind { addr: config.admin.listen, source })?;
+        let admin_stop = CancellationToken::new();
         let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
             Box::new(StateCollector {
                 health: Arc::clone(&health),
@@ -175,15 +208,24 @@ impl Server {
         if let Some(filter) = &source_filter {
             collectors.push(Box::new(XdpCollector(filter.counters_handle())));
         }
-        admin.spawn(AdminState {
-            registry: metrics.registry(collectors),
-            health: Arc::clone(&health),
-            connections,
-        })?;
+        admin.spawn(
+            AdminState { registry: metrics.registry(collectors), health: Arc::clone(&health), connections },
+            admin_stop.clone(),
+        )?;
         tracing::info!(admin = %admin_addr, "admin endpoint listening");
         if let Some(port) = &health_port {
             tracing::info!(health = %port.addr, "health-check port bound; open while ready");
         }
+        // A new process takes the path over only once it is ready (`run`).
+        let upgrades =
+            match (&config.upgrade_socket, &handover) {
+                (Some(path), None) => {
+                    Some(Upgrades::start(crate::upgrade::listen(path)?).map_err(|source| {
+                        UpgradeError::Io { path: path.clone(), what: "listening", source }
+                    })?)
+                }
+                _ => None,
+            };
         let limit = ConnectionLimit::new(config.max_connections);
         let accepting = Accepting {
             proxy: Arc::clone(&proxy),
@@ -204,89 +246,52 @@ impl Server {
             accepting,
             sockmap_capacity,
             _kernel: kernel,
+            handover,
+            upgrades,
+            admin_socket: (config.admin.listen, admin_addr, admin_fd),
+            admin_stop,
             sigterm,
             sigint,
             sighup,
+            sigusr2,
         })
     }
 
     /// Accepts and serves until a signal stops it.
     pub async fn run(&mut self) -> Stopped {
         let _stop_probes_on_return = self.probes.stopper().drop_guard();
-        let (connections, stop_connections) =
-            (self.accepting.connections.clone(), self.accepting.stop_connections.clone());
         self.listeners.start(&self.accepting);
         let why = self.config.dataplane_reason;
         tracing::info!(dataplane = self.proxy.dataplane().label(), why, "data plane");
         self.probes.set(&probes::targets(&self.config), self.config.admin.probe_interval);
-        let (health_port_closed, mut health_port_watch) = watch::channel(self.health_port.is_none());
+        let (health_port_closed, health_port_watch) = watch::channel(self.health_port.is_none());
         if let Some(port) = self.health_port.take() {
             tokio::spawn(port.run(Arc::clone(&self.health), health_port_closed));
         }
         tracing::info!("ready");
-        service_manager::ready(&self.listeners.addrs(), self.proxy.dataplane().label());
+        let plane = self.proxy.dataplane().label();
+        match self.handover.take() {
+            Some(handover) => self.take_over(handover, plane),
+            None => service_manager::ready(&self.listeners.addrs(), plane),
+        }
 
-        let mut drain = loop {
+        let stop = loop {
             tokio::select! {
-                _ = self.sigterm.recv() => break true,
-                _ = self.sigint.recv() => break false,
+                _ = self.sigterm.recv() => break Stop::Term,
+                _ = self.sigint.recv() => break Stop::Int,
                 _ = self.sighup.recv() => self.reload(),
+                _ = self.sigusr2.recv() => match &self.config.upgrade_socket {
+                    Some(_) => upgrade::start_new_binary(),
+                    None => tracing::warn!("SIGUSR2: an upgrade needs --upgrade-socket; ignored"),
+                },
+                event = next_upgrade(self.upgrades.as_mut()) => match event {
+                    UpgradeEvent::Request(stream) => self.hand_over_to(stream),
+                    UpgradeEvent::Outcome(true) => break Stop::Upgraded,
+                    UpgradeEvent::Outcome(false) => {}
+                },
             }
         };
-        let drain_timeout = self.config.drain_timeout;
-        if drain {
-            self.health.start_drain();
-            service_manager::draining(connections.len(), drain_timeout);
-            let _ =
-                tokio::time::timeout(HEALTH_PORT_CLOSE, health_port_watch.wait_for(|closed| *closed)).await;
-            drain = self.drain_delay(connections.len()).await;
-        } else {
-            service_manager::stopping_now(connections.len());
-        }
-        self.listeners.close().await;
-        connections.close();
-        if drain {
-            tracing::info!(open = connections.len(), timeout = ?drain_timeout, "SIGTERM: draining");
-            tokio::select! {
-                () = connections.wait() => {
-                    tracing::info!("drained: every connection finished");
-                    return Stopped::Drained;
-                }
-                () = tokio::time::sleep(drain_timeout) => {
-                    let cut = cut_all(&connections, &stop_connections).await;
-                    tracing::warn!(cut, "drain timeout: closed the connections still open");
-                    return Stopped::DrainTimedOut { cut };
-                }
-                _ = self.sigint.recv() => {}
-            }
-        }
-        let cut = cut_all(&connections, &stop_connections).await;
-        tracing::info!(cut, "SIGINT: stopped");
-        Stopped::Interrupted { cut }
-    }
-
-    /// Readiness is already false: go on accepting for the drain delay so
-    /// the NLB deregisters this target first. A second SIGTERM ends the
-    /// delay early; SIGINT too, and then nothing is drained (returns false).
-    async fn drain_delay(&mut self, open: usize) -> bool {
-        let delay = self.config.admin.drain_delay;
-        tracing::info!(
-            ?delay,
-            open,
-            "SIGTERM: not ready; still accepting until the drain delay is over, then the listeners close"
-        );
-        let deadline = tokio::time::Instant::now() + delay;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => return true,
-                _ = self.sigterm.recv() => {
-                    tracing::info!("second SIGTERM: the drain delay ends now");
-                    return true;
-                }
-                _ = self.sigint.recv() => return false,
-                _ = self.sighup.recv() => self.reload(),
-            }
-        }
+        self.stop(stop, health_port_watch).await
     }
 
     /// Logs what the edge guards, the sockmap plane (when it is in use) and
@@ -300,12 +305,4 @@ impl Server {
             source_filter::log_totals(filter);
         }
     }
-}
-
-/// Tells every connection to stop, waits briefly for them, and returns how many there were.
-async fn cut_all(connections: &TaskTracker, stop: &CancellationToken) -> usize {
-    let open = connections.len();
-    stop.cancel();
-    let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
-    open
 }
