@@ -109,6 +109,13 @@ pub fn take_over(path: &Path) -> Result<Option<Handover>, UpgradeError> {
             fds.extend(received.into_iter().map(own));
         }
     }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(UpgradeError::Protocol {
+            path: path.into(),
+            answer: String::new(),
+            why: "more sockets than one hand-over carries (80)",
+        });
+    }
     let len = msg.bytes;
     let answer = String::from_utf8_lossy(&text[..len]).into_owned();
     let bad = |why| UpgradeError::Protocol { path: path.into(), answer: answer.clone(), why };

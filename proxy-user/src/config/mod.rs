@@ -5,21 +5,21 @@
 
 mod admin;
 mod listeners;
+mod overlay;
 mod reload;
+mod source_filter;
 
 pub use admin::AdminConfig;
 pub use listeners::{ListenerConfig, ListenerOptions};
 pub use reload::NeedsRestart;
 
 use std::{
-    collections::HashSet,
     fmt::Display,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
 };
 
-use proxy_common::{MAX_GUARDED_PORTS, MAX_SOURCE_PREFIXES};
 use serde::{Deserialize, Deserializer};
 
 use crate::{
@@ -28,7 +28,6 @@ use crate::{
     dataplane::{DataPlane, splice::Pipe},
     dns::DnsConfig,
     sockopt::TcpConfig,
-    source_prefix::SourcePrefix,
     xdp_filter::SourceFilterConfig,
 };
 
@@ -88,7 +87,7 @@ impl Config {
             Some(path) => read_file(path)?,
             None => Options::default(),
         };
-        Self::from_options(overlay(file, flags.clone()))
+        Self::from_options(overlay::overlay(file, flags.clone()))
     }
 
     /// Validates merged options.
@@ -163,7 +162,7 @@ impl Config {
         }
         let admin =
             admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
-        let source_filter = validate_source_filter(o.xdp_interface, o.allowed_source_cidrs, &listeners)?;
+        let source_filter = source_filter::validate(o.xdp_interface, o.allowed_source_cidrs, &listeners)?;
         let (dataplane, dataplane_reason) =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
@@ -203,108 +202,6 @@ fn read_file(path: &Path) -> Result<Options, ConfigError> {
             message: err.into_inner().message().trim().to_owned(),
         }
     })
-}
-
-/// `flags` over `file`: a value given as a flag replaces the file's.
-fn overlay(file: Options, flags: Options) -> Options {
-    fn vec_or<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
-        if flag.is_empty() { file } else { flag }
-    }
-    Options {
-        config: flags.config,
-        // `--listen` replaces every listener of the file, `[[listeners]]` too.
-        listeners: if flags.listen.is_empty() { file.listeners } else { Vec::new() },
-        listen: vec_or(flags.listen, file.listen),
-        upstream: flags.upstream.or(file.upstream),
-        proxy_protocol: flags.proxy_protocol.or(file.proxy_protocol),
-        proxy_protocol_v1: flags.proxy_protocol_v1 || file.proxy_protocol_v1,
-        chained_proxy_headers: flags.chained_proxy_headers.or(file.chained_proxy_headers),
-        proxy_header_timeout: flags.proxy_header_timeout.or(file.proxy_header_timeout),
-        allowed_vpce_ids: vec_or(flags.allowed_vpce_ids, file.allowed_vpce_ids),
-        allowed_sni: flags.allowed_sni.or(file.allowed_sni),
-        no_sni_check: flags.no_sni_check || file.no_sni_check,
-        routes: vec_or(flags.routes, file.routes),
-        client_hello_timeout: flags.client_hello_timeout.or(file.client_hello_timeout),
-        dns_servers: vec_or(flags.dns_servers, file.dns_servers),
-        dns_max_ttl: flags.dns_max_ttl.or(file.dns_max_ttl),
-        dns_timeout: flags.dns_timeout.or(file.dns_timeout),
-        connect_timeout: flags.connect_timeout.or(file.connect_timeout),
-        failed_address_hold: flags.failed_address_hold.or(file.failed_address_hold),
-        drain_timeout: flags.drain_timeout.or(file.drain_timeout),
-        drain_delay: flags.drain_delay.or(file.drain_delay),
-        admin_listen: flags.admin_listen.or(file.admin_listen),
-        health_listen: flags.health_listen.or(file.health_listen),
-        probe_interval: flags.probe_interval.or(file.probe_interval),
-        tcp_keepalive_idle: flags.tcp_keepalive_idle.or(file.tcp_keepalive_idle),
-        tcp_keepalive_interval: flags.tcp_keepalive_interval.or(file.tcp_keepalive_interval),
-        tcp_keepalive_count: flags.tcp_keepalive_count.or(file.tcp_keepalive_count),
-        tcp_user_timeout: flags.tcp_user_timeout.or(file.tcp_user_timeout),
-        copy_buffer_size: flags.copy_buffer_size.or(file.copy_buffer_size),
-        dataplane: flags.dataplane.or(file.dataplane),
-        splice_pipe_size: flags.splice_pipe_size.or(file.splice_pipe_size),
-        max_inflight: flags.max_inflight.or(file.max_inflight),
-        max_connections: flags.max_connections.or(file.max_connections),
-        log_format: flags.log_format.or(file.log_format),
-        xdp_interface: flags.xdp_interface.or(file.xdp_interface),
-        allowed_source_cidrs: vec_or(flags.allowed_source_cidrs, file.allowed_source_cidrs),
-        upgrade_socket: flags.upgrade_socket.or(file.upgrade_socket),
-    }
-}
-
-/// `xdp_interface` and `allowed_source_cidrs`: both or neither; the
-/// interface exists (in this network namespace); the list is not empty (that
-/// would drop every TCP packet to a listen port) and fits the kernel maps.
-fn validate_source_filter(
-    interface: Option<String>,
-    allowed: Vec<SourcePrefix>,
-    listeners: &[ListenerConfig],
-) -> Result<Option<SourceFilterConfig>, ConfigError> {
-    const CIDRS: (&str, &str) = ("allowed_source_cidrs", "allow-source");
-    let Some(interface) = interface else {
-        if allowed.is_empty() {
-            return Ok(None);
-        }
-        return Err(invalid(
-            CIDRS.0,
-            CIDRS.1,
-            "needs xdp_interface (--xdp-interface); without it nothing is filtered",
-        ));
-    };
-    if let Err(errno) = nix::net::if_::if_nametoindex(interface.as_str()) {
-        return Err(invalid(
-            "xdp_interface",
-            "xdp-interface",
-            format!("no network interface {interface:?} ({errno})"),
-        ));
-    }
-    if allowed.is_empty() {
-        return Err(invalid(
-            CIDRS.0,
-            CIDRS.1,
-            "empty: with xdp_interface set every TCP packet to a listen port would be dropped; \
-             list the client prefixes",
-        ));
-    }
-    let mut seen = HashSet::new();
-    for prefix in &allowed {
-        if !seen.insert(prefix) {
-            return Err(invalid(CIDRS.0, CIDRS.1, format!("{prefix} is listed twice")));
-        }
-    }
-    let v4 = allowed.iter().filter(|p| p.addr().is_ipv4()).count();
-    let most = MAX_SOURCE_PREFIXES as usize;
-    if v4 > most || allowed.len() - v4 > most {
-        return Err(invalid(CIDRS.0, CIDRS.1, format!("more than {most} prefixes of one address family")));
-    }
-    let ports: HashSet<u16> = listeners.iter().map(|l| l.addr.0.port()).collect();
-    if ports.len() > MAX_GUARDED_PORTS as usize {
-        return Err(invalid(
-            "listen",
-            "listen",
-            format!("the XDP source filter guards at most {MAX_GUARDED_PORTS} ports, not {}", ports.len()),
-        ));
-    }
-    Ok(Some(SourceFilterConfig { interface, allowed }))
 }
 
 fn positive(
