@@ -2,7 +2,8 @@
 //! valid file adds a listener and a route (a name refused before is then
 //! served by its own upstream); an invalid one is rejected with the key
 //! named and changes nothing; a file without the added listener closes it
-//! while its open connection finishes. Connections with checksummed data
+//! while its open connection finishes; a changed data plane is named in the
+//! log and kept. Connections with checksummed data
 //! flowing stay open across all three and end byte-exact;
 //! `config_reloads_total` counts successes and failures.
 
@@ -99,10 +100,15 @@ async fn sighup_applies_a_valid_file_rejects_an_invalid_one_and_drops_no_connect
     ensure!(!once(first, CLUSTER_B).await?, "{CLUSTER_B} served before its route");
     let open_a = EchoStream::start(first, CLUSTER_A, 1).await?;
 
-    // Valid: a route for B and a second listener.
-    write(&format!("{base}{route}{added}"))?;
+    // Valid: a route for B and a second listener; a data plane, which only
+    // a restart changes, is named and kept.
+    write(&format!("dataplane = \"copy\"\n{base}{route}{added}"))?;
     proxy.signal(Signal::SIGHUP)?;
     let reloaded = nth(&proxy, "SIGHUP: configuration reloaded", 1).await?;
+    let kept =
+        nth(&proxy, "SIGHUP: changing this setting needs a restart; it keeps its running value", 1).await?;
+    ensure!(kept["key"].as_str().is_some_and(|k| k.starts_with("dataplane")), "{kept}");
+    ensure!(kept["running"].as_str().is_some_and(|v| v.starts_with("Splice")), "{kept}");
     let second: SocketAddr = events(&proxy, "listening")
         .iter()
         .filter_map(|e| e["listen"].as_str()?.parse().ok())
@@ -144,6 +150,10 @@ async fn sighup_applies_a_valid_file_rejects_an_invalid_one_and_drops_no_connect
     open_a.flowing().await?;
     open_second.flowing().await?;
     let metrics = proxy.metrics().await?;
+    ensure!(
+        metrics.count("splice_proxy_dataplane_info", &[("plane", "splice")]) == 1.0,
+        "the data plane changed"
+    );
     for (result, n) in [("success", 2.0), ("failure", 1.0)] {
         let got = metrics.count("splice_proxy_config_reloads_total", &[("result", result)]);
         ensure!(got == n, "config_reloads_total{{result={result}}} is {got}, not {n}");
