@@ -78,15 +78,22 @@ impl Upgrades {
         let listener = tokio::net::UnixListener::from_std(listener)?;
         let (send, requests) = mpsc::channel(1);
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let stream = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s));
+            loop {
+                // Out of descriptors, say: try again rather than stop answering upgrades.
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)),
+                    Err(error) => Err(error),
+                };
                 match stream {
                     Ok(stream) => {
                         if send.send(stream).await.is_err() {
                             return;
                         }
                     }
-                    Err(error) => tracing::warn!(%error, "upgrade socket: cannot take a connection"),
+                    Err(error) => {
+                        tracing::warn!(%error, "upgrade socket: cannot take a connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
                 }
             }
         });
