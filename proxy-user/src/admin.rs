@@ -7,7 +7,13 @@
 //! path; at most [`MAX_ADMIN_CONNECTIONS`] are served at once, each must send
 //! its request headers within [`HEADER_TIMEOUT`].
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -20,6 +26,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::{connections::ConnectionTable, health::Health, metrics};
 
@@ -61,13 +68,35 @@ impl AdminEndpoint {
         Ok(Self { addr, listener })
     }
 
-    /// Serves on a thread of its own until the process exits.
-    pub fn spawn(self, state: AdminState) -> Result<(), AdminError> {
+    /// The socket another process handed over (a graceful upgrade).
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, AdminError> {
+        let listener = std::net::TcpListener::from(fd);
+        let err = |source| AdminError::Bind { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source };
+        listener.set_nonblocking(true).map_err(err)?;
+        let addr = listener.local_addr().map_err(err)?;
+        Ok(Self { addr, listener })
+    }
+
+    /// A second descriptor of the socket, to hand over on a graceful upgrade.
+    pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
+    /// Serves on a thread of its own until the process exits or `stop` is
+    /// cancelled (a new process took the socket over); then stops accepting.
+    pub fn spawn(self, state: AdminState, stop: CancellationToken) -> Result<(), AdminError> {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AdminError::Thread)?;
         std::thread::Builder::new()
             .name("admin".into())
-            .spawn(move || runtime.block_on(serve(self.listener, Arc::new(state))))
+            .spawn(move || {
+                runtime.block_on(async {
+                    tokio::select! {
+                        () = serve(self.listener, Arc::new(state)) => {}
+                        () = stop.cancelled() => tracing::info!("admin endpoint: handed over; no longer accepting"),
+                    }
+                });
+            })
             .map_err(AdminError::Thread)?;
         Ok(())
     }

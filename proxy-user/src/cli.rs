@@ -262,6 +262,15 @@ pub struct Options {
     /// [default: text]
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// Unix socket for graceful upgrades. A process started with it takes the
+    /// listening sockets (and the admin endpoint's) over from the process
+    /// listening there, if any, which then stops accepting and drains; then
+    /// it listens there itself. SIGUSR2 makes a running proxy start its
+    /// binary again (the same path and flags: a new build installed there)
+    /// to do exactly that.
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]

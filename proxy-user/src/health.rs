@@ -9,7 +9,10 @@
 
 use std::{
     fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,9 +33,15 @@ struct TargetHealth {
 #[derive(Debug)]
 pub struct Health {
     started: Instant,
-    window: Duration,
-    targets: Vec<TargetHealth>,
+    /// The targets and the window; a SIGHUP reload may replace both.
+    targets: RwLock<Targets>,
     draining: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Targets {
+    window: Duration,
+    list: Vec<Arc<TargetHealth>>,
 }
 
 /// The readiness answer with its reasons.
@@ -62,23 +71,44 @@ impl Health {
     /// success counts.
     #[must_use]
     pub fn new(targets: &[UpstreamTarget], window: Duration) -> Self {
-        let targets = targets
+        let health = Self {
+            started: Instant::now(),
+            targets: RwLock::new(Targets { window, list: Vec::new() }),
+            draining: watch::Sender::new(false),
+        };
+        health.set_targets(targets, window);
+        health
+    }
+
+    /// A reload: these targets and window from now on. A target kept keeps
+    /// its last successes; a new one has none yet.
+    pub fn set_targets(&self, targets: &[UpstreamTarget], window: Duration) {
+        let mut current = self.targets.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = targets
             .iter()
-            .map(|t| TargetHealth {
-                target: t.clone(),
-                resolved: AtomicU64::new(0),
-                connected: AtomicU64::new(0),
+            .map(|t| {
+                current.list.iter().find(|h| h.target == *t).map_or_else(
+                    || {
+                        Arc::new(TargetHealth {
+                            target: t.clone(),
+                            resolved: AtomicU64::new(0),
+                            connected: AtomicU64::new(0),
+                        })
+                    },
+                    Arc::clone,
+                )
             })
             .collect();
-        Self { started: Instant::now(), window, targets, draining: watch::Sender::new(false) }
+        *current = Targets { window, list };
     }
 
     fn stamp(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    fn target(&self, target: &UpstreamTarget) -> Option<&TargetHealth> {
-        self.targets.iter().find(|t| t.target == *target)
+    fn target(&self, target: &UpstreamTarget) -> Option<Arc<TargetHealth>> {
+        let targets = self.targets.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        targets.list.iter().find(|t| t.target == *target).cloned()
     }
 
     /// `target` resolved just now.
@@ -116,14 +146,15 @@ impl Health {
     #[must_use]
     pub fn readiness(&self) -> Readiness {
         let now = self.stamp();
-        let window = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        let current = self.targets.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let window = u64::try_from(current.window.as_millis()).unwrap_or(u64::MAX);
         let recent = |stamp: u64| stamp != 0 && now - stamp <= window;
         let mut reasons = Vec::new();
         if self.is_draining() {
             reasons.push("draining (SIGTERM)".to_owned());
         }
         let mut targets = Vec::new();
-        for t in &self.targets {
+        for t in &current.list {
             let mut ok = true;
             for (what, stamp) in [("resolution", &t.resolved), ("connect", &t.connected)] {
                 if !recent(stamp.load(Ordering::Relaxed)) {
@@ -131,7 +162,7 @@ impl Health {
                     reasons.push(format!(
                         "{}: no successful {what} in the last {}",
                         t.target,
-                        humantime::format_duration(self.window)
+                        humantime::format_duration(current.window)
                     ));
                 }
             }
@@ -189,5 +220,22 @@ mod tests {
         let r = health.readiness();
         assert!(!r.ready);
         assert!(r.reasons[0].contains("no successful resolution in the last 50ms"), "{r:?}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_successes_of_kept_targets() {
+        let (a, b) = (target("a.example.com:443"), target("b.example.com:443"));
+        let health = Health::new(std::slice::from_ref(&a), Duration::from_secs(30));
+        health.resolved(&a);
+        health.connected(&a);
+        health.set_targets(&[a.clone(), b.clone()], Duration::from_secs(60));
+        let r = health.readiness();
+        assert_eq!(
+            r.targets,
+            [("a.example.com:443".to_owned(), true), ("b.example.com:443".to_owned(), false)]
+        );
+        assert!(r.reasons[0].contains("in the last 1m"), "{r:?}");
+        health.set_targets(std::slice::from_ref(&a), Duration::from_secs(30));
+        assert!(health.readiness().ready);
     }
 }

@@ -36,6 +36,14 @@ impl HealthPort {
         Ok(Self { addr: listener.addr.0, listener: None })
     }
 
+    /// A graceful upgrade: the old process still has `addr` open until it
+    /// starts draining, so it is not bound now; it opens at readiness once
+    /// the old process let it go (retried meanwhile).
+    #[must_use]
+    pub fn inherited(addr: SocketAddr) -> Self {
+        Self { addr, listener: None }
+    }
+
     /// Opens and closes the port as readiness changes, until a drain starts.
     /// `closed` turns true once the port is closed for the drain.
     pub async fn run(mut self, health: Arc<Health>, closed: watch::Sender<bool>) {

@@ -24,6 +24,7 @@ pub mod service_manager;
 pub mod sockopt;
 pub mod source_prefix;
 pub mod tcpstat;
+pub mod upgrade;
 pub mod xdp_filter;
 
 /// Process exit codes (also listed in `--help`).

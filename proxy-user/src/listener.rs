@@ -1,6 +1,11 @@
 //! Listening sockets and the accept loop.
 
-use std::{io, sync::Arc, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
@@ -40,6 +45,15 @@ impl Listener {
         let inner = socket.listen(BACKLOG).map_err(err)?;
         let bound = ListenAddr(inner.local_addr().map_err(err)?);
         Ok(Self { addr: bound, inner })
+    }
+
+    /// A listening socket another process handed over (a graceful upgrade).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let std = std::net::TcpListener::from(fd);
+        std.set_nonblocking(true)?;
+        let inner = TcpListener::from_std(std)?;
+        let addr = ListenAddr(inner.local_addr()?);
+        Ok(Self { addr, inner })
     }
 
     /// The tokio listener, for a caller with an accept loop of its own.
@@ -89,6 +103,12 @@ impl Listener {
             }
         }
         tracing::info!(listen = %self.addr, "listener closed");
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
     }
 }
 

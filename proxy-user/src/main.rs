@@ -10,6 +10,7 @@ use splice_proxy::{
     kernel::{KernelError, KernelPrograms},
     logging,
     server::Server,
+    upgrade,
 };
 
 fn main() -> ExitCode {
@@ -55,7 +56,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, flags: Options) -> ExitCode {
-    let server = match Server::start(&config, load_kernel_programs(config.max_connections), &flags) {
+    let handover = match config.upgrade_socket.as_deref().map(upgrade::take_over).transpose() {
+        Ok(handover) => handover.flatten(),
+        Err(error) => {
+            tracing::error!(%error, "start-up failed");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    if let Some(handover) = &handover {
+        let listeners: Vec<String> = handover.listeners.iter().map(|h| h.bound.to_string()).collect();
+        tracing::info!(?listeners, "upgrade: got the running process's sockets");
+    }
+    let kernel = load_kernel_programs(config.max_connections);
+    let server = match Server::start(&config, kernel, &flags, handover) {
         Ok(server) => server,
         Err(error) if error.is_bind() => {
             tracing::error!(%error, "start-up failed");

@@ -20,6 +20,16 @@ pub fn ready<A: Display>(listening: &[A], dataplane: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(&status)], "READY=1");
 }
 
+/// A graceful upgrade: this process took the sockets over and is the
+/// service's main process now (`MAINPID=`, accepted with `NotifyAccess=all`),
+/// ready, with the addresses as status.
+pub fn took_over<A: Display>(listening: &[A], dataplane: &str) {
+    let addrs: Vec<String> = listening.iter().map(ToString::to_string).collect();
+    let status = format!("serving on {} (data plane {dataplane}; took over by upgrade)", addrs.join(", "));
+    let pid = std::process::id();
+    send(&[NotifyState::MainPid(pid), NotifyState::Ready, NotifyState::Status(&status)], "MAINPID, READY=1");
+}
+
 /// SIGTERM: `STOPPING=1`; `open` connections get `timeout` to finish.
 pub fn draining(open: usize, timeout: Duration) {
     let status = format!("draining: {open} connections open, drain timeout {timeout:?}");

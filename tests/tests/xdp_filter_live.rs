@@ -166,7 +166,7 @@ fn each_listener_lets_only_its_sources_through_and_sighup_reloads_the_lists() ->
     write_config(&mut config, &[&first_allowed, "192.0.2.3/33"], &[&second_allowed])?;
     proxy.signal(Signal::SIGHUP)?;
     let rejected = runtime.block_on(proxy.wait_message(
-        "SIGHUP: configuration rejected; the source lists stay as they were",
+        "SIGHUP: configuration rejected; the running configuration stays in force",
         Duration::from_secs(5),
     ))?;
     let reason = rejected["error"].as_str().unwrap_or_default();

@@ -6,10 +6,13 @@
 
 mod admin;
 mod listeners;
+mod overlay;
+mod reload;
 mod source_lists;
 
 pub use admin::AdminConfig;
 pub use listeners::{ListenerConfig, ListenerOptions};
+pub use reload::NeedsRestart;
 
 use std::{
     fmt::Display,
@@ -48,6 +51,8 @@ pub struct Config {
     /// The XDP source filter's interface, when `xdp_interface` is set; the
     /// allow lists are per listener.
     pub source_filter: Option<SourceFilterConfig>,
+    /// Where to hand the listening sockets over on a graceful upgrade.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +89,7 @@ impl Config {
             Some(path) => read_file(path)?,
             None => Options::default(),
         };
-        Self::from_options(overlay(file, flags.clone()))
+        Self::from_options(overlay::overlay(file, flags.clone()))
     }
 
     /// Validates merged options.
@@ -182,6 +187,7 @@ impl Config {
             dataplane_reason,
             log_format: o.log_format.unwrap_or_default(),
             source_filter,
+            upgrade_socket: o.upgrade_socket,
         })
     }
 }
@@ -198,51 +204,6 @@ fn read_file(path: &Path) -> Result<Options, ConfigError> {
             message: err.into_inner().message().trim().to_owned(),
         }
     })
-}
-
-/// `flags` over `file`: a value given as a flag replaces the file's.
-fn overlay(file: Options, flags: Options) -> Options {
-    fn vec_or<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
-        if flag.is_empty() { file } else { flag }
-    }
-    Options {
-        config: flags.config,
-        // `--listen` replaces every listener of the file, `[[listeners]]` too.
-        listeners: if flags.listen.is_empty() { file.listeners } else { Vec::new() },
-        listen: vec_or(flags.listen, file.listen),
-        upstream: flags.upstream.or(file.upstream),
-        proxy_protocol: flags.proxy_protocol.or(file.proxy_protocol),
-        proxy_protocol_v1: flags.proxy_protocol_v1 || file.proxy_protocol_v1,
-        chained_proxy_headers: flags.chained_proxy_headers.or(file.chained_proxy_headers),
-        proxy_header_timeout: flags.proxy_header_timeout.or(file.proxy_header_timeout),
-        allowed_vpce_ids: vec_or(flags.allowed_vpce_ids, file.allowed_vpce_ids),
-        allowed_sni: flags.allowed_sni.or(file.allowed_sni),
-        no_sni_check: flags.no_sni_check || file.no_sni_check,
-        routes: vec_or(flags.routes, file.routes),
-        client_hello_timeout: flags.client_hello_timeout.or(file.client_hello_timeout),
-        dns_servers: vec_or(flags.dns_servers, file.dns_servers),
-        dns_max_ttl: flags.dns_max_ttl.or(file.dns_max_ttl),
-        dns_timeout: flags.dns_timeout.or(file.dns_timeout),
-        connect_timeout: flags.connect_timeout.or(file.connect_timeout),
-        failed_address_hold: flags.failed_address_hold.or(file.failed_address_hold),
-        drain_timeout: flags.drain_timeout.or(file.drain_timeout),
-        drain_delay: flags.drain_delay.or(file.drain_delay),
-        admin_listen: flags.admin_listen.or(file.admin_listen),
-        health_listen: flags.health_listen.or(file.health_listen),
-        probe_interval: flags.probe_interval.or(file.probe_interval),
-        tcp_keepalive_idle: flags.tcp_keepalive_idle.or(file.tcp_keepalive_idle),
-        tcp_keepalive_interval: flags.tcp_keepalive_interval.or(file.tcp_keepalive_interval),
-        tcp_keepalive_count: flags.tcp_keepalive_count.or(file.tcp_keepalive_count),
-        tcp_user_timeout: flags.tcp_user_timeout.or(file.tcp_user_timeout),
-        copy_buffer_size: flags.copy_buffer_size.or(file.copy_buffer_size),
-        dataplane: flags.dataplane.or(file.dataplane),
-        splice_pipe_size: flags.splice_pipe_size.or(file.splice_pipe_size),
-        max_inflight: flags.max_inflight.or(file.max_inflight),
-        max_connections: flags.max_connections.or(file.max_connections),
-        log_format: flags.log_format.or(file.log_format),
-        xdp_interface: flags.xdp_interface.or(file.xdp_interface),
-        allowed_source_cidrs: vec_or(flags.allowed_source_cidrs, file.allowed_source_cidrs),
-    }
 }
 
 fn positive(

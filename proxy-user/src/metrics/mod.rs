@@ -78,6 +78,7 @@ pub struct Metrics {
     connect_failures: Family<Label<String>, Counter>,
     upstream_connections: Family<Label<String>, Counter>,
     probes: Family<Label<&'static str>, Counter>,
+    reloads: Family<Label<&'static str>, Counter>,
     addresses: Arc<AddressLabels>,
 }
 
@@ -95,6 +96,7 @@ impl Default for Metrics {
             connect_failures: Family::default(),
             upstream_connections: Family::default(),
             probes: Family::default(),
+            reloads: Family::default(),
             addresses: Arc::default(),
         }
     }
@@ -147,6 +149,11 @@ impl Metrics {
         self.probes.get_or_create(&[("result", result)]).inc();
     }
 
+    /// A SIGHUP reload of the configuration was applied (`ok`) or rejected.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads.get_or_create(&[("result", if ok { "success" } else { "failure" })]).inc();
+    }
+
     /// The labelled upstream addresses.
     #[must_use]
     pub fn addresses(&self) -> &Arc<AddressLabels> {
@@ -195,6 +202,11 @@ impl Metrics {
             self.upstream_connections.clone(),
         );
         r.register("upstream_probes", "Background upstream probes, by result", self.probes.clone());
+        r.register(
+            "config_reloads",
+            "SIGHUP reloads of the configuration, by result (success, failure: the old one stays)",
+            self.reloads.clone(),
+        );
         for collector in collectors {
             r.register_collector(collector);
         }

@@ -6,7 +6,10 @@
 mod closing;
 pub mod probe;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, PoisonError, RwLock},
+    time::Instant,
+};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -17,10 +20,10 @@ use closing::{close_refused, log_refused, millis, record_learned};
 use crate::{
     addr::{ClientAddr, ListenAddr, UpstreamAddr, UpstreamTarget},
     config::Config,
-    connect::{ConnectError, Connected, Connector},
+    connect::{ConnectConfig, ConnectError, Connected, Connector},
     connections::{ConnectionTable, Registration},
     dataplane::{self, DataPlane, Transfer, sockmap::SockmapPlane},
-    dns::{ResolveError, UpstreamResolver},
+    dns::{DnsConfig, ResolveError, UpstreamResolver},
     edge::{self, EdgeConfig, EdgeStats, Learned},
     health::Health,
     metrics::Metrics,
@@ -30,9 +33,9 @@ use crate::{
 /// Everything a connection needs, shared by all of them.
 #[derive(Debug)]
 pub struct Proxy {
-    resolver: UpstreamResolver,
-    connector: Connector,
-    tcp: TcpConfig,
+    /// Resolver, connector and socket options; a SIGHUP reload replaces
+    /// them for new connections (a connection keeps the ones it started with).
+    path: RwLock<Arc<PathSettings>>,
     dataplane: DataPlane,
     /// Set when the data plane is sockmap.
     sockmap: Option<Arc<SockmapPlane>>,
@@ -41,6 +44,32 @@ pub struct Proxy {
     metrics: Metrics,
     health: Arc<Health>,
     connections: Arc<ConnectionTable>,
+}
+
+/// The settings of the connection path a reload may change.
+#[derive(Debug)]
+pub struct PathSettings {
+    dns: DnsConfig,
+    resolver: Arc<UpstreamResolver>,
+    connect: ConnectConfig,
+    connector: Arc<Connector>,
+    tcp: TcpConfig,
+}
+
+impl PathSettings {
+    /// From `config`, reusing the resolver (its cache) and the connector
+    /// (its failed addresses) of `current` when their settings are unchanged.
+    pub fn new(config: &Config, current: Option<&Self>) -> Result<Self, ResolveError> {
+        let resolver = match current.filter(|c| c.dns == config.dns) {
+            Some(current) => Arc::clone(&current.resolver),
+            None => Arc::new(UpstreamResolver::new(&config.dns)?),
+        };
+        let connector = match current.filter(|c| c.connect == config.connect) {
+            Some(current) => Arc::clone(&current.connector),
+            None => Arc::new(Connector::new(config.connect)),
+        };
+        Ok(Self { dns: config.dns.clone(), resolver, connect: config.connect, connector, tcp: config.tcp })
+    }
 }
 
 /// Why no upstream connection was made.
@@ -79,9 +108,7 @@ impl Proxy {
         observers: Observers,
     ) -> Result<Self, ResolveError> {
         Ok(Self {
-            resolver: UpstreamResolver::new(&config.dns)?,
-            connector: Connector::new(config.connect),
-            tcp: config.tcp,
+            path: RwLock::new(Arc::new(PathSettings::new(config, None)?)),
             dataplane: config.dataplane,
             sockmap,
             edge_stats: EdgeStats::default(),
@@ -89,6 +116,17 @@ impl Proxy {
             health: observers.health,
             connections: observers.connections,
         })
+    }
+
+    /// The connection path settings new connections use now.
+    #[must_use]
+    pub fn path(&self) -> Arc<PathSettings> {
+        Arc::clone(&self.path.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// A reload: new connections use `path` from now on.
+    pub fn set_path(&self, path: PathSettings) {
+        *self.path.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(path);
     }
 
     #[must_use]
@@ -140,7 +178,8 @@ impl Proxy {
         registration: &Registration,
     ) {
         let started = Instant::now();
-        if let Err(error) = sockopt::apply(&client, &self.tcp) {
+        let path = self.path();
+        if let Err(error) = sockopt::apply(&client, &path.tcp) {
             tracing::warn!(%error, "client socket options");
         }
         let mut learned = Learned::default();
@@ -166,14 +205,14 @@ impl Proxy {
         };
         registration.connecting(learned.client, learned.server_name.as_deref(), target.to_string());
         let resolve_started = Instant::now();
-        let resolved = self.resolver.resolve(target).await;
+        let resolved = path.resolver.resolve(target).await;
         let resolve_time = resolve_started.elapsed();
         self.metrics.resolved(resolve_time, resolved.as_ref().err().map(ResolveError::kind));
         let connect_started = Instant::now();
         let connected = match resolved {
             Ok(addrs) => {
                 self.health.resolved(target);
-                let connected = self.connect(&addrs).await;
+                let connected = self.connect(&path, &addrs).await;
                 self.metrics.connect_time(connect_started.elapsed());
                 connected
             }
@@ -241,8 +280,12 @@ impl Proxy {
 
     /// Connects to one of `addrs` for a client connection, counting each
     /// failed address and the one that accepted.
-    async fn connect(&self, addrs: &[UpstreamAddr]) -> Result<(TcpStream, UpstreamAddr), SetupError> {
-        let result = self.connector.connect(addrs).await;
+    async fn connect(
+        &self,
+        path: &PathSettings,
+        addrs: &[UpstreamAddr],
+    ) -> Result<(TcpStream, UpstreamAddr), SetupError> {
+        let result = path.connector.connect(addrs).await;
         let failed = match &result {
             Ok(connected) => &connected.failed,
             Err(error) => &error.attempts,
@@ -252,7 +295,7 @@ impl Proxy {
         }
         let Connected { stream, addr, .. } = result?;
         self.metrics.connected(addr);
-        sockopt::apply(&stream, &self.tcp)?;
+        sockopt::apply(&stream, &path.tcp)?;
         Ok((stream, addr))
     }
 
@@ -260,9 +303,10 @@ impl Proxy {
     /// the connection: the background probe. Records successes for
     /// readiness; feeds no client-connection metric.
     pub async fn probe(&self, target: &UpstreamTarget) -> Result<Vec<UpstreamAddr>, probe::ProbeError> {
-        let addrs = self.resolver.resolve(target).await.map_err(probe::ProbeError::Resolve)?;
+        let path = self.path();
+        let addrs = path.resolver.resolve(target).await.map_err(probe::ProbeError::Resolve)?;
         self.health.resolved(target);
-        let connected = self.connector.connect(&addrs).await.map_err(probe::ProbeError::Connect)?;
+        let connected = path.connector.connect(&addrs).await.map_err(probe::ProbeError::Connect)?;
         self.health.connected(target);
         drop(connected.stream);
         Ok(addrs)

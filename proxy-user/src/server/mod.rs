@@ -2,47 +2,50 @@
 //! health-check port), the accept loops and upstream probes, and stopping:
 //! SIGTERM turns readiness false at once, keeps accepting for the drain
 //! delay, then closes the listeners and gives open connections the drain
-//! timeout; SIGINT stops at once. SIGHUP re-reads the configuration and
-//! applies only the XDP source filter's allow list (every other setting
-//! needs a restart).
+//! timeout; SIGINT stops at once. SIGHUP reloads the configuration
+//! ([`reload`]). With an upgrade socket, a new process may take the
+//! listening sockets over; this one then drains ([`upgrade`]); SIGUSR2
+//! starts one.
 
+mod listeners;
+mod probes;
+mod reload;
 mod source_filter;
+mod stopping;
+mod upgrade;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
 
+use listeners::{Accepting, ListenerSet};
+use probes::Probes;
+use reload::ConnectionLimit;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::{Semaphore, watch},
-    task::JoinSet,
+    sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use upgrade::{UpgradeEvent, Upgrades, next_upgrade};
 
 use crate::{
-    addr::UpstreamTarget,
     admin::{AdminEndpoint, AdminError, AdminState},
     cli::Options,
-    config::{AdminConfig, Config},
+    config::Config,
     connections::ConnectionTable,
     dataplane::{DataPlane, sockmap::SockmapPlane},
     dns::ResolveError,
-    edge::EdgeConfig,
     health::Health,
     health_port::HealthPort,
     kernel::{KernelError, KernelPrograms},
-    listener::{BindError, Listener},
+    listener::BindError,
     metrics::{
         Metrics,
         collectors::{ProxyCollector, StateCollector, XdpCollector},
     },
-    proxy::{Observers, Proxy, probe},
+    proxy::{Observers, Proxy},
     service_manager,
+    upgrade::{Handover, UpgradeError},
     xdp_filter::{SourceFilter, SourceFilterError},
 };
-
-/// Time connections get to close after they were told to stop.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Longest wait for the health-check port to close when a drain starts.
-const HEALTH_PORT_CLOSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -62,6 +65,8 @@ pub enum StartError {
     Sockmap(#[from] KernelError),
     #[error("XDP source filter: {0}")]
     SourceFilter(#[from] SourceFilterError),
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
 }
 
 impl StartError {
@@ -89,25 +94,42 @@ pub struct Server {
     source_filter: Option<SourceFilter>,
     /// The command line, to re-read the configuration with on SIGHUP.
     flags: Options,
-    /// Each listener's configured address and bound port, for the SIGHUP
-    /// reload of the source lists.
-    listening: Vec<source_filter::Listening>,
-    /// Each bound listener with the edge settings of its connections.
-    listeners: Vec<(Listener, Arc<EdgeConfig>)>,
+    /// The configuration in force (the last reload's, fixed settings as started).
+    config: Config,
+    listeners: ListenerSet,
     /// Loaded kernel programs not used by the data plane, kept for their logs.
     _kernel: Option<KernelPrograms>,
     proxy: Arc<Proxy>,
     health: Arc<Health>,
     health_port: Option<HealthPort>,
-    /// Every upstream of every listener, probed in the background.
-    targets: Vec<UpstreamTarget>,
-    admin: AdminConfig,
-    drain_timeout: Duration,
-    max_connections: usize,
-    dataplane_reason: &'static str,
+    /// The background probe of every upstream of every listener.
+    probes: Probes,
+    limit: ConnectionLimit,
+    /// What the accept loops hand connections to.
+    accepting: Accepting,
+    /// On sockmap: the connections its maps were sized for.
+    sockmap_capacity: Option<usize>,
+    /// Sockets taken over from an old process: it is told once this one accepts.
+    handover: Option<Handover>,
+    /// Requests for this process's sockets (with an upgrade socket).
+    upgrades: Option<Upgrades>,
+    /// The admin endpoint's address as configured and as bound, and a second
+    /// descriptor of its socket: handed over on an upgrade.
+    admin_socket: (SocketAddr, SocketAddr, OwnedFd),
+    /// Stops the admin endpoint once a new process took its socket over.
+    admin_stop: CancellationToken,
     sigterm: Signal,
     sigint: Signal,
     sighup: Signal,
+    sigusr2: Signal,
+}
+
+/// Why the serving loop ended.
+enum Stop {
+    Term,
+    Int,
+    /// A new process took the sockets over.
+    Upgraded,
 }
 
 impl Server {
@@ -116,15 +138,22 @@ impl Server {
     /// ports already guarded), binds every listener, the health-check port
     /// and the admin endpoint, which starts serving (not ready yet); no
     /// connection is accepted yet. `kernel` is the loaded kernel programs, or
-    /// why they could not be loaded; `flags` is the command line `config` came from.
+    /// why they could not be loaded; `flags` is the command line `config` came
+    /// from; `handover` the sockets taken over from an old process, if any
+    /// (used where they match the configuration, the rest bound anew).
     pub fn start(
         config: &Config,
         kernel: Result<KernelPrograms, KernelError>,
         flags: &Options,
+        mut handover: Option<Handover>,
     ) -> Result<Self, StartError> {
         let sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
         let sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
         let sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+        let sigusr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signals)?;
+        let handed_listeners =
+            handover.as_mut().map(|h| std::mem::take(&mut h.listeners)).unwrap_or_default();
+        let handed_admin = handover.as_mut().and_then(|h| h.admin.take());
         // Port 0 stays 0 (not known before binding).
         let fixed_ports: Vec<u16> = config.listeners.iter().map(|l| l.addr.0.port()).collect();
         let fixed_lists = source_filter::allow_lists(&config.listeners, &fixed_ports);
@@ -137,13 +166,8 @@ impl Server {
             (DataPlane::Sockmap { .. }, Err(error)) => return Err(StartError::NoKernel(error.to_string())),
             (_, kernel) => (None, kernel.ok()),
         };
-        let mut targets: Vec<UpstreamTarget> = Vec::new();
-        for target in config.listeners.iter().flat_map(|l| l.edge.upstreams.targets()) {
-            if !targets.contains(target) {
-                targets.push(target.clone());
-            }
-        }
-        let health = Arc::new(Health::new(&targets, config.admin.readiness_window()));
+        let sockmap_capacity = sockmap.is_some().then_some(config.max_connections);
+        let health = Arc::new(Health::new(&probes::targets(config), config.admin.readiness_window()));
         let metrics = Metrics::default();
         let connections = Arc::new(ConnectionTable::default());
         let observers = Observers {
@@ -152,21 +176,25 @@ impl Server {
             connections: Arc::clone(&connections),
         };
         let proxy = Arc::new(Proxy::new(config, sockmap, observers)?);
-        let listeners: Vec<(Listener, Arc<EdgeConfig>)> = config
-            .listeners
-            .iter()
-            .map(|l| Ok((Listener::bind(l.addr)?, Arc::clone(&l.edge))))
-            .collect::<Result<_, BindError>>()?;
-        let listening: Vec<source_filter::Listening> =
-            config.listeners.iter().zip(&listeners).map(|(c, (l, _))| (c.addr.0, l.addr.0.port())).collect();
+        let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
+        let listeners = ListenerSet::new(bound, &config.listeners)?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
-            source_filter::guard_bound(filter, &config.listeners, &listening)?;
+            source_filter::guard_bound(filter, &config.listeners, &listeners.listening())?;
         }
-        let health_port =
-            config.admin.health_listen.map(HealthPort::bind).transpose().map_err(StartError::HealthBind)?;
-        let admin = AdminEndpoint::bind(config.admin.listen)?;
+        let health_port = match config.admin.health_listen {
+            // The old process holds it until it drains.
+            Some(addr) if handover.is_some() && addr.port() != 0 => Some(HealthPort::inherited(addr)),
+            health => health.map(HealthPort::bind).transpose().map_err(StartError::HealthBind)?,
+        };
+        let admin = match handed_admin.filter(|h| upgrade::admin_matches(h, config.admin.listen)) {
+            Some(handed) => AdminEndpoint::from_fd(handed.fd)?,
+            None => AdminEndpoint::bind(config.admin.listen)?,
+        };
         let admin_addr = admin.addr;
+        let admin_fd =
+            admin.try_clone_fd().map_err(|source| AdminError::Bind { addr: config.admin.listen, source })?;
+        let admin_stop = CancellationToken::new();
         let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
             Box::new(StateCollector {
                 health: Arc::clone(&health),
@@ -179,143 +207,90 @@ impl Server {
         if let Some(filter) = &source_filter {
             collectors.push(Box::new(XdpCollector(filter.counters_handle())));
         }
-        admin.spawn(AdminState {
-            registry: metrics.registry(collectors),
-            health: Arc::clone(&health),
-            connections,
-        })?;
+        admin.spawn(
+            AdminState { registry: metrics.registry(collectors), health: Arc::clone(&health), connections },
+            admin_stop.clone(),
+        )?;
         tracing::info!(admin = %admin_addr, "admin endpoint listening");
         if let Some(port) = &health_port {
             tracing::info!(health = %port.addr, "health-check port bound; open while ready");
         }
+        // A new process takes the path over only once it is ready (`run`).
+        let upgrades =
+            match (&config.upgrade_socket, &handover) {
+                (Some(path), None) => {
+                    Some(Upgrades::start(crate::upgrade::listen(path)?).map_err(|source| {
+                        UpgradeError::Io { path: path.clone(), what: "listening", source }
+                    })?)
+                }
+                _ => None,
+            };
+        let limit = ConnectionLimit::new(config.max_connections);
+        let accepting = Accepting {
+            proxy: Arc::clone(&proxy),
+            connections: TaskTracker::new(),
+            stop_connections: CancellationToken::new(),
+            slots: Arc::clone(&limit.slots),
+        };
         Ok(Self {
             source_filter,
-            listening,
             flags: flags.clone(),
+            config: config.clone(),
             listeners,
+            probes: Probes::new(Arc::clone(&proxy)),
             proxy,
             health,
             health_port,
-            targets,
-            admin: config.admin,
+            limit,
+            accepting,
+            sockmap_capacity,
             _kernel: kernel,
-            drain_timeout: config.drain_timeout,
-            max_connections: config.max_connections,
-            dataplane_reason: config.dataplane_reason,
+            handover,
+            upgrades,
+            admin_socket: (config.admin.listen, admin_addr, admin_fd),
+            admin_stop,
             sigterm,
             sigint,
             sighup,
+            sigusr2,
         })
     }
 
     /// Accepts and serves until a signal stops it.
     pub async fn run(&mut self) -> Stopped {
-        let stop_accepting = CancellationToken::new();
-        let stop_connections = CancellationToken::new();
-        let stop_probes = CancellationToken::new();
-        let _stop_probes_on_return = stop_probes.clone().drop_guard();
-        let connections = TaskTracker::new();
-        let mut accept_loops = JoinSet::new();
-        let slots = Arc::new(Semaphore::new(self.max_connections));
-        let listening: Vec<_> = self.listeners.iter().map(|(l, _)| l.addr).collect();
-        for (listener, edge) in self.listeners.drain(..) {
-            tracing::info!(
-                listen = %listener.addr,
-                upstream = edge.upstreams.describe(),
-                proxy_protocol = ?edge.proxy_protocol.mode,
-                allowed_vpce_ids = ?edge.proxy_protocol.allowed_vpce_ids,
-                "listening"
-            );
-            let proxy = Arc::clone(&self.proxy);
-            let connections = connections.clone();
-            let stop_connections = stop_connections.clone();
-            accept_loops.spawn(listener.accept_loop(
-                stop_accepting.clone(),
-                Arc::clone(&slots),
-                move |stream, peer, listen, permit| {
-                    let proxy = Arc::clone(&proxy);
-                    let edge = Arc::clone(&edge);
-                    let stop = stop_connections.clone();
-                    connections.spawn(async move {
-                        proxy.serve(stream, peer, listen, edge, stop).await;
-                        drop(permit);
-                    });
-                },
-            ));
-        }
-        tracing::info!(dataplane = self.proxy.dataplane().label(), why = self.dataplane_reason, "data plane");
-        for target in &self.targets {
-            let (proxy, target, stop) = (Arc::clone(&self.proxy), target.clone(), stop_probes.clone());
-            tokio::spawn(probe::run(proxy, target, self.admin.probe_interval, stop));
-        }
-        let (health_port_closed, mut health_port_watch) = watch::channel(self.health_port.is_none());
+        let _stop_probes_on_return = self.probes.stopper().drop_guard();
+        self.listeners.start(&self.accepting);
+        let why = self.config.dataplane_reason;
+        tracing::info!(dataplane = self.proxy.dataplane().label(), why, "data plane");
+        self.probes.set(&probes::targets(&self.config), self.config.admin.probe_interval);
+        let (health_port_closed, health_port_watch) = watch::channel(self.health_port.is_none());
         if let Some(port) = self.health_port.take() {
             tokio::spawn(port.run(Arc::clone(&self.health), health_port_closed));
         }
         tracing::info!("ready");
-        service_manager::ready(&listening, self.proxy.dataplane().label());
+        let plane = self.proxy.dataplane().label();
+        match self.handover.take() {
+            Some(handover) => self.take_over(handover, plane),
+            None => service_manager::ready(&self.listeners.addrs(), plane),
+        }
 
-        let mut drain = loop {
+        let stop = loop {
             tokio::select! {
-                _ = self.sigterm.recv() => break true,
-                _ = self.sigint.recv() => break false,
-                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags, &self.listening),
+                _ = self.sigterm.recv() => break Stop::Term,
+                _ = self.sigint.recv() => break Stop::Int,
+                _ = self.sighup.recv() => self.reload(),
+                _ = self.sigusr2.recv() => match &self.config.upgrade_socket {
+                    Some(_) => upgrade::start_new_binary(),
+                    None => tracing::warn!("SIGUSR2: an upgrade needs --upgrade-socket; ignored"),
+                },
+                event = next_upgrade(self.upgrades.as_mut()) => match event {
+                    UpgradeEvent::Request(stream) => self.hand_over_to(stream),
+                    UpgradeEvent::Outcome(true) => break Stop::Upgraded,
+                    UpgradeEvent::Outcome(false) => {}
+                },
             }
         };
-        if drain {
-            self.health.start_drain();
-            service_manager::draining(connections.len(), self.drain_timeout);
-            let _ =
-                tokio::time::timeout(HEALTH_PORT_CLOSE, health_port_watch.wait_for(|closed| *closed)).await;
-            drain = self.drain_delay(connections.len()).await;
-        } else {
-            service_manager::stopping_now(connections.len());
-        }
-        stop_accepting.cancel();
-        while accept_loops.join_next().await.is_some() {}
-        connections.close();
-        if drain {
-            tracing::info!(open = connections.len(), timeout = ?self.drain_timeout, "SIGTERM: draining");
-            tokio::select! {
-                () = connections.wait() => {
-                    tracing::info!("drained: every connection finished");
-                    return Stopped::Drained;
-                }
-                () = tokio::time::sleep(self.drain_timeout) => {
-                    let cut = cut_all(&connections, &stop_connections).await;
-                    tracing::warn!(cut, "drain timeout: closed the connections still open");
-                    return Stopped::DrainTimedOut { cut };
-                }
-                _ = self.sigint.recv() => {}
-            }
-        }
-        let cut = cut_all(&connections, &stop_connections).await;
-        tracing::info!(cut, "SIGINT: stopped");
-        Stopped::Interrupted { cut }
-    }
-
-    /// Readiness is already false: go on accepting for the drain delay so
-    /// the NLB deregisters this target first. A second SIGTERM ends the
-    /// delay early; SIGINT too, and then nothing is drained (returns false).
-    async fn drain_delay(&mut self, open: usize) -> bool {
-        let delay = self.admin.drain_delay;
-        tracing::info!(
-            ?delay,
-            open,
-            "SIGTERM: not ready; still accepting until the drain delay is over, then the listeners close"
-        );
-        let deadline = tokio::time::Instant::now() + delay;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => return true,
-                _ = self.sigterm.recv() => {
-                    tracing::info!("second SIGTERM: the drain delay ends now");
-                    return true;
-                }
-                _ = self.sigint.recv() => return false,
-                _ = self.sighup.recv() => source_filter::reload(self.source_filter.as_mut(), &self.flags, &self.listening),
-            }
-        }
+        self.stop(stop, health_port_watch).await
     }
 
     /// Logs what the edge guards, the sockmap plane (when it is in use) and
@@ -329,12 +304,4 @@ impl Server {
             source_filter::log_totals(filter);
         }
     }
-}
-
-/// Tells every connection to stop, waits briefly for them, and returns how many there were.
-async fn cut_all(connections: &TaskTracker, stop: &CancellationToken) -> usize {
-    let open = connections.len();
-    stop.cancel();
-    let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
-    open
 }

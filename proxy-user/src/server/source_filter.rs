@@ -5,7 +5,6 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use crate::{
-    cli::Options,
     config::{Config, ListenerConfig},
     xdp_filter::{AllowLists, SourceFilter, SourceFilterConfig, SourceFilterError},
 };
@@ -67,24 +66,10 @@ pub(super) fn guard_bound(
     Ok(())
 }
 
-/// SIGHUP: re-reads the configuration (file and flags, validated as at
-/// start-up) and applies its allow lists with [`apply`]. Anything invalid
-/// leaves the old lists in place and logs why.
-pub(super) fn reload(filter: Option<&mut SourceFilter>, flags: &Options, listening: &[Listening]) {
-    let Some(filter) = filter else {
-        tracing::info!("SIGHUP: no XDP source filter, nothing to reload");
-        return;
-    };
-    match Config::load(flags) {
-        Ok(config) => apply(filter, &config, listening),
-        Err(error) => {
-            tracing::warn!(%error, "SIGHUP: configuration rejected; the source lists stay as they were");
-        }
-    }
-}
-
-/// Makes the allow lists of a validated `config` those of the running
-/// listeners (`listening`, in configuration order), each on its bound port.
+/// SIGHUP, once the reloaded configuration is validated and its listeners
+/// bound ([`super::reload`]): makes the allow lists of `config` those of the
+/// running listeners (`listening`, in configuration order), each on its
+/// bound port.
 pub(super) fn apply(filter: &mut SourceFilter, config: &Config, listening: &[Listening]) {
     let Some(new) = &config.source_filter else {
         tracing::warn!(
@@ -99,7 +84,7 @@ pub(super) fn apply(filter: &mut SourceFilter, config: &Config, listening: &[Lis
         tracing::warn!(
             running = ?strings(&running),
             configured = ?strings(&configured),
-            "SIGHUP: the listeners changed, which needs a restart; the source lists stay as they were"
+            "SIGHUP: the running listeners differ from the configuration's; the source lists stay as they were"
         );
         return;
     }
@@ -165,7 +150,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::config::Config;
+    use crate::{cli::Options, config::Config};
 
     #[test]
     fn allow_lists_put_each_listener_s_list_on_its_bound_port() {
