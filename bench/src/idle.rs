@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
 /// backlogs never overflow into SYN retransmissions).
 const AHEAD: usize = 512;
 /// How long the upstream may take to accept every connection of a step.
-const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for the proxy to finish setting up the last connections of a step.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -50,8 +50,14 @@ impl Point {
 
 /// Opens connections to `addr` (a peer in front of `holder`) up to each of
 /// `counts` in turn; closes them all at the end (with a reset, so no port is
-/// left in TIME_WAIT).
-pub fn run(addr: SocketAddr, holder: &Holder, proxy: Option<u32>, counts: &[usize]) -> Result<Vec<Point>> {
+/// left in TIME_WAIT). Returns the points reached, and the error that ended
+/// the run early, if any.
+pub fn run(
+    addr: SocketAddr,
+    holder: &Holder,
+    proxy: Option<u32>,
+    counts: &[usize],
+) -> (Vec<Point>, Option<anyhow::Error>) {
     let rss = || proxy.map_or(0, tree_rss_bytes);
     let (tcp_before, slab_before) = kernel_socket_memory();
     let rss_before = rss();
@@ -102,7 +108,7 @@ pub fn run(addr: SocketAddr, holder: &Holder, proxy: Option<u32>, counts: &[usiz
     }
     drop(clients);
     holder.clear();
-    result.map(|()| points)
+    (points, result.err())
 }
 
 fn signed(bytes: u64) -> i64 {

@@ -16,7 +16,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A child process, killed (SIGKILL to its PID) and reaped on drop. A
 /// process that forks (nginx's workers, socat's per-connection children)
-/// gets its children killed by its PID too: they are found by parent PID.
+/// gets its children killed by their PIDs too: found by parent PID.
 pub struct Process {
     pub name: String,
     pub child: Child,
@@ -59,15 +59,17 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        // Children first, by the PIDs found under ours (ours is still alive,
-        // so they cannot have been re-parented away).
-        for pid in crate::cpu::descendants(self.child.id()) {
+        // Its children are found first, while they are still its children;
+        // it is killed next, so it cannot start new ones (nginx's master
+        // replaces a killed worker at once); then they are.
+        let children = crate::cpu::descendants(self.child.id());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in children {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
             }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

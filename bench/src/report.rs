@@ -114,6 +114,14 @@ pub fn markdown(results: &Results) -> String {
             "| peer | connections | proxy RSS B/conn | TCP buffers B/conn | slab B/conn | RSS/conn ÷ best HAProxy |\n|---|---|---|---|---|---|"
         );
         for result in &results.idle {
+            if let Some(error) = &result.error {
+                let _ = writeln!(
+                    out,
+                    "| {} | stopped after {} points: {error} | | | | |",
+                    result.peer,
+                    result.points.len()
+                );
+            }
             for point in &result.points {
                 let rss = point.per_connection(point.proxy_rss_bytes);
                 let _ = writeln!(

@@ -71,6 +71,9 @@ pub struct IdleResult {
     #[serde(skip)]
     pub kind: Option<PeerKind>,
     pub points: Vec<idle::Point>,
+    /// Why the peer held no more connections than the points show (such as
+    /// its open-file limit), if it failed.
+    pub error: Option<String>,
 }
 
 /// The first line of `program --version`-like output, or None.

@@ -166,8 +166,10 @@ pub fn idle(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<IdleRe
         let holder = Holder::start()?;
         let mut peer = RunningPeer::start(kind, Upstream { addr: holder.addr, dns: None }, tools)?;
         thread::sleep(PAUSE);
-        let points = idle::run(peer.addr, &holder, peer.pid(), &args.idle_counts)
-            .with_context(|| format!("idle connections, {}", peer.name))?;
+        let (points, error) = idle::run(peer.addr, &holder, peer.pid(), &args.idle_counts);
+        if let Some(error) = &error {
+            eprintln!("idle: {}: stopped early: {error:#}", peer.name);
+        }
         peer.check_alive()?;
         for point in &points {
             eprintln!(
@@ -179,7 +181,8 @@ pub fn idle(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<IdleRe
                 point.per_connection(point.slab_bytes)
             );
         }
-        results.push(IdleResult { peer: peer.name.clone(), kind: Some(kind), points });
+        let error = error.map(|error| format!("{error:#}"));
+        results.push(IdleResult { peer: peer.name.clone(), kind: Some(kind), points, error });
     }
     Ok(results)
 }
