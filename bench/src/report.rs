@@ -1,149 +1,240 @@
-//! Medians with their ranges, and one markdown table per scenario with each
-//! peer's ratios to the best HAProxy configuration and to direct.
+//! The markdown report of one run: one table per throughput scenario (the
+//! tables of issue 10, plus the proxy's own CPU), per latency request size,
+//! connection set-up and idle memory; each with ratios to the best HAProxy
+//! configuration and to direct in the same run.
+
+use std::fmt::Write as _;
 
 use crate::{
-    measure::{Sample, Scenario, ncpu},
-    peers::PeerKind,
+    results::{PeerRounds, Results, ThroughputResult},
+    stats::{Stat, ratio, ratio_above},
 };
-
-/// `[before, after]`: busy % with nothing sent, before and after the run.
-pub fn print_header(run: &str, haproxy_version: Option<&str>, [before, after]: [f64; 2]) {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let haproxy = haproxy_version.map(|version| format!(", HAProxy {version}")).unwrap_or_default();
-    println!("## Loopback throughput: {} CPUs, kernel {}{haproxy}", ncpu(), kernel.trim());
-    println!();
-    println!(
-        "{run}. Rounds alternate across peers; each value is the median (min–max) of the rounds. \
-         busy % = whole-machine busy time (ncpu × wall − Δidle, idle from /proc/uptime) over ncpu × wall; \
-         core-s per GB = busy core-seconds per 10^9 bytes carried."
-    );
-    println!();
-    println!(
-        "Background load, nothing sent, proxies idle: busy {before:.1} % before the run, {after:.1} % after \
-         (near 0 on a quiet machine; more means other work shares the CPUs and skews every figure)."
-    );
-}
-
-/// `samples[peer][round]`, peers in the order of `kinds`; direct comes first.
-pub fn print_scenario(scenario: Scenario, kinds: &[PeerKind], samples: &[Vec<Sample>]) {
-    let summaries: Vec<Summary> = samples.iter().map(|rounds| Summary::of(rounds)).collect();
-    let direct = &summaries[0];
-    let haproxies = || (0..kinds.len()).filter(|&i| kinds[i].is_haproxy());
-    // The strongest HAProxy: the fastest at full speed, the cheapest when paced.
-    let best_haproxy = if scenario.is_paced() {
-        haproxies().min_by(|&a, &b| summaries[a].busy.median.total_cmp(&summaries[b].busy.median))
-    } else {
-        haproxies().max_by(|&a, &b| summaries[a].gbit.median.total_cmp(&summaries[b].gbit.median))
-    };
-    println!();
-    println!("### {}", scenario.title());
-    println!();
-    match best_haproxy {
-        Some(best) => println!("Best HAProxy here: {}.", kinds[best].name()),
-        None => println!("No HAProxy configuration was measured, so its ratios are left blank."),
-    }
-    println!();
-    let best = best_haproxy.map(|i| &summaries[i]);
-    if scenario.is_paced() {
-        // Busy points each peer adds to direct, paired round by round.
-        let added: Vec<Stat> = samples
-            .iter()
-            .map(|rounds| {
-                Stat::of(rounds.iter().zip(&samples[0]).map(|(s, d)| s.busy_percent - d.busy_percent))
-            })
-            .collect();
-        let best_added = best_haproxy.map(|i| added[i].median);
-        println!(
-            "| peer | Gbit/s achieved | busy % | core-s per GB | CPU added over direct (busy points) \
-             | added ÷ best HAProxy's added | busy ÷ best HAProxy | busy ÷ direct |"
-        );
-        println!("|---|---|---|---|---|---|---|---|");
-        for ((kind, s), added) in kinds.iter().zip(&summaries).zip(&added) {
-            println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                kind.name(),
-                s.gbit.show(2),
-                s.busy.show(1),
-                s.cost.show(2),
-                added.show(1),
-                ratio_above(added.median, best_added, ADDED_NOISE_FLOOR),
-                ratio(s.busy.median, best.map(|b| b.busy.median)),
-                ratio(s.busy.median, Some(direct.busy.median)),
-            );
-        }
-    } else {
-        println!(
-            "| peer | Gbit/s | busy % | core-s per GB | Gbit/s ÷ best HAProxy | core-s/GB ÷ best HAProxy \
-             | Gbit/s ÷ direct | core-s/GB ÷ direct |"
-        );
-        println!("|---|---|---|---|---|---|---|---|");
-        for (kind, s) in kinds.iter().zip(&summaries) {
-            println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                kind.name(),
-                s.gbit.show(1),
-                s.busy.show(1),
-                s.cost.show(2),
-                ratio(s.gbit.median, best.map(|b| b.gbit.median)),
-                ratio(s.cost.median, best.map(|b| b.cost.median)),
-                ratio(s.gbit.median, Some(direct.gbit.median)),
-                ratio(s.cost.median, Some(direct.cost.median)),
-            );
-        }
-    }
-}
 
 /// Busy points below which CPU added over direct is noise (a saturated or
 /// noisy machine), not a reference to divide by.
 const ADDED_NOISE_FLOOR: f64 = 0.5;
 
-/// "—" when there is nothing to compare with, or the reference is not positive.
-fn ratio(value: f64, reference: Option<f64>) -> String {
-    ratio_above(value, reference, 0.0)
-}
-
-/// "—" when there is nothing to compare with, or the reference is not above `floor`.
-fn ratio_above(value: f64, reference: Option<f64>, floor: f64) -> String {
-    match reference {
-        Some(reference) if reference > floor => format!("{:.2}", value / reference),
-        _ => "—".into(),
+pub fn markdown(results: &Results) -> String {
+    let mut out = String::new();
+    let m = &results.machine;
+    let _ = writeln!(out, "## splice-proxy bench, {}\n", results.started_utc);
+    let _ = writeln!(out, "Machine: {} CPUs ({}), kernel {}.", m.cpus, m.cpu_model, m.kernel);
+    let versions: Vec<String> = [("HAProxy", &m.haproxy), ("nginx", &m.nginx), ("socat", &m.socat)]
+        .iter()
+        .filter_map(|(name, version)| version.as_ref().map(|v| format!("{name}: {v}")))
+        .collect();
+    if !versions.is_empty() {
+        let _ = writeln!(out, "Peers: {}.", versions.join("; "));
     }
-}
-
-/// Median with range.
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Stat {
-    fn of(values: impl IntoIterator<Item = f64>) -> Self {
-        let mut values: Vec<f64> = values.into_iter().collect();
-        assert!(!values.is_empty(), "a statistic of no rounds");
-        values.sort_by(f64::total_cmp);
-        let n = values.len();
-        let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
-        Self { median, min: values[0], max: values[n - 1] }
+    let [before, after] = results.background_busy_percent;
+    let _ = writeln!(
+        out,
+        "\n{}. Each value is the median (min–max) of the rounds. Background load, nothing sent: busy \
+         {before:.1} % before the run, {after:.1} % after (more than a few % means other work shares the CPUs).",
+        results.settings
+    );
+    for scenario in &results.throughput {
+        throughput_table(&mut out, scenario);
     }
-
-    fn show(&self, digits: usize) -> String {
-        format!("{:.digits$} ({:.digits$}–{:.digits$})", self.median, self.min, self.max)
-    }
-}
-
-struct Summary {
-    gbit: Stat,
-    busy: Stat,
-    cost: Stat,
-}
-
-impl Summary {
-    fn of(rounds: &[Sample]) -> Self {
-        Self {
-            gbit: Stat::of(rounds.iter().map(|s| s.gbit_per_s)),
-            busy: Stat::of(rounds.iter().map(|s| s.busy_percent)),
-            cost: Stat::of(rounds.iter().map(|s| s.core_s_per_gb)),
+    for result in &results.latency {
+        let title = format!(
+            "Latency, {} ping-pong, {} round trips a round",
+            crate::latency::size_name(result.request_bytes),
+            result.round_trips_per_round
+        );
+        let stats = |f: fn(&crate::latency::Sample) -> f64| summaries(&result.peers, f);
+        let (p50, p99, p999) = (stats(|s| s.p50_us), stats(|s| s.p99_us), stats(|s| s.p999_us));
+        let best = best_haproxy(&result.peers, &p99, false);
+        let direct = p99.first().map(|s| s.median);
+        heading(&mut out, &title, &result.peers, best, "lowest p99");
+        let _ = writeln!(
+            out,
+            "| peer | p50 µs | p99 µs | p99.9 µs | p99 ÷ best HAProxy | p99 ÷ direct |\n|---|---|---|---|---|---|"
+        );
+        for (i, peer) in result.peers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                peer.peer,
+                p50[i].show(1),
+                p99[i].show(1),
+                p999[i].show(1),
+                ratio(p99[i].median, best.map(|b| p99[b].median)),
+                ratio(p99[i].median, direct),
+            );
         }
+    }
+    if !results.connect.is_empty() {
+        let peers = &results.connect;
+        let rate = summaries(peers, |s| s.connections_per_s);
+        let (p50, p99) = (summaries(peers, |s| s.ttfb_p50_us), summaries(peers, |s| s.ttfb_p99_us));
+        let best = best_haproxy(peers, &rate, true);
+        let title = format!(
+            "Connection set-up, {} clients each connecting one after the other",
+            crate::connect_rate::CLIENTS
+        );
+        heading(&mut out, &title, peers, best, "highest rate");
+        let _ = writeln!(
+            out,
+            "| peer | connections/s | first byte p50 µs | first byte p99 µs | rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ direct |\n|---|---|---|---|---|---|---|"
+        );
+        for (i, peer) in peers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                peer.peer,
+                rate[i].show(0),
+                p50[i].show(0),
+                p99[i].show(0),
+                ratio(rate[i].median, best.map(|b| rate[b].median)),
+                ratio(p99[i].median, best.map(|b| p99[b].median)),
+                ratio(rate[i].median, rate.first().map(|s| s.median)),
+            );
+        }
+    }
+    if !results.idle.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Idle connections, bytes per connection\n\nProxy RSS: resident memory the proxy process (with its children) \
+             added, divided by the connections. TCP buffers: /proc/net/sockstat `mem` pages added, all sockets of the \
+             machine (client, proxy's two, upstream). Slab: /proc/meminfo `Slab` added (whole machine: socket structures, \
+             files, and whatever else ran). One round.\n"
+        );
+        // The HAProxy configuration with the least proxy RSS per connection at the largest count.
+        let at_most =
+            |points: &[crate::idle::Point]| points.last().map(|p| p.per_connection(p.proxy_rss_bytes));
+        let best = results
+            .idle
+            .iter()
+            .filter(|r| r.kind.is_some_and(|kind| kind.is_haproxy()))
+            .filter_map(|r| at_most(&r.points))
+            .min_by(f64::total_cmp);
+        let _ = writeln!(
+            out,
+            "| peer | connections | proxy RSS B/conn | TCP buffers B/conn | slab B/conn | RSS/conn ÷ best HAProxy |\n|---|---|---|---|---|---|"
+        );
+        for result in &results.idle {
+            if let Some(error) = &result.error {
+                let _ = writeln!(
+                    out,
+                    "| {} | stopped after {} points: {error} | | | | |",
+                    result.peer,
+                    result.points.len()
+                );
+            }
+            for point in &result.points {
+                let rss = point.per_connection(point.proxy_rss_bytes);
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.0} | {:.0} | {} |",
+                    result.peer,
+                    point.connections,
+                    rss,
+                    point.per_connection(point.tcp_buffer_bytes),
+                    point.per_connection(point.slab_bytes),
+                    if std::ptr::eq(point, result.points.last().unwrap_or(point)) {
+                        ratio(rss, best)
+                    } else {
+                        "".into()
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+fn throughput_table(out: &mut String, scenario: &ThroughputResult) {
+    let peers = &scenario.peers;
+    let gbit = summaries(peers, |s| s.gbit_per_s);
+    let busy = summaries(peers, |s| s.busy_percent);
+    let cost = summaries(peers, |s| s.core_s_per_gb);
+    let own: Vec<Option<Stat>> = peers
+        .iter()
+        .map(|p| p.rounds.iter().map(|s| s.proxy_core_s_per_gb).collect::<Option<Vec<f64>>>().map(Stat::of))
+        .collect();
+    let own_text = |i: usize| own[i].as_ref().map_or("—".into(), |s| s.show(2));
+    let paced = scenario.paced_gbit_per_s.is_some();
+    // The strongest HAProxy: the fastest at full speed, the cheapest when paced.
+    let best = if paced { best_haproxy(peers, &busy, false) } else { best_haproxy(peers, &gbit, true) };
+    heading(out, &scenario.scenario, peers, best, if paced { "lowest busy %" } else { "highest Gbit/s" });
+    if paced {
+        // Busy points each peer adds to direct, paired round by round.
+        let added: Vec<Stat> = peers
+            .iter()
+            .map(|p| {
+                Stat::of(p.rounds.iter().zip(&peers[0].rounds).map(|(s, d)| s.busy_percent - d.busy_percent))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| peer | Gbit/s achieved | busy % | core-s per GB | proxy's own core-s per GB | CPU added over direct (busy points) \
+             | added ÷ best HAProxy's added | busy ÷ best HAProxy | busy ÷ direct |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        for (i, peer) in peers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                peer.peer,
+                gbit[i].show(2),
+                busy[i].show(1),
+                cost[i].show(2),
+                own_text(i),
+                added[i].show(1),
+                ratio_above(added[i].median, best.map(|b| added[b].median), ADDED_NOISE_FLOOR),
+                ratio(busy[i].median, best.map(|b| busy[b].median)),
+                ratio(busy[i].median, Some(busy[0].median)),
+            );
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "| peer | Gbit/s | busy % | core-s per GB | proxy's own core-s per GB | Gbit/s ÷ best HAProxy \
+             | core-s/GB ÷ best HAProxy | Gbit/s ÷ direct | core-s/GB ÷ direct |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        for (i, peer) in peers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                peer.peer,
+                gbit[i].show(1),
+                busy[i].show(1),
+                cost[i].show(2),
+                own_text(i),
+                ratio(gbit[i].median, best.map(|b| gbit[b].median)),
+                ratio(cost[i].median, best.map(|b| cost[b].median)),
+                ratio(gbit[i].median, Some(gbit[0].median)),
+                ratio(cost[i].median, Some(cost[0].median)),
+            );
+        }
+    }
+}
+
+fn heading<T>(out: &mut String, title: &str, peers: &[PeerRounds<T>], best: Option<usize>, by: &str) {
+    let _ = writeln!(out, "\n### {title}\n");
+    match best {
+        Some(best) => {
+            let _ = writeln!(out, "Best HAProxy here ({by}): {}.\n", peers[best].peer);
+        }
+        None => {
+            let _ = writeln!(out, "No HAProxy configuration was measured, so its ratios are left blank.\n");
+        }
+    }
+    if !peers.first().is_some_and(PeerRounds::is_direct) {
+        let _ = writeln!(out, "(The first row is not direct: the ratios to direct are to that row.)\n");
+    }
+}
+
+pub fn summaries<T>(peers: &[PeerRounds<T>], value: fn(&T) -> f64) -> Vec<Stat> {
+    peers.iter().map(|p| Stat::of(p.rounds.iter().map(value))).collect()
+}
+
+/// The HAProxy configuration with the highest (or lowest) median.
+pub fn best_haproxy<T>(peers: &[PeerRounds<T>], stats: &[Stat], highest: bool) -> Option<usize> {
+    let haproxies = (0..peers.len()).filter(|&i| peers[i].is_haproxy());
+    if highest {
+        haproxies.max_by(|&a, &b| stats[a].median.total_cmp(&stats[b].median))
+    } else {
+        haproxies.min_by(|&a, &b| stats[a].median.total_cmp(&stats[b].median))
     }
 }

@@ -31,7 +31,8 @@ enum Task {
     /// llvm-22-dev and libpolly-22-dev, bpf-linker for LLVM 22, the nightly
     /// rust-src). Idempotent; does nothing when all is present.
     Setup {
-        /// Also install what `bench` needs: the Debian package haproxy.
+        /// Also install what `bench` needs: the Debian packages haproxy, nginx,
+        /// libnginx-mod-stream and socat (no service is started).
         #[arg(long)]
         bench: bool,
     },
@@ -56,9 +57,11 @@ enum Task {
     /// Run the local demo: DNS server, two TLS "API servers" on 127.0.0.2 and
     /// 127.0.0.3, the proxy, and a client, while the DNS answer rotates.
     Demo,
-    /// Run the throughput benchmark (bench/README.md): direct, splice-proxy in
-    /// each data plane and HAProxy in three configurations, over loopback.
-    /// Installs haproxy when missing, builds the kernel object and the release
+    /// Run the benchmark (bench/README.md): throughput, CPU, latency,
+    /// connection rate and idle memory of direct, splice-proxy in each data
+    /// plane, HAProxy in three configurations, nginx stream and socat, over
+    /// loopback. Installs haproxy, nginx, libnginx-mod-stream and socat when
+    /// missing (no service started), builds the kernel object and the release
     /// binaries first. Needs root for the sockmap plane.
     Bench {
         /// Arguments passed to the bench, after `--` (see `cargo xtask bench -- --help`).

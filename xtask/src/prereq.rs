@@ -5,7 +5,9 @@
 //! - Debian's `llvm-22-dev` and `libpolly-22-dev`, which `bpf-linker` links to;
 //! - `bpf-linker` 0.13 built with `--features llvm-22`;
 //! - `iproute2` (`ip netns`) for the tests that run in their own network namespace;
-//! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), the benchmark's reference;
+//! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), `nginx` with
+//!   `libnginx-mod-stream` (1.22) and `socat`, the proxies it compares against,
+//!   installed with service start-up blocked (see [`ensure_bench`]);
 //! - for `cargo xtask check-deploy` (part of `test`): `systemd-analyze` (Debian's
 //!   `systemd`), `unshare` (`util-linux`), `mount`, `curl` (the drain
 //!   watcher's test runs the script, which uses it), and `cfn-lint` and
@@ -35,9 +37,64 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// Makes sure HAProxy, which the benchmark compares against, is installed.
+/// The proxies the benchmark compares against (it starts them itself).
+const BENCH_PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream", "socat"];
+/// Debian's hook that `invoke-rc.d` asks before starting a service; exit 101 = "not allowed".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+const POLICY_RC_D_TEXT: &str =
+    "#!/bin/sh\n# placed by cargo xtask setup --bench while apt-get runs\nexit 101\n";
+
+/// Makes sure HAProxy, nginx with its stream module and socat are installed.
+/// Installing haproxy or nginx would start their system daemons (nginx on
+/// port 80): while apt runs, a `policy-rc.d` that refuses every start is put
+/// in place (unless one exists already) and removed afterwards. Afterwards
+/// no `haproxy` or `nginx` process may be running that was not before.
 pub fn ensure_bench() -> Result<()> {
-    ensure_debian_packages(&["haproxy"], "HAProxy 2.6, or pass the bench --haproxy-bin PATH")
+    let missing: Vec<&str> =
+        BENCH_PACKAGES.iter().copied().filter(|pkg| !debian_package_installed(pkg)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let daemons_before = daemon_pids();
+    // Ours only if none was there: an existing hook (Docker images ship one) stays.
+    let created = !Path::new(POLICY_RC_D).exists()
+        && is_root()
+        && std::fs::write(POLICY_RC_D, POLICY_RC_D_TEXT).is_ok()
+        && set_executable(POLICY_RC_D);
+    let result = ensure_debian_packages(
+        &missing,
+        "HAProxy 2.6, nginx 1.22 with its stream module, socat; or leave peers out with the bench's --only",
+    );
+    if created && std::fs::read_to_string(POLICY_RC_D).is_ok_and(|text| text == POLICY_RC_D_TEXT) {
+        std::fs::remove_file(POLICY_RC_D).with_context(|| format!("removing {POLICY_RC_D}"))?;
+    }
+    result?;
+    let started: Vec<u32> = daemon_pids().into_iter().filter(|pid| !daemons_before.contains(pid)).collect();
+    if !started.is_empty() {
+        bail!(
+            "installing {} started system daemons (PIDs {started:?}): stop them with the service manager \
+             (e.g. `systemctl disable --now nginx haproxy`) before benchmarking",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn set_executable(path: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).is_ok()
+}
+
+/// PIDs of running processes named haproxy or nginx (from /proc/PID/comm).
+fn daemon_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| matches!(comm.trim(), "haproxy" | "nginx"))
+        })
+        .collect()
 }
 
 /// cargo-fuzz version `cargo xtask fuzz` installs when it is missing.

@@ -1,9 +1,7 @@
-//! The scenarios and one measurement of one: bytes sent, wall time until the
-//! sink has read them all, and whole-machine busy time over that wall time.
-//!
-//! Busy time is ncpu × wall − Δidle, with the idle time of all CPUs from the
-//! second field of /proc/uptime. The user/system tick counters are not used:
-//! on virtual machines they alias with paced traffic.
+//! The throughput scenarios and one measurement of one: bytes sent, wall time
+//! until the sink has read them all, whole-machine busy time over that wall
+//! time (ncpu × wall − Δidle, see [`crate::cpu`]), and the proxy process's
+//! own CPU ticks.
 
 use std::{
     io::{Read as _, Write as _},
@@ -14,6 +12,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::cpu::{clock_ticks_per_second, idle_seconds, ncpu, tree_ticks};
 
 /// Size of each write to the peer.
 const WRITE_SIZE: usize = 256 * 1024;
@@ -31,8 +32,12 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Self; 3] =
-        [Self::FullSpeed { streams: 1 }, Self::FullSpeed { streams: 8 }, Self::Paced { gbit_per_s: 3.0 }];
+    pub const ALL: [Self; 4] = [
+        Self::FullSpeed { streams: 1 },
+        Self::FullSpeed { streams: 8 },
+        Self::FullSpeed { streams: 64 },
+        Self::Paced { gbit_per_s: 3.0 },
+    ];
 
     pub fn title(self) -> String {
         match self {
@@ -42,11 +47,7 @@ impl Scenario {
         }
     }
 
-    pub fn is_paced(self) -> bool {
-        matches!(self, Self::Paced { .. })
-    }
-
-    fn streams(self) -> usize {
+    pub fn streams(self) -> usize {
         match self {
             Self::FullSpeed { streams } => streams,
             Self::Paced { .. } => 1,
@@ -55,7 +56,7 @@ impl Scenario {
 }
 
 /// One measured run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize)]
 pub struct Sample {
     /// All streams together, over the wall time.
     pub gbit_per_s: f64,
@@ -63,18 +64,23 @@ pub struct Sample {
     pub busy_percent: f64,
     /// Busy core-seconds per 10^9 bytes carried.
     pub core_s_per_gb: f64,
+    /// The proxy process's own CPU (with its children: nginx's workers,
+    /// socat's per-connection processes) per 10^9 bytes, from its tick
+    /// counters; None for direct.
+    pub proxy_core_s_per_gb: Option<f64>,
 }
 
 /// Connects every stream of `scenario` to `addr`, sends for `duration`, and
-/// waits until the sink has read every byte of every stream.
-pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration) -> Result<Sample> {
+/// waits until the sink has read every byte of every stream. `proxy` is the
+/// PID of the process in between, if any.
+pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration, proxy: Option<u32>) -> Result<Sample> {
     let streams: Vec<TcpStream> = (0..scenario.streams())
         .map(|_| connect(addr))
         .collect::<Result<_>>()
         .with_context(|| format!("connecting to {addr}"))?;
     // The senders start together, after the clock and the idle counter.
     let start = Barrier::new(streams.len() + 1);
-    let (sent, wall, idle) = thread::scope(|scope| {
+    let (sent, wall, idle, proxy_ticks) = thread::scope(|scope| {
         let senders: Vec<_> = streams
             .into_iter()
             .map(|stream| {
@@ -86,6 +92,7 @@ pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration) -> Result<S
             })
             .collect();
         let idle_before = idle_seconds();
+        let ticks_before = proxy.map(tree_ticks);
         let started = Instant::now();
         start.wait();
         let mut sent = 0u64;
@@ -93,7 +100,9 @@ pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration) -> Result<S
             sent += sender.join().expect("sender thread panicked")?;
         }
         let wall = started.elapsed().as_secs_f64();
-        anyhow::Ok((sent, wall, idle_seconds()? - idle_before?))
+        let ticks =
+            proxy.map(tree_ticks).zip(ticks_before).map(|(after, before)| after.saturating_sub(before));
+        anyhow::Ok((sent, wall, idle_seconds()? - idle_before?, ticks))
     })?;
     let capacity = ncpu() as f64 * wall;
     let busy = (capacity - idle).max(0.0);
@@ -102,6 +111,7 @@ pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration) -> Result<S
         gbit_per_s: gb * 8.0 / wall,
         busy_percent: 100.0 * busy / capacity,
         core_s_per_gb: busy / gb,
+        proxy_core_s_per_gb: proxy_ticks.map(|ticks| ticks as f64 / clock_ticks_per_second() / gb),
     })
 }
 
@@ -144,36 +154,4 @@ fn send_then_wait_for_sink(mut stream: TcpStream, scenario: Scenario, duration: 
     let mut done = [0u8; 1];
     stream.read_exact(&mut done).context("waiting for the sink to have read everything")?;
     Ok(sent)
-}
-
-/// Whole-machine busy % over `duration` with nothing sent: how quiet the machine is.
-pub fn background_busy_percent(duration: Duration) -> Result<f64> {
-    let idle_before = idle_seconds()?;
-    let started = Instant::now();
-    thread::sleep(duration);
-    let capacity = ncpu() as f64 * started.elapsed().as_secs_f64();
-    Ok(100.0 * (capacity - (idle_seconds()? - idle_before)).max(0.0) / capacity)
-}
-
-/// Online CPUs: the `cpuN` lines of /proc/stat, the CPUs whose idle time
-/// /proc/uptime sums (whatever this process's affinity).
-pub fn ncpu() -> usize {
-    let per_cpu_lines = std::fs::read_to_string("/proc/stat").map_or(0, |stat| {
-        stat.lines()
-            .filter(|line| {
-                line.strip_prefix("cpu").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-            })
-            .count()
-    });
-    if per_cpu_lines > 0 {
-        per_cpu_lines
-    } else {
-        thread::available_parallelism().map_or(1, std::num::NonZero::get)
-    }
-}
-
-/// Idle time of all CPUs together, in seconds (second field of /proc/uptime).
-fn idle_seconds() -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/uptime")?;
-    text.split_whitespace().nth(1).context("/proc/uptime has no idle field")?.parse().context("/proc/uptime")
 }

@@ -1,0 +1,136 @@
+//! Command-line arguments (no clap: a handful of flags, all documented in USAGE).
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+
+pub const USAGE: &str = "\
+bench [--workload throughput|latency|connect|idle]... [--only SUBSTRING]
+      [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced]...
+      [--round-trips N (20000)] [--idle N,N (10000,50000)] [--results DIR (bench/results)]
+      [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
+
+Measures, over loopback, direct, splice-proxy (sockmap, splice, copy), HAProxy
+(splice-auto; splice-request+response with tune.pipesize 1 MiB; no splice with
+tune.bufsize 256 KiB), nginx stream and socat:
+  throughput  1, 8 and 64 streams at full speed, 1 stream paced at 3 Gbit/s:
+              Gbit/s, machine busy %, core-s per GB, the proxy's own core-s per GB
+              (--seconds each, --scenario picks some; repeatable)
+  latency     1 B and 16 KiB ping-pong on one connection: p50/p99/p99.9
+              (--round-trips each)
+  connect     new connections/s through the peer with time to first byte
+              (--seconds each); splice-proxy with its upstream as a name that a
+              local DNS server resolves, with --dns-max-ttl 0 and the default
+  idle        proxy RSS and kernel socket memory per connection with --idle
+              connections held open (one round; socat left out)
+--workload picks some (repeatable; default all). --rounds applies to throughput,
+latency and connect; rounds alternate across peers and each figure is the median
+(min-max). --only keeps the peers whose name contains SUBSTRING (any case);
+direct, the reference, is always measured. Results: DIR/<time>.json, .md and
+.svg plots. Run as root: the sockmap plane loads BPF programs, the idle workload
+raises file limits and widens ip_local_port_range while it runs.";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Workload {
+    Throughput,
+    Latency,
+    Connect,
+    Idle,
+}
+
+pub struct Args {
+    pub workloads: Vec<Workload>,
+    pub seconds: f64,
+    pub rounds: usize,
+    pub only: Option<String>,
+    /// Indexes into [`crate::throughput::Scenario::ALL`] to run, in order.
+    pub scenarios: Vec<usize>,
+    pub round_trips: usize,
+    pub idle_counts: Vec<usize>,
+    pub results_dir: PathBuf,
+    pub proxy_bin: PathBuf,
+    pub haproxy_bin: String,
+}
+
+impl Args {
+    pub fn runs(&self, workload: Workload) -> bool {
+        self.workloads.contains(&workload)
+    }
+}
+
+pub fn parse() -> Result<Args> {
+    let mut args = Args {
+        workloads: Vec::new(),
+        seconds: 3.0,
+        rounds: 3,
+        only: None,
+        scenarios: Vec::new(),
+        round_trips: 20_000,
+        idle_counts: vec![10_000, 50_000],
+        results_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results")),
+        proxy_bin: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/splice-proxy")),
+        haproxy_bin: "haproxy".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--workload" => {
+                let workload = match value()?.as_str() {
+                    "throughput" => Workload::Throughput,
+                    "latency" => Workload::Latency,
+                    "connect" => Workload::Connect,
+                    "idle" => Workload::Idle,
+                    other => bail!("--workload {other}: expected throughput, latency, connect or idle"),
+                };
+                if !args.workloads.contains(&workload) {
+                    args.workloads.push(workload);
+                }
+            }
+            "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
+            "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
+            "--only" => args.only = Some(value()?.to_lowercase()),
+            "--scenario" => {
+                let index = match value()?.as_str() {
+                    "1" => 0,
+                    "8" => 1,
+                    "64" => 2,
+                    "paced" => 3,
+                    other => bail!("--scenario {other}: expected 1, 8, 64 or paced"),
+                };
+                if !args.scenarios.contains(&index) {
+                    args.scenarios.push(index);
+                }
+            }
+            "--round-trips" => args.round_trips = value()?.parse().context("--round-trips")?,
+            "--idle" => {
+                args.idle_counts = value()?
+                    .split(',')
+                    .map(|count| count.trim().parse::<usize>().with_context(|| format!("--idle {count}")))
+                    .collect::<Result<_>>()?;
+                args.idle_counts.sort_unstable();
+            }
+            "--results" => args.results_dir = value()?.into(),
+            "--proxy-bin" => args.proxy_bin = value()?.into(),
+            "--haproxy-bin" => args.haproxy_bin = value()?,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}; see --help"),
+        }
+    }
+    if args.workloads.is_empty() {
+        args.workloads = vec![Workload::Throughput, Workload::Latency, Workload::Connect, Workload::Idle];
+    }
+    if args.scenarios.is_empty() {
+        args.scenarios = (0..crate::throughput::Scenario::ALL.len()).collect();
+    }
+    if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 || args.round_trips == 0 {
+        bail!("--rounds, --seconds and --round-trips must be positive");
+    }
+    if args.idle_counts.is_empty() || args.idle_counts.contains(&0) {
+        bail!("--idle needs positive counts, such as 10000,50000");
+    }
+    Ok(args)
+}

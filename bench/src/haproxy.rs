@@ -1,0 +1,113 @@
+//! HAProxy: found on PATH or in /usr/sbin, started in the foreground with a
+//! config the bench writes to a fresh temporary directory.
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::process::{Process, TempDir, find_program, free_loopback_addr};
+
+/// Pipes HAProxy may hold for splicing (64 streams need 128).
+const HAPROXY_PIPES: u64 = 1024;
+
+/// Lines for HAProxy's global section, and for its defaults section.
+pub type HaproxyTuning = (&'static [&'static str], &'static [&'static str]);
+
+/// The HAProxy binary the bench starts, with its version.
+pub struct Haproxy {
+    binary: PathBuf,
+    version: String,
+}
+
+impl Haproxy {
+    pub fn find(name: &str) -> Result<Self> {
+        let binary = find_program(name).with_context(|| {
+            format!(
+                "HAProxy (`{name}`) was not found on PATH nor in /usr/sbin: run `cargo xtask setup --bench` \
+                 or `apt-get install haproxy`, pass --haproxy-bin PATH, or leave HAProxy out with --only"
+            )
+        })?;
+        let out = Command::new(&binary)
+            .arg("-v")
+            .output()
+            .with_context(|| format!("running {} -v", binary.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
+        let version = text.split_whitespace().nth(2).unwrap_or("unknown").to_owned();
+        if !version.starts_with("2.6") {
+            eprintln!("note: HAProxy {version}, not 2.6 as in the design's figures");
+        }
+        Ok(Self { binary, version })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Starts HAProxy in the foreground (`-db`) with a config written to a
+    /// fresh temporary directory, which also receives its standard error.
+    pub fn start(
+        &self,
+        name: &str,
+        tuning: HaproxyTuning,
+        upstream: SocketAddr,
+        open_files: u64,
+    ) -> Result<(Process, SocketAddr, TempDir)> {
+        let addr = free_loopback_addr()?;
+        let dir = TempDir::create()?;
+        let config = dir.path.join("haproxy.cfg");
+        std::fs::write(&config, haproxy_config(name, tuning, addr, upstream, open_files))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let log_path = dir.path.join("haproxy.log");
+        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(&self.binary)
+            .arg("-f")
+            .arg(&config)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let mut process = Process { name: name.to_owned(), child, log: Some(log_path) };
+        process.wait_until_accepting(addr)?;
+        Ok((process, addr, dir))
+    }
+}
+
+/// Mode tcp, one frontend on `listen`, one backend to the upstream; nbthread
+/// is left to its default (one thread per CPU). maxconn: as many connections
+/// as `open_files` holds (two sockets each), for the idle workload; with
+/// `maxpipes 1024` (the default for issue 10's maxconn 4096: maxconn / 4),
+/// HAProxy's file need is 2 × maxconn + 2 × 1024 + a few, within the limit.
+fn haproxy_config(
+    name: &str,
+    (global_tuning, defaults_tuning): HaproxyTuning,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    open_files: u64,
+) -> String {
+    const TIMEOUTS: [&str; 3] = ["timeout connect 10s", "timeout client 5m", "timeout server 5m"];
+    let maxconn = format!("maxconn {}", crate::limits::max_connections(open_files));
+    let files = format!("ulimit-n {open_files}");
+    let pipes = format!("maxpipes {HAPROXY_PIPES}");
+    let bind = format!("bind {listen}");
+    let server = format!("server upstream {upstream}");
+    let sections: [(&str, Vec<&str>); 4] = [
+        ("global", [&[maxconn.as_str(), files.as_str(), pipes.as_str()], global_tuning].concat()),
+        ("defaults", [&["mode tcp", maxconn.as_str()], &TIMEOUTS[..], defaults_tuning].concat()),
+        ("frontend bench", vec![&bind, "default_backend upstream"]),
+        ("backend upstream", vec![&server]),
+    ];
+    let mut text = format!("# {name}, written by splice-proxy's bench\n");
+    for (section, lines) in sections {
+        text += &format!("\n{section}\n");
+        text.extend(lines.iter().map(|line| format!("    {line}\n")));
+    }
+    text
+}

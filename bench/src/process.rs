@@ -1,0 +1,125 @@
+//! Child processes the bench starts (killed by their PID and reaped on drop),
+//! their temporary directories, free loopback ports, and program look-up.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Child,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+/// How long a started proxy may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A child process, killed (SIGKILL to its PID) and reaped on drop. A
+/// process that forks (nginx's workers, socat's per-connection children)
+/// gets its children killed by their PIDs too: found by parent PID.
+pub struct Process {
+    pub name: String,
+    pub child: Child,
+    /// Where its output goes, quoted when it fails.
+    pub log: Option<PathBuf>,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = self.log.as_ref().and_then(|path| std::fs::read_to_string(path).ok());
+            bail!(
+                "{} (PID {}) exited: {status}{}",
+                self.name,
+                self.child.id(),
+                log.map(|text| format!("; its output:\n{text}")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn wait_until_accepting(&mut self, addr: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            if TcpStream::connect(addr).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} does not accept on {addr} after {START_TIMEOUT:?}", self.name);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Its children are found first, while they are still its children;
+        // it is killed next, so it cannot start new ones (nginx's master
+        // replaces a killed worker at once); then they are.
+        let children = crate::cpu::descendants(self.child.id());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in children {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A directory of our own under the system temp dir, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn create() -> Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("splice-proxy-bench-{}-{n}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Reserves a loopback port, frees it, and hands it out.
+pub fn free_loopback_addr() -> Result<SocketAddr> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    Ok(([127, 0, 0, 1], port).into())
+}
+
+/// `name` is a path, or a command looked up on PATH, then in /usr/sbin and
+/// /usr/local/sbin (Debian installs HAProxy and nginx in /usr/sbin).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Path::new(name).is_file().then(|| PathBuf::from(name));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Effective UID 0, from /proc/self/status ("Uid: real effective saved fs").
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .is_some_and(|euid| euid == "0")
+    })
+}

@@ -1,0 +1,53 @@
+//! splice-proxy as a peer: the release binary with one data plane, plain TCP
+//! (no SNI check), its upstream an address or a name the bench's DNS server
+//! resolves.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    peers::{DnsCache, UPSTREAM_NAME, Upstream},
+    process::{Process, free_loopback_addr, is_root},
+};
+
+pub fn start(binary: &Path, upstream: Upstream, dataplane: &str) -> Result<(Process, SocketAddr)> {
+    if !binary.is_file() {
+        bail!("{} is missing: run `cargo build --release --bin splice-proxy` first", binary.display());
+    }
+    if dataplane == "sockmap" && !is_root() {
+        bail!("the sockmap data plane needs root (BPF): run the bench as root, or pick peers with --only");
+    }
+    let addr = free_loopback_addr()?;
+    let mut command = Command::new(binary);
+    command
+        .args(["--listen", &addr.to_string()])
+        .args(["--dataplane", dataplane])
+        // Several proxies run at once: no shared admin port.
+        .args(["--admin-listen", "127.0.0.1:0"])
+        // The bench moves plain TCP, not TLS.
+        .arg("--no-sni-check")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    match upstream.dns {
+        None => command.args(["--upstream", &upstream.addr.to_string()]),
+        Some((server, cache)) => {
+            command
+                .args(["--upstream", &format!("{UPSTREAM_NAME}:{}", upstream.addr.port())])
+                .args(["--dns-server", &server.to_string()]);
+            match cache {
+                DnsCache::Off => command.args(["--dns-max-ttl", "0s"]),
+                DnsCache::Default => &mut command,
+            }
+        }
+    };
+    let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
+    let mut process = Process { name: format!("splice-proxy --dataplane {dataplane}"), child, log: None };
+    process.wait_until_accepting(addr)?;
+    Ok((process, addr))
+}

@@ -1,0 +1,188 @@
+//! Each workload: start the peers in front of its upstream server, measure
+//! them round after round (rounds alternate across peers, 200 ms apart), and
+//! stop them (killed by PID when dropped).
+
+use std::{thread, time::Duration};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    args::Args,
+    connect_rate, idle, latency,
+    limits::WidePortRange,
+    peers::{self, DnsCache, PeerKind, RunningPeer, Tools, UPSTREAM_NAME, Upstream},
+    results::{IdleResult, LatencyResult, PeerRounds, ThroughputResult},
+    servers::{self, Holder},
+    throughput::{self, Scenario},
+};
+
+/// Time between two measurements, for the previous one's queues and timers.
+const PAUSE: Duration = Duration::from_millis(200);
+
+fn rounds_of<T>(peers: &[RunningPeer]) -> Vec<PeerRounds<T>> {
+    peers
+        .iter()
+        .map(|peer| PeerRounds { peer: peer.name.clone(), kind: Some(peer.kind), rounds: Vec::new() })
+        .collect()
+}
+
+pub fn throughput(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<ThroughputResult>> {
+    let sink = servers::start_sink()?;
+    let mut running = peers::start_all(kinds, Upstream { addr: sink, dns: None }, tools)?;
+    let scenarios: Vec<Scenario> = args.scenarios.iter().map(|&i| Scenario::ALL[i]).collect();
+    let mut results: Vec<ThroughputResult> = scenarios
+        .iter()
+        .map(|scenario| ThroughputResult {
+            scenario: scenario.title(),
+            streams: scenario.streams(),
+            paced_gbit_per_s: match scenario {
+                Scenario::Paced { gbit_per_s } => Some(*gbit_per_s),
+                Scenario::FullSpeed { .. } => None,
+            },
+            peers: rounds_of(&running),
+        })
+        .collect();
+    let duration = Duration::from_secs_f64(args.seconds);
+    for round in 1..=args.rounds {
+        for (scenario, result) in scenarios.iter().zip(&mut results) {
+            for (peer, rounds) in running.iter_mut().zip(&mut result.peers) {
+                peer.check_alive()?;
+                thread::sleep(PAUSE);
+                let sample = throughput::run(*scenario, peer.addr, duration, peer.pid())
+                    .with_context(|| format!("round {round}, {}, {}", scenario.title(), peer.name))?;
+                eprintln!(
+                    "throughput round {round}/{}: {}: {}: {:.1} Gbit/s, busy {:.0} %",
+                    args.rounds,
+                    scenario.title(),
+                    peer.name,
+                    sample.gbit_per_s,
+                    sample.busy_percent
+                );
+                rounds.rounds.push(sample);
+            }
+        }
+    }
+    Ok(results)
+}
+
+pub fn latency(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<LatencyResult>> {
+    let echo = servers::start_echo()?;
+    let mut running = peers::start_all(kinds, Upstream { addr: echo, dns: None }, tools)?;
+    let mut results: Vec<LatencyResult> = latency::SIZES
+        .iter()
+        .map(|&size| LatencyResult {
+            request_bytes: size,
+            round_trips_per_round: args.round_trips,
+            peers: rounds_of(&running),
+        })
+        .collect();
+    for round in 1..=args.rounds {
+        for result in &mut results {
+            for (peer, rounds) in running.iter_mut().zip(&mut result.peers) {
+                peer.check_alive()?;
+                thread::sleep(PAUSE);
+                let size = result.request_bytes;
+                let sample = latency::run(peer.addr, size, args.round_trips)
+                    .with_context(|| format!("round {round}, latency {size} B, {}", peer.name))?;
+                eprintln!(
+                    "latency round {round}/{}: {}: {}: p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs",
+                    args.rounds,
+                    latency::size_name(size),
+                    peer.name,
+                    sample.p50_us,
+                    sample.p99_us,
+                    sample.p999_us
+                );
+                rounds.rounds.push(sample);
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// Every peer with the upstream as an address, and splice-proxy in each plane
+/// twice more with the upstream as a name: looked up for every connection
+/// (`--dns-max-ttl 0`) and with the default cache.
+pub fn connect(
+    args: &Args,
+    kinds: &[PeerKind],
+    tools: &Tools,
+) -> Result<Vec<PeerRounds<connect_rate::Sample>>> {
+    let greeter = servers::start_greeter()?;
+    // The DNS server runs on a runtime of its own for the workload's length.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the DNS server's runtime")?;
+    let dns = runtime.block_on(testkit::dns::DnsServer::start(Duration::from_secs(300)))?;
+    dns.set(UPSTREAM_NAME, testkit::dns::Answer::Addrs(vec![greeter.ip()]));
+    let mut running = Vec::new();
+    for &kind in kinds {
+        if kind.is_splice_proxy() {
+            for cache in [DnsCache::Off, DnsCache::Default] {
+                running.push(RunningPeer::start(
+                    kind,
+                    Upstream { addr: greeter, dns: Some((dns.addr, cache)) },
+                    tools,
+                )?);
+            }
+        } else {
+            running.push(RunningPeer::start(kind, Upstream { addr: greeter, dns: None }, tools)?);
+        }
+    }
+    let mut results = rounds_of(&running);
+    let duration = Duration::from_secs_f64(args.seconds);
+    for round in 1..=args.rounds {
+        for (peer, rounds) in running.iter_mut().zip(&mut results) {
+            peer.check_alive()?;
+            thread::sleep(PAUSE);
+            let sample = connect_rate::run(peer.addr, duration)
+                .with_context(|| format!("round {round}, connection set-up, {}", peer.name))?;
+            eprintln!(
+                "connect round {round}/{}: {}: {:.0} connections/s, first byte p99 {:.0} µs",
+                args.rounds, peer.name, sample.connections_per_s, sample.ttfb_p99_us
+            );
+            rounds.rounds.push(sample);
+        }
+    }
+    eprintln!("connect: the DNS server answered {} queries", dns.queries());
+    drop(running);
+    runtime.block_on(dns.stop());
+    Ok(results)
+}
+
+/// One peer at a time (each holds its connections alone), one round: memory
+/// readings vary little from round to round, unlike the rates above.
+pub fn idle(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<IdleResult>> {
+    let most = args.idle_counts.iter().copied().max().unwrap_or(0);
+    let _ports = WidePortRange::ensure(most + 4096)?;
+    let mut results = Vec::new();
+    for &kind in kinds {
+        if kind == PeerKind::Socat {
+            eprintln!("idle: socat left out (a process per connection: thousands of processes)");
+            continue;
+        }
+        let holder = Holder::start()?;
+        let mut peer = RunningPeer::start(kind, Upstream { addr: holder.addr, dns: None }, tools)?;
+        thread::sleep(PAUSE);
+        let (points, error) = idle::run(peer.addr, &holder, peer.pid(), &args.idle_counts);
+        if let Some(error) = &error {
+            eprintln!("idle: {}: stopped early: {error:#}", peer.name);
+        }
+        peer.check_alive()?;
+        for point in &points {
+            eprintln!(
+                "idle: {}: {} connections: proxy RSS +{:.0} B/connection, TCP buffers +{:.0}, slab +{:.0}",
+                peer.name,
+                point.connections,
+                point.per_connection(point.proxy_rss_bytes),
+                point.per_connection(point.tcp_buffer_bytes),
+                point.per_connection(point.slab_bytes)
+            );
+        }
+        let error = error.map(|error| format!("{error:#}"));
+        results.push(IdleResult { peer: peer.name.clone(), kind: Some(kind), points, error });
+    }
+    Ok(results)
+}
