@@ -185,8 +185,10 @@ async fn scale_in_scenario(world: &World) -> Result<()> {
 
     world.signal(0, nix::sys::signal::Signal::SIGTERM)?;
     let term = Instant::now();
-    let (status, _) = world.admin_get(0, "/readyz").await?;
-    ensure!(status == 503, "/readyz answered {status} right after SIGTERM");
+    testkit::e2e::world::eventually("/readyz 503 after SIGTERM", Duration::from_secs(1), || async {
+        Ok(world.admin_get(0, "/readyz").await?.0 == 503)
+    })
+    .await?;
     let noticed = world.forwarder.wait_health(0, false, Duration::from_secs(10)).await?;
     let flows_at_notice = world.forwarder.targets[0].flows();
     ensure!(world.metrics(0).await?.count("splice_proxy_draining", &[]) == 1.0, "draining is not 1");

@@ -5,6 +5,10 @@
 //! - Debian's `llvm-22-dev` and `libpolly-22-dev`, which `bpf-linker` links to;
 //! - `bpf-linker` 0.13 built with `--features llvm-22`;
 //! - `iproute2` (`ip netns`) for the tests that run in their own network namespace;
+//! - for the end-to-end suite (`cargo xtask e2e`, and the end of `test`):
+//!   `wireguard-go` and `wireguard-tools` (`wg`) from Debian, and kubectl
+//!   1.32 at `/usr/bin/kubectl`, which we never install (Debian's
+//!   `kubernetes-client` is another version): its absence is an error;
 //! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), the benchmark's reference;
 //! - for `cargo xtask check-deploy` (part of `test`): `systemd-analyze` (Debian's
 //!   `systemd`), `unshare` (`util-linux`), `mount`, `curl` (the drain
@@ -38,6 +42,27 @@ pub fn ensure() -> Result<()> {
 /// Makes sure HAProxy, which the benchmark compares against, is installed.
 pub fn ensure_bench() -> Result<()> {
     ensure_debian_packages(&["haproxy"], "HAProxy 2.6, or pass the bench --haproxy-bin PATH")
+}
+
+/// kubectl as these machines have it (1.32); the end-to-end suite runs it.
+pub const KUBECTL: &str = "/usr/bin/kubectl";
+
+/// Makes sure the end-to-end suite can run: wireguard-go and wg (installed
+/// when missing) and kubectl (never installed here: Debian's
+/// `kubernetes-client` would replace the 1.32 client with another version).
+pub fn ensure_e2e() -> Result<()> {
+    ensure_debian_packages(
+        &["wireguard-go", "wireguard-tools"],
+        "wireguard-go (userspace WireGuard) and wg (wireguard-tools)",
+    )?;
+    if !Path::new(KUBECTL).is_file() {
+        bail!(
+            "{KUBECTL} is missing: the end-to-end suite needs kubectl 1.32 there (the upstream \
+             release binary, https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl); \
+             do not install Debian's kubernetes-client instead"
+        );
+    }
+    Ok(())
 }
 
 /// cargo-fuzz version `cargo xtask fuzz` installs when it is missing.

@@ -40,6 +40,8 @@ pub struct Target {
     /// When the health check last turned it unhealthy, and flows sent after that.
     unhealthy_since: Mutex<Option<Instant>>,
     flows_while_unhealthy: AtomicU64,
+    /// Flows whose connect to it failed or timed out (the client was closed).
+    connect_failures: AtomicU64,
 }
 
 impl Target {
@@ -90,6 +92,7 @@ impl Forwarder {
                     active: AtomicU64::new(0),
                     unhealthy_since: Mutex::new(None),
                     flows_while_unhealthy: AtomicU64::new(0),
+                    connect_failures: AtomicU64::new(0),
                 })
                 .collect(),
         );
@@ -155,7 +158,14 @@ impl Forwarder {
     #[must_use]
     pub fn summary(&self) -> String {
         let line = |t: &Target| {
-            format!("{} healthy={} flows={} active={}", t.addr, t.healthy(), t.flows(), t.active())
+            let failed = t.connect_failures.load(Ordering::Relaxed);
+            format!(
+                "{} healthy={} flows={} active={} connect_failures={failed}",
+                t.addr,
+                t.healthy(),
+                t.flows(),
+                t.active()
+            )
         };
         self.targets.iter().map(line).collect::<Vec<_>>().join("; ")
     }
@@ -194,6 +204,8 @@ async fn relay(
         if upstream.write_all(&header).await.is_ok() {
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         }
+    } else {
+        target.connect_failures.fetch_add(1, Ordering::Relaxed);
     }
     target.active.fetch_sub(1, Ordering::Relaxed);
 }

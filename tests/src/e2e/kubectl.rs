@@ -51,14 +51,17 @@ impl Kubectl {
         Ok(Self { netns: netns.to_owned(), kubeconfig, home })
     }
 
+    /// kubectl with `args`; `--request-timeout` bounds a call (a watch
+    /// gets none: kubectl would end it at the timeout).
     fn command(&self, args: &[&str]) -> Command {
+        let watch = args.contains(&"--watch");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns, KUBECTL])
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--cache-dir")
             .arg(self.home.join("cache"))
-            .args(["--request-timeout", "20s"])
+            .args(["--request-timeout", if watch { "0" } else { "20s" }])
             .args(args)
             .env("HOME", &self.home)
             .stdin(Stdio::null())

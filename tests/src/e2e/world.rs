@@ -51,6 +51,9 @@ pub struct World {
     pub control: Node,
     pub acct: Node,
     pub eks: Node,
+    /// The DNS server's own runtime in eks (the cluster VPC's resolver is
+    /// not slowed by the API servers' TLS work).
+    dns_node: Node,
     tunnel: Tunnel,
     pub topology: Topology,
     config: PathBuf,
@@ -73,8 +76,9 @@ impl World {
             Node::start(&topology.acct, 2)?,
             Node::start(&topology.eks, 2)?,
         );
+        let dns_node = Node::start(&topology.eks, 1)?;
         let pki = Arc::new(Pki::new(API_HOST)?);
-        let dns = eks.run(DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL)).await??;
+        let dns = dns_node.run(DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL)).await??;
         let mut apis = BTreeMap::new();
         for eni in ENIS {
             let pki = Arc::clone(&pki);
@@ -103,6 +107,7 @@ impl World {
             control,
             acct,
             eks,
+            dns_node,
             tunnel,
             topology,
             config,
@@ -198,7 +203,7 @@ impl World {
 
     /// The DNS server is back, with the last answer.
     pub async fn start_dns(&self) -> Result<()> {
-        let dns = self.eks.run(DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL)).await??;
+        let dns = self.dns_node.run(DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL)).await??;
         *lock(&self.dns) = Some(dns);
         let answer = lock(&self.dns_answer).clone();
         self.set_dns(&answer);
