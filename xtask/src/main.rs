@@ -107,7 +107,10 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::E2e { long, scenarios } => {
-            build_ebpf(&root)?;
+            // proxy-user's build embeds the kernel object (`test` has just built it).
+            if !ebpf_object(&root).is_file() {
+                build_ebpf(&root)?;
+            }
             run(cargo(&root).args(["build", "--bin", "splice-proxy"]))?;
             e2e(&root, long, &scenarios)
         }
