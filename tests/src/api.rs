@@ -26,6 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 /// A CA and a server certificate for one hostname.
 pub struct Pki {
     ca_der: CertificateDer<'static>,
+    ca_pem: String,
     cert_der: CertificateDer<'static>,
     key_der: Vec<u8>,
 }
@@ -40,10 +41,22 @@ impl Pki {
         let key = rcgen::KeyPair::generate()?;
         let params = rcgen::CertificateParams::new(vec![hostname.to_owned()])?;
         let cert = params.signed_by(&key, &ca, &ca_key)?;
-        Ok(Self { ca_der: ca.der().clone(), cert_der: cert.der().clone(), key_der: key.serialize_der() })
+        Ok(Self {
+            ca_der: ca.der().clone(),
+            ca_pem: ca.pem(),
+            cert_der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        })
     }
 
-    fn server_config(&self) -> Result<Arc<ServerConfig>> {
+    /// The CA certificate, PEM (a kubeconfig's `certificate-authority`).
+    #[must_use]
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The server side: the hostname's certificate, no ALPN (HTTP/1.1).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
         let config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?

@@ -67,6 +67,18 @@ impl DnsServer {
                 Err(e) => return Err(e).context("binding the DNS TCP socket"),
             }
         };
+        Self::serve(udp, tcp, ttl)
+    }
+
+    /// Starts on `addr` (UDP and TCP), in the namespace of the calling thread.
+    pub async fn start_on(addr: SocketAddr, ttl: Duration) -> Result<Self> {
+        let udp =
+            tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding DNS UDP {addr}"))?;
+        let tcp = crate::listen(addr).with_context(|| format!("binding DNS TCP {addr}"))?;
+        Self::serve(udp, tcp, ttl)
+    }
+
+    fn serve(udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, ttl: Duration) -> Result<Self> {
         let addr = udp.local_addr()?;
         let zone = Arc::new(Zone::default());
         zone.ttl.store(ttl.as_secs(), Ordering::Relaxed);

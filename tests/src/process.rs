@@ -61,7 +61,7 @@ impl ProxyProcess {
     pub fn start_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
         let mut cmd = Command::new(binary()?);
         cmd.envs(env.iter().copied());
-        Self::start_command(cmd, args)
+        Self::start_command(cmd, args, true)
     }
 
     /// [`Self::start`] through a program that execs the proxy (`setpriv
@@ -70,12 +70,12 @@ impl ProxyProcess {
         let (program, wrapper_args) = wrapper.split_first().context("empty wrapper")?;
         let mut cmd = Command::new(program);
         cmd.args(wrapper_args).arg(binary()?);
-        Self::start_command(cmd, args)
+        Self::start_command(cmd, args, true)
     }
 
     /// [`Self::start`] with an explicit binary.
     pub fn start_binary<S: AsRef<str>>(binary: &std::path::Path, args: &[S]) -> Result<Self> {
-        Self::start_command(Command::new(binary), args)
+        Self::start_command(Command::new(binary), args, true)
     }
 
     /// [`Self::start`] inside the network namespace `netns` (`ip netns exec`,
@@ -83,14 +83,29 @@ impl ProxyProcess {
     pub fn start_in_netns<S: AsRef<str>>(netns: &str, args: &[S]) -> Result<Self> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns]).arg(binary()?);
-        let mut proxy = Self::start_command(cmd, args)?;
+        let mut proxy = Self::start_command(cmd, args, true)?;
         proxy.netns = Some(netns.to_owned());
         Ok(proxy)
     }
 
-    fn start_command<S: AsRef<str>>(mut cmd: Command, args: &[S]) -> Result<Self> {
-        cmd.args(args.iter().map(AsRef::as_ref)).args(["--log-format", "json"]);
-        let given = |flag: &str| args.iter().any(|a| a.as_ref() == flag);
+    /// The proxy as deployed: `--config FILE` and nothing else (no test
+    /// defaults: its listen and admin addresses and drain delay are the
+    /// file's), inside `netns`; the file must set `log_format = "json"`.
+    pub fn start_deployed(netns: &str, config: &std::path::Path) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(binary()?);
+        let config = config.to_str().context("config path is not UTF-8")?;
+        let mut proxy = Self::start_command(cmd, &["--config", config], false)?;
+        proxy.netns = Some(netns.to_owned());
+        Ok(proxy)
+    }
+
+    fn start_command<S: AsRef<str>>(mut cmd: Command, args: &[S], test_defaults: bool) -> Result<Self> {
+        cmd.args(args.iter().map(AsRef::as_ref));
+        let given = |flag: &str| !test_defaults || args.iter().any(|a| a.as_ref() == flag);
+        if test_defaults {
+            cmd.args(["--log-format", "json"]);
+        }
         if !given("--listen") && !given("--config") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | check-deploy |
+//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | check-deploy |
 //! package | demo | bench | fuzz`.
 //!
 //! Every task that needs the kernel toolchain first makes sure it is present
@@ -35,16 +35,33 @@ enum Task {
         /// libnginx-mod-stream and socat (no service is started).
         #[arg(long)]
         bench: bool,
+        /// Also install what `e2e` needs: wireguard-go and wireguard-tools
+        /// (kubectl 1.32 must already be at /usr/bin/kubectl).
+        #[arg(long)]
+        e2e: bool,
     },
     /// Build the kernel object (nightly, -Z build-std=core, bpf-linker) that
     /// proxy-user embeds. Runs `setup` first.
     BuildEbpf,
     /// Run every check and test: setup, build-ebpf, cargo fmt --check,
-    /// clippy -D warnings, check-deploy, then the whole test suite.
+    /// clippy -D warnings, check-deploy, the whole test suite, then the
+    /// end-to-end suite (short version).
     Test {
         /// Extra arguments passed to `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// Run the end-to-end suite (tests/tests/e2e.rs, as root): kubectl
+    /// through WireGuard, a PROXY v2 forwarder and two proxies with the
+    /// deployed configuration, to fake API servers on rotating ENIs; the
+    /// scenarios basic, eni_rotation, scale_in, faults, load, bad_input.
+    /// Installs wireguard-go and wireguard-tools when missing.
+    E2e {
+        /// The longer soak: the load scenario runs 300 s instead of 20 s.
+        #[arg(long)]
+        long: bool,
+        /// Scenario names to run (test name filters); all when none.
+        scenarios: Vec<String>,
     },
     /// Check the deployment files under deploy/: systemd-analyze verify
     /// (as root), kubernetes-validate, cfn-lint, and splice-proxy
@@ -83,12 +100,23 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     match cli.task {
-        Task::Setup { bench } => {
+        Task::Setup { bench, e2e } => {
             prereq::ensure()?;
-            if bench { prereq::ensure_bench() } else { Ok(()) }
+            if bench {
+                prereq::ensure_bench()?;
+            }
+            if e2e { prereq::ensure_e2e() } else { Ok(()) }
         }
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
+        Task::E2e { long, scenarios } => {
+            // proxy-user's build embeds the kernel object (`test` has just built it).
+            if !ebpf_object(&root).is_file() {
+                build_ebpf(&root)?;
+            }
+            run(cargo(&root).args(["build", "--bin", "splice-proxy"]))?;
+            e2e(&root, long, &scenarios)
+        }
         Task::CheckDeploy => check_deploy(&root),
         Task::Package => {
             build_ebpf(&root)?;
@@ -154,12 +182,37 @@ fn lint_ebpf(root: &Path) -> Result<()> {
 fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     build_ebpf(root)?;
     lint_ebpf(root)?;
+    prereq::ensure_e2e()?;
     run(cargo(root).args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        E2E_FEATURE,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // The integration tests start the real binary, so build it first.
     run(cargo(root).args(["build", "--workspace", "--bins"]))?;
     deploy::check(root, &root.join("target/debug/splice-proxy"))?;
-    run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(cargo_test_args))
+    run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(cargo_test_args))?;
+    // Last, once everything it builds on has passed: the short version.
+    e2e(root, false, &[])
+}
+
+/// The tests crate's feature that enables the end-to-end test target
+/// (left out of `cargo test --workspace` so that it runs last, on its own).
+const E2E_FEATURE: &str = "splice-proxy-tests/e2e";
+
+/// Runs the end-to-end suite against the built debug `splice-proxy`.
+fn e2e(root: &Path, long: bool, scenarios: &[String]) -> Result<()> {
+    prereq::ensure_e2e()?;
+    let mut cmd = cargo(root);
+    cmd.args(["test", "-p", "splice-proxy-tests", "--features", E2E_FEATURE, "--test", "e2e", "--"]);
+    cmd.args(scenarios).env("SPLICE_PROXY_E2E_LONG", if long { "1" } else { "0" });
+    run(&mut cmd)
 }
 
 fn check_deploy(root: &Path) -> Result<()> {

@@ -5,6 +5,10 @@
 //! - Debian's `llvm-22-dev` and `libpolly-22-dev`, which `bpf-linker` links to;
 //! - `bpf-linker` 0.13 built with `--features llvm-22`;
 //! - `iproute2` (`ip netns`) for the tests that run in their own network namespace;
+//! - for the end-to-end suite (`cargo xtask e2e`, and the end of `test`):
+//!   `wireguard-go` and `wireguard-tools` (`wg`) from Debian, and kubectl
+//!   1.32 at `/usr/bin/kubectl`, which we never install (Debian's
+//!   `kubernetes-client` is another version): its absence is an error;
 //! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), `nginx` with
 //!   `libnginx-mod-stream` (1.22) and `socat`, the proxies it compares against,
 //!   installed with service start-up blocked (see [`ensure_bench`]);
@@ -95,6 +99,27 @@ fn daemon_pids() -> Vec<u32> {
                 .is_ok_and(|comm| matches!(comm.trim(), "haproxy" | "nginx"))
         })
         .collect()
+}
+
+/// kubectl as these machines have it (1.32); the end-to-end suite runs it.
+pub const KUBECTL: &str = "/usr/bin/kubectl";
+
+/// Makes sure the end-to-end suite can run: wireguard-go and wg (installed
+/// when missing) and kubectl (never installed here: Debian's
+/// `kubernetes-client` would replace the 1.32 client with another version).
+pub fn ensure_e2e() -> Result<()> {
+    ensure_debian_packages(
+        &["wireguard-go", "wireguard-tools"],
+        "wireguard-go (userspace WireGuard) and wg (wireguard-tools)",
+    )?;
+    if !Path::new(KUBECTL).is_file() {
+        bail!(
+            "{KUBECTL} is missing: the end-to-end suite needs kubectl 1.32 there (the upstream \
+             release binary, https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl); \
+             do not install Debian's kubernetes-client instead"
+        );
+    }
+    Ok(())
 }
 
 /// cargo-fuzz version `cargo xtask fuzz` installs when it is missing.
