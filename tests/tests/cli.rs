@@ -193,7 +193,8 @@ fn the_xdp_example_in_the_readme_is_valid() -> Result<()> {
         section.split("```toml\n").nth(1).and_then(|s| s.split("```").next()).expect("a toml block");
     // The example's interface does not exist here; loopback does.
     assert!(example.contains("xdp_interface = \"ens5\""), "{example}");
-    let file = config_file(&example.replace("\"ens5\"", "\"lo\""))?;
+    assert!(example.contains("xdp_interface = \"ens6\""), "{example}");
+    let file = config_file(&example.replace("\"ens5\"", "\"lo\"").replace("\"ens6\"", "\"lo\""))?;
     let (code, text) = run(&["check-config", "--config", file.path().to_str().unwrap()])?;
     assert_eq!(code, Some(0), "{text}");
     for (listen, sources) in [
