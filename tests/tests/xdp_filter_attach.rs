@@ -1,8 +1,8 @@
 //! How the XDP source filter attaches and detaches: natively on veth,
 //! generically on loopback, gone after a drop, a failed start-up and a
 //! SIGKILLed proxy; one proxy with listeners on two interfaces attaches its
-//! one program to both and detaches it from both (at exit, and when the
-//! second interface refuses it). Runs as root in its own network namespace.
+//! one program to both, keeps them on a SIGHUP that moves a listener, and
+//! detaches it from both (at exit, and when the second interface refuses it). Runs as root in its own network namespace.
 
 use std::{io::Write as _, process::Command, time::Duration};
 
@@ -172,8 +172,28 @@ fn one_proxy_attaches_to_every_listener_s_interface_and_detaches_from_all() -> R
         .collect();
     assert_eq!(modes, [("lo".to_owned(), "generic".to_owned()), ("xf-a".to_owned(), "native".to_owned())]);
 
+    // SIGHUP with the second listener moved to xf-b: the interfaces are fixed
+    // until a restart (named in the log), the filter stays where it is.
+    let moved = two_interfaces("lo", "xf-b")?;
+    std::fs::copy(moved.path(), config.path())?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    proxy.signal(Signal::SIGHUP)?;
+    let warning = runtime.block_on(proxy.wait_message(
+        "SIGHUP: changing this setting needs a restart; it keeps its running value",
+        Duration::from_secs(10),
+    ))?;
+    assert_eq!(
+        (warning["key"].as_str(), warning["running"].as_str(), warning["file"].as_str()),
+        (Some("xdp_interface"), Some(r#"Some({"lo", "xf-a"})"#), Some(r#"Some({"lo", "xf-b"})"#)),
+        "{warning}"
+    );
+    runtime.block_on(proxy.wait_message("SIGHUP: configuration reloaded", Duration::from_secs(10)))?;
+    assert_eq!(xdp_program("lo")?, Some(on_lo));
+    assert_eq!(xdp_program("xf-a")?, Some(on_veth));
+    assert_eq!(xdp_program("xf-b")?, None, "a reload attached the filter to xf-b");
+
     proxy.signal(Signal::SIGTERM)?;
-    let status = tokio::runtime::Runtime::new()?.block_on(proxy.wait_exit(Duration::from_secs(20)))?;
+    let status = runtime.block_on(proxy.wait_exit(Duration::from_secs(20)))?;
     assert!(status.success(), "{status}: {:?}", proxy.events());
     assert_eq!(interfaces_logged(&proxy.events(), "XDP source filter detached"), ["lo", "xf-a"]);
     for interface in ["lo", "xf-a"] {
