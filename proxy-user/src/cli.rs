@@ -240,11 +240,13 @@ pub struct Options {
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer_size: Option<usize>,
 
-    /// Network interface to attach the XDP source filter to (one for all
-    /// listeners): TCP packets that arrive there for the port of a listener
-    /// with an allow list are dropped unless their source is in one of that
-    /// listener's prefixes; everything else passes. Native XDP when the
-    /// driver supports it, generic otherwise; detached when the proxy exits.
+    /// Network interface to attach the XDP source filter to: TCP packets
+    /// that arrive there for the port of a listener with an allow list are
+    /// dropped unless their source is in one of that listener's prefixes;
+    /// everything else passes. Native XDP when the driver supports it,
+    /// generic otherwise; detached when the proxy exits. In the config file
+    /// each [[listeners]] entry may set its own `xdp_interface` (else it
+    /// takes this one); the filter is attached to every interface named.
     #[arg(long, value_name = "IF")]
     pub xdp_interface: Option<String>,
 

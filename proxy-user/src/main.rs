@@ -30,9 +30,12 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         for listener in &config.listeners {
             let edge = &listener.edge;
-            let sources = match &listener.allowed_sources {
-                Some(list) => list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-                None => "any (not filtered)".to_owned(),
+            let sources = match (&listener.allowed_sources, &listener.xdp_interface) {
+                (Some(list), Some(interface)) => format!(
+                    "{} (XDP on {interface})",
+                    list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                ),
+                _ => "any (not filtered)".to_owned(),
             };
             println!(
                 "  listen {} -> {}; proxy protocol {:?}; sources {sources}",

@@ -193,12 +193,13 @@ fn the_xdp_example_in_the_readme_is_valid() -> Result<()> {
         section.split("```toml\n").nth(1).and_then(|s| s.split("```").next()).expect("a toml block");
     // The example's interface does not exist here; loopback does.
     assert!(example.contains("xdp_interface = \"ens5\""), "{example}");
-    let file = config_file(&example.replace("\"ens5\"", "\"lo\""))?;
+    assert!(example.contains("xdp_interface = \"ens6\""), "{example}");
+    let file = config_file(&example.replace("\"ens5\"", "\"lo\"").replace("\"ens6\"", "\"lo\""))?;
     let (code, text) = run(&["check-config", "--config", file.path().to_str().unwrap()])?;
     assert_eq!(code, Some(0), "{text}");
     for (listen, sources) in [
-        ("listen 0.0.0.0:443 ", "; sources 10.20.0.0/24, 10.20.1.0/24, 2600:1f18:abcd:ef00::/56"),
-        ("listen 0.0.0.0:8443 ", "; sources 10.99.0.0/16"),
+        ("listen 0.0.0.0:443 ", "; sources 10.20.0.0/24, 10.20.1.0/24, 2600:1f18:abcd:ef00::/56 (XDP on lo)"),
+        ("listen 0.0.0.0:8443 ", "; sources 10.99.0.0/16 (XDP on lo)"),
         ("listen 127.0.0.1:6443 ", "; sources any (not filtered)"),
     ] {
         let line = text.lines().find(|l| l.trim_start().starts_with(listen));

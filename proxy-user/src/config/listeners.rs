@@ -2,8 +2,8 @@
 //! (or `--listen`) gets the top-level settings (flags over the file); each
 //! `[[listeners]]` entry takes its own keys and the top-level value for every
 //! key it leaves out. That includes `allowed_source_cidrs`, the XDP source
-//! filter's allow list of the listener's port: a listener with none is not
-//! filtered.
+//! filter's allow list of the listener's port (a listener with none is not
+//! filtered), and `xdp_interface`, the interface the filter guards it on.
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -45,6 +45,7 @@ pub struct ListenerOptions {
     #[serde(default, with = "humantime_serde")]
     pub client_hello_timeout: Option<Duration>,
     pub allowed_source_cidrs: Option<Vec<SourcePrefix>>,
+    pub xdp_interface: Option<String>,
 }
 
 /// A validated listener.
@@ -55,10 +56,14 @@ pub struct ListenerConfig {
     /// The source prefixes the XDP filter lets through to this listener's
     /// port (never empty); `None`: the port is not filtered.
     pub allowed_sources: Option<BTreeSet<SourcePrefix>>,
+    /// The interface the XDP source filter is attached to for this listener
+    /// (its own `xdp_interface` or the top-level one; it exists); `None`:
+    /// no filter for it.
+    pub xdp_interface: Option<String>,
 }
 
 /// A bad value: config key, flag, why.
-struct FieldError(&'static str, &'static str, String);
+pub(super) struct FieldError(pub &'static str, pub &'static str, pub String);
 
 /// Every listener: the top-level addresses first, then the `[[listeners]]` entries.
 pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError> {
@@ -70,9 +75,11 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
         ));
     }
     let at_top = |FieldError(field, flag, reason)| super::invalid(field, flag, reason);
-    let has_interface = o.xdp_interface.is_some();
+    if let Some(interface) = &o.xdp_interface {
+        source_lists::interface_exists(interface).map_err(at_top)?;
+    }
     let top_list = (!o.allowed_source_cidrs.is_empty()).then(|| o.allowed_source_cidrs.clone());
-    let top_sources = source_list(top_list, has_interface).map_err(at_top)?;
+    let top_sources = source_list(top_list, o.xdp_interface.is_some()).map_err(at_top)?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     if !o.listen.is_empty() {
@@ -85,6 +92,7 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
                 addr: ListenAddr(*addr),
                 edge: Arc::clone(&top),
                 allowed_sources: top_sources.clone(),
+                xdp_interface: o.xdp_interface.clone(),
             });
         }
     }
@@ -105,11 +113,20 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
             )));
         }
         let edge = from_entry(o, entry).map_err(in_listener)?;
+        if let Some(interface) = &entry.xdp_interface {
+            source_lists::interface_exists(interface).map_err(in_listener)?;
+        }
+        let xdp_interface = entry.xdp_interface.clone().or_else(|| o.xdp_interface.clone());
         let allowed_sources = match &entry.allowed_source_cidrs {
-            Some(list) => source_list(Some(list.clone()), has_interface).map_err(in_listener)?,
+            Some(list) => source_list(Some(list.clone()), xdp_interface.is_some()).map_err(in_listener)?,
             None => top_sources.clone(),
         };
-        out.push(ListenerConfig { addr: ListenAddr(entry.listen), edge: Arc::new(edge), allowed_sources });
+        out.push(ListenerConfig {
+            addr: ListenAddr(entry.listen),
+            edge: Arc::new(edge),
+            allowed_sources,
+            xdp_interface,
+        });
     }
     Ok(out)
 }

@@ -132,7 +132,7 @@ listen = "127.0.0.1:8443"
 #[test]
 fn source_lists_per_listener_inherit_the_top_level_one() {
     let c = load(SOURCE_LISTS, Options::default()).unwrap();
-    assert_eq!(c.source_filter.unwrap().interface, "lo");
+    assert_eq!(c.source_filter.unwrap().interfaces, BTreeSet::from(["lo".to_owned()]));
     let lists: Vec<_> = c.listeners.iter().map(|l| l.allowed_sources.clone()).collect();
     assert_eq!(
         lists,
@@ -192,4 +192,65 @@ fn source_list_errors_name_the_listener_and_key() {
         let err = load(&text, Options::default()).unwrap_err().to_string();
         assert!(err.contains(needle), "{text:?} gave {err:?}, not {needle:?}");
     }
+}
+
+#[test]
+fn xdp_interface_per_listener_inherits_the_top_level_one() {
+    let own = SOURCE_LISTS
+        .replace("listen = \"127.0.0.1:7443\"\n", "listen = \"127.0.0.1:7443\"\nxdp_interface = \"lo\"\n");
+    let c = load(&own, Options::default()).unwrap();
+    let interfaces: Vec<_> = c.listeners.iter().map(|l| l.xdp_interface.as_deref()).collect();
+    assert_eq!(interfaces, [Some("lo"), Some("lo"), Some("lo")]);
+    assert_eq!(c.source_filter.unwrap().interfaces, BTreeSet::from(["lo".to_owned()]));
+    // No top-level interface: only the entry that sets one (with its list) is filtered.
+    let only_entry = own
+        .replace("xdp_interface = \"lo\"\nlisten", "listen")
+        .replace("allowed_source_cidrs = [\"10.0.0.0/8\"]\n", "");
+    let c = load(&only_entry, Options::default()).unwrap();
+    let interfaces: Vec<_> = c.listeners.iter().map(|l| l.xdp_interface.as_deref()).collect();
+    assert_eq!(interfaces, [None, Some("lo"), None]);
+    let lists: Vec<_> = c.listeners.iter().map(|l| l.allowed_sources.is_some()).collect();
+    assert_eq!(lists, [false, true, false]);
+    assert_eq!(c.source_filter.unwrap().interfaces, BTreeSet::from(["lo".to_owned()]));
+    // The flag is the top-level key: it replaces the file's and the entries without one take it.
+    let flags = Options { xdp_interface: Some("lo".into()), ..Options::default() };
+    let c = load(&only_entry.replace("xdp_interface = \"lo\"\n", ""), flags).unwrap();
+    assert!(c.listeners.iter().all(|l| l.xdp_interface.as_deref() == Some("lo")));
+}
+
+#[test]
+fn xdp_interface_errors_name_the_key_the_listener_and_the_interface() {
+    let file = |top: &str, entry: &str| {
+        format!(
+            "upstream = \"a.example.com:443\"\n{top}listen = [\"127.0.0.1:6443\"]\n\
+             [[listeners]]\nlisten = \"127.0.0.2:7443\"\n{entry}"
+        )
+    };
+    let list = "allowed_source_cidrs = [\"192.0.2.0/24\"]\n";
+    let cases = [
+        (
+            file("", &format!("xdp_interface = \"nosuch0\"\n{list}")),
+            "listeners[0] (127.0.0.2:7443): field `xdp_interface` (--xdp-interface): no network \
+             interface \"nosuch0\"",
+        ),
+        (
+            file(&format!("xdp_interface = \"nosuch1\"\n{list}"), "xdp_interface = \"lo\"\n"),
+            "field `xdp_interface` (--xdp-interface): no network interface \"nosuch1\"",
+        ),
+        // A list with no interface, own or inherited, as before.
+        (
+            file("", list),
+            "listeners[0] (127.0.0.2:7443): field `allowed_source_cidrs` (--allow-source): needs xdp_interface",
+        ),
+        // An interface but no list anywhere: nothing would be filtered.
+        (file("", "xdp_interface = \"lo\"\n"), "`allowed_source_cidrs` (--allow-source): missing"),
+    ];
+    for (text, needle) in cases {
+        let err = load(&text, Options::default()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text:?} gave {err:?}, not {needle:?}");
+    }
+    // An entry naming the top-level interface again is fine.
+    let text = "upstream = \"a.example.com:443\"\nxdp_interface = \"lo\"\n[[listeners]]\n\
+                listen = \"127.0.0.2:7443\"\nxdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n";
+    assert!(load(text, Options::default()).is_ok(), "the same interface is used");
 }

@@ -48,8 +48,9 @@ pub struct Config {
     /// Why `dataplane` was chosen (logged at start-up).
     pub dataplane_reason: &'static str,
     pub log_format: LogFormat,
-    /// The XDP source filter's interface, when `xdp_interface` is set; the
-    /// allow lists are per listener.
+    /// The XDP source filter's interfaces, when some listener has an
+    /// `xdp_interface` (its own or the top level's); the allow lists are per
+    /// listener.
     pub source_filter: Option<SourceFilterConfig>,
     /// Where to hand the listening sockets over on a graceful upgrade.
     pub upgrade_socket: Option<PathBuf>,
@@ -164,7 +165,7 @@ impl Config {
         }
         let admin =
             admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
-        let source_filter = source_lists::validate(o.xdp_interface, &listeners)?;
+        let source_filter = source_lists::validate(o.xdp_interface.as_deref(), &listeners)?;
         let (dataplane, dataplane_reason) =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
@@ -257,7 +258,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write as _;
+    use std::{collections::BTreeSet, io::Write as _};
 
     use super::*;
 
@@ -345,7 +346,7 @@ mod tests {
             Options::default(),
         )
         .unwrap();
-        assert_eq!(c.source_filter.unwrap().interface, "lo");
+        assert_eq!(c.source_filter.unwrap().interfaces, BTreeSet::from(["lo".to_owned()]));
         assert_eq!(c.listeners[0].allowed_sources, set(&["192.0.2.0/24", "2001:db8::/32"]));
         let flags =
             Options { allowed_source_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..Options::default() };

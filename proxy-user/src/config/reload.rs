@@ -1,7 +1,7 @@
 //! What a SIGHUP reload may change. Listeners, routes, allow lists, limits
 //! and timeouts take effect for new connections; the settings below are
 //! fixed when the process starts (the data plane and its buffers, the admin
-//! and health-check addresses, the log format, the XDP interface, and on
+//! and health-check addresses, the log format, the XDP interfaces, and on
 //! sockmap a connection limit above the one its maps were sized for). A
 //! reloaded file that changes one of them keeps it at the running value and
 //! says so.
@@ -50,10 +50,12 @@ impl Config {
         new.log_format = self.log_format;
         keep("upgrade_socket", &self.upgrade_socket, &new.upgrade_socket);
         new.upgrade_socket.clone_from(&self.upgrade_socket);
-        let interface = |c: &Config| c.source_filter.as_ref().map(|f| f.interface.clone());
-        keep("xdp_interface", &interface(self), &interface(&new));
+        // The set of interfaces (top level and every listener's): the filter
+        // stays attached where it is; the lists, keyed by port, still reload.
+        let interfaces = |c: &Config| c.source_filter.as_ref().map(|f| f.interfaces.clone());
+        keep("xdp_interface", &interfaces(self), &interfaces(&new));
         match (&self.source_filter, &mut new.source_filter) {
-            (Some(running), Some(file)) => file.interface.clone_from(&running.interface),
+            (Some(running), Some(file)) => file.interfaces.clone_from(&running.interfaces),
             // Attaching or detaching the filter needs a restart; the list stays as it is.
             (running, file) => file.clone_from(running),
         }
@@ -109,6 +111,30 @@ mod tests {
         let (kept, changed) =
             running.keep_fixed_settings(config(|o| o.max_connections = Some(50)), Some(100));
         assert_eq!((kept.max_connections, changed.len()), (50, 0));
+    }
+
+    #[test]
+    fn the_set_of_xdp_interfaces_is_kept_and_named() {
+        let filtered = |o: &mut Options| {
+            o.xdp_interface = Some("lo".into());
+            o.allowed_source_cidrs = vec!["192.0.2.0/24".parse().unwrap()];
+        };
+        let running = config(filtered);
+        let mut file = config(|o| {
+            filtered(o);
+            o.allowed_source_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        });
+        // A listener of the file on a second interface (validated as existing).
+        file.source_filter.as_mut().unwrap().interfaces.insert("xf-a".into());
+        let (kept, changed) = running.keep_fixed_settings(file.clone(), None);
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(
+            (changed[0].key, changed[0].running.as_str(), changed[0].file.as_str()),
+            ("xdp_interface", "Some({\"lo\"})", "Some({\"lo\", \"xf-a\"})")
+        );
+        assert_eq!(kept.source_filter, running.source_filter);
+        // The lists still reload.
+        assert_eq!(kept.listeners[0].allowed_sources, file.listeners[0].allowed_sources);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The server's side of the XDP source filter: attach at start-up with each
-//! listener's allow list on its port, reload the lists on SIGHUP, log its
-//! totals at exit.
+//! The server's side of the XDP source filter: attach at start-up to every
+//! listener's interface with each listener's allow list on its port, reload
+//! the lists on SIGHUP, log its totals at exit.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -36,20 +36,25 @@ fn strings<T: ToString>(items: impl IntoIterator<Item = T>) -> Vec<String> {
 }
 
 /// Loads the source filter with the lists of the ports known before
-/// binding, then attaches it, logging the mode and why.
+/// binding, then attaches it to each interface, logging the mode and why
+/// for each. If one fails, the filter is dropped, which detaches it from
+/// the interfaces it was attached to before (the error names the one that
+/// failed).
 pub(super) fn start(
     config: &SourceFilterConfig,
     lists: &AllowLists,
 ) -> Result<SourceFilter, SourceFilterError> {
     let mut filter = SourceFilter::load(lists)?;
-    let attached = filter.attach(&config.interface)?;
-    tracing::info!(
-        interface = attached.interface,
-        mode = %attached.mode,
-        why = attached.why,
-        allowed = ?describe(&filter.allowed()),
-        "XDP source filter attached"
-    );
+    for interface in &config.interfaces {
+        let attached = filter.attach(interface)?;
+        tracing::info!(
+            interface = attached.interface,
+            mode = %attached.mode,
+            why = attached.why,
+            allowed = ?describe(&filter.allowed()),
+            "XDP source filter attached"
+        );
+    }
     Ok(filter)
 }
 
@@ -71,13 +76,13 @@ pub(super) fn guard_bound(
 /// running listeners (`listening`, in configuration order), each on its
 /// bound port.
 pub(super) fn apply(filter: &mut SourceFilter, config: &Config, listening: &[Listening]) {
-    let Some(new) = &config.source_filter else {
+    if config.source_filter.is_none() {
         tracing::warn!(
             "SIGHUP: the configuration no longer sets xdp_interface; removing the filter needs a \
              restart; the source lists stay as they were"
         );
         return;
-    };
+    }
     let configured: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr.0).collect();
     let running: Vec<SocketAddr> = listening.iter().map(|(addr, _)| *addr).collect();
     if configured != running {
@@ -88,13 +93,8 @@ pub(super) fn apply(filter: &mut SourceFilter, config: &Config, listening: &[Lis
         );
         return;
     }
-    if let Some(attached) = filter.attached().filter(|a| a.interface != new.interface) {
-        tracing::warn!(
-            attached = attached.interface,
-            configured = new.interface,
-            "SIGHUP: moving the filter to another interface needs a restart; reloading its lists only"
-        );
-    }
+    // The interfaces stay as attached (`Config::keep_fixed_settings` logged
+    // a change); the lists, keyed by port, apply on all of them.
     // The counters so far, so each reload also reports what the old lists did.
     let (passed, dropped) = filter.counters().map_or((None, None), |c| (Some(c.passed()), Some(c.dropped)));
     let ports: Vec<u16> = listening.iter().map(|(_, port)| *port).collect();

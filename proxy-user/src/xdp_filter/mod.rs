@@ -1,14 +1,16 @@
 //! The XDP source filter (`--xdp-interface`, `--allow-source`, per listener
-//! `allowed_source_cidrs`): the kernel program `source_filter` on one
-//! interface drops TCP packets to a guarded listen port from sources in none
-//! of that port's prefixes and passes everything else. Allow lists and their
+//! `allowed_source_cidrs`, `xdp_interface` per listener): the kernel
+//! program `source_filter`, on each interface it is attached to, drops TCP
+//! packets to a guarded listen port from sources in none of that port's
+//! prefixes and passes everything else. Allow lists and their
 //! reload: [`lists`]; the per-CPU counters: [`counters`].
 //!
 //! It is loaded from the embedded object on its own (the sockmap plane owns
-//! the other loaded copy), attached natively when the driver supports XDP and
-//! generically otherwise, and detached when [`SourceFilter`] is dropped: on
-//! exit and on every start-up error after it was attached. The link is a BPF
-//! link, so it also goes away if the process is killed.
+//! the other loaded copy), attached to each interface (one BPF link each)
+//! natively when the driver supports XDP and generically otherwise, and
+//! detached from all when [`SourceFilter`] is dropped: on exit and on every
+//! start-up error after it was attached. The links are BPF links, so they
+//! also go away if the process is killed.
 
 mod counters;
 mod lists;
@@ -68,13 +70,15 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The validated `xdp_interface`; the allow lists are per listener
+/// The validated interfaces; the allow lists are per listener
 /// ([`crate::config::ListenerConfig::allowed_sources`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFilterConfig {
-    /// Interface the program is attached to (one for all listeners: an
-    /// interface holds one XDP program).
-    pub interface: String,
+    /// Every distinct `xdp_interface` of the listeners (own or inherited):
+    /// the one loaded program is attached to each (one BPF link each). The
+    /// lists are keyed by port, so a packet to a listener's port is checked
+    /// against that listener's list on whichever of them it arrives.
+    pub interfaces: BTreeSet<String>,
 }
 
 /// How the program runs on its interface.
@@ -103,10 +107,11 @@ pub struct Attached {
     pub why: String,
 }
 
-/// The loaded filter, its maps, and (once attached) its link.
+/// The loaded filter, its maps, and (once attached) its links.
 pub struct SourceFilter {
-    /// Declared first, so it is dropped (detached) before the program is unloaded.
-    link: Option<(XdpLink, Attached)>,
+    /// One per interface, in the order attached. Declared first, so they
+    /// are dropped (detached) before the program is unloaded.
+    links: Vec<(XdpLink, Attached)>,
     allow_v4: LpmTrie<MapData, SourceKeyV4, u8>,
     allow_v6: LpmTrie<MapData, SourceKeyV6, u8>,
     /// The counters; its port map is also the set of guarded ports.
@@ -129,7 +134,7 @@ impl SourceFilter {
             ports: Mutex::new(kernel::take_map(&mut ebpf, map::GUARDED_PORTS)?),
         };
         let mut filter = Self {
-            link: None,
+            links: Vec::new(),
             allow_v4: kernel::take_map(&mut ebpf, map::SOURCE_ALLOW_V4)?,
             allow_v6: kernel::take_map(&mut ebpf, map::SOURCE_ALLOW_V6)?,
             stats: Arc::new(stats),
@@ -162,7 +167,9 @@ impl SourceFilter {
     }
 
     /// Attaches the program to `interface` (in the calling thread's network
-    /// namespace): native mode when the driver supports it, generic otherwise.
+    /// namespace): native mode when the driver supports it, generic
+    /// otherwise. Called once per interface, it adds a link each time; the
+    /// links attached before stay.
     pub fn attach(&mut self, interface: &str) -> Result<Attached, SourceFilterError> {
         let name = program::SOURCE_FILTER;
         let xdp = self.program_mut()?;
@@ -183,14 +190,13 @@ impl SourceFilter {
         };
         let link = xdp.take_link(id).map_err(|source| KernelError::Program { name, source })?;
         let attached = Attached { interface: interface.to_owned(), mode, why };
-        self.link = Some((link, attached.clone()));
+        self.links.push((link, attached.clone()));
         Ok(attached)
     }
 
-    /// Where the filter is attached, if it is.
-    #[must_use]
-    pub fn attached(&self) -> Option<&Attached> {
-        self.link.as_ref().map(|(_, attached)| attached)
+    /// Where the filter is attached (in the order attached; empty: nowhere).
+    pub fn attached(&self) -> impl Iterator<Item = &Attached> {
+        self.links.iter().map(|(_, attached)| attached)
     }
 
     /// The program's counters, summed over all CPUs.
@@ -204,7 +210,7 @@ impl SourceFilter {
     }
 
     /// A handle on the counters for the metrics endpoint. It holds the map,
-    /// not the program's link: the filter still detaches when dropped.
+    /// not the program's links: the filter still detaches when dropped.
     #[must_use]
     pub fn counters_handle(&self) -> Arc<SourceFilterCounters> {
         Arc::clone(&self.stats)
@@ -222,7 +228,7 @@ impl SourceFilter {
 
 impl Drop for SourceFilter {
     fn drop(&mut self) {
-        if let Some((link, attached)) = self.link.take() {
+        for (link, attached) in self.links.drain(..) {
             match link.detach() {
                 Ok(()) => tracing::info!(interface = attached.interface, "XDP source filter detached"),
                 Err(error) => {
