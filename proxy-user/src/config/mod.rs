@@ -13,6 +13,8 @@ mod source_lists;
 pub use admin::AdminConfig;
 pub use listeners::{ListenerConfig, ListenerOptions};
 pub use reload::NeedsRestart;
+#[cfg(test)]
+pub(crate) use source_lists::three_listeners;
 
 use std::{
     fmt::Display,

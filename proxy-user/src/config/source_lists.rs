@@ -149,24 +149,33 @@ pub(super) fn validate(
     Ok(Some(SourceFilterConfig { interfaces }))
 }
 
+/// For tests: three listeners filtered on lo, `first_port` with
+/// 192.0.2.0/24, 7443 with 10.0.0.0/8, 8443 without a list.
+#[cfg(test)]
+pub(crate) fn three_listeners(first_port: u16) -> Vec<ListenerConfig> {
+    use crate::{cli::Options, config::Config};
+    let entries = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:{first_port}\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n\
+         [[listeners]]\nlisten = \"127.0.0.1:7443\"\nallowed_source_cidrs = [\"10.0.0.0/8\"]\n\
+         [[listeners]]\nlisten = \"127.0.0.1:8443\"\n"
+    );
+    let options = Options {
+        upstream: Some("10.0.0.1:443".parse().unwrap()),
+        no_sni_check: true,
+        xdp_interface: Some("lo".into()),
+        listeners: toml::from_str::<Options>(&entries).unwrap().listeners,
+        ..Options::default()
+    };
+    Config::from_options(options).unwrap().listeners
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::Options, config::Config};
 
     /// Three listeners on lo: 6443 and 7443 with a list, 8443 without.
     fn listeners() -> Vec<ListenerConfig> {
-        let entries = "[[listeners]]\nlisten = \"127.0.0.1:6443\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n\
-                       [[listeners]]\nlisten = \"127.0.0.1:7443\"\nallowed_source_cidrs = [\"10.0.0.0/8\"]\n\
-                       [[listeners]]\nlisten = \"127.0.0.1:8443\"\n";
-        let options = Options {
-            upstream: Some("10.0.0.1:443".parse().unwrap()),
-            no_sni_check: true,
-            xdp_interface: Some("lo".into()),
-            listeners: toml::from_str::<Options>(entries).unwrap().listeners,
-            ..Options::default()
-        };
-        Config::from_options(options).unwrap().listeners
+        three_listeners(6443)
     }
 
     // Interfaces other than lo exist only in a test's namespace: these take

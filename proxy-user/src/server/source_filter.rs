@@ -150,27 +150,16 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::{cli::Options, config::Config};
 
     #[test]
     fn allow_lists_put_each_listener_s_list_on_its_bound_port() {
-        let entries = "[[listeners]]\nlisten = \"127.0.0.1:0\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n\
-                       [[listeners]]\nlisten = \"127.0.0.1:7443\"\nallowed_source_cidrs = [\"10.0.0.0/8\"]\n\
-                       [[listeners]]\nlisten = \"127.0.0.1:8443\"\n";
-        let options = Options {
-            upstream: Some("10.0.0.1:443".parse().unwrap()),
-            no_sni_check: true,
-            xdp_interface: Some("lo".into()),
-            listeners: toml::from_str::<Options>(entries).unwrap().listeners,
-            ..Options::default()
-        };
-        let config = Config::from_options(options).unwrap();
+        let listeners = crate::config::three_listeners(0);
         let ten = BTreeSet::from(["10.0.0.0/8".parse().unwrap()]);
         let doc = BTreeSet::from(["192.0.2.0/24".parse().unwrap()]);
         // Before binding the port 0 listener is left out; 8443 has no list.
-        assert_eq!(allow_lists(&config.listeners, &[0, 7443, 8443]), AllowLists::from([(7443, ten.clone())]));
+        assert_eq!(allow_lists(&listeners, &[0, 7443, 8443]), AllowLists::from([(7443, ten.clone())]));
         assert_eq!(
-            allow_lists(&config.listeners, &[40000, 7443, 8443]),
+            allow_lists(&listeners, &[40000, 7443, 8443]),
             AllowLists::from([(7443, ten), (40000, doc)])
         );
     }
