@@ -194,9 +194,21 @@ async fn debug_connections_lists_an_open_connection() -> Result<()> {
     tokio::time::timeout(WAIT, stream.read_exact(&mut back)).await??;
     ensure!(back == sent);
 
-    let (status, body) = s.proxy.admin_get("/debug/connections").await?;
-    ensure!(status == 200, "{status}: {body}");
-    let list: serde_json::Value = serde_json::from_str(&body)?;
+    // The client can read the echo before the proxy task that wrote it has
+    // added the bytes to its counter, so wait for the counters to catch up.
+    let total = sent.len() as u64;
+    let deadline = Instant::now() + WAIT;
+    let list = loop {
+        let (status, body) = s.proxy.admin_get("/debug/connections").await?;
+        ensure!(status == 200, "{status}: {body}");
+        let list: serde_json::Value = serde_json::from_str(&body)?;
+        let c = &list["connections"][0];
+        if c["bytes_up"].as_u64() == Some(total) && c["bytes_down"].as_u64() == Some(total) {
+            break list;
+        }
+        ensure!(Instant::now() < deadline, "byte counts not at {total} within {WAIT:?}: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     ensure!(list["open"] == 1 && list["listed"] == 1, "{list}");
     let c = &list["connections"][0];
     let expected = [
