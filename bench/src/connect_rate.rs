@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use crate::latency::percentile_us;
+use crate::{
+    cpu::{clock_ticks_per_second, idle_seconds, ncpu, tree_ticks},
+    latency::percentile_us,
+};
 
 /// Client threads opening connections one after the other, each.
 pub const CLIENTS: usize = 4;
@@ -25,10 +28,19 @@ pub struct Sample {
     /// Time from the start of connect() to the upstream's first byte.
     pub ttfb_p50_us: f64,
     pub ttfb_p99_us: f64,
+    /// Whole-machine busy time (ncpu × wall − Δidle) per connection: the
+    /// clients, the greeter, the DNS server, the peer and the kernel.
+    pub machine_cpu_us_per_connection: f64,
+    /// The peer process's own CPU (utime + stime of its tree, tick-sampled)
+    /// per connection; none for direct.
+    pub proxy_cpu_us_per_connection: Option<f64>,
 }
 
-/// [`CLIENTS`] threads connect to `addr` again and again for `duration`.
-pub fn run(addr: SocketAddr, duration: Duration) -> Result<Sample> {
+/// [`CLIENTS`] threads connect to `addr` again and again for `duration`;
+/// `proxy`: the PID of the peer's process, whose CPU is read.
+pub fn run(addr: SocketAddr, proxy: Option<u32>, duration: Duration) -> Result<Sample> {
+    let idle_before = idle_seconds()?;
+    let ticks_before = proxy.map(tree_ticks);
     let started = Instant::now();
     let per_client: Vec<Vec<u64>> = thread::scope(|scope| {
         let clients: Vec<_> =
@@ -38,10 +50,18 @@ pub fn run(addr: SocketAddr, duration: Duration) -> Result<Sample> {
     .into_iter()
     .collect::<Result<_>>()?;
     let wall = started.elapsed().as_secs_f64();
+    let busy_s = (ncpu() as f64 * wall - (idle_seconds()? - idle_before)).max(0.0);
+    let proxy_s = proxy
+        .map(tree_ticks)
+        .zip(ticks_before)
+        .map(|(after, before)| after.saturating_sub(before) as f64 / clock_ticks_per_second());
     let mut ttfb_ns: Vec<u64> = per_client.into_iter().flatten().collect();
     ttfb_ns.sort_unstable();
+    let connections = ttfb_ns.len().max(1) as f64;
     Ok(Sample {
         connections_per_s: ttfb_ns.len() as f64 / wall,
+        machine_cpu_us_per_connection: busy_s * 1e6 / connections,
+        proxy_cpu_us_per_connection: proxy_s.map(|s| s * 1e6 / connections),
         ttfb_p50_us: percentile_us(&ttfb_ns, 0.50),
         ttfb_p99_us: percentile_us(&ttfb_ns, 0.99),
     })

@@ -68,6 +68,8 @@ pub fn markdown(results: &Results) -> String {
         let peers = &results.connect;
         let rate = summaries(peers, |s| s.connections_per_s);
         let (p50, p99) = (summaries(peers, |s| s.ttfb_p50_us), summaries(peers, |s| s.ttfb_p99_us));
+        let machine_cpu = summaries(peers, |s| s.machine_cpu_us_per_connection);
+        let proxy_cpu = summaries(peers, |s| s.proxy_cpu_us_per_connection.unwrap_or(f64::NAN));
         let best = best_haproxy(peers, &rate, true);
         let title = format!(
             "Connection set-up, {} clients each connecting one after the other",
@@ -76,16 +78,18 @@ pub fn markdown(results: &Results) -> String {
         heading(&mut out, &title, peers, best, "highest rate");
         let _ = writeln!(
             out,
-            "| peer | connections/s | first byte p50 µs | first byte p99 µs | rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ direct |\n|---|---|---|---|---|---|---|"
+            "| peer | connections/s | first byte p50 µs | first byte p99 µs | machine CPU µs/conn | proxy's own CPU µs/conn | rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ direct |\n|---|---|---|---|---|---|---|---|---|"
         );
         for (i, peer) in peers.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 peer.peer,
                 rate[i].show(0),
                 p50[i].show(0),
                 p99[i].show(0),
+                machine_cpu[i].show(0),
+                if proxy_cpu[i].median.is_nan() { "—".to_owned() } else { proxy_cpu[i].show(0) },
                 ratio(rate[i].median, best.map(|b| rate[b].median)),
                 ratio(p99[i].median, best.map(|b| p99[b].median)),
                 ratio(rate[i].median, rate.first().map(|s| s.median)),

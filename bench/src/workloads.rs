@@ -137,7 +137,7 @@ pub fn connect(
         for (peer, rounds) in running.iter_mut().zip(&mut results) {
             peer.check_alive()?;
             thread::sleep(PAUSE);
-            let sample = connect_rate::run(peer.addr, duration)
+            let sample = connect_rate::run(peer.addr, peer.pid(), duration)
                 .with_context(|| format!("round {round}, connection set-up, {}", peer.name))?;
             eprintln!(
                 "connect round {round}/{}: {}: {:.0} connections/s, first byte p99 {:.0} µs",

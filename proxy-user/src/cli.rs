@@ -215,8 +215,10 @@ pub struct Options {
     #[arg(long, value_enum, value_name = "PLANE")]
     pub dataplane: Option<DataPlaneChoice>,
 
-    /// Pipe size per direction for the splice data plane (at most
-    /// /proc/sys/fs/pipe-max-size unless root). [default: 1048576]
+    /// Largest pipe per direction for the splice data plane (at most
+    /// /proc/sys/fs/pipe-max-size unless root): a pipe is made at the
+    /// direction's first byte with 64 KiB and doubles each time a splice
+    /// fills it. [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub splice_pipe_size: Option<usize>,
 
@@ -235,8 +237,9 @@ pub struct Options {
     #[arg(long, value_name = "BYTES")]
     pub max_inflight: Option<u64>,
 
-    /// Bytes of buffer per direction for the userspace copy data plane.
-    /// [default: 131072]
+    /// Largest buffer per direction for the userspace copy data plane: it is
+    /// allocated at the direction's first byte with 16 KiB and doubles each
+    /// time a read fills it. [default: 131072]
     #[arg(long, value_name = "BYTES")]
     pub copy_buffer_size: Option<usize>,
 

@@ -14,6 +14,7 @@ pub mod splice;
 use std::{
     io,
     os::fd::AsFd,
+    pin::{Pin, pin},
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -192,25 +193,29 @@ impl PumpError {
 /// plane must leave out of its count of what the client sent. `progress`
 /// counts the bytes as they move on the copy and splice planes (sockmap
 /// reports them in the returned [`Transfer`] only).
-pub async fn forward(
+///
+/// The future is boxed per plane: an idle connection holds it for as long as
+/// it is open, and one `async fn` over every plane would be as large as the
+/// largest (sockmap's) whichever plane runs.
+pub fn forward<'a>(
     plane: DataPlane,
-    sockmap: Option<&sockmap::SockmapPlane>,
+    sockmap: Option<&'a sockmap::SockmapPlane>,
     client: TcpStream,
     upstream: TcpStream,
     stop: CancellationToken,
     client_read: u64,
-    progress: &ByteProgress,
-) -> Transfer {
+    progress: &'a ByteProgress,
+) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
     match (plane, sockmap) {
         (DataPlane::Sockmap { .. }, Some(sockmap)) => {
-            sockmap.forward(client, upstream, stop, client_read).await
+            Box::pin(sockmap.forward(client, upstream, stop, client_read))
         }
         (DataPlane::Copy { buffer_size }, _) => {
-            forward_user_counted(client, upstream, stop, UserPump::Copy { buffer_size }, progress).await
+            Box::pin(forward_user_counted(client, upstream, stop, UserPump::Copy { buffer_size }, progress))
         }
         (DataPlane::Splice { pipe_size }, _)
         | (DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. }, None) => {
-            forward_user_counted(client, upstream, stop, UserPump::Splice { pipe_size }, progress).await
+            Box::pin(forward_user_counted(client, upstream, stop, UserPump::Splice { pipe_size }, progress))
         }
     }
 }
@@ -257,9 +262,9 @@ async fn forward_user_counted(
 ) -> Transfer {
     let to_upstream = &progress.client_to_upstream;
     let to_client = &progress.upstream_to_client;
-    let reason =
-        drive(pump.run(&client, &upstream, to_upstream), pump.run(&upstream, &client, to_client), &stop)
-            .await;
+    let up = pin!(pump.run(&client, &upstream, to_upstream));
+    let down = pin!(pump.run(&upstream, &client, to_client));
+    let reason = drive(up, down, &stop).await;
     finish(reason, &client, &upstream);
     Transfer {
         client_to_upstream: to_upstream.load(Ordering::Relaxed),
@@ -273,21 +278,23 @@ async fn forward_user_counted(
 }
 
 /// Runs the client→upstream (`up`) and upstream→client (`down`) directions
-/// until both end, one fails, or `stop` is cancelled.
+/// until both end, one fails, or `stop` is cancelled. The directions come
+/// pinned by the caller: taken by value and pinned here, each would be
+/// stored twice in this future (the argument and the pinned local), and an
+/// idle connection holds this future for as long as it is open.
 pub(crate) async fn drive(
-    up: impl Future<Output = Result<(), PumpError>>,
-    down: impl Future<Output = Result<(), PumpError>>,
+    mut up: Pin<&mut impl Future<Output = Result<(), PumpError>>>,
+    mut down: Pin<&mut impl Future<Output = Result<(), PumpError>>>,
     stop: &CancellationToken,
 ) -> CloseReason {
-    tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     loop {
         let result = tokio::select! {
-            r = &mut up, if !up_done => {
+            r = up.as_mut(), if !up_done => {
                 up_done = true;
                 r.map_err(|e| e.side(Side::Downstream, Side::Upstream))
             }
-            r = &mut down, if !down_done => {
+            r = down.as_mut(), if !down_done => {
                 down_done = true;
                 r.map_err(|e| e.side(Side::Upstream, Side::Downstream))
             }
@@ -311,6 +318,15 @@ pub(crate) fn finish<F: AsFd>(reason: CloseReason, client: &F, upstream: &F) {
         let _ = sockopt::reset_on_close(client);
         let _ = sockopt::reset_on_close(upstream);
     }
+}
+
+/// Waits until `from` has a byte to read or its EOF. Readiness alone is not
+/// enough: an accepted socket can be reported readable with nothing to read
+/// (seen on every idle connection of the bench), and the copy and splice
+/// planes allocate their buffer or pipe only once this returns, so an idle
+/// connection holds neither.
+async fn data_or_eof(from: &TcpStream) -> io::Result<()> {
+    from.peek(&mut [0u8; 1]).await.map(drop)
 }
 
 /// `shutdown(SHUT_WR)`: the peer reads EOF once it has read everything before.

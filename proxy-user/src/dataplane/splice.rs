@@ -1,7 +1,8 @@
 //! The splice(2) plane: per direction, socket → pipe → socket, so the bytes
 //! never enter user memory. The pipe is created only once the direction has
-//! something to read, and sized with F_SETPIPE_SZ (bigger pipes mean fewer
-//! system calls per byte: HAProxy's best splice configuration used 1 MiB).
+//! something to read, and grows with F_SETPIPE_SZ up to the configured size
+//! while the direction fills it (bigger pipes mean fewer system calls per
+//! byte: HAProxy's best splice configuration used 1 MiB).
 
 use std::{
     io,
@@ -15,7 +16,7 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{PumpError, shutdown_write};
+use super::{PumpError, data_or_eof, shutdown_write};
 
 /// A pipe with its read and write ends.
 pub struct Pipe {
@@ -33,7 +34,22 @@ impl Pipe {
         let granted = fcntl(&write, FcntlArg::F_SETPIPE_SZ(wanted))?;
         Ok(Self { read, write, size: usize::try_from(granted).unwrap_or(size) })
     }
+
+    /// Asks for `size` bytes of capacity (the pipe must hold no more than
+    /// that); keeps the current one if the kernel refuses.
+    fn grow(&mut self, size: usize) {
+        let Ok(wanted) = i32::try_from(size) else { return };
+        if let Ok(granted) = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(wanted)) {
+            self.size = usize::try_from(granted).unwrap_or(self.size);
+        }
+    }
 }
+
+/// Capacity of a direction's pipe at first; it doubles up to the configured
+/// size each time one splice fills it. A short exchange never needs 1 MiB,
+/// and the kernel allocates the pipe's slot array for the whole capacity up
+/// front.
+const FIRST_PIPE: usize = 64 << 10;
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
@@ -44,8 +60,20 @@ pub(crate) async fn pump(
     pipe_size: usize,
     copied: &AtomicU64,
 ) -> Result<(), PumpError> {
-    from.readable().await.map_err(PumpError::Read)?;
-    let pipe = Pipe::new(pipe_size).map_err(PumpError::Read)?;
+    data_or_eof(from).await.map_err(PumpError::Read)?;
+    // Boxed: an idle connection holds only the wait above, not the state
+    // of the transfer.
+    Box::pin(transfer(from, to, pipe_size, copied)).await
+}
+
+/// The pump once the source has a byte or its EOF.
+async fn transfer(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe_size: usize,
+    copied: &AtomicU64,
+) -> Result<(), PumpError> {
+    let mut pipe = Pipe::new(pipe_size.min(FIRST_PIPE)).map_err(PumpError::Read)?;
     loop {
         // The pipe is empty here, so EAGAIN can only mean the socket has nothing.
         let filled = match from.try_io(Interest::READABLE, || {
@@ -72,12 +100,23 @@ pub(crate) async fn pump(
             }
         }
         copied.fetch_add(filled as u64, Ordering::Relaxed);
+        if filled == pipe.size && pipe.size < pipe_size {
+            pipe.grow((pipe.size * 2).min(pipe_size));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::Pipe;
+
+    #[test]
+    fn a_pipe_grows_when_asked() {
+        let mut pipe = Pipe::new(super::FIRST_PIPE).unwrap();
+        assert_eq!(pipe.size, super::FIRST_PIPE);
+        pipe.grow(1 << 20);
+        assert_eq!(pipe.size, 1 << 20);
+    }
 
     #[test]
     fn pipes_get_the_size_asked_for() {

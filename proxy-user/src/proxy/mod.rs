@@ -8,7 +8,7 @@ pub mod probe;
 
 use std::{
     sync::{Arc, PoisonError, RwLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::net::TcpStream;
@@ -44,6 +44,21 @@ pub struct Proxy {
     metrics: Metrics,
     health: Arc<Health>,
     connections: Arc<ConnectionTable>,
+}
+
+/// A connection the edge guard admitted, connected to its upstream.
+struct Established<'e> {
+    client: TcpStream,
+    upstream: TcpStream,
+    upstream_addr: UpstreamAddr,
+    /// The upstream the guard chose (a route, or the default).
+    target: &'e UpstreamTarget,
+    chained_headers: usize,
+    /// Bytes read from the client before forwarding (PROXY headers).
+    client_bytes_read: u64,
+    edge_time: Duration,
+    resolve_time: Duration,
+    connect_time: Duration,
 }
 
 /// The settings of the connection path a reload may change.
@@ -171,13 +186,80 @@ impl Proxy {
 
     async fn serve_inner(
         &self,
-        mut client: TcpStream,
+        client: TcpStream,
         peer: ClientAddr,
         edge: &EdgeConfig,
         stop: CancellationToken,
         registration: &Registration,
     ) {
         let started = Instant::now();
+        // Both stages are boxed (`forward` boxes its own). Inline, this future
+        // would be as large as its largest stage (6 KB with the sockmap plane)
+        // for the whole life of the connection, and an idle connection's
+        // memory is mostly this future; boxed, the set-up's state is freed
+        // once it is done.
+        let Some(established) =
+            Box::pin(self.establish(client, peer, edge, &stop, registration, started)).await
+        else {
+            return;
+        };
+        let Established {
+            client,
+            upstream,
+            upstream_addr,
+            target,
+            chained_headers,
+            client_bytes_read,
+            edge_time,
+            resolve_time,
+            connect_time,
+        } = established;
+        let sockmap = self.sockmap.as_deref();
+        registration.forwarding(upstream_addr, dataplane::counts_live(self.dataplane, sockmap));
+        let progress = registration.bytes();
+        let Transfer {
+            client_to_upstream,
+            upstream_to_client,
+            kernel_bytes,
+            paused_directions,
+            pauses,
+            resumes,
+            reason,
+        } = dataplane::forward(self.dataplane, sockmap, client, upstream, stop, client_bytes_read, progress)
+            .await;
+        // Counted before the log line, so whoever reads the line finds it counted.
+        self.metrics.closed(reason.label(), client_to_upstream, upstream_to_client, kernel_bytes);
+        tracing::info!(
+            upstream = %upstream_addr,
+            target = %target,
+            chained_headers,
+            edge_ms = millis(edge_time),
+            resolve_ms = millis(resolve_time),
+            connect_ms = millis(connect_time),
+            bytes_up = client_to_upstream,
+            bytes_down = upstream_to_client,
+            kernel_bytes,
+            paused_directions,
+            pauses,
+            resumes,
+            duration_ms = millis(started.elapsed()),
+            reason = reason.label(),
+            "connection closed"
+        );
+    }
+
+    /// The stages before forwarding: socket options, the edge guard, the
+    /// resolution and the connection to the upstream. A refusal or failure
+    /// is counted, logged and closed here (`None`).
+    async fn establish<'e>(
+        &self,
+        mut client: TcpStream,
+        peer: ClientAddr,
+        edge: &'e EdgeConfig,
+        stop: &CancellationToken,
+        registration: &Registration,
+        started: Instant,
+    ) -> Option<Established<'e>> {
         let path = self.path();
         if let Err(error) = sockopt::apply(&client, &path.tcp) {
             tracing::warn!(%error, "client socket options");
@@ -195,12 +277,12 @@ impl Proxy {
                 self.metrics.closed(refusal.label(), 0, 0, 0);
                 log_refused(refusal.label(), &refusal, &learned, edge_time, started);
                 close_refused(client).await;
-                return;
+                return None;
             }
             None => {
                 self.metrics.closed("stopped", 0, 0, 0);
                 log_refused("stopped", &"stopped during the edge checks", &learned, edge_time, started);
-                return;
+                return None;
             }
         };
         registration.connecting(learned.client, learned.server_name.as_deref(), target.to_string());
@@ -241,41 +323,20 @@ impl Proxy {
                     "connection closed"
                 );
                 close_refused(client).await;
-                return;
+                return None;
             }
         };
-        let sockmap = self.sockmap.as_deref();
-        registration.forwarding(upstream_addr, dataplane::counts_live(self.dataplane, sockmap));
-        let progress = registration.bytes();
-        let Transfer {
-            client_to_upstream,
-            upstream_to_client,
-            kernel_bytes,
-            paused_directions,
-            pauses,
-            resumes,
-            reason,
-        } = dataplane::forward(self.dataplane, sockmap, client, upstream, stop, learned.bytes_read, progress)
-            .await;
-        // Counted before the log line, so whoever reads the line finds it counted.
-        self.metrics.closed(reason.label(), client_to_upstream, upstream_to_client, kernel_bytes);
-        tracing::info!(
-            upstream = %upstream_addr,
-            target = %target,
-            chained_headers = learned.chained_headers,
-            edge_ms = millis(edge_time),
-            resolve_ms = millis(resolve_time),
-            connect_ms = millis(connect_time),
-            bytes_up = client_to_upstream,
-            bytes_down = upstream_to_client,
-            kernel_bytes,
-            paused_directions,
-            pauses,
-            resumes,
-            duration_ms = millis(started.elapsed()),
-            reason = reason.label(),
-            "connection closed"
-        );
+        Some(Established {
+            client,
+            upstream,
+            upstream_addr,
+            target,
+            chained_headers: learned.chained_headers,
+            client_bytes_read: learned.bytes_read,
+            edge_time,
+            resolve_time,
+            connect_time,
+        })
     }
 
     /// Connects to one of `addrs` for a client connection, counting each

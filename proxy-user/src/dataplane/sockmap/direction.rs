@@ -133,9 +133,10 @@ impl SockmapPlane {
                     None => PausedIo::register(from, to).map_err(PumpError::Read)?,
                 };
                 let before = copied.load(Ordering::Relaxed);
-                match self.copy_passed(from, to, &io, state, &mut pending, copied).await? {
+                match Box::pin(self.copy_passed(from, to, &io, state, &mut pending, copied)).await? {
                     Passed::Eof => {
-                        return self.close_direction(from, to, &io, state, &mut pending, copied).await;
+                        return Box::pin(self.close_direction(from, to, &io, state, &mut pending, copied))
+                            .await;
                     }
                     // Nothing to read now: splicing again if the program resumed.
                     Passed::Drained => {

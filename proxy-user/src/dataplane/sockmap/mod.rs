@@ -30,6 +30,7 @@ use std::{
     collections::HashMap,
     io,
     net::TcpStream as StdTcpStream,
+    pin::pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -186,7 +187,9 @@ impl SockmapPlane {
                 self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
                 let pump = UserPump::Splice { pipe_size: self.fallback_pipe_size };
                 return match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
-                    (Ok(client), Ok(upstream)) => super::forward_user(client, upstream, stop, pump).await,
+                    (Ok(client), Ok(upstream)) => {
+                        Box::pin(super::forward_user(client, upstream, stop, pump)).await
+                    }
                     (Err(error), _) | (_, Err(error)) => {
                         tracing::warn!(%error, "registering a socket with the reactor failed; connection closed");
                         Transfer::failed(CloseReason::Error(Side::Downstream))
@@ -196,8 +199,8 @@ impl SockmapPlane {
         };
         let copied_up = AtomicU64::new(0);
         let copied_down = AtomicU64::new(0);
-        let up = self.direction(&client, &upstream, &setup.up, setup.client_in_map, &copied_up);
-        let down = self.direction(&upstream, &client, &setup.down, true, &copied_down);
+        let up = pin!(self.direction(&client, &upstream, &setup.up, setup.client_in_map, &copied_up));
+        let down = pin!(self.direction(&upstream, &client, &setup.down, true, &copied_down));
         let reason = drive(up, down, &stop).await;
         if let CloseReason::Error(_) = reason {
             tracing::debug!(?reason, "sockmap connection failed");
