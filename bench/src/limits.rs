@@ -36,6 +36,11 @@ pub fn max_connections(files: u64) -> usize {
     usize::try_from(files.saturating_sub(SPARE_FILES) / 2).unwrap_or(usize::MAX)
 }
 
+/// Connections below [`max_connections`] the idle workload stops at when
+/// the limit caps it: HAProxy, with `maxconn` at that maximum, accepted one
+/// connection less.
+const IDLE_HEADROOM: usize = 64;
+
 /// `wanted` idle-connection counts, or, when the open-file limit cannot be
 /// raised far enough (a container without CAP_SYS_RESOURCE keeps its hard
 /// limit), half the most that fit and the most that fit, said on stderr.
@@ -44,12 +49,13 @@ pub fn idle_counts_within(wanted: &[usize], files: u64) -> Vec<usize> {
     if wanted.iter().all(|&count| count <= most) {
         return wanted.to_vec();
     }
+    let top = most.saturating_sub(IDLE_HEADROOM);
     eprintln!(
         "idle: the open-file limit is {files} and cannot be raised here (hard limit; CAP_SYS_RESOURCE \
-         needed), so one process holds at most {most} connections: measuring {} and {most} instead of {wanted:?}",
-        most / 2
+         needed), so one process holds at most {most} connections: measuring {} and {top} instead of {wanted:?}",
+        top / 2
     );
-    vec![most / 2, most]
+    vec![top / 2, top]
 }
 
 /// Local ports available per destination (the size of ip_local_port_range).

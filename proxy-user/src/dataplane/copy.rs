@@ -11,7 +11,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PumpError, data_or_eof, shutdown_write};
+use super::{PumpError, shutdown_write};
 
 /// Size of a direction's buffer at first; it doubles up to the configured
 /// size each time a read fills it. A short exchange (a TLS handshake, an API
@@ -20,20 +20,8 @@ use super::{PumpError, data_or_eof, shutdown_write};
 const FIRST_BUFFER: usize = 16 << 10;
 
 /// Copies one direction until EOF, then shuts the destination's write side.
+/// Called once the source has a byte or its EOF ([`super::data_or_eof`]).
 pub(crate) async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    buffer_size: usize,
-    copied: &AtomicU64,
-) -> Result<(), PumpError> {
-    data_or_eof(from).await.map_err(PumpError::Read)?;
-    // Boxed: an idle connection holds only the wait above, not the state
-    // of the transfer.
-    Box::pin(transfer(from, to, buffer_size, copied)).await
-}
-
-/// The pump once the source has a byte or its EOF.
-async fn transfer(
     from: &TcpStream,
     to: &TcpStream,
     buffer_size: usize,

@@ -29,8 +29,8 @@ use crate::sockopt;
 #[serde(rename_all = "lowercase")]
 pub enum DataPlaneChoice {
     /// The best plane measured on this kernel (bench/README.md): splice. Every
-    /// plane passes the same correctness gate; sockmap costs more CPU per
-    /// byte at moderate rates and is slower with many streams.
+    /// plane passes the same correctness gate; sockmap is slower for bulk
+    /// streams and connection set-up, though cheaper at moderate rates.
     #[default]
     Auto,
     /// splice(2) through a pipe per direction: the bytes stay in the kernel.
@@ -71,9 +71,10 @@ impl DataPlane {
         match choice {
             DataPlaneChoice::Auto => (
                 Self::Splice { pipe_size },
-                "auto: splice, the fastest and cheapest plane measured on this kernel \
-                 (sockmap passes the same correctness gate but costs more CPU per byte at \
-                 moderate rates and is slower with many streams; bench/README.md)",
+                "auto: splice, the fastest plane at full speed and for connection set-up \
+                 measured on this kernel (sockmap passes the same correctness gate and costs \
+                 less CPU at moderate rates, but is slower for bulk streams and sets up \
+                 connections more slowly; bench/README.md)",
             ),
             DataPlaneChoice::Splice => (Self::Splice { pipe_size }, "chosen with --dataplane splice"),
             DataPlaneChoice::Copy => (Self::Copy { buffer_size }, "chosen with --dataplane copy"),
@@ -234,10 +235,14 @@ pub(crate) enum UserPump {
 }
 
 impl UserPump {
+    /// One direction: waits for a first byte (or the EOF), then moves bytes.
+    /// The pump is boxed: an idle connection holds only the wait, and the
+    /// buffer or pipe is allocated once there is something to move.
     async fn run(self, from: &TcpStream, to: &TcpStream, copied: &AtomicU64) -> Result<(), PumpError> {
+        data_or_eof(from).await.map_err(PumpError::Read)?;
         match self {
-            Self::Copy { buffer_size } => copy::pump(from, to, buffer_size, copied).await,
-            Self::Splice { pipe_size } => splice::pump(from, to, pipe_size, copied).await,
+            Self::Copy { buffer_size } => Box::pin(copy::pump(from, to, buffer_size, copied)).await,
+            Self::Splice { pipe_size } => Box::pin(splice::pump(from, to, pipe_size, copied)).await,
         }
     }
 }

@@ -16,7 +16,7 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{PumpError, data_or_eof, shutdown_write};
+use super::{PumpError, shutdown_write};
 
 /// A pipe with its read and write ends.
 pub struct Pipe {
@@ -54,20 +54,8 @@ const FIRST_PIPE: usize = 64 << 10;
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
 /// Moves one direction until EOF, then shuts the destination's write side.
+/// Called once the source has a byte or its EOF ([`super::data_or_eof`]).
 pub(crate) async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    pipe_size: usize,
-    copied: &AtomicU64,
-) -> Result<(), PumpError> {
-    data_or_eof(from).await.map_err(PumpError::Read)?;
-    // Boxed: an idle connection holds only the wait above, not the state
-    // of the transfer.
-    Box::pin(transfer(from, to, pipe_size, copied)).await
-}
-
-/// The pump once the source has a byte or its EOF.
-async fn transfer(
     from: &TcpStream,
     to: &TcpStream,
     pipe_size: usize,

@@ -55,13 +55,18 @@ impl Kubectl {
     /// gets none: kubectl would end it at the timeout).
     fn command(&self, args: &[&str]) -> Command {
         let watch = args.contains(&"--watch");
+        self.command_within(args, if watch { "0" } else { "20s" })
+    }
+
+    /// kubectl with `args` and `--request-timeout request_timeout`.
+    fn command_within(&self, args: &[&str], request_timeout: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns, KUBECTL])
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--cache-dir")
             .arg(self.home.join("cache"))
-            .args(["--request-timeout", if watch { "0" } else { "20s" }])
+            .args(["--request-timeout", request_timeout])
             .args(args)
             .env("HOME", &self.home)
             .stdin(Stdio::null())
@@ -71,7 +76,11 @@ impl Kubectl {
 
     /// Runs kubectl; its stdout, or an error with its stderr.
     pub async fn run(&self, args: &[&str]) -> Result<String> {
-        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
+        Self::output(self.command(args), args).await
+    }
+
+    async fn output(mut command: Command, args: &[&str]) -> Result<String> {
+        let out = tokio::time::timeout(Duration::from_secs(60), command.output())
             .await
             .with_context(|| format!("kubectl {args:?} did not finish in 60 s"))?
             .context("running kubectl")?;
@@ -87,7 +96,15 @@ impl Kubectl {
 
     /// `kubectl get pods -o name`: the ENI that answered.
     pub async fn get_pods(&self) -> Result<IpAddr> {
-        let out = self.run(&["get", "pods", "-o", "name"]).await?;
+        self.get_pods_within("20s").await
+    }
+
+    /// `kubectl get pods` bounded by `request_timeout` (kubectl retries a
+    /// GET whose connection closes until its request timeout): for calls that
+    /// are expected to fail, so each fails within that time.
+    pub async fn get_pods_within(&self, request_timeout: &str) -> Result<IpAddr> {
+        let args = ["get", "pods", "-o", "name"];
+        let out = Self::output(self.command_within(&args, request_timeout), &args).await?;
         let line = out.lines().next().with_context(|| format!("no pod in {out:?}"))?;
         eni_of(line).with_context(|| format!("no ENI in {line:?}"))
     }

@@ -7,6 +7,9 @@ use testkit::e2e::{World, topology::ENIS};
 
 use crate::run;
 
+/// `--request-timeout` of the calls made while DNS is down.
+const FAILING_CALL_TIMEOUT: &str = "6s";
+
 #[test]
 fn faults() -> Result<()> {
     run("faults", |w| Box::pin(faults_scenario(w)))
@@ -25,8 +28,11 @@ async fn faults_scenario(world: &World) -> Result<()> {
     let failed_before =
         world.total("splice_proxy_connections_closed_total", &[("reason", "resolve_failed")]).await?;
     let mut failed = 0;
+    // Each call is bounded: kubectl retries a GET whose connection the proxy
+    // closes until its request timeout (the default 20 s made this phase
+    // take minutes); 6 s leaves room for the proxy's 2 s resolve timeout.
     for _ in 0..4 {
-        if kubectl.get_pods().await.is_err() {
+        if kubectl.get_pods_within(FAILING_CALL_TIMEOUT).await.is_err() {
             failed += 1;
         }
     }
@@ -37,7 +43,7 @@ async fn faults_scenario(world: &World) -> Result<()> {
     ensure!(resolve_failed >= 4.0, "{resolve_failed} connections closed as resolve_failed");
     world.start_dns().await?;
     let back = Instant::now();
-    while kubectl.get_pods().await.is_err() {
+    while kubectl.get_pods_within(FAILING_CALL_TIMEOUT).await.is_err() {
         ensure!(back.elapsed() < Duration::from_secs(20), "calls still fail 20 s after DNS returned");
     }
     for _ in 0..4 {
