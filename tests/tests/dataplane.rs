@@ -201,7 +201,7 @@ async fn nothing_left_behind_after_many_connections(plane: &str) -> Result<()> {
 async fn idle_connections_cost_little(plane: &str) -> Result<()> {
     const IDLE_RSS_BOUND: u64 = 5 * 1024;
     const WARM_UP: usize = 200;
-    const IDLE: usize = 3000;
+    const IDLE: usize = 2000;
     testkit::raise_fd_limit()?;
     let upstream = testkit::listen((UPSTREAM_IP, 0).into())?;
     let proxy = proxy_to(plane, upstream.local_addr()?).await?;

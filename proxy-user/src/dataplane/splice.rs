@@ -36,11 +36,16 @@ impl Pipe {
     }
 
     /// Asks for `size` bytes of capacity (the pipe must hold no more than
-    /// that); keeps the current one if the kernel refuses.
-    fn grow(&mut self, size: usize) {
-        let Ok(wanted) = i32::try_from(size) else { return };
-        if let Ok(granted) = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(wanted)) {
-            self.size = usize::try_from(granted).unwrap_or(self.size);
+    /// that); keeps the current one if the kernel refuses (an unprivileged
+    /// user over `pipe-user-pages-soft`), and says whether it grew.
+    fn grow(&mut self, size: usize) -> bool {
+        let Ok(wanted) = i32::try_from(size) else { return false };
+        match fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(wanted)) {
+            Ok(granted) => {
+                self.size = usize::try_from(granted).unwrap_or(self.size);
+                true
+            }
+            Err(_) => false,
         }
     }
 }
@@ -62,6 +67,7 @@ pub(crate) async fn pump(
     copied: &AtomicU64,
 ) -> Result<(), PumpError> {
     let mut pipe = Pipe::new(pipe_size.min(FIRST_PIPE)).map_err(PumpError::Read)?;
+    let mut largest = pipe_size;
     loop {
         // The pipe is empty here, so EAGAIN can only mean the socket has nothing.
         let filled = match from.try_io(Interest::READABLE, || {
@@ -88,8 +94,9 @@ pub(crate) async fn pump(
             }
         }
         copied.fetch_add(filled as u64, Ordering::Relaxed);
-        if filled == pipe.size && pipe.size < pipe_size {
-            pipe.grow((pipe.size * 2).min(pipe_size));
+        if filled == pipe.size && pipe.size < largest && !pipe.grow((pipe.size * 2).min(largest)) {
+            // Refused once, not asked again for every splice.
+            largest = pipe.size;
         }
     }
 }
@@ -102,7 +109,7 @@ mod tests {
     fn a_pipe_grows_when_asked() {
         let mut pipe = Pipe::new(super::FIRST_PIPE).unwrap();
         assert_eq!(pipe.size, super::FIRST_PIPE);
-        pipe.grow(1 << 20);
+        assert!(pipe.grow(1 << 20));
         assert_eq!(pipe.size, 1 << 20);
     }
 
