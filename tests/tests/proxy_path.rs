@@ -114,6 +114,23 @@ async fn max_ttl_zero_resolves_for_every_connection() -> Result<()> {
     Ok(())
 }
 
+/// With answers reusable (the default 5 s), connections after the first ask
+/// nothing, though the name has no AAAA records and the server's empty
+/// answer carries no SOA (hickory alone asked AAAA for every connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_reused_within_max_ttl() -> Result<()> {
+    let s = setup(Answer::Addrs(vec![ENI_A]), &[]).await?;
+    s.client.get_once(s.proxy.addr(), "/version").await?;
+    let before = s.dns.queries();
+    for _ in 0..5 {
+        s.client.get_once(s.proxy.addr(), "/version").await?;
+    }
+    // At most one refresh (A and AAAA) should the 5 s end meanwhile on a slow machine.
+    let queries = s.dns.queries() - before;
+    assert!(queries <= 2, "{queries} queries for 5 connections within the default max TTL");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_address_among_several_fails_no_connection() -> Result<()> {
     let s = setup(Answer::Addrs(vec![DEAD_ENI, ENI_A, ENI_B]), &[]).await?;
