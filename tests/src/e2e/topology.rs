@@ -134,5 +134,10 @@ impl Drop for Topology {
         for dir in &self.etc_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
+        // /etc/netns itself, if nothing else is in it (removing a directory
+        // that is not empty fails, and is left).
+        if !self.etc_dirs.is_empty() {
+            let _ = std::fs::remove_dir("/etc/netns");
+        }
     }
 }
