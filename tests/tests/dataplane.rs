@@ -195,9 +195,11 @@ async fn nothing_left_behind_after_many_connections(plane: &str) -> Result<()> {
 
 /// Idle connections (the `kubectl --watch` case, before its first event) cost
 /// the proxy little: no pipe and no buffer before a byte arrives, and at most
-/// [`IDLE_RSS_BOUND`] of resident memory each (about 3.5 KiB measured; it
-/// was 6.8 KiB before the per-connection futures were boxed, and 42 KiB on
-/// copy). A byte sent afterwards still goes through both ways.
+/// [`IDLE_RSS_BOUND`] of resident memory each (3.8–3.9 KiB measured with the
+/// debug build the tests run; before the per-connection futures were boxed
+/// and the buffers and pipes waited for a first byte, 7.2–7.8 KiB, 84 KiB on
+/// copy, and a pipe per connection on splice). A byte sent afterwards still
+/// goes through both ways.
 async fn idle_connections_cost_little(plane: &str) -> Result<()> {
     const IDLE_RSS_BOUND: u64 = 5 * 1024;
     const WARM_UP: usize = 200;
