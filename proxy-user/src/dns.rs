@@ -58,6 +58,9 @@ impl ResolveError {
 #[derive(Debug)]
 pub struct UpstreamResolver {
     resolver: TokioResolver,
+    /// hickory's own bound on one query (`dns_timeout`).
+    query_timeout: Duration,
+    /// The bound on a whole lookup, hickory's retries included.
     timeout: Duration,
     answers: AnswerCache,
 }
@@ -145,6 +148,7 @@ impl UpstreamResolver {
         // hickory retries on its own; this bounds the whole lookup for the client.
         Ok(Self {
             resolver,
+            query_timeout: config.timeout,
             timeout: config.timeout.saturating_mul(2),
             answers: AnswerCache::new(config.max_ttl),
         })
@@ -164,7 +168,7 @@ impl UpstreamResolver {
         let lookup = tokio::time::timeout(self.timeout, self.resolver.lookup_ip(name.as_str()))
             .await
             .map_err(|_| ResolveError::Timeout { name: name.clone(), timeout: self.timeout })?
-            .map_err(|source| classify(name, self.timeout, source))?;
+            .map_err(|source| classify(name, self.query_timeout, source))?;
         let ips: Arc<[IpAddr]> = lookup.iter().collect();
         if ips.is_empty() {
             return Err(ResolveError::NoRecords { name: name.clone() });

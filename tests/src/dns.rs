@@ -70,18 +70,33 @@ impl DnsServer {
         Self::serve(udp, tcp, ttl)
     }
 
-    /// Starts on `addr` (UDP and TCP), in the namespace of the calling thread.
-    pub async fn start_on(addr: SocketAddr, ttl: Duration) -> Result<Self> {
+    /// Starts on `addr` (UDP and TCP), in the namespace of the calling
+    /// thread, answering `answers` from its first query (a server restarted
+    /// under load must not say NXDOMAIN before its records are set).
+    pub async fn start_on(addr: SocketAddr, ttl: Duration, answers: &[(&str, Answer)]) -> Result<Self> {
         let udp =
             tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding DNS UDP {addr}"))?;
         let tcp = crate::listen(addr).with_context(|| format!("binding DNS TCP {addr}"))?;
-        Self::serve(udp, tcp, ttl)
+        Self::serve_with(udp, tcp, ttl, answers)
     }
 
     fn serve(udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, ttl: Duration) -> Result<Self> {
+        Self::serve_with(udp, tcp, ttl, &[])
+    }
+
+    fn serve_with(
+        udp: tokio::net::UdpSocket,
+        tcp: tokio::net::TcpListener,
+        ttl: Duration,
+        answers: &[(&str, Answer)],
+    ) -> Result<Self> {
         let addr = udp.local_addr()?;
         let zone = Arc::new(Zone::default());
         zone.ttl.store(ttl.as_secs(), Ordering::Relaxed);
+        zone.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(answers.iter().map(|(name, answer)| (normalize(name), answer.clone())));
         let mut server = Server::new(Handler(Arc::clone(&zone)));
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 4096);

@@ -272,3 +272,46 @@ async fn keepalive_runs_on_both_sockets_of_a_connection() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The DNS server goes away for longer than a few lookups (once the kept
+/// answer ends, every connection closes as `resolve_failed`), then comes back
+/// on the same address: the next connection resolves again at once, however
+/// many lookups failed before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_server_back_after_an_outage_is_used_at_once() -> Result<()> {
+    let max_ttl = Duration::from_secs(1);
+    let mut s = setup(Answer::Addrs(vec![ENI_A]), &["--dns-max-ttl", "1s", "--dns-timeout", "1s"]).await?;
+    assert_eq!(s.client.get_once(s.proxy.addr(), "/version").await?, ENI_A);
+    let dns_addr = s.dns.addr;
+    let stand_in = DnsServer::start(Duration::from_secs(30)).await?;
+    std::mem::replace(&mut s.dns, stand_in).stop().await;
+    let down = Instant::now();
+    let mut failed = 0;
+    while down.elapsed() < Duration::from_secs(8) {
+        let proxy = s.proxy.addr();
+        let tries: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(async move { (read_after_send(proxy).await, down.elapsed()) }))
+            .collect();
+        for t in tries {
+            match t.await? {
+                (Ok(0), _) => failed += 1,
+                // The answer kept from before the outage, for at most max_ttl.
+                (Ok(_), at) if at < max_ttl + Duration::from_millis(200) => {}
+                (read, at) => panic!("{at:?} into the outage the client saw {read:?}, not a clean close"),
+            }
+        }
+    }
+    assert!(failed >= 8, "only {failed} connections failed during the outage");
+    let answers = [(API_HOSTNAME, Answer::Addrs(vec![ENI_A]))];
+    let back_server = DnsServer::start_on(dns_addr, Duration::from_secs(30), &answers).await?;
+    let back = Instant::now();
+    let eni = s.client.get_once(s.proxy.addr(), "/version").await;
+    assert!(
+        matches!(eni, Ok(ENI_A)),
+        "the first connection {:?} after the server came back ({failed} failed during the outage) saw {eni:?}; \
+         the server got {} queries",
+        back.elapsed(),
+        back_server.queries()
+    );
+    Ok(())
+}

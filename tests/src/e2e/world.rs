@@ -78,7 +78,7 @@ impl World {
         );
         let dns_node = Node::start(&topology.eks, 1)?;
         let pki = Arc::new(Pki::new(API_HOST)?);
-        let dns = dns_node.run(DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL)).await??;
+        let dns = dns_node.run(DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL, &[])).await??;
         let mut apis = BTreeMap::new();
         for eni in ENIS {
             let pki = Arc::clone(&pki);
@@ -203,10 +203,12 @@ impl World {
 
     /// The DNS server is back, with the last answer.
     pub async fn start_dns(&self) -> Result<()> {
-        let dns = self.dns_node.run(DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL)).await??;
+        let answer = Answer::Addrs(lock(&self.dns_answer).iter().map(|&e| IpAddr::V4(e)).collect());
+        let serving = async move {
+            DnsServer::start_on(SocketAddr::new(DNS.into(), 53), DNS_TTL, &[(API_HOST, answer)]).await
+        };
+        let dns = self.dns_node.run(serving).await??;
         *lock(&self.dns) = Some(dns);
-        let answer = lock(&self.dns_answer).clone();
-        self.set_dns(&answer);
         Ok(())
     }
 
@@ -242,6 +244,10 @@ impl World {
         let mut out = format!("==== end-to-end scenario {:?} failed; what the proxies saw ====\n", self.name);
         let _ = writeln!(out, "forwarder: {}", self.forwarder.summary());
         let _ = writeln!(out, "API server requests by ENI: {:?}", self.api_requests());
+        match lock(&self.dns).as_ref() {
+            Some(dns) => _ = writeln!(out, "DNS server: serving, {} queries since it started", dns.queries()),
+            None => _ = writeln!(out, "DNS server: stopped"),
+        }
         let mut logs: Vec<(String, Vec<serde_json::Value>)> = Vec::new();
         for (host, proxy) in lock(&self.retired).iter() {
             logs.push((format!("{} (exited or killed)", host_name(*host)), proxy.events()));

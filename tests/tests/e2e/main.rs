@@ -41,6 +41,9 @@ fn run(name: &str, scenario: Scenario) -> Result<()> {
         };
         let result = scenario(&world).await;
         if let Err(error) = &result {
+            // The error first and last: a log viewer that cuts the middle
+            // of a long report still shows it.
+            eprintln!("scenario {name} failed: {error:#}");
             eprintln!("{}\nerror: {error:#}", world.report().await);
         }
         (Some(world), result)
