@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -44,7 +44,36 @@ pub fn binary() -> Result<PathBuf> {
             path.display()
         );
     }
-    Ok(path)
+    newer_source(&path)?.map_or(Ok(path.clone()), |source| {
+        bail!(
+            "{} is older than {}: rebuild it with `cargo build --bin splice-proxy` (after `cargo xtask \
+             build-ebpf` if the kernel program changed; `cargo test` alone rebuilds neither, `cargo xtask \
+             test` both), or the tests would run the old proxy",
+            path.display(),
+            source.display()
+        )
+    })
+}
+
+/// A source file of the proxy (its crates and the kernel program it embeds)
+/// modified after `binary` was built, if any.
+fn newer_source(binary: &Path) -> Result<Option<PathBuf>> {
+    let built = std::fs::metadata(binary)?.modified()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs: Vec<PathBuf> =
+        ["proxy-user/src", "proxy-common/src", "proxy-ebpf/src"].iter().map(|d| root.join(d)).collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if meta.modified()? > built {
+                return Ok(Some(entry.path()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 impl ProxyProcess {
