@@ -67,7 +67,7 @@ impl DnsServer {
                 Err(e) => return Err(e).context("binding the DNS TCP socket"),
             }
         };
-        Self::serve(udp, tcp, ttl)
+        Self::serve(udp, tcp, ttl, &[])
     }
 
     /// Starts on `addr` (UDP and TCP), in the namespace of the calling
@@ -77,14 +77,10 @@ impl DnsServer {
         let udp =
             tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding DNS UDP {addr}"))?;
         let tcp = crate::listen(addr).with_context(|| format!("binding DNS TCP {addr}"))?;
-        Self::serve_with(udp, tcp, ttl, answers)
+        Self::serve(udp, tcp, ttl, answers)
     }
 
-    fn serve(udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, ttl: Duration) -> Result<Self> {
-        Self::serve_with(udp, tcp, ttl, &[])
-    }
-
-    fn serve_with(
+    fn serve(
         udp: tokio::net::UdpSocket,
         tcp: tokio::net::TcpListener,
         ttl: Duration,

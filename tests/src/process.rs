@@ -44,15 +44,16 @@ pub fn binary() -> Result<PathBuf> {
             path.display()
         );
     }
-    newer_source(&path)?.map_or(Ok(path.clone()), |source| {
+    if let Some(source) = newer_source(&path)? {
         bail!(
             "{} is older than {}: rebuild it with `cargo build --bin splice-proxy` (after `cargo xtask \
              build-ebpf` if the kernel program changed; `cargo test` alone rebuilds neither, `cargo xtask \
              test` both), or the tests would run the old proxy",
             path.display(),
             source.display()
-        )
-    })
+        );
+    }
+    Ok(path)
 }
 
 /// A source file of the proxy (its crates and the kernel program it embeds)
