@@ -233,7 +233,7 @@ pub struct Options {
     /// beyond what the peer's send queue has room for, the direction is paused:
     /// TCP slows the sender and user space copies until it has caught up, then
     /// the kernel splices again. Also sets both sockets' buffers (clamped to
-    /// 1-16 MiB, doubled by the kernel). [default: 4194304]
+    /// 1-16 MiB, doubled by the kernel). From 256 KiB to 1 GiB. [default: 4194304]
     #[arg(long, value_name = "BYTES")]
     pub max_inflight: Option<u64>,
 

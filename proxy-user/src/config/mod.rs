@@ -81,6 +81,12 @@ const MAX_COPY_BUFFER: usize = 16 * 1024 * 1024;
 /// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s and TCP_KEEPCNT at 127.
 const MAX_KEEPALIVE_SECS: u64 = 32_767;
 const MAX_KEEPALIVE_COUNT: u32 = 127;
+/// Smallest `max_inflight`: a paused direction resumes once its peer has
+/// room for half the bound, and a loopback skb carries up to 64 KiB, so
+/// with 64 KiB a paused direction never resumed (65 KB of 500 MB in the
+/// kernel); 256 KiB is the bound the lossy-link gate runs (`sockmap-256k`).
+const MIN_INFLIGHT: u64 = 256 * 1024;
+
 /// Two sockets per connection must fit the u32 size of a BPF map.
 const MAX_CONNECTIONS: usize = 1 << 24;
 
@@ -158,11 +164,11 @@ impl Config {
             ));
         }
         let max_inflight = o.max_inflight.unwrap_or(4 << 20);
-        if !(64 * 1024..=1 << 30).contains(&max_inflight) {
+        if !(MIN_INFLIGHT..=1 << 30).contains(&max_inflight) {
             return Err(invalid(
                 "max_inflight",
                 "max-inflight",
-                format!("{max_inflight} is not from 64 KiB to 1 GiB"),
+                format!("{max_inflight} is not from 256 KiB to 1 GiB"),
             ));
         }
         let admin =
@@ -274,6 +280,19 @@ mod tests {
         let f = file(text);
         flags.config = Some(f.path().into());
         Config::load(&flags)
+    }
+
+    #[test]
+    fn max_inflight_below_256_kib_is_refused_naming_the_flag() {
+        let flags = |bytes| Options {
+            listen: vec!["127.0.0.1:6443".parse().unwrap()],
+            upstream: Some("api.example.com:443".parse().unwrap()),
+            max_inflight: Some(bytes),
+            ..Options::default()
+        };
+        let error = Config::load(&flags(128 * 1024)).unwrap_err().to_string();
+        assert!(error.contains("max-inflight") && error.contains("131072"), "{error}");
+        assert!(Config::load(&flags(256 * 1024)).is_ok());
     }
 
     #[test]
