@@ -6,14 +6,15 @@ use anyhow::{Context as _, Result, bail};
 
 pub const USAGE: &str = "\
 bench [--workload throughput|latency|connect|idle]... [--only SUBSTRING]
-      [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced]...
+      [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced|paced8]...
       [--round-trips N (20000)] [--idle N,N (10000,50000)] [--results DIR (bench/results)]
       [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
 
 Measures, over loopback, direct, splice-proxy (sockmap, splice, copy), HAProxy
 (splice-auto; splice-request+response with tune.pipesize 1 MiB; no splice with
 tune.bufsize 256 KiB), nginx stream and socat:
-  throughput  1, 8 and 64 streams at full speed, 1 stream paced at 3 Gbit/s:
+  throughput  1, 8 and 64 streams at full speed, 1 stream paced at 3 Gbit/s,
+              8 streams paced at 0.5 Gbit/s each (paced8):
               Gbit/s, machine busy %, core-s per GB, the proxy's own core-s per GB
               (--seconds each, --scenario picks some; repeatable)
   latency     1 B and 16 KiB ping-pong on one connection: p50/p99/p99.9
@@ -91,12 +92,11 @@ pub fn parse() -> Result<Args> {
             "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
             "--only" => args.only = Some(value()?.to_lowercase()),
             "--scenario" => {
-                let index = match value()?.as_str() {
-                    "1" => 0,
-                    "8" => 1,
-                    "64" => 2,
-                    "paced" => 3,
-                    other => bail!("--scenario {other}: expected 1, 8, 64 or paced"),
+                let name = value()?;
+                let scenarios = &crate::throughput::Scenario::ALL;
+                let Some(index) = scenarios.iter().position(|(known, _)| *known == name) else {
+                    let known: Vec<&str> = scenarios.iter().map(|(known, _)| *known).collect();
+                    bail!("--scenario {name}: expected one of {}", known.join(", "));
                 };
                 if !args.scenarios.contains(&index) {
                     args.scenarios.push(index);

@@ -53,7 +53,7 @@ impl<T> PeerRounds<T> {
 pub struct ThroughputResult {
     pub scenario: String,
     pub streams: usize,
-    /// The pacing rate, for the paced scenario.
+    /// The pacing rate of each stream, for the paced scenarios.
     pub paced_gbit_per_s: Option<f64>,
     pub peers: Vec<PeerRounds<throughput::Sample>>,
 }

@@ -27,30 +27,35 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Scenario {
     /// `streams` connections at once, each sending as fast as it can.
     FullSpeed { streams: usize },
-    /// One connection sending at a fixed rate.
-    Paced { gbit_per_s: f64 },
+    /// `streams` connections at once, each sending at a fixed rate.
+    Paced { streams: usize, gbit_per_s: f64 },
 }
 
 impl Scenario {
-    pub const ALL: [Self; 4] = [
-        Self::FullSpeed { streams: 1 },
-        Self::FullSpeed { streams: 8 },
-        Self::FullSpeed { streams: 64 },
-        Self::Paced { gbit_per_s: 3.0 },
+    /// With the `--scenario` name of each.
+    pub const ALL: [(&str, Self); 5] = [
+        ("1", Self::FullSpeed { streams: 1 }),
+        ("8", Self::FullSpeed { streams: 8 }),
+        ("64", Self::FullSpeed { streams: 64 }),
+        ("paced", Self::Paced { streams: 1, gbit_per_s: 3.0 }),
+        // Several flows of a host behind an NLB, each well under EC2's 5 Gbit/s per flow.
+        ("paced8", Self::Paced { streams: 8, gbit_per_s: 0.5 }),
     ];
 
     pub fn title(self) -> String {
         match self {
             Self::FullSpeed { streams: 1 } => "1 stream, full speed".into(),
             Self::FullSpeed { streams } => format!("{streams} streams, full speed"),
-            Self::Paced { gbit_per_s } => format!("1 stream paced at {gbit_per_s} Gbit/s"),
+            Self::Paced { streams: 1, gbit_per_s } => format!("1 stream paced at {gbit_per_s} Gbit/s"),
+            Self::Paced { streams, gbit_per_s } => {
+                format!("{streams} streams paced at {gbit_per_s} Gbit/s each")
+            }
         }
     }
 
     pub fn streams(self) -> usize {
         match self {
-            Self::FullSpeed { streams } => streams,
-            Self::Paced { .. } => 1,
+            Self::FullSpeed { streams } | Self::Paced { streams, .. } => streams,
         }
     }
 }
@@ -134,7 +139,7 @@ fn send_then_wait_for_sink(mut stream: TcpStream, scenario: Scenario, duration: 
                 sent += buf.len() as u64;
             }
         }
-        Scenario::Paced { gbit_per_s } => {
+        Scenario::Paced { gbit_per_s, .. } => {
             let buf = vec![0x5au8; PACED_CHUNK];
             let bytes_per_s = gbit_per_s * 1e9 / 8.0;
             while started.elapsed() < duration {

@@ -29,14 +29,14 @@ fn rounds_of<T>(peers: &[RunningPeer]) -> Vec<PeerRounds<T>> {
 pub fn throughput(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<ThroughputResult>> {
     let sink = servers::start_sink()?;
     let mut running = peers::start_all(kinds, Upstream { addr: sink, dns: None }, tools)?;
-    let scenarios: Vec<Scenario> = args.scenarios.iter().map(|&i| Scenario::ALL[i]).collect();
+    let scenarios: Vec<Scenario> = args.scenarios.iter().map(|&i| Scenario::ALL[i].1).collect();
     let mut results: Vec<ThroughputResult> = scenarios
         .iter()
         .map(|scenario| ThroughputResult {
             scenario: scenario.title(),
             streams: scenario.streams(),
             paced_gbit_per_s: match scenario {
-                Scenario::Paced { gbit_per_s } => Some(*gbit_per_s),
+                Scenario::Paced { gbit_per_s, .. } => Some(*gbit_per_s),
                 Scenario::FullSpeed { .. } => None,
             },
             peers: rounds_of(&running),

@@ -2,8 +2,8 @@
 //! `connections_active` gauge: each connection registers when it is accepted
 //! and leaves when its [`Registration`] is dropped (whatever the path).
 //! What it learns (client, SNI, upstream) and its bytes so far are filled in
-//! as it goes; byte counts are live on the copy and splice planes and known
-//! at close on sockmap (the kernel moves them).
+//! as it goes; byte counts are live on every plane (on sockmap the kernel's
+//! share is read from its flows when the list is asked for).
 
 use std::{
     collections::HashMap,
@@ -44,8 +44,6 @@ struct Details {
     sni: Option<String>,
     target: Option<String>,
     upstream: Option<UpstreamAddr>,
-    /// The plane counts bytes as they move (false: at close only).
-    live_bytes: bool,
 }
 
 #[derive(Debug)]
@@ -87,7 +85,6 @@ pub struct ConnectionView {
     pub upstream: Option<String>,
     pub bytes_up: u64,
     pub bytes_down: u64,
-    pub bytes_live: bool,
 }
 
 /// The `/debug/connections` answer.
@@ -112,7 +109,6 @@ impl ConnectionTable {
                 sni: None,
                 target: None,
                 upstream: None,
-                live_bytes: true,
             }),
             bytes: Arc::default(),
         });
@@ -156,6 +152,7 @@ impl Entry {
 
     fn view(&self, id: u64) -> ConnectionView {
         let d = self.details().clone();
+        let (bytes_up, bytes_down) = self.bytes.totals();
         ConnectionView {
             id,
             age_seconds: (self.started.elapsed().as_secs_f64() * 1e3).round() / 1e3,
@@ -166,9 +163,8 @@ impl Entry {
             sni: d.sni,
             target: d.target,
             upstream: d.upstream.map(|u| u.to_string()),
-            bytes_up: self.bytes.client_to_upstream.load(Ordering::Relaxed),
-            bytes_down: self.bytes.upstream_to_client.load(Ordering::Relaxed),
-            bytes_live: d.live_bytes,
+            bytes_up,
+            bytes_down,
         }
     }
 }
@@ -183,12 +179,11 @@ impl Registration {
         d.target = Some(target);
     }
 
-    /// Connected to `upstream`; `live_bytes`: the plane counts bytes as they move.
-    pub fn forwarding(&self, upstream: UpstreamAddr, live_bytes: bool) {
+    /// Connected to `upstream`.
+    pub fn forwarding(&self, upstream: UpstreamAddr) {
         let mut d = self.entry.details();
         d.stage = Stage::Forwarding;
         d.upstream = Some(upstream);
-        d.live_bytes = live_bytes;
     }
 
     /// The counters the data plane adds to.
@@ -220,7 +215,7 @@ mod tests {
             Some("a.example.com"),
             "a.example.com:443".into(),
         );
-        first.forwarding(UpstreamAddr("10.1.0.5:443".parse().unwrap()), true);
+        first.forwarding(UpstreamAddr("10.1.0.5:443".parse().unwrap()));
         first.bytes().client_to_upstream.store(517, Ordering::Relaxed);
         let list = table.list();
         assert_eq!((list.open, list.listed), (2, 2));

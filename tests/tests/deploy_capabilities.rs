@@ -1,9 +1,11 @@
 //! The capabilities the deployment files grant are the ones the proxy needs:
 //! the systemd unit's ambient set and the DaemonSet's added set are the same
 //! four; an unprivileged user holding exactly those (no_new_privs, as the unit
-//! sets) binds port 443 and runs the sockmap plane with bytes moved in the
-//! kernel; without CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON the sockmap plane
-//! cannot start, and without CAP_NET_BIND_SERVICE port 443 cannot be bound.
+//! sets) binds port 443 and, with the default `--dataplane auto`, runs the
+//! sockmap plane with bytes moved in the kernel; without CAP_BPF,
+//! CAP_NET_ADMIN or CAP_PERFMON an explicit `--dataplane sockmap` cannot
+//! start while `auto` runs on splice and says why, and without
+//! CAP_NET_BIND_SERVICE port 443 cannot be bound.
 //! Runs as root (setpriv) in its own network namespace.
 
 use std::{
@@ -67,13 +69,36 @@ fn as_unprivileged_with(caps: &BTreeSet<String>) -> Vec<String> {
     ]
 }
 
-fn start(caps: &BTreeSet<String>, upstream: &str) -> Result<ProxyProcess> {
+/// The proxy on port 443 as the unprivileged user with `caps`, on `plane`
+/// (`auto` when None, the default).
+fn start(caps: &BTreeSet<String>, upstream: &str, plane: Option<&str>) -> Result<ProxyProcess> {
     let wrapper = as_unprivileged_with(caps);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    ProxyProcess::start_wrapped(
-        &wrapper,
-        &["--listen", "127.0.0.1:443", "--upstream", upstream, "--no-sni-check", "--dataplane", "sockmap"],
-    )
+    let mut args = vec!["--listen", "127.0.0.1:443", "--upstream", upstream, "--no-sni-check"];
+    args.extend(plane.map(|plane| ["--dataplane", plane]).iter().flatten());
+    ProxyProcess::start_wrapped(&wrapper, &args)
+}
+
+/// The plane the proxy logged it serves on, and why.
+fn plane_in_use(proxy: &ProxyProcess) -> Result<(String, String)> {
+    let events = proxy.events();
+    let event = events.iter().find(|e| message(e) == "data plane").context("no \"data plane\" line")?;
+    let field = |name: &str| event[name].as_str().map(str::to_owned).with_context(|| format!("{event}"));
+    Ok((field("dataplane")?, field("why")?))
+}
+
+/// Proxies one echo of `len` bytes, then stops the proxy; returns the bytes
+/// its close line says the kernel moved.
+fn echo_then_stop(mut proxy: ProxyProcess, upstream: &TcpListener, len: usize) -> Result<u64> {
+    echo_through(proxy.addr(), upstream, len)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let closed = rt.block_on(proxy.wait_closed(1, Duration::from_secs(10)))?;
+    let kernel_bytes =
+        closed[0]["kernel_bytes"].as_u64().with_context(|| format!("no kernel_bytes: {closed:?}"))?;
+    proxy.signal(nix::sys::signal::Signal::SIGINT)?;
+    let exit = rt.block_on(proxy.wait_exit(Duration::from_secs(10)))?;
+    ensure!(exit.success(), "exit {exit}");
+    Ok(kernel_bytes)
 }
 
 /// One connection through the proxy: `len` bytes up, the same bytes echoed down.
@@ -118,36 +143,43 @@ fn the_deployed_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     let upstream = TcpListener::bind("127.0.0.1:0")?;
     let upstream_addr = upstream.local_addr()?.to_string();
 
-    // Exactly the deployed set: port 443, kernel programs, bytes in the kernel.
-    let mut proxy = start(&caps, &upstream_addr)?;
+    // Exactly the deployed set, with the default plane: port 443, kernel
+    // programs, bytes in the kernel.
+    let proxy = start(&caps, &upstream_addr, None)?;
     let events = proxy.events();
     ensure!(
         events.iter().any(|e| message(e) == "kernel programs loaded and attached"),
         "kernel programs did not load: {events:?}"
     );
-    echo_through(proxy.addr(), &upstream, 4 << 20)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let closed = rt.block_on(proxy.wait_closed(1, Duration::from_secs(10)))?;
-    let kernel_bytes = closed[0]["kernel_bytes"].as_u64().context("no kernel_bytes")?;
-    ensure!(kernel_bytes > 0, "the sockmap plane moved no byte in the kernel: {closed:?}");
-    proxy.signal(nix::sys::signal::Signal::SIGTERM)?;
-    let exit = rt.block_on(proxy.wait_exit(Duration::from_secs(10)))?;
-    ensure!(exit.success(), "exit {exit}");
+    let (plane, why) = plane_in_use(&proxy)?;
+    ensure!(plane == "sockmap" && why.starts_with("auto: sockmap"), "auto chose {plane}: {why}");
+    let kernel_bytes = echo_then_stop(proxy, &upstream, 4 << 20)?;
+    ensure!(kernel_bytes > 0, "the sockmap plane moved no byte in the kernel");
 
-    // Each BPF capability left out: the sockmap plane cannot start.
+    // Each BPF capability left out: the sockmap plane cannot start; auto
+    // runs on splice and says why.
     for missing in ["BPF", "NET_ADMIN", "PERFMON"] {
         let fewer: BTreeSet<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
-        match start(&fewer, &upstream_addr) {
+        match start(&fewer, &upstream_addr, Some("sockmap")) {
             Ok(_) => bail!("the sockmap plane started without CAP_{missing}"),
             Err(error) => ensure!(
                 error.to_string().contains("the sockmap data plane needs the kernel programs"),
                 "without CAP_{missing}: {error:#}"
             ),
         }
+        let proxy =
+            start(&fewer, &upstream_addr, None).with_context(|| format!("auto without CAP_{missing}"))?;
+        let (plane, why) = plane_in_use(&proxy)?;
+        ensure!(
+            plane == "splice" && why.starts_with("auto: splice, because the kernel programs did not load"),
+            "auto without CAP_{missing} chose {plane}: {why}"
+        );
+        let kernel_bytes = echo_then_stop(proxy, &upstream, 1 << 20)?;
+        ensure!(kernel_bytes == 0, "without CAP_{missing}: {kernel_bytes} bytes in the kernel");
     }
     // Without CAP_NET_BIND_SERVICE: port 443 is refused.
     let fewer: BTreeSet<String> = caps.iter().filter(|c| *c != "NET_BIND_SERVICE").cloned().collect();
-    match start(&fewer, &upstream_addr) {
+    match start(&fewer, &upstream_addr, None) {
         Ok(_) => bail!("port 443 was bound without CAP_NET_BIND_SERVICE"),
         Err(error) => ensure!(error.to_string().contains("exit status: 3"), "{error:#}"),
     }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     cli::{LogFormat, Options},
     connect::ConnectConfig,
-    dataplane::{DataPlane, splice::Pipe},
+    dataplane::{ChosenPlane, DataPlane, splice::Pipe},
     dns::DnsConfig,
     sockopt::TcpConfig,
     xdp_filter::SourceFilterConfig,
@@ -46,9 +46,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Connections served at once; the sockmap maps are sized for it.
     pub max_connections: usize,
-    pub dataplane: DataPlane,
-    /// Why `dataplane` was chosen (logged at start-up).
-    pub dataplane_reason: &'static str,
+    /// The plane asked for, what runs when it cannot start, and why.
+    pub dataplane: ChosenPlane,
     pub log_format: LogFormat,
     /// The XDP source filter's interfaces, when some listener has an
     /// `xdp_interface` (its own or the top level's); the allow lists are per
@@ -174,10 +173,10 @@ impl Config {
         let admin =
             admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
         let source_filter = source_lists::validate(o.xdp_interface.as_deref(), &listeners)?;
-        let (dataplane, dataplane_reason) =
+        let dataplane =
             DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
-            dataplane
+            dataplane.plane
         {
             // Ask the kernel now, so a size it refuses fails here, not per connection.
             Pipe::new(pipe_size).map_err(|e| {
@@ -193,7 +192,6 @@ impl Config {
             admin,
             max_connections,
             dataplane,
-            dataplane_reason,
             log_format: o.log_format.unwrap_or_default(),
             source_filter,
             upgrade_socket: o.upgrade_socket,

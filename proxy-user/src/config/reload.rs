@@ -41,7 +41,6 @@ impl Config {
         };
         keep("dataplane, max_inflight, splice_pipe_size, copy_buffer_size", &self.dataplane, &new.dataplane);
         new.dataplane = self.dataplane;
-        new.dataplane_reason = self.dataplane_reason;
         keep("admin_listen", &self.admin.listen, &new.admin.listen);
         new.admin.listen = self.admin.listen;
         keep("health_listen", &self.admin.health_listen, &new.admin.health_listen);

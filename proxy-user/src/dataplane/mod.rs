@@ -15,7 +15,10 @@ use std::{
     io,
     os::fd::AsFd,
     pin::{Pin, pin},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use serde::Deserialize;
@@ -28,9 +31,9 @@ use crate::sockopt;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPlaneChoice {
-    /// The best plane measured on this kernel (bench/README.md): splice. Every
-    /// plane passes the same correctness gate; sockmap is slower for bulk
-    /// streams and connection set-up, though cheaper at moderate rates.
+    /// sockmap when the kernel programs load (root, or CAP_BPF, CAP_NET_ADMIN
+    /// and CAP_PERFMON, and a kernel with BTF), else splice; the start-up log
+    /// says which and why (bench/README.md has the measurements).
     #[default]
     Auto,
     /// splice(2) through a pipe per direction: the bytes stay in the kernel.
@@ -59,29 +62,56 @@ pub enum DataPlane {
     },
 }
 
+/// Why `auto` starts on sockmap (bench/README.md has the numbers).
+const AUTO_REASON: &str = "auto: sockmap, the kernel path, which passes the correctness gate \
+     on every run and is the cheapest plane at the rates one flow reaches behind an NLB \
+     (EC2 caps a flow at 5 Gbit/s; sockmap kept 100 % of such a stream in the kernel and \
+     added 0.7x the best HAProxy's CPU, splice 1.0x); splice when the kernel programs \
+     cannot be loaded";
+
+/// The plane `--dataplane` asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChosenPlane {
+    pub plane: DataPlane,
+    /// `auto` only: what runs instead when `plane` needs the kernel programs
+    /// and they did not load (no CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON, no
+    /// BTF, an old kernel). An explicit `--dataplane sockmap` has none: the
+    /// proxy then refuses to start.
+    pub fallback: Option<DataPlane>,
+    /// Why `plane` was chosen (logged at start-up).
+    pub reason: &'static str,
+}
+
+impl std::fmt::Debug for ChosenPlane {
+    /// The planes without the reason: what a reload that changes them names.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.fallback {
+            None => write!(f, "{:?}", self.plane),
+            Some(fallback) => write!(f, "auto: {:?}, else {fallback:?}", self.plane),
+        }
+    }
+}
+
 impl DataPlane {
-    /// Resolves `auto` and says why this plane was chosen.
+    /// Resolves `--dataplane` from the configuration alone: the plane to
+    /// start, and why. The kernel programs load later; `auto` then falls back
+    /// (see [`ChosenPlane::fallback`]).
     #[must_use]
     pub fn choose(
         choice: DataPlaneChoice,
         pipe_size: usize,
         buffer_size: usize,
         max_inflight: u64,
-    ) -> (Self, &'static str) {
+    ) -> ChosenPlane {
+        let sockmap = Self::Sockmap { max_inflight, fallback_pipe_size: pipe_size };
+        let chosen = |plane, fallback, reason| ChosenPlane { plane, fallback, reason };
         match choice {
-            DataPlaneChoice::Auto => (
-                Self::Splice { pipe_size },
-                "auto: splice, the fastest plane at full speed and for connection set-up \
-                 measured on this kernel (sockmap passes the same correctness gate and costs \
-                 less CPU at moderate rates, but is slower for bulk streams and sets up \
-                 connections more slowly; bench/README.md)",
-            ),
-            DataPlaneChoice::Splice => (Self::Splice { pipe_size }, "chosen with --dataplane splice"),
-            DataPlaneChoice::Copy => (Self::Copy { buffer_size }, "chosen with --dataplane copy"),
-            DataPlaneChoice::Sockmap => (
-                Self::Sockmap { max_inflight, fallback_pipe_size: pipe_size },
-                "chosen with --dataplane sockmap",
-            ),
+            DataPlaneChoice::Auto => chosen(sockmap, Some(Self::Splice { pipe_size }), AUTO_REASON),
+            DataPlaneChoice::Splice => {
+                chosen(Self::Splice { pipe_size }, None, "chosen with --dataplane splice")
+            }
+            DataPlaneChoice::Copy => chosen(Self::Copy { buffer_size }, None, "chosen with --dataplane copy"),
+            DataPlaneChoice::Sockmap => chosen(sockmap, None, "chosen with --dataplane sockmap"),
         }
     }
 
@@ -163,12 +193,32 @@ impl Transfer {
     }
 }
 
-/// Bytes moved so far each way, for `/debug/connections` (the copy and
-/// splice planes add as they go; sockmap's are set from its [`Transfer`] at close).
+/// Bytes moved so far each way, for `/debug/connections`: the copy and
+/// splice planes add to the counters as they go; on sockmap they hold what
+/// user space moved, and the kernel's share is read from the flows on demand.
 #[derive(Debug, Default)]
 pub struct ByteProgress {
     pub client_to_upstream: AtomicU64,
     pub upstream_to_client: AtomicU64,
+    /// While a sockmap connection is spliced: where to read the kernel's share.
+    kernel: std::sync::Mutex<Option<sockmap::KernelShare>>,
+}
+
+impl ByteProgress {
+    /// Bytes moved so far (client to upstream, upstream to client).
+    #[must_use]
+    pub fn totals(&self) -> (u64, u64) {
+        let kernel = self.kernel_share();
+        let kernel = kernel.as_ref().map_or([0, 0], sockmap::KernelShare::read);
+        (
+            self.client_to_upstream.load(Ordering::Relaxed) + kernel[0],
+            self.upstream_to_client.load(Ordering::Relaxed) + kernel[1],
+        )
+    }
+
+    fn kernel_share(&self) -> std::sync::MutexGuard<'_, Option<sockmap::KernelShare>> {
+        self.kernel.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// An I/O error in one direction, by where it happened.
@@ -192,15 +242,14 @@ impl PumpError {
 /// fails, or `stop` is cancelled; then closes both sockets. `client_read`:
 /// bytes read from the client before (a PROXY header), which the sockmap
 /// plane must leave out of its count of what the client sent. `progress`
-/// counts the bytes as they move on the copy and splice planes (sockmap
-/// reports them in the returned [`Transfer`] only).
+/// shows the bytes as they move.
 ///
 /// The future is boxed per plane: an idle connection holds it for as long as
 /// it is open, and one `async fn` over every plane would be as large as the
 /// largest (sockmap's) whichever plane runs.
 pub fn forward<'a>(
     plane: DataPlane,
-    sockmap: Option<&'a sockmap::SockmapPlane>,
+    sockmap: Option<&'a Arc<sockmap::SockmapPlane>>,
     client: TcpStream,
     upstream: TcpStream,
     stop: CancellationToken,
@@ -209,7 +258,7 @@ pub fn forward<'a>(
 ) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
     match (plane, sockmap) {
         (DataPlane::Sockmap { .. }, Some(sockmap)) => {
-            Box::pin(sockmap.forward(client, upstream, stop, client_read))
+            Box::pin(sockmap::SockmapPlane::forward(sockmap, client, upstream, stop, client_read, progress))
         }
         (DataPlane::Copy { buffer_size }, _) => {
             Box::pin(forward_user_counted(client, upstream, stop, UserPump::Copy { buffer_size }, progress))
@@ -219,12 +268,6 @@ pub fn forward<'a>(
             Box::pin(forward_user_counted(client, upstream, stop, UserPump::Splice { pipe_size }, progress))
         }
     }
-}
-
-/// Whether [`forward`] with `plane` counts bytes in its `progress` as they move.
-#[must_use]
-pub fn counts_live(plane: DataPlane, sockmap: Option<&sockmap::SockmapPlane>) -> bool {
-    !matches!((plane, sockmap), (DataPlane::Sockmap { .. }, Some(_)))
 }
 
 /// How a direction moves bytes when the kernel does not splice it.
@@ -247,18 +290,8 @@ impl UserPump {
     }
 }
 
-/// Runs one pump per direction (copy or splice).
-pub(crate) async fn forward_user(
-    client: TcpStream,
-    upstream: TcpStream,
-    stop: CancellationToken,
-    pump: UserPump,
-) -> Transfer {
-    forward_user_counted(client, upstream, stop, pump, &ByteProgress::default()).await
-}
-
-/// [`forward_user`], counting into `progress`.
-async fn forward_user_counted(
+/// Runs one pump per direction (copy or splice), counting into `progress`.
+pub(crate) async fn forward_user_counted(
     client: TcpStream,
     upstream: TcpStream,
     stop: CancellationToken,

@@ -117,14 +117,17 @@ pub struct Observers {
 }
 
 impl Proxy {
+    /// `dataplane`: the plane started (`auto` may have fallen back from the
+    /// configured one); `sockmap` its maps when it is sockmap.
     pub fn new(
         config: &Config,
+        dataplane: DataPlane,
         sockmap: Option<Arc<SockmapPlane>>,
         observers: Observers,
     ) -> Result<Self, ResolveError> {
         Ok(Self {
             path: RwLock::new(Arc::new(PathSettings::new(config, None)?)),
-            dataplane: config.dataplane,
+            dataplane,
             sockmap,
             edge_stats: EdgeStats::default(),
             metrics: observers.metrics,
@@ -214,8 +217,8 @@ impl Proxy {
             resolve_time,
             connect_time,
         } = established;
-        let sockmap = self.sockmap.as_deref();
-        registration.forwarding(upstream_addr, dataplane::counts_live(self.dataplane, sockmap));
+        let sockmap = self.sockmap.as_ref();
+        registration.forwarding(upstream_addr);
         let progress = registration.bytes();
         let Transfer {
             client_to_upstream,

@@ -8,6 +8,7 @@
 //! starts one.
 
 mod listeners;
+mod plane;
 mod probes;
 mod reload;
 mod source_filter;
@@ -31,7 +32,6 @@ use crate::{
     cli::Options,
     config::Config,
     connections::ConnectionTable,
-    dataplane::{DataPlane, sockmap::SockmapPlane},
     dns::ResolveError,
     health::Health,
     health_port::HealthPort,
@@ -99,6 +99,8 @@ pub struct Server {
     listeners: ListenerSet,
     /// Loaded kernel programs not used by the data plane, kept for their logs.
     _kernel: Option<KernelPrograms>,
+    /// Why the data plane in use was chosen (logged once serving).
+    dataplane_reason: std::borrow::Cow<'static, str>,
     proxy: Arc<Proxy>,
     health: Arc<Health>,
     health_port: Option<HealthPort>,
@@ -159,13 +161,8 @@ impl Server {
         let fixed_lists = source_filter::allow_lists(&config.listeners, &fixed_ports);
         let mut source_filter =
             config.source_filter.as_ref().map(|c| source_filter::start(c, &fixed_lists)).transpose()?;
-        let (sockmap, kernel) = match (config.dataplane, kernel) {
-            (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
-                (Some(SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?), None)
-            }
-            (DataPlane::Sockmap { .. }, Err(error)) => return Err(StartError::NoKernel(error.to_string())),
-            (_, kernel) => (None, kernel.ok()),
-        };
+        let plane::StartedPlane { plane, reason: dataplane_reason, sockmap, unused_kernel } =
+            plane::start(config.dataplane, kernel)?;
         let sockmap_capacity = sockmap.is_some().then_some(config.max_connections);
         let health = Arc::new(Health::new(&probes::targets(config), config.admin.readiness_window()));
         let metrics = Metrics::default();
@@ -175,7 +172,7 @@ impl Server {
             health: Arc::clone(&health),
             connections: Arc::clone(&connections),
         };
-        let proxy = Arc::new(Proxy::new(config, sockmap, observers)?);
+        let proxy = Arc::new(Proxy::new(config, plane, sockmap, observers)?);
         let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
         let listeners = ListenerSet::new(bound, &config.listeners)?;
         if let Some(filter) = &mut source_filter {
@@ -200,7 +197,7 @@ impl Server {
                 health: Arc::clone(&health),
                 connections: Arc::clone(&connections),
                 addresses: Arc::clone(metrics.addresses()),
-                plane: config.dataplane.label(),
+                plane: plane.label(),
             }),
             Box::new(ProxyCollector(Arc::clone(&proxy))),
         ];
@@ -244,7 +241,8 @@ impl Server {
             limit,
             accepting,
             sockmap_capacity,
-            _kernel: kernel,
+            _kernel: unused_kernel,
+            dataplane_reason,
             handover,
             upgrades,
             admin_socket: (config.admin.listen, admin_addr, admin_fd),
@@ -260,8 +258,7 @@ impl Server {
     pub async fn run(&mut self) -> Stopped {
         let _stop_probes_on_return = self.probes.stopper().drop_guard();
         self.listeners.start(&self.accepting);
-        let why = self.config.dataplane_reason;
-        tracing::info!(dataplane = self.proxy.dataplane().label(), why, "data plane");
+        tracing::info!(dataplane = self.proxy.dataplane().label(), why = %self.dataplane_reason, "data plane");
         self.probes.set(&probes::targets(&self.config), self.config.admin.probe_interval);
         let (health_port_closed, health_port_watch) = watch::channel(self.health_port.is_none());
         if let Some(port) = self.health_port.take() {

@@ -32,7 +32,7 @@ use std::{
     net::TcpStream as StdTcpStream,
     pin::pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -42,7 +42,7 @@ use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 use self::hangups::Hangups;
-use super::{CloseReason, Side, Transfer, UserPump, drive, finish};
+use super::{ByteProgress, CloseReason, Side, Transfer, UserPump, drive, finish};
 use crate::{
     kernel::{KernelError, KernelPrograms, socket_cookie},
     sockopt as tcp_options, tcpstat,
@@ -163,13 +163,16 @@ impl SockmapPlane {
     }
 
     /// Splices one connection until it ends. `client_read`: bytes user space
-    /// read from the client before (not for the upstream).
+    /// read from the client before (not for the upstream). `progress` shows
+    /// the bytes moved so far: what user space copied, plus the kernel's
+    /// share read from the flows while they exist.
     pub async fn forward(
-        &self,
+        self: &Arc<Self>,
         client: TcpStream,
         upstream: TcpStream,
         stop: CancellationToken,
         client_read: u64,
+        progress: &ByteProgress,
     ) -> Transfer {
         // Out of tokio's reactor: a spliced socket would wake it for every
         // redirected skb (see `hangups`).
@@ -188,7 +191,7 @@ impl SockmapPlane {
                 let pump = UserPump::Splice { pipe_size: self.fallback_pipe_size };
                 return match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
                     (Ok(client), Ok(upstream)) => {
-                        Box::pin(super::forward_user(client, upstream, stop, pump)).await
+                        Box::pin(super::forward_user_counted(client, upstream, stop, pump, progress)).await
                     }
                     (Err(error), _) | (_, Err(error)) => {
                         tracing::warn!(%error, "registering a socket with the reactor failed; connection closed");
@@ -197,21 +200,32 @@ impl SockmapPlane {
                 };
             }
         };
-        let copied_up = AtomicU64::new(0);
-        let copied_down = AtomicU64::new(0);
-        let up = pin!(self.direction(&client, &upstream, &setup.up, setup.client_in_map, &copied_up));
-        let down = pin!(self.direction(&upstream, &client, &setup.down, true, &copied_down));
+        *progress.kernel_share() =
+            Some(KernelShare { plane: Arc::downgrade(self), cookies: [setup.up.cookie, setup.down.cookie] });
+        let copied_up = &progress.client_to_upstream;
+        let copied_down = &progress.upstream_to_client;
+        let up = pin!(self.direction(&client, &upstream, &setup.up, setup.client_in_map, copied_up));
+        let down = pin!(self.direction(&upstream, &client, &setup.down, true, copied_down));
         let reason = drive(up, down, &stop).await;
         if let CloseReason::Error(_) = reason {
             tracing::debug!(?reason, "sockmap connection failed");
         }
         finish(reason, &client, &upstream);
-        let [up, down] = self.tear_down(&setup, [&client, &upstream]);
+        // The kernel's share moves into the counters with the flows' removal,
+        // so a reader of `progress` never sees it missing.
+        let [up, down] = {
+            let mut share = progress.kernel_share();
+            let flows = self.tear_down(&setup, [&client, &upstream]);
+            copied_up.fetch_add(flows[0].redirected_bytes, Ordering::Relaxed);
+            copied_down.fetch_add(flows[1].redirected_bytes, Ordering::Relaxed);
+            *share = None;
+            flows
+        };
         self.counters.pauses.fetch_add(u64::from(up.pauses + down.pauses), Ordering::Relaxed);
         self.counters.resumes.fetch_add(u64::from(up.resumes + down.resumes), Ordering::Relaxed);
         Transfer {
-            client_to_upstream: up.redirected_bytes + copied_up.load(Ordering::Relaxed),
-            upstream_to_client: down.redirected_bytes + copied_down.load(Ordering::Relaxed),
+            client_to_upstream: copied_up.load(Ordering::Relaxed),
+            upstream_to_client: copied_down.load(Ordering::Relaxed),
             kernel_bytes: up.redirected_bytes + down.redirected_bytes,
             paused_directions: [up, down].iter().map(|f| u32::from(f.pauses != 0)).sum(),
             pauses: up.pauses + down.pauses,
@@ -315,6 +329,25 @@ impl SockmapPlane {
         waiters.remove(&setup.up.cookie);
         waiters.remove(&setup.down.cookie);
         flows
+    }
+}
+
+/// Where the bytes the kernel redirected for one spliced connection are
+/// read while it is spliced (for `/debug/connections`).
+#[derive(Debug)]
+pub struct KernelShare {
+    plane: Weak<SockmapPlane>,
+    /// The flows' keys: the client's cookie (up), the upstream's (down).
+    cookies: [u64; 2],
+}
+
+impl KernelShare {
+    /// Bytes redirected so far (up, down); 0 for a flow already gone.
+    #[must_use]
+    pub fn read(&self) -> [u64; 2] {
+        let Some(plane) = self.plane.upgrade() else { return [0, 0] };
+        let kernel = plane.kernel();
+        self.cookies.map(|cookie| kernel.flow(cookie).ok().flatten().map_or(0, |flow| flow.redirected_bytes))
     }
 }
 

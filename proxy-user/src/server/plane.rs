@@ -1,0 +1,99 @@
+//! Which data plane runs: the one configured, or `auto`'s fallback when the
+//! kernel programs did not load.
+
+use std::{borrow::Cow, sync::Arc};
+
+use super::StartError;
+use crate::{
+    dataplane::{ChosenPlane, DataPlane, sockmap::SockmapPlane},
+    kernel::{KernelError, KernelPrograms},
+};
+
+/// The plane started, why, and what it holds of the kernel programs.
+pub struct StartedPlane {
+    pub plane: DataPlane,
+    /// Logged when the server starts serving.
+    pub reason: Cow<'static, str>,
+    /// On sockmap: the maps and the verdict program.
+    pub sockmap: Option<Arc<SockmapPlane>>,
+    /// On the other planes: the loaded programs, kept only for their logs.
+    pub unused_kernel: Option<KernelPrograms>,
+}
+
+/// Starts `chosen.plane`, or its fallback when it needs the kernel programs
+/// and `kernel` says why they did not load. An explicit sockmap without them
+/// is an error: the operator asked for the kernel path.
+pub fn start(
+    chosen: ChosenPlane,
+    kernel: Result<KernelPrograms, KernelError>,
+) -> Result<StartedPlane, StartError> {
+    let started =
+        |plane, reason, sockmap, unused_kernel| StartedPlane { plane, reason, sockmap, unused_kernel };
+    match (chosen.plane, kernel) {
+        (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
+            let sockmap = SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?;
+            Ok(started(chosen.plane, chosen.reason.into(), Some(sockmap), None))
+        }
+        (DataPlane::Sockmap { .. }, Err(error)) => match chosen.fallback {
+            Some(fallback) => Ok(started(fallback, fallback_reason(fallback, &error).into(), None, None)),
+            None => Err(StartError::NoKernel(error.to_string())),
+        },
+        (plane, kernel) => Ok(started(plane, chosen.reason.into(), None, kernel.ok())),
+    }
+}
+
+fn fallback_reason(fallback: DataPlane, error: &KernelError) -> String {
+    format!(
+        "auto: {}, because the kernel programs did not load ({error}); sockmap needs root (or \
+         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) and a kernel with BTF",
+        fallback.label()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::DataPlaneChoice;
+
+    fn no_kernel() -> Result<KernelPrograms, KernelError> {
+        Err(KernelError::Missing { kind: "program", name: "splice_verdict" })
+    }
+
+    fn chosen(choice: DataPlaneChoice) -> ChosenPlane {
+        DataPlane::choose(choice, 1 << 20, 64 << 10, 4 << 20)
+    }
+
+    #[test]
+    fn auto_asks_for_sockmap_and_falls_back_to_splice() {
+        let auto = chosen(DataPlaneChoice::Auto);
+        assert_eq!(auto.plane, DataPlane::Sockmap { max_inflight: 4 << 20, fallback_pipe_size: 1 << 20 });
+        assert_eq!(auto.fallback, Some(DataPlane::Splice { pipe_size: 1 << 20 }));
+        assert!(auto.reason.starts_with("auto: sockmap"), "{}", auto.reason);
+
+        let started = start(auto, no_kernel()).expect("auto runs without the kernel programs");
+        assert_eq!(started.plane, DataPlane::Splice { pipe_size: 1 << 20 });
+        assert!(started.sockmap.is_none());
+        assert!(
+            started.reason.starts_with("auto: splice, because the kernel programs did not load")
+                && started.reason.contains("no program named splice_verdict")
+                && started.reason.contains("CAP_BPF"),
+            "{}",
+            started.reason
+        );
+    }
+
+    #[test]
+    fn an_explicit_sockmap_without_the_kernel_programs_is_refused() {
+        let error = start(chosen(DataPlaneChoice::Sockmap), no_kernel()).err().expect("started");
+        assert!(matches!(error, StartError::NoKernel(_)), "{error}");
+        assert!(error.to_string().contains("no program named splice_verdict"), "{error}");
+    }
+
+    #[test]
+    fn the_other_planes_run_without_the_kernel_programs() {
+        for (choice, label) in [(DataPlaneChoice::Splice, "splice"), (DataPlaneChoice::Copy, "copy")] {
+            let started = start(chosen(choice), no_kernel()).expect("started");
+            assert_eq!((started.plane.label(), started.reason.as_ref()), (label, chosen(choice).reason));
+        }
+    }
+}
