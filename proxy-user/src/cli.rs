@@ -209,9 +209,10 @@ pub struct Options {
     #[serde(default, with = "humantime_serde")]
     pub tcp_user_timeout: Option<Duration>,
 
-    /// How the bytes of an established connection are moved: `auto` picks the
-    /// best plane that has passed its correctness gate (now: splice) and logs why.
-    /// [default: auto]
+    /// How the bytes of an established connection are moved: `auto` runs
+    /// sockmap when the kernel programs load (root, or CAP_BPF, CAP_NET_ADMIN
+    /// and CAP_PERFMON; a kernel with BTF), else splice, and logs which and
+    /// why; `sockmap` refuses to start without them. [default: auto]
     #[arg(long, value_enum, value_name = "PLANE")]
     pub dataplane: Option<DataPlaneChoice>,
 
