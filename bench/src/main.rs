@@ -19,6 +19,7 @@ mod nginx;
 mod peers;
 mod plots;
 mod process;
+mod proxy_counters;
 mod report;
 mod results;
 mod servers;

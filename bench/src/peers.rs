@@ -151,6 +151,8 @@ pub struct RunningPeer {
     pub kind: PeerKind,
     pub name: String,
     pub addr: SocketAddr,
+    /// splice-proxy's admin endpoint (its byte counters).
+    pub admin: Option<SocketAddr>,
     // Declared before the config directory so the process dies first.
     process: Option<Process>,
     _config_dir: Option<TempDir>,
@@ -167,8 +169,11 @@ impl RunningPeer {
             }
             _ => kind.name().to_owned(),
         };
+        let mut admin = None;
         let (process, addr, dir) = if let Some(dataplane) = kind.dataplane() {
-            let (process, addr) = crate::splice_proxy::start(&tools.proxy_bin, upstream, dataplane)?;
+            let (process, addr, admin_addr) =
+                crate::splice_proxy::start(&tools.proxy_bin, upstream, dataplane)?;
+            admin = Some(admin_addr);
             (Some(process), addr, None)
         } else if let Some(tuning) = kind.haproxy_tuning() {
             let haproxy = tools.haproxy.as_ref().context("HAProxy peer without a HAProxy binary")?;
@@ -187,7 +192,7 @@ impl RunningPeer {
         } else {
             bail!("no way to start {kind:?}")
         };
-        Ok(Self { kind, name, addr, process, _config_dir: dir })
+        Ok(Self { kind, name, addr, admin, process, _config_dir: dir })
     }
 
     /// Fails if the proxy behind this peer has exited.

@@ -212,6 +212,25 @@ fn throughput_table(out: &mut String, scenario: &ThroughputResult) {
             );
         }
     }
+    kernel_share_line(out, peers);
+}
+
+/// splice-proxy's share of bytes redirected in the kernel, per peer that reports it.
+fn kernel_share_line(out: &mut String, peers: &[PeerRounds<crate::throughput::Sample>]) {
+    let shares: Vec<String> = peers
+        .iter()
+        .filter_map(|p| {
+            let rounds = p.rounds.iter().map(|s| s.kernel_percent).collect::<Option<Vec<f64>>>()?;
+            (!rounds.is_empty()).then(|| format!("{} {} %", p.peer, Stat::of(rounds).show(1)))
+        })
+        .collect();
+    if !shares.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nOf the bytes splice-proxy forwarded, the share its sockmap verdict program redirected in the kernel (its counters): {}.",
+            shares.join("; ")
+        );
+    }
 }
 
 fn heading<T>(out: &mut String, title: &str, peers: &[PeerRounds<T>], best: Option<usize>, by: &str) {

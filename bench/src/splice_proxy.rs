@@ -15,7 +15,13 @@ use crate::{
     process::{Process, free_loopback_addr, is_root},
 };
 
-pub fn start(binary: &Path, upstream: Upstream, dataplane: &str) -> Result<(Process, SocketAddr)> {
+/// Starts the proxy; returns it, its listening address and its admin
+/// endpoint's.
+pub fn start(
+    binary: &Path,
+    upstream: Upstream,
+    dataplane: &str,
+) -> Result<(Process, SocketAddr, SocketAddr)> {
     if !binary.is_file() {
         bail!("{} is missing: run `cargo build --release --bin splice-proxy` first", binary.display());
     }
@@ -23,12 +29,14 @@ pub fn start(binary: &Path, upstream: Upstream, dataplane: &str) -> Result<(Proc
         bail!("the sockmap data plane needs root (BPF): run the bench as root, or pick peers with --only");
     }
     let addr = free_loopback_addr()?;
+    let admin = free_loopback_addr()?;
     let mut command = Command::new(binary);
     command
         .args(["--listen", &addr.to_string()])
         .args(["--dataplane", dataplane])
-        // Several proxies run at once: no shared admin port.
-        .args(["--admin-listen", "127.0.0.1:0"])
+        // Several proxies run at once: an admin port each (the bench reads
+        // the kernel's share of the bytes there).
+        .args(["--admin-listen", &admin.to_string()])
         // The bench moves plain TCP, not TLS.
         .arg("--no-sni-check")
         .env("RUST_LOG", "warn")
@@ -49,5 +57,5 @@ pub fn start(binary: &Path, upstream: Upstream, dataplane: &str) -> Result<(Proc
     let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
     let mut process = Process { name: format!("splice-proxy --dataplane {dataplane}"), child, log: None };
     process.wait_until_accepting(addr)?;
-    Ok((process, addr))
+    Ok((process, addr, admin))
 }

@@ -14,7 +14,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use crate::cpu::{clock_ticks_per_second, idle_seconds, ncpu, tree_ticks};
+use crate::{
+    cpu::{clock_ticks_per_second, idle_seconds, ncpu, tree_ticks},
+    proxy_counters::ByteCounters,
+};
 
 /// Size of each write to the peer.
 const WRITE_SIZE: usize = 256 * 1024;
@@ -73,12 +76,23 @@ pub struct Sample {
     /// socat's per-connection processes) per 10^9 bytes, from its tick
     /// counters; None for direct.
     pub proxy_core_s_per_gb: Option<f64>,
+    /// splice-proxy only: the share of the bytes forwarded (both ways) that
+    /// the kernel redirected, from its counters, in percent.
+    pub kernel_percent: Option<f64>,
 }
 
 /// Connects every stream of `scenario` to `addr`, sends for `duration`, and
 /// waits until the sink has read every byte of every stream. `proxy` is the
-/// PID of the process in between, if any.
-pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration, proxy: Option<u32>) -> Result<Sample> {
+/// PID of the process in between, if any; `admin` splice-proxy's admin
+/// endpoint, where the kernel's share is read once the run is over.
+pub fn run(
+    scenario: Scenario,
+    addr: SocketAddr,
+    duration: Duration,
+    proxy: Option<u32>,
+    admin: Option<SocketAddr>,
+) -> Result<Sample> {
+    let counters_before = admin.map(ByteCounters::read).transpose()?;
     let streams: Vec<TcpStream> = (0..scenario.streams())
         .map(|_| connect(addr))
         .collect::<Result<_>>()
@@ -112,7 +126,12 @@ pub fn run(scenario: Scenario, addr: SocketAddr, duration: Duration, proxy: Opti
     let capacity = ncpu() as f64 * wall;
     let busy = (capacity - idle).max(0.0);
     let gb = sent as f64 / 1e9;
+    let kernel_percent = admin
+        .zip(counters_before)
+        .map(|(admin, before)| before.kernel_percent_since(admin, sent))
+        .transpose()?;
     Ok(Sample {
+        kernel_percent,
         gbit_per_s: gb * 8.0 / wall,
         busy_percent: 100.0 * busy / capacity,
         core_s_per_gb: busy / gb,

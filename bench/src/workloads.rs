@@ -48,10 +48,12 @@ pub fn throughput(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<
             for (peer, rounds) in running.iter_mut().zip(&mut result.peers) {
                 peer.check_alive()?;
                 thread::sleep(PAUSE);
-                let sample = throughput::run(*scenario, peer.addr, duration, peer.pid())
+                let sample = throughput::run(*scenario, peer.addr, duration, peer.pid(), peer.admin)
                     .with_context(|| format!("round {round}, {}, {}", scenario.title(), peer.name))?;
+                let kernel =
+                    sample.kernel_percent.map(|k| format!(", {k:.1} % in the kernel")).unwrap_or_default();
                 eprintln!(
-                    "throughput round {round}/{}: {}: {}: {:.1} Gbit/s, busy {:.0} %",
+                    "throughput round {round}/{}: {}: {}: {:.1} Gbit/s, busy {:.0} %{kernel}",
                     args.rounds,
                     scenario.title(),
                     peer.name,
