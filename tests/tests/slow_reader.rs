@@ -3,7 +3,8 @@
 //! Host memory (MemAvailable: the sockmap plane's psock queues are charged to
 //! no socket, so /proc/net/sockstat would not see them) may drop by less than
 //! 64 MiB, and by no more than twice what the copy plane costs; every byte
-//! arrives.
+//! arrives. Each plane's figure is the smallest of up to three transfers
+//! (MemAvailable is the whole host's; see [`ATTEMPTS`]).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -93,14 +94,37 @@ async fn transfer_with_slow_reader(plane: &str) -> Result<u64> {
     Ok(baseline.saturating_sub(lowest.load(Ordering::Relaxed)))
 }
 
+/// Attempts per plane. MemAvailable is the whole host's: anything else that
+/// allocates during a transfer adds to the drop, never takes from it, so the
+/// smallest drop of a few attempts is the plane's own; an unbounded queue
+/// (264 MB in under a second, DESIGN.md) exceeds the bound in every attempt.
+const ATTEMPTS: usize = 3;
+
+/// The smallest drop of up to [`ATTEMPTS`] transfers on `plane`, stopping at
+/// the first under `enough`; every attempt is printed.
+async fn smallest_drop(plane: &str, enough: u64) -> Result<u64> {
+    let mut smallest = u64::MAX;
+    for attempt in 1..=ATTEMPTS {
+        let drop = transfer_with_slow_reader(plane).await?;
+        eprintln!("{plane}, attempt {attempt}: MemAvailable dropped {} KiB", drop / 1024);
+        smallest = smallest.min(drop);
+        if smallest < enough {
+            break;
+        }
+    }
+    Ok(smallest)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_keeps_host_memory_bounded() -> Result<()> {
-    let copy = transfer_with_slow_reader("copy").await?;
-    eprintln!("copy: MemAvailable dropped {} KiB", copy / 1024);
+    let copy = smallest_drop("copy", COPY_FLOOR).await?;
     for plane in ["splice", "sockmap"] {
-        let drop = transfer_with_slow_reader(plane).await?;
-        eprintln!("{plane}: MemAvailable dropped {} KiB", drop / 1024);
-        ensure!(drop < 64 * MIB, "{plane}: host memory dropped {} MiB", drop / MIB);
+        let drop = smallest_drop(plane, 64 * MIB).await?;
+        ensure!(
+            drop < 64 * MIB,
+            "{plane}: host memory dropped {} MiB in each of {ATTEMPTS} attempts",
+            drop / MIB
+        );
         // The relative bound has a floor (see COPY_FLOOR).
         let bound = 2 * copy.max(COPY_FLOOR);
         ensure!(drop <= bound, "{plane}: dropped {} KiB, copy plane {} KiB", drop / 1024, copy / 1024);
