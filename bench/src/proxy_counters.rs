@@ -1,15 +1,16 @@
-//! splice-proxy's byte counters, read from its admin endpoint's `/metrics`:
-//! what share of the bytes it forwarded the kernel redirected (the sockmap
-//! plane's verdict program) rather than user space.
+//! splice-proxy's byte counters, read from its admin endpoint's `/metrics`
+//! (with the tests' client and parser, `testkit::admin`): what share of the
+//! bytes it forwarded the kernel redirected (the sockmap plane's verdict
+//! program) rather than user space.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    thread,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
+use testkit::admin::{Exposition, get};
+use tokio::runtime::Runtime;
 
 /// Connections are counted when they close, just after the sink's last
 /// byte: how long to wait for that.
@@ -25,16 +26,16 @@ pub struct ByteCounters {
 impl ByteCounters {
     /// Reads the totals from the admin endpoint at `admin`.
     pub fn read(admin: SocketAddr) -> Result<Self> {
-        let body = get_metrics(admin).with_context(|| format!("GET http://{admin}/metrics"))?;
-        parse(&body).with_context(|| format!("the metrics of {admin}"))
+        read_on(&runtime()?, admin)
     }
 
     /// Waits until at least `sent` bytes more than `self` are counted, then
     /// returns the kernel's share of the bytes counted since, in percent.
     pub fn kernel_percent_since(self, admin: SocketAddr, sent: u64) -> Result<f64> {
+        let runtime = runtime()?;
         let deadline = Instant::now() + CLOSE_WAIT;
         loop {
-            let now = Self::read(admin)?;
+            let now = read_on(&runtime, admin)?;
             let forwarded = now.forwarded.saturating_sub(self.forwarded);
             if forwarded >= sent {
                 let kernel = now.kernel.saturating_sub(self.kernel);
@@ -43,50 +44,40 @@ impl ByteCounters {
             if Instant::now() > deadline {
                 bail!("{forwarded} of the {sent} bytes sent were counted within {CLOSE_WAIT:?}");
             }
-            thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-fn get_metrics(admin: SocketAddr) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => {
-            Ok(body.to_owned())
-        }
-        _ => bail!("unexpected answer: {}", response.lines().next().unwrap_or_default()),
-    }
+fn runtime() -> Result<Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("a runtime for /metrics")
+}
+
+fn read_on(runtime: &Runtime, admin: SocketAddr) -> Result<ByteCounters> {
+    let (status, body) = runtime.block_on(get(admin, "/metrics"))?;
+    ensure!(status == 200, "GET http://{admin}/metrics: status {status}");
+    let exposition = Exposition::parse(&body).with_context(|| format!("the metrics of {admin}"))?;
+    counters(&exposition).with_context(|| format!("the metrics of {admin}"))
 }
 
 /// `splice_proxy_bytes_total` (summed over its directions; absent before a
 /// first connection closed) and `splice_proxy_kernel_bytes_total` (always
-/// there) from a Prometheus text body.
-fn parse(body: &str) -> Result<ByteCounters> {
-    let mut counters = ByteCounters::default();
-    let mut kernel_seen = false;
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else { continue };
-        let value = || value.parse::<f64>().with_context(|| format!("the value of {line:?}"));
-        if name.starts_with("splice_proxy_bytes_total{") {
-            counters.forwarded += value()? as u64;
-        } else if name == "splice_proxy_kernel_bytes_total" {
-            counters.kernel = value()? as u64;
-            kernel_seen = true;
-        }
-    }
-    if !kernel_seen {
-        bail!("no splice_proxy_kernel_bytes_total");
-    }
-    Ok(counters)
+/// there).
+fn counters(exposition: &Exposition) -> Result<ByteCounters> {
+    let kernel = exposition
+        .value("splice_proxy_kernel_bytes_total", &[])
+        .context("no splice_proxy_kernel_bytes_total")?;
+    let forwarded: f64 = exposition.all("splice_proxy_bytes_total").map(|s| s.value).sum();
+    Ok(ByteCounters { forwarded: forwarded as u64, kernel: kernel as u64 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parsed(text: &str) -> Result<ByteCounters> {
+        counters(&Exposition::parse(text)?)
+    }
 
     #[test]
     fn both_directions_are_summed_and_the_kernel_share_read() {
@@ -95,20 +86,20 @@ mod tests {
                     splice_proxy_bytes_total{direction=\"upstream_to_client\"} 1000\n\
                     splice_proxy_kernel_bytes_total 2500\n\
                     splice_proxy_kernel_bytes_per_thing 7\n";
-        let counters = parse(body).unwrap();
+        let counters = parsed(body).unwrap();
         assert_eq!((counters.forwarded, counters.kernel), (4000, 2500));
     }
 
     #[test]
     fn before_a_first_close_nothing_was_forwarded() {
         let counters =
-            parse("# TYPE splice_proxy_bytes_total counter\nsplice_proxy_kernel_bytes_total 0\n").unwrap();
+            parsed("# TYPE splice_proxy_bytes_total counter\nsplice_proxy_kernel_bytes_total 0\n").unwrap();
         assert_eq!((counters.forwarded, counters.kernel), (0, 0));
     }
 
     #[test]
     fn a_body_without_the_kernel_counter_is_an_error() {
-        assert!(parse("splice_proxy_bytes_total{direction=\"x\"} 1\n").is_err());
-        assert!(parse("").is_err());
+        assert!(parsed("splice_proxy_bytes_total{direction=\"x\"} 1\n").is_err());
+        assert!(parsed("").is_err());
     }
 }
