@@ -210,9 +210,10 @@ pub struct Options {
     pub tcp_user_timeout: Option<Duration>,
 
     /// How the bytes of an established connection are moved: `auto` runs
-    /// sockmap when the kernel programs load (root, or CAP_BPF, CAP_NET_ADMIN
-    /// and CAP_PERFMON; a kernel with BTF), else splice, and logs which and
-    /// why; `sockmap` refuses to start without them. [default: auto]
+    /// splice and logs why (sockmap was seen to forward data twice on a busy
+    /// host); `sockmap` needs the kernel programs (root, or CAP_BPF,
+    /// CAP_NET_ADMIN and CAP_PERFMON; a kernel with BTF) and refuses to start
+    /// without them. [default: auto]
     #[arg(long, value_enum, value_name = "PLANE")]
     pub dataplane: Option<DataPlaneChoice>,
 

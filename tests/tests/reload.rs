@@ -108,7 +108,7 @@ async fn sighup_applies_a_valid_file_rejects_an_invalid_one_and_drops_no_connect
     let kept =
         nth(&proxy, "SIGHUP: changing this setting needs a restart; it keeps its running value", 1).await?;
     ensure!(kept["key"].as_str().is_some_and(|k| k.starts_with("dataplane")), "{kept}");
-    ensure!(kept["running"].as_str().is_some_and(|v| v.starts_with("auto: Sockmap")), "{kept}");
+    ensure!(kept["running"].as_str().is_some_and(|v| v.starts_with("Splice {")), "{kept}");
     let second: SocketAddr = events(&proxy, "listening")
         .iter()
         .filter_map(|e| e["listen"].as_str()?.parse().ok())
@@ -151,7 +151,7 @@ async fn sighup_applies_a_valid_file_rejects_an_invalid_one_and_drops_no_connect
     open_second.flowing().await?;
     let metrics = proxy.metrics().await?;
     ensure!(
-        metrics.count("splice_proxy_dataplane_info", &[("plane", "sockmap")]) == 1.0,
+        metrics.count("splice_proxy_dataplane_info", &[("plane", "splice")]) == 1.0,
         "the data plane changed"
     );
     for (result, n) in [("success", 2.0), ("failure", 1.0)] {

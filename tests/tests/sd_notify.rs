@@ -88,7 +88,7 @@ async fn notifies(signal: Signal, status_prefix: &str) -> Result<()> {
     assert_eq!(ready.get("READY").map(String::as_str), Some("1"), "{ready:?}");
     let status = &ready["STATUS"];
     let listen = proxy.addr().to_string();
-    assert_eq!(status, &format!("serving on {listen} (data plane sockmap)"));
+    assert_eq!(status, &format!("serving on {listen} (data plane splice)"));
     // Ready means accepting: the address in the status serves a connection end to end.
     let addr: SocketAddr = status["serving on ".len()..].split(' ').next().unwrap_or_default().parse()?;
     let (client, server) = open_connection(addr, &upstream).await?;

@@ -64,13 +64,24 @@ mod tests {
     }
 
     #[test]
-    fn auto_asks_for_sockmap_and_falls_back_to_splice() {
+    fn auto_runs_splice_and_says_why() {
         let auto = chosen(DataPlaneChoice::Auto);
-        assert_eq!(auto.plane, DataPlane::Sockmap { max_inflight: 4 << 20, fallback_pipe_size: 1 << 20 });
-        assert_eq!(auto.fallback, Some(DataPlane::Splice { pipe_size: 1 << 20 }));
-        assert!(auto.reason.starts_with("auto: sockmap"), "{}", auto.reason);
+        assert_eq!(auto.plane, DataPlane::Splice { pipe_size: 1 << 20 });
+        assert_eq!(auto.fallback, None);
+        assert!(auto.reason.starts_with("auto: splice") && auto.reason.contains("--dataplane sockmap"));
+        for kernel in [no_kernel(), Err(KernelError::Missing { kind: "map", name: "x" })] {
+            let started = start(auto, kernel).expect("auto runs without the kernel programs");
+            assert_eq!((started.plane, started.reason.as_ref()), (auto.plane, auto.reason));
+            assert!(started.sockmap.is_none());
+        }
+    }
 
-        let started = start(auto, no_kernel()).expect("auto runs without the kernel programs");
+    #[test]
+    fn a_plane_with_a_fallback_runs_it_without_the_kernel_programs() {
+        let sockmap = chosen(DataPlaneChoice::Sockmap);
+        let with_fallback =
+            ChosenPlane { fallback: Some(DataPlane::Splice { pipe_size: 1 << 20 }), ..sockmap };
+        let started = start(with_fallback, no_kernel()).expect("the fallback runs");
         assert_eq!(started.plane, DataPlane::Splice { pipe_size: 1 << 20 });
         assert!(started.sockmap.is_none());
         assert!(
