@@ -155,7 +155,9 @@ pub mod pause {
     pub const NO_PEER: u32 = 2;
     /// User space asked for it (set-up failed half-way).
     pub const USER: u32 = 3;
-    /// The skb's sequence number could not be read, or its head not trimmed.
+    /// The skb's sequence number could not be read, or the head it shares
+    /// with bytes already received could not be cut off: its bytes may repeat
+    /// ones already forwarded, so user space resets the connection.
     pub const NO_SEQ: u32 = 4;
 }
 
@@ -209,6 +211,9 @@ pub struct VerdictStats {
     pub trimmed_bytes: u64,
     /// skbs dropped because every byte in them had been received before.
     pub old_skbs: u64,
+    /// Retransmitted skbs whose old head could not be cut off (their
+    /// connection is reset; see [`pause::NO_SEQ`]).
+    pub trim_failures: u64,
     /// Pause events the ring buffer had no room for (user space then wakes
     /// every direction to read its pause flag).
     pub lost_events: u64,
@@ -226,6 +231,7 @@ impl VerdictStats {
             passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
             trimmed_bytes: self.trimmed_bytes.wrapping_add(other.trimmed_bytes),
             old_skbs: self.old_skbs.wrapping_add(other.old_skbs),
+            trim_failures: self.trim_failures.wrapping_add(other.trim_failures),
             lost_events: self.lost_events.wrapping_add(other.lost_events),
         }
     }
@@ -304,7 +310,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<VerdictStats>(), 8 * 8);
+        assert_eq!(core::mem::size_of::<VerdictStats>(), 9 * 8);
         assert_eq!(core::mem::size_of::<SourceFilterStats>(), 5 * 8);
         assert_eq!(core::mem::size_of::<Flow>(), 4 * 8 + 8 * 4);
         assert_eq!(core::mem::size_of::<FlowEvent>(), 8 + 2 * 4);
@@ -325,6 +331,7 @@ mod tests {
             empty_skbs: 1,
             trimmed_bytes: 4,
             old_skbs: 1,
+            trim_failures: 1,
             lost_events: 2,
             ..Default::default()
         };
@@ -338,6 +345,7 @@ mod tests {
                 passed_bytes: 3,
                 trimmed_bytes: 4,
                 old_skbs: 1,
+                trim_failures: 1,
                 lost_events: 2
             }
         );

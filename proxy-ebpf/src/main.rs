@@ -31,7 +31,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use aya_log_ebpf::{debug, trace};
+use aya_log_ebpf::{debug, trace, warn};
 use proxy_common::{Flow, FlowEvent, SPLICE_EVENTS_BYTES, SPLICE_SOCKETS_CAPACITY, VerdictStats, pause};
 
 /// Sockets being spliced, keyed by socket cookie; the verdict program is attached here.
@@ -125,6 +125,10 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     // A retransmitted skb can start before bytes this socket already received
     // (seq < rcv_nxt < end_seq). The verdict-only read path hands it over
     // whole, so cut the old head off; drop it if nothing in it is new.
+    // A skb whose start cannot be placed, or whose old head cannot be cut,
+    // pauses the flow with NO_SEQ, and user space resets the connection: a
+    // reset is seen, bytes forwarded twice are not (docs/kernel-notes.md,
+    // "Sockmap duplicate under load").
     let Some(mut seq) = skb_seq(ctx) else {
         return Ok(pause_flow(ctx, flow, stats, cookie, pause::NO_SEQ, len));
     };
@@ -145,7 +149,14 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
                 stats.old_skbs += 1;
                 return Ok(sk_action::SK_DROP);
             }
-            if trim_head(ctx, behind).is_err() {
+            if let Err((cut, error)) = trim_head(ctx, behind) {
+                // Passing the rest would hand user space bytes it already
+                // forwarded: NO_SEQ tells it to reset the connection instead.
+                stats.trim_failures += 1;
+                warn!(
+                    ctx,
+                    "old head of a retransmitted skb not cut ({} of {} bytes): error {}", cut, behind, error
+                );
                 return Ok(pause_flow(ctx, flow, stats, cookie, pause::NO_SEQ, len));
             }
             stats.trimmed_bytes += u64::from(behind);
@@ -274,19 +285,25 @@ fn skb_seq(ctx: &SkBuffContext) -> Option<u32> {
     unsafe { bpf_probe_read_kernel(src) }.ok()
 }
 
-/// Cuts `bytes` from the head of the skb. The helper takes at most 4095 bytes
-/// per call in sk_skb programs, hence the (bounded) loop.
-fn trim_head(ctx: &SkBuffContext, bytes: u32) -> Result<(), i64> {
+/// Cuts `bytes` from the head of the skb; on failure, how many it cut and
+/// the error. `bpf_skb_adjust_room` takes at most 4095 bytes per call in
+/// sk_skb programs, hence the (bounded) loop, and pulls what it cuts into
+/// the linear area: one call after another, each reallocating a head that
+/// keeps what the previous ones cut, would copy a large head over and over,
+/// so the whole head is pulled in once first (a failure there is no error:
+/// the steps then pull for themselves).
+fn trim_head(ctx: &SkBuffContext, bytes: u32) -> Result<(), (u32, i64)> {
+    let _ = ctx.pull_data(bytes);
     let mut left = bytes;
     for _ in 0..MAX_TRIM_STEPS {
         if left == 0 {
             return Ok(());
         }
         let step = if left > MAX_TRIM_STEP { MAX_TRIM_STEP } else { left };
-        ctx.adjust_room(-(step as i32), 0, 0)?;
+        ctx.adjust_room(-(step as i32), 0, 0).map_err(|e| (bytes - left, e))?;
         left -= step;
     }
-    if left == 0 { Ok(()) } else { Err(-1) }
+    if left == 0 { Ok(()) } else { Err((bytes - left, -1)) }
 }
 
 /// `bpf_ringbuf_output` flag: notify the consumer now.
@@ -294,8 +311,11 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Largest head trim `bpf_skb_adjust_room` does at once for sk_skb.
 const MAX_TRIM_STEP: u32 = 4095;
-/// Enough steps for any skb (64 KiB GSO skbs, and some).
-const MAX_TRIM_STEPS: u32 = 48;
+/// Steps for a head of up to 2 MiB. A retransmitted skb is not bounded by
+/// the 64 KiB of one GSO segment: the receive queues coalesce skbs (up to
+/// `MAX_SKB_FRAGS` page fragments of up to 32 KiB each, 1.4 MiB at the
+/// largest build setting). A head longer than this is not cut (NO_SEQ).
+const MAX_TRIM_STEPS: u32 = 512;
 
 /// Fields of a socket in the map that the program reads.
 struct SocketState {

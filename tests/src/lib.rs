@@ -6,12 +6,14 @@
 pub mod admin;
 pub mod api;
 pub mod bpf_maps;
+pub mod busy;
 pub mod dns;
 pub mod e2e;
 pub mod echo_stream;
 pub mod edge;
 pub mod frames;
 pub mod netns;
+pub mod positional;
 pub mod process;
 pub mod transfer;
 

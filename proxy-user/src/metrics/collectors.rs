@@ -134,6 +134,11 @@ impl Collector for ProxyCollector {
             ("sockmap_pauses", "Times the kernel program paused a direction", &c.pauses),
             ("sockmap_resumes", "Times the kernel program resumed a paused direction", &c.resumes),
             ("sockmap_stalls", "Connections cut because a peer took no redirected bytes", &c.stalls),
+            (
+                "sockmap_overlap_resets",
+                "Connections reset because a retransmitted skb repeated forwarded bytes that could not be cut off",
+                &c.overlap_resets,
+            ),
         ] {
             counter(&mut encoder, name, help, load(value))?;
         }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_common::Flow;
+use proxy_common::{Flow, pause};
 
 use super::{
     DirectionState, SockmapPlane, hangups,
@@ -198,13 +198,18 @@ impl SockmapPlane {
         copied: &AtomicU64,
     ) -> Result<Passed, PumpError> {
         let (mut eof, mut drained, mut ordered) = (false, false, false);
+        // Bytes were read since the flow was last looked at.
+        let mut unchecked = false;
         let mut taken_last = None;
         let mut progressed = Instant::now();
         loop {
             if !eof && !drained && pending.has_room() {
                 match recv_now(from, pending.room()) {
                     Ok(0) => eof = true,
-                    Ok(n) => pending.filled(n),
+                    Ok(n) => {
+                        pending.filled(n);
+                        unchecked = true;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained = true,
                     Err(e) => return Err(PumpError::Read(e)),
                 }
@@ -213,11 +218,16 @@ impl SockmapPlane {
             if pending.is_empty() {
                 return Ok(if eof { Passed::Eof } else { Passed::Drained });
             }
-            if !ordered {
+            if unchecked || !ordered {
+                // Looked at after the reads, so the program had marked the
+                // flow before it passed any of the bytes read.
+                let flow = self.flow(state.cookie);
+                self.refuse_repeated_bytes(&flow)?;
+                unchecked = false;
                 // The program redirects nothing while passed bytes are
                 // unwritten, so this count covers every byte that must reach
                 // the peer's send queue before these.
-                let redirected = self.flow(state.cookie).redirected_bytes;
+                let redirected = flow.redirected_bytes;
                 let taken =
                     tcpstat::sent_total(to).map_err(PumpError::Write)?.saturating_sub(state.peer_base);
                 ordered = taken >= redirected + copied.load(Ordering::Relaxed);
@@ -262,6 +272,25 @@ impl SockmapPlane {
                 () = tokio::time::sleep(DRAIN_POLL), if !ordered => {}
             }
         }
+    }
+
+    /// Fails when the program paused `flow` because an skb's head repeated
+    /// bytes already forwarded and could not be cut off ([`pause::NO_SEQ`]):
+    /// the bytes read may hold that repeat, so none of them is written and
+    /// the connection is reset (a reset is seen; a repeat is not).
+    fn refuse_repeated_bytes(&self, flow: &Flow) -> Result<(), PumpError> {
+        if flow.pause_reason != pause::NO_SEQ {
+            return Ok(());
+        }
+        self.counters.overlap_resets.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "sockmap: a retransmitted skb repeated bytes already forwarded and its head could not be cut \
+             off; connection reset rather than forward them twice"
+        );
+        Err(PumpError::Read(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a retransmitted skb's head repeated forwarded bytes and could not be cut off",
+        )))
     }
 
     /// While passed bytes wait for the peer to take earlier redirected ones:

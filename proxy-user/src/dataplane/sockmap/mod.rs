@@ -71,6 +71,9 @@ pub struct SockmapCounters {
     pub resumes: AtomicU64,
     /// Connections cut because a peer took no redirected bytes for [`STALL_TIMEOUT`].
     pub stalls: AtomicU64,
+    /// Connections reset because a retransmitted skb repeated bytes already
+    /// forwarded and the program could not cut them off.
+    pub overlap_resets: AtomicU64,
     /// Pauses user space found by reading the flag before (or without) the
     /// program's event.
     pub pauses_found_by_recheck: AtomicU64,
@@ -139,6 +142,7 @@ impl SockmapPlane {
                 hangup_events = load(&self.hangups.received),
                 resumes = load(&c.resumes),
                 stalls = load(&c.stalls),
+                overlap_resets = load(&c.overlap_resets),
                 pauses_found_by_recheck = load(&c.pauses_found_by_recheck),
                 reads_found_by_recheck = load(&c.reads_found_by_recheck),
                 skbs = v.skbs,
@@ -146,6 +150,7 @@ impl SockmapPlane {
                 passed_bytes = v.passed_bytes,
                 trimmed_bytes = v.trimmed_bytes,
                 old_skbs = v.old_skbs,
+                trim_failures = v.trim_failures,
                 lost_events = v.lost_events,
                 empty_skbs = v.empty_skbs,
                 "sockmap totals"
