@@ -108,7 +108,8 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
     if len == 0 {
         // A zero-length skb carries a FIN. Redirecting it puts EPIPE on the
         // peer, passing it can wedge the psock backlog; the socket sees the FIN
-        // anyway, and user space carries it across (DESIGN.md).
+        // anyway, and user space carries it across (docs/kernel-notes.md,
+        // "Zero-length skbs").
         stats.empty_skbs += 1;
         debug!(ctx, "zero-length skb dropped");
         return Ok(sk_action::SK_DROP);
@@ -157,7 +158,7 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> Result<u32, VerdictError> {
                     ctx,
                     "old head of a retransmitted skb not cut ({} of {} bytes): error {}", cut, behind, error
                 );
-                return Ok(pause_flow(ctx, flow, stats, cookie, pause::NO_SEQ, len));
+                return Ok(pause_flow(ctx, flow, stats, cookie, pause::NO_SEQ, len - cut));
             }
             stats.trimmed_bytes += u64::from(behind);
             seq = seq.wrapping_add(behind);
@@ -288,10 +289,12 @@ fn skb_seq(ctx: &SkBuffContext) -> Option<u32> {
 /// Cuts `bytes` from the head of the skb; on failure, how many it cut and
 /// the error. `bpf_skb_adjust_room` takes at most 4095 bytes per call in
 /// sk_skb programs, hence the (bounded) loop, and pulls what it cuts into
-/// the linear area: one call after another, each reallocating a head that
-/// keeps what the previous ones cut, would copy a large head over and over,
-/// so the whole head is pulled in once first (a failure there is no error:
-/// the steps then pull for themselves).
+/// the linear area, which keeps what earlier calls cut as headroom: called
+/// alone, each call would reallocate and copy an ever larger head. So the
+/// whole head is pulled in once first, and the calls then only move the
+/// start. Either way the head needs one contiguous atomic allocation about
+/// as large as what is cut; when that fails the calls fail too, and the
+/// caller pauses the flow with NO_SEQ.
 fn trim_head(ctx: &SkBuffContext, bytes: u32) -> Result<(), (u32, i64)> {
     let _ = ctx.pull_data(bytes);
     let mut left = bytes;
@@ -311,10 +314,11 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Largest head trim `bpf_skb_adjust_room` does at once for sk_skb.
 const MAX_TRIM_STEP: u32 = 4095;
-/// Steps for a head of up to 2 MiB. A retransmitted skb is not bounded by
-/// the 64 KiB of one GSO segment: the receive queues coalesce skbs (up to
-/// `MAX_SKB_FRAGS` page fragments of up to 32 KiB each, 1.4 MiB at the
-/// largest build setting). A head longer than this is not cut (NO_SEQ).
+/// Steps for a head of up to 512 × 4095 bytes (just under 2 MiB). A
+/// retransmitted skb is not bounded by the 64 KiB of one GSO segment: the
+/// receive queues coalesce skbs, up to `MAX_SKB_FRAGS` page fragments each
+/// (with 4 KiB pages, fragments of up to 32 KiB: 1.4 MiB at the largest
+/// build setting). A longer head is not cut (NO_SEQ).
 const MAX_TRIM_STEPS: u32 = 512;
 
 /// Fields of a socket in the map that the program reads.

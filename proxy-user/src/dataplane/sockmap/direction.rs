@@ -43,8 +43,8 @@ const PENDING_LIMIT: usize = 1 << 20;
 const PENDING_START: usize = 64 << 10;
 /// Largest single read from a paused source. tcp_bpf holds the socket lock
 /// while it copies, and packets that arrive meanwhile wait in the socket
-/// backlog, which drops them once full; on the lossy-link test (1 % loss, no
-/// SACK) 10 runs took 550 s with 128 KiB reads against 646 s with 1 MiB ones.
+/// backlog, which drops them once full: shorter reads drop fewer, and a lossy
+/// link recovers faster (ARCHITECTURE.md, kernel facts).
 const READ_CHUNK: usize = 128 << 10;
 /// Poll interval while waiting for a peer to take redirected bytes (only at
 /// close and after a pause).
@@ -221,18 +221,19 @@ impl SockmapPlane {
             if unchecked || !ordered {
                 // Looked at after the reads, so the program had marked the
                 // flow before it passed any of the bytes read.
-                let flow = self.flow(state.cookie);
-                self.refuse_repeated_bytes(&flow)?;
+                let flow = self.flow_without_repeats(state.cookie)?;
                 unchecked = false;
-                // The program redirects nothing while passed bytes are
-                // unwritten, so this count covers every byte that must reach
-                // the peer's send queue before these.
-                let redirected = flow.redirected_bytes;
-                let taken =
-                    tcpstat::sent_total(to).map_err(PumpError::Write)?.saturating_sub(state.peer_base);
-                ordered = taken >= redirected + copied.load(Ordering::Relaxed);
                 if !ordered {
-                    self.check_taking(to, taken, redirected, &mut taken_last, &mut progressed)?;
+                    // The program redirects nothing while passed bytes are
+                    // unwritten, so this count covers every byte that must
+                    // reach the peer's send queue before these.
+                    let redirected = flow.redirected_bytes;
+                    let taken =
+                        tcpstat::sent_total(to).map_err(PumpError::Write)?.saturating_sub(state.peer_base);
+                    ordered = taken >= redirected + copied.load(Ordering::Relaxed);
+                    if !ordered {
+                        self.check_taking(to, taken, redirected, &mut taken_last, &mut progressed)?;
+                    }
                 }
             }
             let wrote = if ordered {
@@ -274,13 +275,19 @@ impl SockmapPlane {
         }
     }
 
-    /// Fails when the program paused `flow` because an skb's head repeated
-    /// bytes already forwarded and could not be cut off ([`pause::NO_SEQ`]):
-    /// the bytes read may hold that repeat, so none of them is written and
-    /// the connection is reset (a reset is seen; a repeat is not).
-    fn refuse_repeated_bytes(&self, flow: &Flow) -> Result<(), PumpError> {
+    /// The flow from `cookie` (default when gone: a client that never
+    /// entered the map has none), or an error when the bytes read may repeat
+    /// ones already forwarded: the program paused it because an skb's head
+    /// did so and could not be cut off ([`pause::NO_SEQ`]), or the map could
+    /// not be read to know. Then none of them is written and the connection
+    /// is reset (a reset is seen; a repeat is not).
+    fn flow_without_repeats(&self, cookie: u64) -> Result<Flow, PumpError> {
+        let flow = match self.kernel().flow(cookie) {
+            Ok(flow) => flow.unwrap_or_default(),
+            Err(error) => return Err(PumpError::Read(io::Error::other(error))),
+        };
         if flow.pause_reason != pause::NO_SEQ {
-            return Ok(());
+            return Ok(flow);
         }
         self.counters.overlap_resets.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
