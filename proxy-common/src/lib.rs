@@ -280,25 +280,24 @@ impl SourceFilterStats {
 }
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code)]
 mod pod {
-    // SAFETY: these types are `#[repr(C)]`, made only of `u64`s and `u32`s with
-    // explicit padding fields (no implicit padding, no invalid bit patterns), so
-    // any byte pattern of their size is a valid value.
-    #[allow(unsafe_code)]
+    // SAFETY: `#[repr(C)]`, made only of `u64`s and `u32`s
+    // with explicit padding fields (no implicit padding, no invalid bit
+    // patterns), so any byte pattern of their size is a valid value.
     unsafe impl aya::Pod for super::VerdictStats {}
-    #[allow(unsafe_code)]
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Flow {}
-    #[allow(unsafe_code)]
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
-    #[allow(unsafe_code)]
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SourceFilterStats {}
-    #[allow(unsafe_code)]
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PortFilterStats {}
-    // SAFETY (the two below): `#[repr(C)]` structs of `u8` arrays only
-    // (alignment 1, no padding); any bytes are a valid value.
-    #[allow(unsafe_code)]
+    // SAFETY: `#[repr(C)]` structs of `u8` arrays only (alignment 1, no
+    // padding); any bytes are a valid value.
     unsafe impl aya::Pod for super::SourceKeyV4 {}
-    #[allow(unsafe_code)]
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SourceKeyV6 {}
 }
 

@@ -56,7 +56,7 @@ pub struct Options {
 
     /// Address to accept client connections on; repeat for several listeners.
     #[arg(long = "listen", value_name = "ADDR:PORT")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::de_listen_addrs")]
     pub listen: Vec<SocketAddr>,
 
     /// Upstream to forward to. A DNS name is resolved again for every new

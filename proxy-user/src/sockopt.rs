@@ -87,7 +87,7 @@ pub fn set_rcvlowat<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError> {
 
 /// TCP_WINDOW_CLAMP (nix has no wrapper): the largest window the socket
 /// advertises. An accepted socket takes its clamp from the listener's buffer
-/// at the handshake (43,520 bytes here) and only autotuning raises it, which
+/// at the handshake and only autotuning raises it, which
 /// a fixed buffer turns off; so a buffer fixed after the handshake must raise
 /// the clamp too, or the window stays at that first value (ARCHITECTURE.md).
 pub fn set_window_clamp<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError> {

@@ -2,7 +2,8 @@
 //! an XDP program on the proxy's client-facing veth dropping about 1 % of the
 //! data packets, SACK off on the client. Retransmissions then partly overlap
 //! data the proxy already received — the pattern that made verdict-only
-//! sockmap splicing forward bytes twice (DESIGN.md). Every plane must deliver
+//! sockmap splicing forward bytes twice (docs/kernel-notes.md, "Retransmitted
+//! heads"). Every plane must deliver
 //! 64 MiB each way byte-exact, run after run, with no TCP warning in dmesg.
 //!
 //! Runs per variant: 10, or `SPLICE_PROXY_LOSSY_RUNS`. Variants:

@@ -116,7 +116,8 @@ async fn transfer_with_slow_reader(plane: &str) -> Result<(u64, u64)> {
 /// Attempts per plane. MemAvailable is the whole host's: anything else that
 /// allocates during a transfer adds to the drop, never takes from it, so the
 /// smallest drop of a few attempts is the plane's own; an unbounded queue
-/// (264 MB in under a second, DESIGN.md) exceeds the bound in every attempt.
+/// (docs/kernel-notes.md, "No backpressure on the psock queue") exceeds the
+/// bound in every attempt.
 const ATTEMPTS: usize = 3;
 
 /// The smallest drop of up to [`ATTEMPTS`] transfers on `plane`, stopping at

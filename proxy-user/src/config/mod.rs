@@ -81,9 +81,9 @@ const MAX_COPY_BUFFER: usize = 16 * 1024 * 1024;
 const MAX_KEEPALIVE_SECS: u64 = 32_767;
 const MAX_KEEPALIVE_COUNT: u32 = 127;
 /// Smallest `max_inflight`: a paused direction resumes once its peer has
-/// room for half the bound, and a loopback skb carries up to 64 KiB, so
-/// with 64 KiB a paused direction never resumed (65 KB of 500 MB in the
-/// kernel); 256 KiB is the bound the lossy-link gate runs (`sockmap-256k`).
+/// room for half the bound, and a loopback skb carries up to 64 KiB, so a
+/// bound of 64 KiB never resumes (ARCHITECTURE.md, kernel facts); 256 KiB is
+/// the bound the lossy-link and contention gates run (`sockmap-256k`).
 const MIN_INFLIGHT: u64 = 256 * 1024;
 
 /// Two sockets per connection must fit the u32 size of a BPF map.
@@ -251,6 +251,30 @@ pub(crate) fn de_inverted<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Er
     bool::deserialize(d).map(|check| !check)
 }
 
+/// `listen` in the file: one address (`listen = "0.0.0.0:443"`, what most
+/// hosts have) or a list of them.
+pub(crate) fn de_listen_addrs<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<std::net::SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(text)) => vec![text],
+        Ok(OneOrMany::Many(texts)) => texts,
+        Err(_) => return Err(serde::de::Error::custom("expected \"ADDR:PORT\" or a list of them")),
+    };
+    texts
+        .iter()
+        .map(|text| {
+            text.parse().map_err(|e| serde::de::Error::custom(format!("{text:?} is not ADDR:PORT: {e}")))
+        })
+        .collect()
+}
+
 /// Deserializes an optional value through its `FromStr` (used for `upstream`).
 pub(crate) fn de_from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
@@ -307,6 +331,24 @@ mod tests {
         assert_eq!(c.dns.max_ttl, Duration::ZERO);
         assert_eq!(c.connect.timeout, Duration::from_secs(3));
         assert_eq!(c.tcp.keepalive_idle, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn listen_is_one_address_or_a_list() {
+        let upstream = "upstream = \"api.example.com:443\"\n";
+        for (listen, expected) in [
+            ("\"0.0.0.0:443\"", vec!["0.0.0.0:443"]),
+            ("[\"0.0.0.0:443\", \"[::]:443\"]", vec!["0.0.0.0:443", "[::]:443"]),
+        ] {
+            let c = load(&format!("listen = {listen}\n{upstream}"), Options::default()).unwrap();
+            let got: Vec<String> = c.listeners.iter().map(|l| l.addr.0.to_string()).collect();
+            assert_eq!(got, expected, "listen = {listen}");
+        }
+        for (listen, needle) in [("\"nowhere\"", "\"nowhere\" is not ADDR:PORT"), ("443", "ADDR:PORT")] {
+            let error = load(&format!("listen = {listen}\n{upstream}"), Options::default()).unwrap_err();
+            let error = error.to_string();
+            assert!(error.contains("listen") && error.contains(needle), "listen = {listen}: {error}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! kept twice: open connections, readiness, drain, data plane, and the edge,
 //! sockmap and XDP counters that already exist as atomics.
 //!
-//! Address labels are bounded ([`MAX_ADDRESS_LABELS`]); the README lists
+//! Address labels are bounded ([`MAX_ADDRESS_LABELS`]); docs/admin.md lists
 //! every metric.
 
 pub mod collectors;

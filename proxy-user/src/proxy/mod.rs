@@ -197,8 +197,8 @@ impl Proxy {
     ) {
         let started = Instant::now();
         // Both stages are boxed (`forward` boxes its own). Inline, this future
-        // would be as large as its largest stage (6 KB with the sockmap plane)
-        // for the whole life of the connection, and an idle connection's
+        // would be as large as its largest stage (the sockmap plane's) for
+        // the whole life of the connection, and an idle connection's
         // memory is mostly this future; boxed, the set-up's state is freed
         // once it is done.
         let Some(established) =

@@ -3,8 +3,9 @@
 //! A socket in the SOCKHASH wakes its epoll waiters with EPOLLIN for every
 //! skb the verdict program redirects: tcp_bpf's data-ready hook calls the
 //! socket's own after the verdict, though nothing is left to read. In
-//! tokio's reactor that woke a worker thread per skb (about 5,700 a second
-//! at 3 Gbit/s), and the wake-up cost the sending thread too. So while a
+//! tokio's reactor that woke a worker thread per skb (thousands a second on
+//! a paced stream; bench/README.md has the profile), and the wake-up cost
+//! the sending thread too. So while a
 //! connection is spliced its sockets stay out of tokio's reactor and sit in
 //! this epoll, registered for EPOLLRDHUP only (EPOLLHUP and EPOLLERR always
 //! come): the kernel matches each keyed data wake-up against that mask and

@@ -49,8 +49,8 @@ use crate::{
 };
 
 /// Smallest socket buffers of a spliced connection (the kernel doubles them):
-/// smaller ones make a lossy link crawl once paused (a 64 KiB receive buffer
-/// took 90 s for 64 MiB at 1 % loss).
+/// smaller ones make a lossy link crawl once paused (ARCHITECTURE.md, kernel
+/// facts).
 const BUFFER_FLOOR: u64 = 1 << 20;
 /// Largest socket buffers of a spliced connection, whatever `--max-inflight`
 /// says: the memory a connection may pin stays bounded.
