@@ -6,6 +6,7 @@ pub mod addr;
 pub mod admin;
 pub mod btf;
 pub mod cli;
+pub mod close_reason;
 pub mod config;
 pub mod connect;
 pub mod connections;

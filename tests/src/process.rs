@@ -354,3 +354,13 @@ pub fn tcp_sockets(netns: Option<&str>, ports: &[u16]) -> String {
 pub fn message(event: &Value) -> &str {
     event["message"].as_str().unwrap_or_default()
 }
+
+/// The count of refusal `label` in an `edge totals` event, whose `refusals`
+/// field lists `label=count` pairs.
+#[must_use]
+pub fn refusal_count(totals: &Value, label: &str) -> Option<u64> {
+    totals["refusals"].as_str()?.split(' ').find_map(|pair| {
+        let (name, count) = pair.split_once('=')?;
+        (name == label).then(|| count.parse().ok()).flatten()
+    })
+}

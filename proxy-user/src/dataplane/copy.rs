@@ -10,8 +10,12 @@ use std::{
 };
 
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
-use super::{PumpError, shutdown_write};
+use super::{
+    both_ways::{Pump, PumpError, forward_in_user_space, shutdown_write},
+    transfer::{ByteProgress, Sockets, Transfer},
+};
 
 /// Size of a direction's buffer at first; it doubles up to the configured
 /// size each time a read fills it. A short exchange (a TLS handshake, an API
@@ -19,9 +23,36 @@ use super::{PumpError, shutdown_write};
 /// direction showed in the connection set-up profile.
 const FIRST_BUFFER: usize = 16 << 10;
 
+/// Forwards a connection through a user-space buffer per direction of up
+/// to `buffer_size` bytes until it ends.
+pub async fn forward(
+    sockets: Sockets,
+    stop: &CancellationToken,
+    progress: &ByteProgress,
+    buffer_size: usize,
+) -> Transfer {
+    forward_in_user_space(sockets, stop, progress, CopyPump { buffer_size }).await
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CopyPump {
+    buffer_size: usize,
+}
+
+impl Pump for CopyPump {
+    fn run<'a>(
+        self,
+        from: &'a TcpStream,
+        to: &'a TcpStream,
+        moved: &'a AtomicU64,
+    ) -> impl Future<Output = Result<(), PumpError>> + Send + 'a {
+        pump(from, to, self.buffer_size, moved)
+    }
+}
+
 /// Copies one direction until EOF, then shuts the destination's write side.
-/// Called once the source has a byte or its EOF ([`super::data_or_eof`]).
-pub(crate) async fn pump(
+/// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
+async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     buffer_size: usize,

@@ -3,29 +3,31 @@
 //! Every plane forwards both directions until both have ended, carries a
 //! half-close across (EOF on one side becomes `shutdown(SHUT_WR)` on the
 //! other while the other direction goes on), and turns a reset or error on
-//! either side into a reset on both. They differ only in how one direction
-//! moves its bytes: [`copy`] through a userspace buffer, [`splice`] through a
-//! pipe with splice(2), never touching user memory.
+//! either side into a reset on both ([`both_ways`]). They differ in how one
+//! direction moves its bytes: [`copy`] through a userspace buffer,
+//! [`splice`] through a pipe with splice(2), never touching user memory,
+//! [`sockmap`] in the kernel with a BPF verdict program.
+//!
+//! Each plane is one module with one entry, `forward(sockets, …)`, which
+//! returns a [`Step`]: the connection's [`Transfer`] when it ended there, or
+//! [`Step::HandOver`] to move it to the plane after it ([`Plane::next`]).
+//! [`Plane`] is the registry: adding a plane adds its module, a variant
+//! there, an arm in [`DataPlane::choose`] and a value of [`DataPlaneChoice`].
 
+pub mod both_ways;
 pub mod copy;
 pub mod sockmap;
 pub mod splice;
+pub mod transfer;
 
-use std::{
-    io,
-    os::fd::AsFd,
-    pin::{Pin, pin},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::sync::Arc;
 
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::sockopt;
+pub use transfer::{ByteProgress, Ending, Side, Sockets, Step, Transfer};
+
+use self::sockmap::SockmapPlane;
 
 /// The `--dataplane` choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -127,250 +129,103 @@ impl DataPlane {
     }
 }
 
-/// Which socket an error came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The accepted (client) connection.
-    Downstream,
-    /// The connection to the upstream.
-    Upstream,
+/// A plane ready to forward connections: its settings and what it holds of
+/// the kernel. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Plane {
+    Splice { pipe_size: usize },
+    Copy { buffer_size: usize },
+    Sockmap(Arc<SockmapPlane>),
 }
 
-/// Why a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Both sides sent FIN; everything was forwarded.
-    Completed,
-    /// A side reset the connection; the reset was carried to the other side.
-    Reset(Side),
-    /// Another I/O error on a side; the other side was reset.
-    Error(Side),
-    /// The drain timeout ran out (or an immediate stop) and the proxy cut it.
-    Stopped,
-}
+impl Plane {
+    /// The plane's settings (what a reload compares and the logs name).
+    #[must_use]
+    pub fn settings(&self) -> DataPlane {
+        match self {
+            Self::Splice { pipe_size } => DataPlane::Splice { pipe_size: *pipe_size },
+            Self::Copy { buffer_size } => DataPlane::Copy { buffer_size: *buffer_size },
+            Self::Sockmap(plane) => DataPlane::Sockmap {
+                max_inflight: plane.max_inflight(),
+                fallback_pipe_size: plane.fallback_pipe_size(),
+            },
+        }
+    }
 
-impl CloseReason {
     /// A short stable label for logs and metrics.
     #[must_use]
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Completed => "completed",
-            Self::Reset(Side::Downstream) => "client_reset",
-            Self::Reset(Side::Upstream) => "upstream_reset",
-            Self::Error(Side::Downstream) => "client_error",
-            Self::Error(Side::Upstream) => "upstream_error",
-            Self::Stopped => "stopped",
-        }
+    pub fn label(&self) -> &'static str {
+        self.settings().label()
     }
-}
 
-/// What the data plane did.
-#[derive(Debug)]
-pub struct Transfer {
-    pub client_to_upstream: u64,
-    pub upstream_to_client: u64,
-    /// Of those, the bytes the kernel redirected (sockmap plane) without user space.
-    pub kernel_bytes: u64,
-    /// Directions the sockmap program paused and user space finished.
-    pub paused_directions: u32,
-    /// Times the program paused a direction, and resumed one (sockmap plane).
-    pub pauses: u32,
-    pub resumes: u32,
-    pub reason: CloseReason,
-}
-
-impl Transfer {
-    /// A connection that ended before any byte moved.
-    pub(crate) fn failed(reason: CloseReason) -> Self {
-        Self {
-            client_to_upstream: 0,
-            upstream_to_client: 0,
-            kernel_bytes: 0,
-            paused_directions: 0,
-            pauses: 0,
-            resumes: 0,
-            reason,
-        }
-    }
-}
-
-/// Bytes moved so far each way, for `/debug/connections`: the copy and
-/// splice planes add to the counters as they go; on sockmap they hold what
-/// user space moved, and the kernel's share is read from the flows on demand.
-#[derive(Debug, Default)]
-pub struct ByteProgress {
-    pub client_to_upstream: AtomicU64,
-    pub upstream_to_client: AtomicU64,
-    /// While a sockmap connection is spliced: where to read the kernel's share.
-    kernel: std::sync::Mutex<Option<sockmap::KernelShare>>,
-}
-
-impl ByteProgress {
-    /// Bytes moved so far (client to upstream, upstream to client).
+    /// Where a connection this plane hands over goes on: sockmap hands a
+    /// connection it could not put in the kernel to splice(2).
     #[must_use]
-    pub fn totals(&self) -> (u64, u64) {
-        let kernel = self.kernel_share();
-        let kernel = kernel.as_ref().map_or([0, 0], sockmap::KernelShare::read);
-        (
-            self.client_to_upstream.load(Ordering::Relaxed) + kernel[0],
-            self.upstream_to_client.load(Ordering::Relaxed) + kernel[1],
-        )
-    }
-
-    fn kernel_share(&self) -> std::sync::MutexGuard<'_, Option<sockmap::KernelShare>> {
-        self.kernel.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// An I/O error in one direction, by where it happened.
-#[derive(Debug)]
-pub(crate) enum PumpError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-impl PumpError {
-    /// The side the error belongs to, given the sides this direction reads and writes.
-    fn side(self, reads: Side, writes: Side) -> (Side, io::Error) {
+    pub fn next(&self) -> Option<Self> {
         match self {
-            Self::Read(e) => (reads, e),
-            Self::Write(e) => (writes, e),
+            Self::Splice { .. } | Self::Copy { .. } => None,
+            Self::Sockmap(plane) => Some(Self::Splice { pipe_size: plane.fallback_pipe_size() }),
         }
     }
-}
 
-/// Forwards both directions with `plane` until both are finished, a side
-/// fails, or `stop` is cancelled; then closes both sockets. `client_read`:
-/// bytes read from the client before (a PROXY header), which the sockmap
-/// plane must leave out of its count of what the client sent. `progress`
-/// shows the bytes as they move.
-///
-/// The future is boxed per plane: an idle connection holds it for as long as
-/// it is open, and one `async fn` over every plane would be as large as the
-/// largest (sockmap's) whichever plane runs.
-pub fn forward<'a>(
-    plane: DataPlane,
-    sockmap: Option<&'a Arc<sockmap::SockmapPlane>>,
-    client: TcpStream,
-    upstream: TcpStream,
-    stop: CancellationToken,
-    client_read: u64,
-    progress: &'a ByteProgress,
-) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
-    match (plane, sockmap) {
-        (DataPlane::Sockmap { .. }, Some(sockmap)) => {
-            Box::pin(sockmap::SockmapPlane::forward(sockmap, client, upstream, stop, client_read, progress))
-        }
-        (DataPlane::Copy { buffer_size }, _) => {
-            Box::pin(forward_user_counted(client, upstream, stop, UserPump::Copy { buffer_size }, progress))
-        }
-        (DataPlane::Splice { pipe_size }, _)
-        | (DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. }, None) => {
-            Box::pin(forward_user_counted(client, upstream, stop, UserPump::Splice { pipe_size }, progress))
+    /// Forwards `sockets` until the connection ends or `stop` is cancelled,
+    /// then closes both; moves it from plane to plane as each hands it over.
+    /// `progress` shows the bytes as they move.
+    ///
+    /// Each plane's future is boxed: an idle connection holds it for as long
+    /// as it is open, and one future over every plane would be as large as
+    /// the largest (sockmap's) whichever plane runs.
+    pub async fn forward(
+        &self,
+        mut sockets: Sockets,
+        stop: CancellationToken,
+        progress: &ByteProgress,
+    ) -> Transfer {
+        let mut plane = self.clone();
+        loop {
+            let step = match &plane {
+                Self::Splice { pipe_size } => {
+                    Step::Finished(Box::pin(splice::forward(sockets, &stop, progress, *pipe_size)).await)
+                }
+                Self::Copy { buffer_size } => {
+                    Step::Finished(Box::pin(copy::forward(sockets, &stop, progress, *buffer_size)).await)
+                }
+                Self::Sockmap(sockmap) => Box::pin(sockmap.forward(sockets, &stop, progress)).await,
+            };
+            match step {
+                Step::Finished(transfer) => return transfer,
+                Step::HandOver(handed) => match plane.next() {
+                    Some(next) => {
+                        tracing::debug!(from = plane.label(), to = next.label(), "connection handed over");
+                        (plane, sockets) = (next, handed);
+                    }
+                    None => {
+                        tracing::error!(
+                            plane = plane.label(),
+                            "a plane with no next plane handed a connection over"
+                        );
+                        both_ways::finish(Ending::Error(Side::Downstream), &handed.client, &handed.upstream);
+                        return Transfer::counted(progress, Ending::Error(Side::Downstream));
+                    }
+                },
+            }
         }
     }
-}
 
-/// How a direction moves bytes when the kernel does not splice it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum UserPump {
-    Copy { buffer_size: usize },
-    Splice { pipe_size: usize },
-}
+    /// Logs the plane's own counters over the whole run, if it keeps any.
+    pub fn log_totals(&self) {
+        if let Self::Sockmap(plane) = self {
+            plane.log_totals();
+        }
+    }
 
-impl UserPump {
-    /// One direction: waits for a first byte (or the EOF), then moves bytes.
-    /// The pump is boxed: an idle connection holds only the wait, and the
-    /// buffer or pipe is allocated once there is something to move.
-    async fn run(self, from: &TcpStream, to: &TcpStream, copied: &AtomicU64) -> Result<(), PumpError> {
-        data_or_eof(from).await.map_err(PumpError::Read)?;
+    /// The plane's own counters for the metrics endpoint: name (without the
+    /// `splice_proxy_` prefix and `_total` suffix), help, value.
+    #[must_use]
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         match self {
-            Self::Copy { buffer_size } => Box::pin(copy::pump(from, to, buffer_size, copied)).await,
-            Self::Splice { pipe_size } => Box::pin(splice::pump(from, to, pipe_size, copied)).await,
+            Self::Splice { .. } | Self::Copy { .. } => Vec::new(),
+            Self::Sockmap(plane) => plane.counters.listed(),
         }
     }
-}
-
-/// Runs one pump per direction (copy or splice), counting into `progress`.
-pub(crate) async fn forward_user_counted(
-    client: TcpStream,
-    upstream: TcpStream,
-    stop: CancellationToken,
-    pump: UserPump,
-    progress: &ByteProgress,
-) -> Transfer {
-    let to_upstream = &progress.client_to_upstream;
-    let to_client = &progress.upstream_to_client;
-    let up = pin!(pump.run(&client, &upstream, to_upstream));
-    let down = pin!(pump.run(&upstream, &client, to_client));
-    let reason = drive(up, down, &stop).await;
-    finish(reason, &client, &upstream);
-    Transfer {
-        client_to_upstream: to_upstream.load(Ordering::Relaxed),
-        upstream_to_client: to_client.load(Ordering::Relaxed),
-        kernel_bytes: 0,
-        paused_directions: 0,
-        pauses: 0,
-        resumes: 0,
-        reason,
-    }
-}
-
-/// Runs the client→upstream (`up`) and upstream→client (`down`) directions
-/// until both end, one fails, or `stop` is cancelled. The directions come
-/// pinned by the caller: taken by value and pinned here, each would be
-/// stored twice in this future (the argument and the pinned local), and an
-/// idle connection holds this future for as long as it is open.
-pub(crate) async fn drive(
-    mut up: Pin<&mut impl Future<Output = Result<(), PumpError>>>,
-    mut down: Pin<&mut impl Future<Output = Result<(), PumpError>>>,
-    stop: &CancellationToken,
-) -> CloseReason {
-    let (mut up_done, mut down_done) = (false, false);
-    loop {
-        let result = tokio::select! {
-            r = up.as_mut(), if !up_done => {
-                up_done = true;
-                r.map_err(|e| e.side(Side::Downstream, Side::Upstream))
-            }
-            r = down.as_mut(), if !down_done => {
-                down_done = true;
-                r.map_err(|e| e.side(Side::Upstream, Side::Downstream))
-            }
-            () = stop.cancelled() => return CloseReason::Stopped,
-        };
-        match result {
-            Err((side, error)) if error.kind() == io::ErrorKind::ConnectionReset => {
-                return CloseReason::Reset(side);
-            }
-            Err((side, _)) => return CloseReason::Error(side),
-            Ok(()) if up_done && down_done => return CloseReason::Completed,
-            Ok(()) => {}
-        }
-    }
-}
-
-/// A connection that did not complete is closed with a reset on both sides.
-pub(crate) fn finish<F: AsFd>(reason: CloseReason, client: &F, upstream: &F) {
-    if reason != CloseReason::Completed {
-        // Best effort: the socket may already be gone, and it is closed next anyway.
-        let _ = sockopt::reset_on_close(client);
-        let _ = sockopt::reset_on_close(upstream);
-    }
-}
-
-/// Waits until `from` has a byte to read or its EOF. Readiness alone is not
-/// enough: an accepted socket can be reported readable with nothing to read
-/// (seen on every idle connection of the bench), and the copy and splice
-/// planes allocate their buffer or pipe only once this returns, so an idle
-/// connection holds neither.
-async fn data_or_eof(from: &TcpStream) -> io::Result<()> {
-    from.peek(&mut [0u8; 1]).await.map(drop)
-}
-
-/// `shutdown(SHUT_WR)`: the peer reads EOF once it has read everything before.
-fn shutdown_write<F: AsFd>(socket: &F) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    nix::sys::socket::shutdown(socket.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Write)
-        .map_err(io::Error::from)
 }

@@ -15,8 +15,12 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{io::Interest, net::TcpStream};
+use tokio_util::sync::CancellationToken;
 
-use super::{PumpError, shutdown_write};
+use super::{
+    both_ways::{Pump, PumpError, forward_in_user_space, shutdown_write},
+    transfer::{ByteProgress, Sockets, Transfer},
+};
 
 /// A pipe with its read and write ends.
 pub struct Pipe {
@@ -58,9 +62,36 @@ const FIRST_PIPE: usize = 64 << 10;
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
+/// Forwards a connection through a pipe per direction of up to `pipe_size`
+/// bytes until it ends.
+pub async fn forward(
+    sockets: Sockets,
+    stop: &CancellationToken,
+    progress: &ByteProgress,
+    pipe_size: usize,
+) -> Transfer {
+    forward_in_user_space(sockets, stop, progress, SplicePump { pipe_size }).await
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SplicePump {
+    pipe_size: usize,
+}
+
+impl Pump for SplicePump {
+    fn run<'a>(
+        self,
+        from: &'a TcpStream,
+        to: &'a TcpStream,
+        moved: &'a AtomicU64,
+    ) -> impl Future<Output = Result<(), PumpError>> + Send + 'a {
+        pump(from, to, self.pipe_size, moved)
+    }
+}
+
 /// Moves one direction until EOF, then shuts the destination's write side.
-/// Called once the source has a byte or its EOF ([`super::data_or_eof`]).
-pub(crate) async fn pump(
+/// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
+async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     pipe_size: usize,

@@ -38,21 +38,9 @@ pub struct Learned {
 }
 
 /// Runs the checks of `edge` on a new connection and returns the upstream to
-/// connect to, or why the connection must be closed (already counted).
+/// connect to, or why the connection must be closed (counted by the caller,
+/// with every other close). `stats` counts what it accepted.
 pub async fn guard<'a>(
-    stream: &mut TcpStream,
-    edge: &'a EdgeConfig,
-    stats: &EdgeStats,
-    learned: &mut Learned,
-) -> Result<&'a UpstreamTarget, Refusal> {
-    let result = run(stream, edge, stats, learned).await;
-    if let Err(refusal) = &result {
-        stats.refused(refusal);
-    }
-    result
-}
-
-async fn run<'a>(
     stream: &mut TcpStream,
     edge: &'a EdgeConfig,
     stats: &EdgeStats,

@@ -18,6 +18,8 @@ use std::{collections::BTreeSet, fmt, io, time::Duration};
 
 use serde::Deserialize;
 
+use crate::close_reason::CloseReason;
+
 pub use guard::{Learned, guard};
 pub use routes::{Route, Upstreams};
 pub use stats::EdgeStats;
@@ -81,7 +83,7 @@ pub fn is_vpce_id(id: &str) -> bool {
     })
 }
 
-/// Why the guard closed a connection (its access log reason and counter).
+/// Why the guard closed a connection, with what the access log says of it.
 #[derive(Debug)]
 pub enum Refusal {
     /// A LOCAL header: the NLB's health check, answered with a clean close.
@@ -105,25 +107,25 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// A short stable label for logs and metrics.
+    /// The reason it is logged and counted under.
     #[must_use]
-    pub fn label(&self) -> &'static str {
+    pub fn reason(&self) -> CloseReason {
         match self {
-            Self::HealthCheck => "health_check",
-            Self::ClosedBeforeData => "closed_before_data",
-            Self::HeaderMissing => "proxy_header_missing",
-            Self::HeaderInvalid(_) => "proxy_header_invalid",
-            Self::HeaderOversized(_) => "proxy_header_oversized",
-            Self::HeaderTimeout => "proxy_header_timeout",
-            Self::ChainedHeader => "chained_header_refused",
-            Self::VpceMissing => "vpce_missing",
-            Self::VpceDenied(_) => "vpce_denied",
-            Self::NotTls(_) => "not_tls",
-            Self::ClientHelloInvalid(_) => "client_hello_invalid",
-            Self::ClientHelloTimeout => "client_hello_timeout",
-            Self::SniMissing => "sni_missing",
-            Self::SniDenied(_) => "sni_denied",
-            Self::ClientError(_) => "client_error",
+            Self::HealthCheck => CloseReason::HealthCheck,
+            Self::ClosedBeforeData => CloseReason::ClosedBeforeData,
+            Self::HeaderMissing => CloseReason::ProxyHeaderMissing,
+            Self::HeaderInvalid(_) => CloseReason::ProxyHeaderInvalid,
+            Self::HeaderOversized(_) => CloseReason::ProxyHeaderOversized,
+            Self::HeaderTimeout => CloseReason::ProxyHeaderTimeout,
+            Self::ChainedHeader => CloseReason::ChainedHeaderRefused,
+            Self::VpceMissing => CloseReason::VpceMissing,
+            Self::VpceDenied(_) => CloseReason::VpceDenied,
+            Self::NotTls(_) => CloseReason::NotTls,
+            Self::ClientHelloInvalid(_) => CloseReason::ClientHelloInvalid,
+            Self::ClientHelloTimeout => CloseReason::ClientHelloTimeout,
+            Self::SniMissing => CloseReason::SniMissing,
+            Self::SniDenied(_) => CloseReason::SniDenied,
+            Self::ClientError(_) => CloseReason::EdgeClientError,
         }
     }
 }

@@ -11,7 +11,10 @@ use prometheus_client::{
 };
 
 use super::AddressLabels;
-use crate::{connections::ConnectionTable, health::Health, proxy::Proxy, xdp_filter::SourceFilterCounters};
+use crate::{
+    close_reason::CloseCounts, connections::ConnectionTable, health::Health, proxy::Proxy,
+    xdp_filter::SourceFilterCounters,
+};
 
 type Encoded = Result<(), std::fmt::Error>;
 
@@ -91,7 +94,27 @@ impl Collector for StateCollector {
     }
 }
 
-/// The edge guard's counters and, on the sockmap plane, the plane's.
+/// Connections closed, by reason: every reason of the table, those that did
+/// not happen yet at 0.
+#[derive(Debug)]
+pub struct ClosedCollector(pub Arc<CloseCounts>);
+
+impl Collector for ClosedCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Encoded {
+        family(
+            &mut encoder,
+            (
+                "connections_closed",
+                "Connections closed, by reason (the access log's reason)",
+                MetricType::Counter,
+            ),
+            "reason",
+            self.0.by_label(),
+        )
+    }
+}
+
+/// The edge guard's counters and the data plane's own.
 #[derive(Debug)]
 pub struct ProxyCollector(pub Arc<Proxy>);
 
@@ -115,32 +138,10 @@ impl Collector for ProxyCollector {
             &mut encoder,
             ("edge_refusals", "Connections the edge guard closed, by reason", MetricType::Counter),
             "reason",
-            edge.refusals(),
+            self.0.metrics().close_counts().refusals(),
         )?;
-        let Some(sockmap) = self.0.sockmap() else { return Ok(()) };
-        let c = &sockmap.counters;
-        for (name, help, value) in [
-            ("sockmap_spliced", "Connections spliced in the kernel", &c.spliced),
-            (
-                "sockmap_fallbacks",
-                "Connections that ran on splice(2): the upstream socket was not inserted",
-                &c.fallbacks,
-            ),
-            (
-                "sockmap_client_not_inserted",
-                "Connections whose client socket was not inserted (already closed)",
-                &c.client_not_inserted,
-            ),
-            ("sockmap_pauses", "Times the kernel program paused a direction", &c.pauses),
-            ("sockmap_resumes", "Times the kernel program resumed a paused direction", &c.resumes),
-            ("sockmap_stalls", "Connections cut because a peer took no redirected bytes", &c.stalls),
-            (
-                "sockmap_overlap_resets",
-                "Connections reset because a retransmitted skb repeated forwarded bytes that could not be cut off",
-                &c.overlap_resets,
-            ),
-        ] {
-            counter(&mut encoder, name, help, load(value))?;
+        for (name, help, value) in self.0.plane().counters() {
+            counter(&mut encoder, name, help, value)?;
         }
         Ok(())
     }

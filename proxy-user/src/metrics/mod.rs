@@ -23,7 +23,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::addr::{ListenAddr, UpstreamAddr};
+use crate::{
+    addr::{ListenAddr, UpstreamAddr},
+    close_reason::{CloseCounts, CloseReason},
+};
 
 /// Most distinct upstream addresses with a label of their own; connections
 /// to further addresses are counted under `address="other"`.
@@ -69,7 +72,7 @@ impl AddressLabels {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     accepted: Family<Label<String>, Counter>,
-    closed: Family<Label<&'static str>, Counter>,
+    closed: Arc<CloseCounts>,
     bytes: Family<Label<&'static str>, Counter>,
     kernel_bytes: Counter,
     resolve_seconds: Histogram,
@@ -87,7 +90,7 @@ impl Default for Metrics {
         let histogram = || Histogram::new(LATENCY_BUCKETS);
         Self {
             accepted: Family::default(),
-            closed: Family::default(),
+            closed: Arc::default(),
             bytes: Family::default(),
             kernel_bytes: Counter::default(),
             resolve_seconds: histogram(),
@@ -108,10 +111,11 @@ impl Metrics {
         self.accepted.get_or_create(&[("listen", listen.to_string())]).inc();
     }
 
-    /// A connection closed for `reason` (its access log reason) after
-    /// moving these bytes (`kernel`: of them, redirected by the kernel).
-    pub fn closed(&self, reason: &'static str, up: u64, down: u64, kernel: u64) {
-        self.closed.get_or_create(&[("reason", reason)]).inc();
+    /// A connection closed for `reason` after moving these bytes (`kernel`:
+    /// of them, redirected by the kernel). Every connection is counted here
+    /// once.
+    pub fn closed(&self, reason: CloseReason, up: u64, down: u64, kernel: u64) {
+        self.closed.count(reason);
         if up > 0 {
             self.bytes.get_or_create(&[("direction", "client_to_upstream")]).inc_by(up);
         }
@@ -160,16 +164,18 @@ impl Metrics {
         &self.addresses
     }
 
+    /// Connections closed so far, by reason.
+    #[must_use]
+    pub fn close_counts(&self) -> &CloseCounts {
+        &self.closed
+    }
+
     /// A registry with these metrics and the `collectors` read at scrape time.
     #[must_use]
     pub fn registry(&self, collectors: Vec<Box<dyn Collector>>) -> Registry {
         let mut r = Registry::with_prefix("splice_proxy");
         r.register("connections_accepted", "Connections accepted, by listen address", self.accepted.clone());
-        r.register(
-            "connections_closed",
-            "Connections closed, by reason (the access log's reason)",
-            self.closed.clone(),
-        );
+        r.register_collector(Box::new(collectors::ClosedCollector(Arc::clone(&self.closed))));
         r.register(
             "bytes",
             "Bytes forwarded, by direction, counted when a connection closes (kernel-spliced bytes included)",
@@ -247,8 +253,8 @@ mod tests {
     fn exposition_has_the_counted_values() {
         let m = Metrics::default();
         m.accepted(ListenAddr("127.0.0.1:6443".parse().unwrap()));
-        m.closed("completed", 100, 2000, 0);
-        m.closed("sni_denied", 0, 0, 0);
+        m.closed(CloseReason::Completed, 100, 2000, 0);
+        m.closed(CloseReason::SniDenied, 0, 0, 0);
         m.resolved(Duration::from_millis(2), None);
         m.resolved(Duration::from_millis(3), Some("nxdomain"));
         m.connected(addr(1));
@@ -258,6 +264,7 @@ mod tests {
             "splice_proxy_connections_accepted_total{listen=\"127.0.0.1:6443\"} 1",
             "splice_proxy_connections_closed_total{reason=\"completed\"} 1",
             "splice_proxy_connections_closed_total{reason=\"sni_denied\"} 1",
+            "splice_proxy_connections_closed_total{reason=\"upstream_reset\"} 0",
             "splice_proxy_bytes_total{direction=\"client_to_upstream\"} 100",
             "splice_proxy_bytes_total{direction=\"upstream_to_client\"} 2000",
             "splice_proxy_resolve_duration_seconds_count 2",

@@ -3,7 +3,7 @@
 //! when it closes; each step feeds the metrics, the readiness state and the
 //! table of open connections. [`probe`]: the background upstream probe.
 
-mod closing;
+mod access_log;
 pub mod probe;
 
 use std::{
@@ -15,14 +15,15 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, field::Empty};
 
-use closing::{close_refused, log_refused, millis, record_learned};
+use access_log::{AccessLine, close_refused, record_learned};
 
 use crate::{
     addr::{ClientAddr, ListenAddr, UpstreamAddr, UpstreamTarget},
+    close_reason::CloseReason,
     config::Config,
     connect::{ConnectConfig, ConnectError, Connected, Connector},
     connections::{ConnectionTable, Registration},
-    dataplane::{self, DataPlane, Transfer, sockmap::SockmapPlane},
+    dataplane::{Plane, Sockets},
     dns::{DnsConfig, ResolveError, UpstreamResolver},
     edge::{self, EdgeConfig, EdgeStats, Learned},
     health::Health,
@@ -36,9 +37,8 @@ pub struct Proxy {
     /// Resolver, connector and socket options; a SIGHUP reload replaces
     /// them for new connections (a connection keeps the ones it started with).
     path: RwLock<Arc<PathSettings>>,
-    dataplane: DataPlane,
-    /// Set when the data plane is sockmap.
-    sockmap: Option<Arc<SockmapPlane>>,
+    /// The data plane every connection starts on.
+    plane: Plane,
     /// What the edge guards of every listener admitted and refused.
     edge_stats: EdgeStats,
     metrics: Metrics,
@@ -99,11 +99,11 @@ enum SetupError {
 }
 
 impl SetupError {
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> CloseReason {
         match self {
-            Self::Resolve(_) => "resolve_failed",
-            Self::Connect(_) => "connect_failed",
-            Self::Sockopt(_) => "internal_error",
+            Self::Resolve(_) => CloseReason::ResolveFailed,
+            Self::Connect(_) => CloseReason::ConnectFailed,
+            Self::Sockopt(_) => CloseReason::InternalError,
         }
     }
 }
@@ -117,18 +117,12 @@ pub struct Observers {
 }
 
 impl Proxy {
-    /// `dataplane`: the plane started (`auto` may have fallen back from the
-    /// configured one); `sockmap` its maps when it is sockmap.
-    pub fn new(
-        config: &Config,
-        dataplane: DataPlane,
-        sockmap: Option<Arc<SockmapPlane>>,
-        observers: Observers,
-    ) -> Result<Self, ResolveError> {
+    /// `plane`: the plane started (`auto` may have fallen back from the
+    /// configured one).
+    pub fn new(config: &Config, plane: Plane, observers: Observers) -> Result<Self, ResolveError> {
         Ok(Self {
             path: RwLock::new(Arc::new(PathSettings::new(config, None)?)),
-            dataplane,
-            sockmap,
+            plane,
             edge_stats: EdgeStats::default(),
             metrics: observers.metrics,
             health: observers.health,
@@ -148,13 +142,8 @@ impl Proxy {
     }
 
     #[must_use]
-    pub fn sockmap(&self) -> Option<&SockmapPlane> {
-        self.sockmap.as_deref()
-    }
-
-    #[must_use]
-    pub fn dataplane(&self) -> DataPlane {
-        self.dataplane
+    pub fn plane(&self) -> &Plane {
+        &self.plane
     }
 
     #[must_use]
@@ -217,38 +206,28 @@ impl Proxy {
             resolve_time,
             connect_time,
         } = established;
-        let sockmap = self.sockmap.as_ref();
         registration.forwarding(upstream_addr);
-        let progress = registration.bytes();
-        let Transfer {
-            client_to_upstream,
-            upstream_to_client,
-            kernel_bytes,
-            paused_directions,
-            pauses,
-            resumes,
-            reason,
-        } = dataplane::forward(self.dataplane, sockmap, client, upstream, stop, client_bytes_read, progress)
-            .await;
+        let sockets = Sockets { client, upstream, client_read: client_bytes_read };
+        let transfer = self.plane.forward(sockets, stop, registration.bytes()).await;
+        let reason = transfer.ending.reason();
         // Counted before the log line, so whoever reads the line finds it counted.
-        self.metrics.closed(reason.label(), client_to_upstream, upstream_to_client, kernel_bytes);
-        tracing::info!(
-            upstream = %upstream_addr,
-            target = %target,
-            chained_headers,
-            edge_ms = millis(edge_time),
-            resolve_ms = millis(resolve_time),
-            connect_ms = millis(connect_time),
-            bytes_up = client_to_upstream,
-            bytes_down = upstream_to_client,
-            kernel_bytes,
-            paused_directions,
-            pauses,
-            resumes,
-            duration_ms = millis(started.elapsed()),
-            reason = reason.label(),
-            "connection closed"
+        self.metrics.closed(
+            reason,
+            transfer.client_to_upstream,
+            transfer.upstream_to_client,
+            transfer.kernel_bytes,
         );
+        AccessLine {
+            upstream: Some(upstream_addr),
+            target: Some(target),
+            chained_headers,
+            edge_time,
+            resolve_time: Some(resolve_time),
+            connect_time: Some(connect_time),
+            transfer: Some(&transfer),
+            error: None,
+        }
+        .write(reason, started);
     }
 
     /// The stages before forwarding: socket options, the edge guard, the
@@ -277,14 +256,13 @@ impl Proxy {
         let target = match guarded {
             Some(Ok(target)) => target,
             Some(Err(refusal)) => {
-                self.metrics.closed(refusal.label(), 0, 0, 0);
-                log_refused(refusal.label(), &refusal, &learned, edge_time, started);
+                self.refused(refusal.reason(), &refusal, &learned, edge_time, started);
                 close_refused(client).await;
                 return None;
             }
             None => {
-                self.metrics.closed("stopped", 0, 0, 0);
-                log_refused("stopped", &"stopped during the edge checks", &learned, edge_time, started);
+                let stopped = "stopped during the edge checks";
+                self.refused(CloseReason::Stopped, &stopped, &learned, edge_time, started);
                 return None;
             }
         };
@@ -311,20 +289,16 @@ impl Proxy {
             }
             Err(error) => {
                 self.metrics.closed(error.reason(), 0, 0, 0);
-                tracing::warn!(
-                    upstream = "-",
-                    target = %target,
-                    chained_headers = learned.chained_headers,
-                    edge_ms = millis(edge_time),
-                    resolve_ms = millis(resolve_time),
-                    connect_ms = millis(connect_time),
-                    bytes_up = 0u64,
-                    bytes_down = 0u64,
-                    duration_ms = millis(started.elapsed()),
-                    reason = error.reason(),
-                    %error,
-                    "connection closed"
-                );
+                AccessLine {
+                    target: Some(target),
+                    chained_headers: learned.chained_headers,
+                    edge_time,
+                    resolve_time: Some(resolve_time),
+                    connect_time: Some(connect_time),
+                    error: Some(&error),
+                    ..AccessLine::default()
+                }
+                .write(error.reason(), started);
                 close_refused(client).await;
                 return None;
             }
@@ -340,6 +314,25 @@ impl Proxy {
             resolve_time,
             connect_time,
         })
+    }
+
+    /// Counts and logs a connection closed before any upstream was chosen.
+    fn refused(
+        &self,
+        reason: CloseReason,
+        error: &dyn std::fmt::Display,
+        learned: &Learned,
+        edge_time: Duration,
+        started: Instant,
+    ) {
+        self.metrics.closed(reason, 0, 0, 0);
+        let line = AccessLine {
+            chained_headers: learned.chained_headers,
+            edge_time,
+            error: Some(error),
+            ..AccessLine::default()
+        };
+        line.write(reason, started);
     }
 
     /// Connects to one of `addrs` for a client connection, counting each

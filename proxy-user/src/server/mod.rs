@@ -32,6 +32,7 @@ use crate::{
     cli::Options,
     config::Config,
     connections::ConnectionTable,
+    dataplane::Plane,
     dns::ResolveError,
     health::Health,
     health_port::HealthPort,
@@ -161,9 +162,9 @@ impl Server {
         let fixed_lists = source_filter::allow_lists(&config.listeners, &fixed_ports);
         let mut source_filter =
             config.source_filter.as_ref().map(|c| source_filter::start(c, &fixed_lists)).transpose()?;
-        let plane::StartedPlane { plane, reason: dataplane_reason, sockmap, unused_kernel } =
+        let plane::StartedPlane { plane, reason: dataplane_reason, unused_kernel } =
             plane::start(config.dataplane, kernel)?;
-        let sockmap_capacity = sockmap.is_some().then_some(config.max_connections);
+        let sockmap_capacity = matches!(plane, Plane::Sockmap(_)).then_some(config.max_connections);
         let health = Arc::new(Health::new(&probes::targets(config), config.admin.readiness_window()));
         let metrics = Metrics::default();
         let connections = Arc::new(ConnectionTable::default());
@@ -172,7 +173,7 @@ impl Server {
             health: Arc::clone(&health),
             connections: Arc::clone(&connections),
         };
-        let proxy = Arc::new(Proxy::new(config, plane, sockmap, observers)?);
+        let proxy = Arc::new(Proxy::new(config, plane, observers)?);
         let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
         let listeners = ListenerSet::new(bound, &config.listeners)?;
         if let Some(filter) = &mut source_filter {
@@ -197,7 +198,7 @@ impl Server {
                 health: Arc::clone(&health),
                 connections: Arc::clone(&connections),
                 addresses: Arc::clone(metrics.addresses()),
-                plane: plane.label(),
+                plane: proxy.plane().label(),
             }),
             Box::new(ProxyCollector(Arc::clone(&proxy))),
         ];
@@ -258,14 +259,14 @@ impl Server {
     pub async fn run(&mut self) -> Stopped {
         let _stop_probes_on_return = self.probes.stopper().drop_guard();
         self.listeners.start(&self.accepting);
-        tracing::info!(dataplane = self.proxy.dataplane().label(), why = %self.dataplane_reason, "data plane");
+        tracing::info!(dataplane = self.proxy.plane().label(), why = %self.dataplane_reason, "data plane");
         self.probes.set(&probes::targets(&self.config), self.config.admin.probe_interval);
         let (health_port_closed, health_port_watch) = watch::channel(self.health_port.is_none());
         if let Some(port) = self.health_port.take() {
             tokio::spawn(port.run(Arc::clone(&self.health), health_port_closed));
         }
         tracing::info!("ready");
-        let plane = self.proxy.dataplane().label();
+        let plane = self.proxy.plane().label();
         match self.handover.take() {
             Some(handover) => self.take_over(handover, plane),
             None => service_manager::ready(&self.listeners.addrs(), plane),
@@ -293,10 +294,8 @@ impl Server {
     /// Logs what the edge guards, the sockmap plane (when it is in use) and
     /// the source filter did over the whole run.
     pub fn log_totals(&self) {
-        self.proxy.edge_stats().log_totals();
-        if let Some(sockmap) = self.proxy.sockmap() {
-            sockmap.log_totals();
-        }
+        self.proxy.edge_stats().log_totals(self.proxy.metrics().close_counts());
+        self.proxy.plane().log_totals();
         if let Some(filter) = &self.source_filter {
             source_filter::log_totals(filter);
         }

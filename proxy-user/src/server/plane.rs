@@ -1,21 +1,19 @@
 //! Which data plane runs: the one configured, or `auto`'s fallback when the
 //! kernel programs did not load.
 
-use std::{borrow::Cow, sync::Arc};
+use std::borrow::Cow;
 
 use super::StartError;
 use crate::{
-    dataplane::{ChosenPlane, DataPlane, sockmap::SockmapPlane},
+    dataplane::{ChosenPlane, DataPlane, Plane, sockmap::SockmapPlane},
     kernel::{KernelError, KernelPrograms},
 };
 
 /// The plane started, why, and what it holds of the kernel programs.
 pub struct StartedPlane {
-    pub plane: DataPlane,
+    pub plane: Plane,
     /// Logged when the server starts serving.
     pub reason: Cow<'static, str>,
-    /// On sockmap: the maps and the verdict program.
-    pub sockmap: Option<Arc<SockmapPlane>>,
     /// On the other planes: the loaded programs, kept only for their logs.
     pub unused_kernel: Option<KernelPrograms>,
 }
@@ -27,18 +25,30 @@ pub fn start(
     chosen: ChosenPlane,
     kernel: Result<KernelPrograms, KernelError>,
 ) -> Result<StartedPlane, StartError> {
-    let started =
-        |plane, reason, sockmap, unused_kernel| StartedPlane { plane, reason, sockmap, unused_kernel };
+    let started = |plane, reason, unused_kernel| StartedPlane { plane, reason, unused_kernel };
     match (chosen.plane, kernel) {
         (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
             let sockmap = SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?;
-            Ok(started(chosen.plane, chosen.reason.into(), Some(sockmap), None))
+            Ok(started(Plane::Sockmap(sockmap), chosen.reason.into(), None))
         }
         (DataPlane::Sockmap { .. }, Err(error)) => match chosen.fallback {
-            Some(fallback) => Ok(started(fallback, fallback_reason(fallback, &error).into(), None, None)),
+            Some(fallback) => {
+                Ok(started(user_space(fallback)?, fallback_reason(fallback, &error).into(), None))
+            }
             None => Err(StartError::NoKernel(error.to_string())),
         },
-        (plane, kernel) => Ok(started(plane, chosen.reason.into(), None, kernel.ok())),
+        (plane, kernel) => Ok(started(user_space(plane)?, chosen.reason.into(), kernel.ok())),
+    }
+}
+
+/// A plane that needs nothing from the kernel.
+fn user_space(plane: DataPlane) -> Result<Plane, StartError> {
+    match plane {
+        DataPlane::Splice { pipe_size } => Ok(Plane::Splice { pipe_size }),
+        DataPlane::Copy { buffer_size } => Ok(Plane::Copy { buffer_size }),
+        DataPlane::Sockmap { .. } => {
+            Err(StartError::NoKernel("sockmap cannot be the fallback of another plane".to_owned()))
+        }
     }
 }
 
@@ -71,8 +81,7 @@ mod tests {
         assert!(auto.reason.starts_with("auto: splice") && auto.reason.contains("--dataplane sockmap"));
         for kernel in [no_kernel(), Err(KernelError::Missing { kind: "map", name: "x" })] {
             let started = start(auto, kernel).expect("auto runs without the kernel programs");
-            assert_eq!((started.plane, started.reason.as_ref()), (auto.plane, auto.reason));
-            assert!(started.sockmap.is_none());
+            assert_eq!((started.plane.settings(), started.reason.as_ref()), (auto.plane, auto.reason));
         }
     }
 
@@ -82,8 +91,7 @@ mod tests {
         let with_fallback =
             ChosenPlane { fallback: Some(DataPlane::Splice { pipe_size: 1 << 20 }), ..sockmap };
         let started = start(with_fallback, no_kernel()).expect("the fallback runs");
-        assert_eq!(started.plane, DataPlane::Splice { pipe_size: 1 << 20 });
-        assert!(started.sockmap.is_none());
+        assert_eq!(started.plane.settings(), DataPlane::Splice { pipe_size: 1 << 20 });
         assert!(
             started.reason.starts_with("auto: splice, because the kernel programs did not load")
                 && started.reason.contains("no program named splice_verdict")

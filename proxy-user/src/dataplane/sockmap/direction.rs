@@ -16,7 +16,7 @@ use super::{
     paused_io::{PausedIo, recv_now, send_now},
 };
 use crate::{
-    dataplane::{PumpError, shutdown_write},
+    dataplane::both_ways::{PumpError, shutdown_write},
     tcpstat,
 };
 

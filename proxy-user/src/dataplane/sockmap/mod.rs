@@ -42,7 +42,10 @@ use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 use self::hangups::Hangups;
-use super::{ByteProgress, CloseReason, Side, Transfer, UserPump, drive, finish};
+use crate::dataplane::{
+    both_ways::{drive, finish},
+    transfer::{ByteProgress, Ending, LiveBytes, Side, Sockets, Step, Transfer},
+};
 use crate::{
     kernel::{KernelError, KernelPrograms, socket_cookie},
     sockopt as tcp_options, tcpstat,
@@ -79,6 +82,35 @@ pub struct SockmapCounters {
     pub pauses_found_by_recheck: AtomicU64,
     /// Times a paused direction's timer found bytes to read that no wake-up announced.
     pub reads_found_by_recheck: AtomicU64,
+}
+
+impl SockmapCounters {
+    /// Each counter with its metric name and help, for the metrics endpoint.
+    #[must_use]
+    pub fn listed(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        vec![
+            ("sockmap_spliced", "Connections spliced in the kernel", load(&self.spliced)),
+            (
+                "sockmap_fallbacks",
+                "Connections that ran on splice(2): the upstream socket was not inserted",
+                load(&self.fallbacks),
+            ),
+            (
+                "sockmap_client_not_inserted",
+                "Connections whose client socket was not inserted (already closed)",
+                load(&self.client_not_inserted),
+            ),
+            ("sockmap_pauses", "Times the kernel program paused a direction", load(&self.pauses)),
+            ("sockmap_resumes", "Times the kernel program resumed a paused direction", load(&self.resumes)),
+            ("sockmap_stalls", "Connections cut because a peer took no redirected bytes", load(&self.stalls)),
+            (
+                "sockmap_overlap_resets",
+                "Connections reset because a retransmitted skb repeated forwarded bytes that could not be cut off",
+                load(&self.overlap_resets),
+            ),
+        ]
+    }
 }
 
 /// The kernel side shared by every connection on this plane.
@@ -167,76 +199,80 @@ impl SockmapPlane {
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Splices one connection until it ends. `client_read`: bytes user space
-    /// read from the client before (not for the upstream). `progress` shows
-    /// the bytes moved so far: what user space copied, plus the kernel's
-    /// share read from the flows while they exist.
+    /// The bound on bytes in flight per direction (`--max-inflight`).
+    #[must_use]
+    pub fn max_inflight(&self) -> u64 {
+        self.max_inflight
+    }
+
+    /// The pipe size of the splice(2) plane a connection falls back to.
+    #[must_use]
+    pub fn fallback_pipe_size(&self) -> usize {
+        self.fallback_pipe_size
+    }
+
+    /// Splices one connection until it ends, or hands it over (to splice(2))
+    /// when its sockets cannot go into the map. `progress` shows the bytes
+    /// moved so far: what user space copied, plus the kernel's share read
+    /// from the flows while they exist.
     pub async fn forward(
         self: &Arc<Self>,
-        client: TcpStream,
-        upstream: TcpStream,
-        stop: CancellationToken,
-        client_read: u64,
+        sockets: Sockets,
+        stop: &CancellationToken,
         progress: &ByteProgress,
-    ) -> Transfer {
+    ) -> Step {
+        let Sockets { client, upstream, client_read } = sockets;
         // Out of tokio's reactor: a spliced socket would wake it for every
         // redirected skb (see `hangups`).
         let (client, upstream) = match leave_reactor(client, upstream) {
             Ok(sockets) => sockets,
             Err((side, error)) => {
                 tracing::warn!(%error, ?side, "taking a socket out of the reactor failed; connection closed");
-                return Transfer::failed(CloseReason::Error(side));
+                return Step::Finished(Transfer::counted(progress, Ending::Error(side)));
             }
         };
         let setup = match self.set_up(&client, &upstream, client_read) {
             Ok(setup) => setup,
             Err(error) => {
-                tracing::debug!(%error, "not spliced in the kernel; using splice(2)");
+                tracing::debug!(%error, "not spliced in the kernel; handed over to splice(2)");
                 self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-                let pump = UserPump::Splice { pipe_size: self.fallback_pipe_size };
                 return match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
-                    (Ok(client), Ok(upstream)) => {
-                        Box::pin(super::forward_user_counted(client, upstream, stop, pump, progress)).await
-                    }
+                    (Ok(client), Ok(upstream)) => Step::HandOver(Sockets { client, upstream, client_read }),
                     (Err(error), _) | (_, Err(error)) => {
                         tracing::warn!(%error, "registering a socket with the reactor failed; connection closed");
-                        Transfer::failed(CloseReason::Error(Side::Downstream))
+                        Step::Finished(Transfer::counted(progress, Ending::Error(Side::Downstream)))
                     }
                 };
             }
         };
-        *progress.kernel_share() =
-            Some(KernelShare { plane: Arc::downgrade(self), cookies: [setup.up.cookie, setup.down.cookie] });
+        progress.attach(Box::new(KernelShare {
+            plane: Arc::downgrade(self),
+            cookies: [setup.up.cookie, setup.down.cookie],
+        }));
         let copied_up = &progress.client_to_upstream;
         let copied_down = &progress.upstream_to_client;
         let up = pin!(self.direction(&client, &upstream, &setup.up, setup.client_in_map, copied_up));
         let down = pin!(self.direction(&upstream, &client, &setup.down, true, copied_down));
-        let reason = drive(up, down, &stop).await;
-        if let CloseReason::Error(_) = reason {
-            tracing::debug!(?reason, "sockmap connection failed");
+        let ending = drive(up, down, stop).await;
+        if let Ending::Error(_) = ending {
+            tracing::debug!(?ending, "sockmap connection failed");
         }
-        finish(reason, &client, &upstream);
+        finish(ending, &client, &upstream);
         // The kernel's share moves into the counters with the flows' removal,
         // so a reader of `progress` never sees it missing.
-        let [up, down] = {
-            let mut share = progress.kernel_share();
+        let [up, down] = progress.settle(|| {
             let flows = self.tear_down(&setup, [&client, &upstream]);
-            copied_up.fetch_add(flows[0].redirected_bytes, Ordering::Relaxed);
-            copied_down.fetch_add(flows[1].redirected_bytes, Ordering::Relaxed);
-            *share = None;
-            flows
-        };
+            (flows.map(|flow| flow.redirected_bytes), flows)
+        });
         self.counters.pauses.fetch_add(u64::from(up.pauses + down.pauses), Ordering::Relaxed);
         self.counters.resumes.fetch_add(u64::from(up.resumes + down.resumes), Ordering::Relaxed);
-        Transfer {
-            client_to_upstream: copied_up.load(Ordering::Relaxed),
-            upstream_to_client: copied_down.load(Ordering::Relaxed),
+        Step::Finished(Transfer {
             kernel_bytes: up.redirected_bytes + down.redirected_bytes,
             paused_directions: [up, down].iter().map(|f| u32::from(f.pauses != 0)).sum(),
             pauses: up.pauses + down.pauses,
             resumes: up.resumes + down.resumes,
-            reason,
-        }
+            ..Transfer::counted(progress, ending)
+        })
     }
 
     fn set_up(
@@ -346,10 +382,9 @@ pub struct KernelShare {
     cookies: [u64; 2],
 }
 
-impl KernelShare {
+impl LiveBytes for KernelShare {
     /// Bytes redirected so far (up, down); 0 for a flow already gone.
-    #[must_use]
-    pub fn read(&self) -> [u64; 2] {
+    fn read(&self) -> [u64; 2] {
         let Some(plane) = self.plane.upgrade() else { return [0, 0] };
         let kernel = plane.kernel();
         self.cookies.map(|cookie| kernel.flow(cookie).ok().flatten().map_or(0, |flow| flow.redirected_bytes))
