@@ -1,18 +1,11 @@
 //! Command line. Every flag can also be set in the TOML config file (the key
-//! is the flag's name with `_` for `-`); a flag given on the command line wins.
+//! is the flag's name with `_` for `-`); a flag given on the command line
+//! wins. The options themselves are `config::Options`; `--help` shows the
+//! defaults of `config::defaults`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
-
-use crate::{
-    addr::UpstreamTarget,
-    config::ListenerOptions,
-    dataplane::DataPlaneChoice,
-    edge::{ChainedHeaders, ProxyProtocolMode, Route},
-    source_prefix::SourcePrefix,
-};
+use crate::config::{Options, defaults};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -44,250 +37,30 @@ pub enum Command {
     CheckConfig(Options),
 }
 
-/// Options of the proxy; each is optional here because the config file may set
-/// it. The same struct is read from the TOML file (see [`crate::config`]).
-#[derive(Debug, Default, Clone, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Options {
-    /// TOML config file; flags given on the command line override its values.
-    #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-
-    /// Address to accept client connections on; repeat for several listeners.
-    #[arg(long = "listen", value_name = "ADDR:PORT")]
-    #[serde(default, deserialize_with = "crate::config::de_listen_addrs")]
-    pub listen: Vec<SocketAddr>,
-
-    /// Upstream to forward to. A DNS name is resolved again for every new
-    /// connection (A and AAAA); an IP literal is used as it is.
-    #[arg(long, value_name = "HOST:PORT")]
-    #[serde(default, deserialize_with = "crate::config::de_from_str")]
-    pub upstream: Option<UpstreamTarget>,
-
-    /// Whether connections start with a PROXY protocol header (an NLB with
-    /// proxy protocol v2 on sends one): `off`; `optional`, read when there;
-    /// `required`, a connection without a valid header is closed. The client
-    /// address in the header is the one logged. [default: off]
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub proxy_protocol: Option<ProxyProtocolMode>,
-
-    /// Also accept v1 (text) PROXY headers, checked as strictly as v2.
-    #[arg(long)]
-    #[serde(default)]
-    pub proxy_protocol_v1: bool,
-
-    /// A second PROXY header right after the first (proxies chained):
-    /// `refuse` closes the connection; `strip` reads and drops up to three
-    /// more, believing only the first. [default: refuse]
-    #[arg(long, value_enum, value_name = "POLICY")]
-    pub chained_proxy_headers: Option<ChainedHeaders>,
-
-    /// Time for the whole PROXY header to arrive. [default: 5s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub proxy_header_timeout: Option<Duration>,
-
-    /// VPC endpoint ID (vpce-...) allowed to connect, from the AWS TLV of the
-    /// PROXY header; repeat for several. When set, a connection from another
-    /// endpoint or without the TLV is closed. Needs --proxy-protocol.
-    #[arg(long = "allow-vpce", value_name = "ID")]
-    #[serde(default)]
-    pub allowed_vpce_ids: Vec<String>,
-
-    /// Server name (SNI) of the ClientHello allowed to the upstream; repeat
-    /// for several. A ClientHello for another name, or not TLS, is closed.
-    /// [default: the upstream's host name]
-    #[arg(long = "allow-sni", value_name = "NAME")]
-    pub allowed_sni: Option<Vec<String>>,
-
-    /// No SNI check: the first bytes are not looked at and may be any
-    /// protocol (plain TCP, benchmarks). Config key: `sni_check = false`.
-    #[arg(long)]
-    #[serde(default, rename = "sni_check", deserialize_with = "crate::config::de_inverted")]
-    pub no_sni_check: bool,
-
-    /// Send a server name to its own upstream (a routed name is allowed);
-    /// repeat for several. Config key: `routes = { "NAME" = "HOST:PORT" }`.
-    #[arg(long = "route", value_name = "SNI=HOST:PORT")]
-    #[serde(default, deserialize_with = "crate::edge::routes::de_routes")]
-    pub routes: Vec<Route>,
-
-    /// Time for the whole TLS ClientHello to arrive, from the end of the PROXY
-    /// header (or from accept). [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub client_hello_timeout: Option<Duration>,
-
-    /// Listeners with settings of their own (config file only, `[[listeners]]`).
-    #[arg(skip)]
-    #[serde(default)]
-    pub listeners: Vec<ListenerOptions>,
-
-    /// DNS server to query; repeat for several. Default: the system resolver
-    /// configuration (/etc/resolv.conf).
-    #[arg(long = "dns-server", value_name = "ADDR:PORT")]
-    #[serde(default)]
-    pub dns_servers: Vec<SocketAddr>,
-
-    /// Longest time a DNS answer may be reused, whatever its TTL; 0 = a fresh
-    /// query for every connection. [default: 5s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub dns_max_ttl: Option<Duration>,
-
-    /// Time allowed for one upstream name resolution. [default: 2s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub dns_timeout: Option<Duration>,
-
-    /// Time allowed for connecting to one upstream address before the next is
-    /// tried. [default: 3s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
-
-    /// How long an upstream address that just failed is tried only after all
-    /// others. [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub failed_address_hold: Option<Duration>,
-
-    /// After SIGTERM, how long open connections may go on before they are
-    /// closed. [default: 30s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub drain_timeout: Option<Duration>,
-
-    /// After SIGTERM, how long the proxy goes on accepting new connections
-    /// while it already reports not ready (/readyz 503, health port closed),
-    /// so the NLB deregisters it before the listeners close. Sized for an NLB
-    /// health check of 10 s × 3 failures. A second SIGTERM ends it early.
-    /// [default: 30s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub drain_delay: Option<Duration>,
-
-    /// Address of the admin HTTP endpoint: /metrics (Prometheus text),
-    /// /healthz, /readyz, /debug/connections. Port 0 = any free port (logged).
-    /// [default: 127.0.0.1:9901]
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub admin_listen: Option<SocketAddr>,
-
-    /// Plain TCP health-check port for NLB TCP health checks: it accepts (and
-    /// closes at once) only while the proxy is ready, and is closed otherwise,
-    /// from the first moment of a drain on. [default: off]
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub health_listen: Option<SocketAddr>,
-
-    /// Time between background probes of each upstream (resolve, then a TCP
-    /// connect that is closed at once). The proxy is ready while, for every
-    /// upstream, a resolution and a connect succeeded within three intervals.
-    /// [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub probe_interval: Option<Duration>,
-
-    /// Idle time before the first TCP keepalive probe, on both sockets. Keep it
-    /// well under the NLB's 350 s idle timeout. [default: 30s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub tcp_keepalive_idle: Option<Duration>,
-
-    /// Time between TCP keepalive probes. [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub tcp_keepalive_interval: Option<Duration>,
-
-    /// Unanswered keepalive probes before the connection is dropped. [default: 3]
-    #[arg(long, value_name = "N")]
-    pub tcp_keepalive_count: Option<u32>,
-
-    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the
-    /// connection is dropped; 0 = the kernel default. [default: 60s]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    #[serde(default, with = "humantime_serde")]
-    pub tcp_user_timeout: Option<Duration>,
-
-    /// How the bytes of an established connection are moved: `auto` runs
-    /// splice and logs why (sockmap was seen to forward data twice on a busy
-    /// host); `sockmap` needs the kernel programs (root, or CAP_BPF,
-    /// CAP_NET_ADMIN and CAP_PERFMON; a kernel with BTF) and refuses to start
-    /// without them. [default: auto]
-    #[arg(long, value_enum, value_name = "PLANE")]
-    pub dataplane: Option<DataPlaneChoice>,
-
-    /// Largest pipe per direction for the splice data plane (at most
-    /// /proc/sys/fs/pipe-max-size unless root): a pipe is made at the
-    /// direction's first byte with 64 KiB and doubles each time a splice
-    /// fills it. [default: 1048576]
-    #[arg(long, value_name = "BYTES")]
-    pub splice_pipe_size: Option<usize>,
-
-    /// Connections served at once; when all are in use, new connections wait
-    /// in the listen backlog (logged). The sockmap plane's maps are sized for
-    /// it. [default: 65536]
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-
-    /// Sockmap plane: bytes one direction may have redirected but not yet in the
-    /// peer's send queue (the kernel queues them without limit); beyond it, or
-    /// beyond what the peer's send queue has room for, the direction is paused:
-    /// TCP slows the sender and user space copies until it has caught up, then
-    /// the kernel splices again. Also sets both sockets' buffers (clamped to
-    /// 1-16 MiB, doubled by the kernel). From 256 KiB to 1 GiB. [default: 4194304]
-    #[arg(long, value_name = "BYTES")]
-    pub max_inflight: Option<u64>,
-
-    /// Largest buffer per direction for the userspace copy data plane: it is
-    /// allocated at the direction's first byte with 16 KiB and doubles each
-    /// time a read fills it. [default: 131072]
-    #[arg(long, value_name = "BYTES")]
-    pub copy_buffer_size: Option<usize>,
-
-    /// Network interface to attach the XDP source filter to: TCP packets
-    /// that arrive there for the port of a listener with an allow list are
-    /// dropped unless their source is in one of that listener's prefixes;
-    /// everything else passes. Native XDP when the driver supports it,
-    /// generic otherwise; detached when the proxy exits. In the config file
-    /// each [[listeners]] entry may set its own `xdp_interface` (else it
-    /// takes this one); the filter is attached to every interface named.
-    #[arg(long, value_name = "IF")]
-    pub xdp_interface: Option<String>,
-
-    /// Source prefix the XDP source filter lets through to the listen ports
-    /// (IPv4 or IPv6 CIDR; a bare address is one host); repeat for several.
-    /// Needs --xdp-interface. In the config file each [[listeners]] entry may
-    /// have its own `allowed_source_cidrs` (else it takes this one); a
-    /// listener with no list is not filtered. SIGHUP reloads the lists from
-    /// the config file without a restart.
-    #[arg(long = "allow-source", value_name = "CIDR")]
-    #[serde(default)]
-    pub allowed_source_cidrs: Vec<SourcePrefix>,
-
-    /// Log format on standard error. Filter with RUST_LOG (default `info`).
-    /// [default: text]
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
-
-    /// Unix socket for graceful upgrades. A process started with it takes the
-    /// listening sockets (and the admin endpoint's) over from the process
-    /// listening there, if any, which then stops accepting and drains; then
-    /// it listens there itself. SIGUSR2 makes a running proxy start its
-    /// binary again (the same path and flags: a new build installed there)
-    /// to do exactly that.
-    #[arg(long, value_name = "PATH")]
-    pub upgrade_socket: Option<PathBuf>,
+impl Cli {
+    /// The command line of this process (exits with the usage on a bad one,
+    /// or after `--help` and `--version`).
+    #[must_use]
+    pub fn from_args() -> Self {
+        let matches = command().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
+/// The command with each flag's default (from `config::defaults`) at the
+/// end of its help, on the proxy and on `check-config` alike.
+#[must_use]
+pub fn command() -> clap::Command {
+    let with_defaults = |mut command: clap::Command| {
+        for (id, default) in defaults::shown_in_help() {
+            command = command.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help}. [default: {default}]"))
+            });
+        }
+        command
+    };
+    with_defaults(Cli::command()).mut_subcommand("check-config", with_defaults)
 }
 
 #[cfg(test)]
@@ -298,6 +71,27 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
+        super::command().debug_assert();
+    }
+
+    /// Every default the help names comes from `config::defaults`, and
+    /// every one of those is shown on its own flag.
+    #[test]
+    fn help_shows_the_defaults_the_configuration_applies() {
+        let help = super::command().render_help().to_string();
+        for (id, default) in super::defaults::shown_in_help() {
+            let command = super::command();
+            let arg = command.get_arguments().find(|a| a.get_id() == id).expect(id);
+            let long = arg.get_long().expect(id);
+            let help_of_arg = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help_of_arg.ends_with(&format!("[default: {default}]")), "--{long}: {help_of_arg}");
+            assert_eq!(help_of_arg.matches("[default:").count(), 1, "--{long}: {help_of_arg}");
+        }
+        let written_in_docs: Vec<_> = Cli::command()
+            .get_arguments()
+            .filter(|a| a.get_help().is_some_and(|h| h.to_string().contains("[default:")))
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert_eq!(written_in_docs, ["allowed_sni", "health_listen"], "defaults written by hand: {help}");
     }
 }

@@ -5,7 +5,7 @@
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::cli::LogFormat;
+use crate::config::LogFormat;
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat) {

@@ -2,10 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use splice_proxy::{
-    cli::{Cli, Command, Options},
-    config::Config,
+    cli::{Cli, Command},
+    config::{Config, Options},
     exit,
     kernel::{KernelError, KernelPrograms},
     logging,
@@ -14,7 +13,7 @@ use splice_proxy::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_args();
     let (options, check_only) = match cli.command {
         Some(Command::CheckConfig(options)) => (options, true),
         None => (cli.options, false),

@@ -3,15 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use super::{ConfigError, ListenerConfig, invalid};
-
-/// Default `admin_listen`: loopback only, so metrics are not served to the NLB's side.
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
-/// Default `drain_delay`: an NLB with a 10 s health-check interval and a
-/// threshold of 3 failures takes 30 s to mark a target unhealthy.
-pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(30);
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+use super::{ConfigError, ListenerConfig, defaults, invalid};
 /// Longest `drain_delay` and `probe_interval` accepted.
 const MAX_DELAY: Duration = Duration::from_secs(3600);
 
@@ -44,12 +36,12 @@ pub(super) fn admin(
     probe_interval: Option<Duration>,
     listeners: &[ListenerConfig],
 ) -> Result<AdminConfig, ConfigError> {
-    let listen = listen.unwrap_or(DEFAULT_ADMIN_LISTEN);
-    let drain_delay = drain_delay.unwrap_or(DEFAULT_DRAIN_DELAY);
+    let listen = listen.unwrap_or(defaults::ADMIN_LISTEN);
+    let drain_delay = drain_delay.unwrap_or(defaults::DRAIN_DELAY);
     if drain_delay > MAX_DELAY {
         return Err(invalid("drain_delay", "drain-delay", "longer than 1h"));
     }
-    let probe_interval = probe_interval.unwrap_or(DEFAULT_PROBE_INTERVAL);
+    let probe_interval = probe_interval.unwrap_or(defaults::PROBE_INTERVAL);
     if probe_interval.is_zero() || probe_interval > MAX_DELAY {
         return Err(invalid("probe_interval", "probe-interval", "must be longer than 0 and at most 1h"));
     }
@@ -86,14 +78,10 @@ fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::Options, config::Config};
+    use crate::config::{Config, Options};
 
     fn options(extra: impl FnOnce(&mut Options)) -> Options {
-        let mut o = Options {
-            listen: vec!["0.0.0.0:6443".parse().unwrap()],
-            upstream: Some("api.example.com:443".parse().unwrap()),
-            ..Options::default()
-        };
+        let mut o = Options::listening("0.0.0.0:6443", "api.example.com:443");
         extra(&mut o);
         o
     }

@@ -7,46 +7,15 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
-    net::SocketAddr,
     sync::Arc,
-    time::Duration,
 };
 
-use serde::Deserialize;
-
-use super::{ConfigError, de_from_str, source_lists};
+use super::{ConfigError, FieldError, ListenerSettings, Options, defaults, positive, source_lists};
 use crate::{
-    addr::{ListenAddr, UpstreamTarget},
-    cli::Options,
-    edge::{
-        ChainedHeaders, EdgeConfig, ProxyProtocolConfig, ProxyProtocolMode, Route, Upstreams, is_vpce_id,
-        routes::de_routes_opt,
-    },
+    addr::ListenAddr,
+    edge::{EdgeConfig, ProxyProtocolConfig, ProxyProtocolMode, Upstreams, is_vpce_id},
     source_prefix::SourcePrefix,
 };
-
-/// One `[[listeners]]` entry of the config file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerOptions {
-    pub listen: SocketAddr,
-    #[serde(default, deserialize_with = "de_from_str")]
-    pub upstream: Option<UpstreamTarget>,
-    pub proxy_protocol: Option<ProxyProtocolMode>,
-    pub proxy_protocol_v1: Option<bool>,
-    pub chained_proxy_headers: Option<ChainedHeaders>,
-    #[serde(default, with = "humantime_serde")]
-    pub proxy_header_timeout: Option<Duration>,
-    pub allowed_vpce_ids: Option<Vec<String>>,
-    pub sni_check: Option<bool>,
-    pub allowed_sni: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "de_routes_opt")]
-    pub routes: Option<Vec<Route>>,
-    #[serde(default, with = "humantime_serde")]
-    pub client_hello_timeout: Option<Duration>,
-    pub allowed_source_cidrs: Option<Vec<SourcePrefix>>,
-    pub xdp_interface: Option<String>,
-}
 
 /// A validated listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,9 +31,6 @@ pub struct ListenerConfig {
     pub xdp_interface: Option<String>,
 }
 
-/// A bad value: config key, flag, why.
-pub(super) struct FieldError(pub &'static str, pub &'static str, pub String);
-
 /// Every listener: the top-level addresses first, then the `[[listeners]]` entries.
 pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError> {
     if o.listen.is_empty() && o.listeners.is_empty() {
@@ -74,25 +40,27 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
             "missing: give at least one ADDR:PORT in the config file (listen or [[listeners]]) or with --listen",
         ));
     }
+    let top = &o.listener;
     let at_top = |FieldError(field, flag, reason)| super::invalid(field, flag, reason);
-    if let Some(interface) = &o.xdp_interface {
+    if let Some(interface) = &top.xdp_interface {
         source_lists::interface_exists(interface).map_err(at_top)?;
     }
-    let top_list = (!o.allowed_source_cidrs.is_empty()).then(|| o.allowed_source_cidrs.clone());
-    let top_sources = source_list(top_list, o.xdp_interface.is_some()).map_err(at_top)?;
+    // An empty list at the top level is no list (an entry's is an error).
+    let top_list = top.allowed_source_cidrs.clone().filter(|list| !list.is_empty());
+    let top_sources = source_list(top_list, top.xdp_interface.is_some()).map_err(at_top)?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     if !o.listen.is_empty() {
-        let top = Arc::new(top_level(o).map_err(at_top)?);
+        let edge = Arc::new(edge(top.clone()).map_err(at_top)?);
         for addr in &o.listen {
             if addr.port() != 0 && !seen.insert(*addr) {
                 return Err(super::invalid("listen", "listen", format!("{addr} is listed twice")));
             }
             out.push(ListenerConfig {
                 addr: ListenAddr(*addr),
-                edge: Arc::clone(&top),
+                edge: Arc::clone(&edge),
                 allowed_sources: top_sources.clone(),
-                xdp_interface: o.xdp_interface.clone(),
+                xdp_interface: top.xdp_interface.clone(),
             });
         }
     }
@@ -112,18 +80,21 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
                 format!("{} is listed twice", entry.listen),
             )));
         }
-        let edge = from_entry(o, entry).map_err(in_listener)?;
-        if let Some(interface) = &entry.xdp_interface {
+        if let Some(interface) = &entry.settings.xdp_interface {
             source_lists::interface_exists(interface).map_err(in_listener)?;
         }
-        let xdp_interface = entry.xdp_interface.clone().or_else(|| o.xdp_interface.clone());
-        let allowed_sources = match &entry.allowed_source_cidrs {
-            Some(list) => source_list(Some(list.clone()), xdp_interface.is_some()).map_err(in_listener)?,
+        let settings = entry.settings.clone().over(top);
+        // A list of its own is checked with the interface it ends up with.
+        let allowed_sources = match &entry.settings.allowed_source_cidrs {
+            Some(list) => {
+                source_list(Some(list.clone()), settings.xdp_interface.is_some()).map_err(in_listener)?
+            }
             None => top_sources.clone(),
         };
+        let xdp_interface = settings.xdp_interface.clone();
         out.push(ListenerConfig {
             addr: ListenAddr(entry.listen),
-            edge: Arc::new(edge),
+            edge: Arc::new(edge(settings).map_err(in_listener)?),
             allowed_sources,
             xdp_interface,
         });
@@ -140,53 +111,13 @@ fn source_list(
         .map_err(|why| FieldError(source_lists::KEY, source_lists::FLAG, why))
 }
 
-fn top_level(o: &Options) -> Result<EdgeConfig, FieldError> {
-    edge(Settings {
-        upstream: o.upstream.clone(),
-        mode: o.proxy_protocol.unwrap_or_default(),
-        accept_v1: o.proxy_protocol_v1,
-        chained: o.chained_proxy_headers.unwrap_or_default(),
-        header_timeout: o.proxy_header_timeout,
-        vpce_ids: o.allowed_vpce_ids.clone(),
-        sni_check: !o.no_sni_check,
-        allowed_sni: o.allowed_sni.clone(),
-        routes: o.routes.clone(),
-        client_hello_timeout: o.client_hello_timeout,
-    })
-}
-
-fn from_entry(o: &Options, e: &ListenerOptions) -> Result<EdgeConfig, FieldError> {
-    edge(Settings {
-        upstream: e.upstream.clone().or_else(|| o.upstream.clone()),
-        mode: e.proxy_protocol.or(o.proxy_protocol).unwrap_or_default(),
-        accept_v1: e.proxy_protocol_v1.unwrap_or(o.proxy_protocol_v1),
-        chained: e.chained_proxy_headers.or(o.chained_proxy_headers).unwrap_or_default(),
-        header_timeout: e.proxy_header_timeout.or(o.proxy_header_timeout),
-        vpce_ids: e.allowed_vpce_ids.clone().unwrap_or_else(|| o.allowed_vpce_ids.clone()),
-        sni_check: e.sni_check.unwrap_or(!o.no_sni_check),
-        allowed_sni: e.allowed_sni.clone().or_else(|| o.allowed_sni.clone()),
-        routes: e.routes.clone().unwrap_or_else(|| o.routes.clone()),
-        client_hello_timeout: e.client_hello_timeout.or(o.client_hello_timeout),
-    })
-}
-
-/// One listener's settings, each from the entry, the top level or the default.
-struct Settings {
-    upstream: Option<UpstreamTarget>,
-    mode: ProxyProtocolMode,
-    accept_v1: bool,
-    chained: ChainedHeaders,
-    header_timeout: Option<Duration>,
-    vpce_ids: Vec<String>,
-    sni_check: bool,
-    allowed_sni: Option<Vec<String>>,
-    routes: Vec<Route>,
-    client_hello_timeout: Option<Duration>,
-}
-
-fn edge(s: Settings) -> Result<EdgeConfig, FieldError> {
-    let off = s.mode == ProxyProtocolMode::Off;
-    if s.accept_v1 && off {
+/// One listener's edge guard from its settings, with the defaults for what
+/// they leave out.
+fn edge(s: ListenerSettings) -> Result<EdgeConfig, FieldError> {
+    let mode = s.proxy_protocol.unwrap_or(defaults::PROXY_PROTOCOL);
+    let accept_v1 = s.proxy_protocol_v1.unwrap_or(false);
+    let off = mode == ProxyProtocolMode::Off;
+    if accept_v1 && off {
         return Err(FieldError(
             "proxy_protocol_v1",
             "proxy-protocol-v1",
@@ -194,7 +125,7 @@ fn edge(s: Settings) -> Result<EdgeConfig, FieldError> {
         ));
     }
     let mut allowed_vpce_ids = BTreeSet::new();
-    for id in s.vpce_ids {
+    for id in s.allowed_vpce_ids.unwrap_or_default() {
         let err = |why: String| FieldError("allowed_vpce_ids", "allow-vpce", why);
         if !is_vpce_id(&id) {
             return Err(err(format!(
@@ -212,38 +143,25 @@ fn edge(s: Settings) -> Result<EdgeConfig, FieldError> {
             "the VPC endpoint ID comes in the PROXY header: set proxy_protocol (--proxy-protocol)".into(),
         ));
     }
-    let upstreams = Upstreams::new(s.upstream, s.sni_check, s.allowed_sni, s.routes).map_err(|e| {
-        let (field, flag) = e.key();
-        FieldError(field, flag, e.to_string())
-    })?;
+    let sni_check = s.sni_check.unwrap_or(true);
+    let upstreams = Upstreams::new(s.upstream, sni_check, s.allowed_sni, s.routes.unwrap_or_default())
+        .map_err(|e| {
+            let (field, flag) = e.key();
+            FieldError(field, flag, e.to_string())
+        })?;
+    let header_timeout = s.proxy_header_timeout.unwrap_or(defaults::PROXY_HEADER_TIMEOUT);
+    let client_hello_timeout = s.client_hello_timeout.unwrap_or(defaults::CLIENT_HELLO_TIMEOUT);
     Ok(EdgeConfig {
         proxy_protocol: ProxyProtocolConfig {
-            mode: s.mode,
-            accept_v1: s.accept_v1,
-            chained: s.chained,
-            header_timeout: positive("proxy_header_timeout", "proxy-header-timeout", s.header_timeout, 5)?,
+            mode,
+            accept_v1,
+            chained: s.chained_proxy_headers.unwrap_or(defaults::CHAINED_PROXY_HEADERS),
+            header_timeout: positive("proxy_header_timeout", "proxy-header-timeout", header_timeout)?,
             allowed_vpce_ids,
         },
         upstreams,
-        client_hello_timeout: positive(
-            "client_hello_timeout",
-            "client-hello-timeout",
-            s.client_hello_timeout,
-            10,
-        )?,
+        client_hello_timeout: positive("client_hello_timeout", "client-hello-timeout", client_hello_timeout)?,
     })
-}
-
-fn positive(
-    field: &'static str,
-    flag: &'static str,
-    value: Option<Duration>,
-    default_secs: u64,
-) -> Result<Duration, FieldError> {
-    match value.unwrap_or(Duration::from_secs(default_secs)) {
-        d if d.is_zero() => Err(FieldError(field, flag, "must be longer than 0".into())),
-        d => Ok(d),
-    }
 }
 
 #[cfg(test)]

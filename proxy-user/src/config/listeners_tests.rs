@@ -1,7 +1,10 @@
-use std::io::Write as _;
+use std::{io::Write as _, time::Duration};
 
 use super::*;
-use crate::config::Config;
+use crate::{
+    config::{Config, ListenerSettings},
+    edge::ProxyProtocolMode,
+};
 
 fn load(text: &str, mut flags: Options) -> Result<Config, ConfigError> {
     let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -48,8 +51,11 @@ fn listeners_take_their_own_keys_and_inherit_the_rest() {
 fn flags_set_the_top_level_and_listen_replaces_every_listener() {
     let flags = Options {
         listen: vec!["127.0.0.1:9443".parse().unwrap()],
-        proxy_protocol: Some(ProxyProtocolMode::Optional),
-        allowed_vpce_ids: vec!["vpce-0123abcd".into()],
+        listener: ListenerSettings {
+            proxy_protocol: Some(ProxyProtocolMode::Optional),
+            allowed_vpce_ids: Some(vec!["vpce-0123abcd".into()]),
+            ..ListenerSettings::default()
+        },
         ..Options::default()
     };
     let c = load(TWO_LISTENERS, flags).unwrap();
@@ -88,23 +94,18 @@ fn errors_name_the_key_and_the_listener() {
 
 #[test]
 fn duplicate_routes_from_flags_are_refused() {
-    let flags = Options {
-        listen: vec!["127.0.0.1:1".parse().unwrap()],
-        upstream: Some("api.example.com:443".parse().unwrap()),
-        routes: vec!["a.com=x:1".parse().unwrap(), "A.com.=y:1".parse().unwrap()],
-        ..Options::default()
-    };
+    let mut flags = Options::listening("127.0.0.1:1", "api.example.com:443");
+    flags.listener.routes = Some(vec!["a.com=x:1".parse().unwrap(), "A.com.=y:1".parse().unwrap()]);
     let err = Config::from_options(flags).unwrap_err().to_string();
     assert!(err.contains("`routes` (--route): a.com is routed twice"), "{err}");
 }
 
 #[test]
 fn an_ip_upstream_needs_names_or_no_check() {
-    let flags = |no_sni_check| Options {
-        listen: vec!["127.0.0.1:1".parse().unwrap()],
-        upstream: Some("10.0.0.1:443".parse().unwrap()),
-        no_sni_check,
-        ..Options::default()
+    let flags = |no_sni_check: bool| {
+        let mut flags = Options::listening("127.0.0.1:1", "10.0.0.1:443");
+        flags.listener.sni_check = no_sni_check.then_some(false);
+        flags
     };
     let err = Config::from_options(flags(false)).unwrap_err().to_string();
     assert!(err.contains("--no-sni-check"), "{err}");
@@ -213,7 +214,10 @@ fn xdp_interface_per_listener_inherits_the_top_level_one() {
     assert_eq!(lists, [false, true, false]);
     assert_eq!(c.source_filter.unwrap().interfaces, BTreeSet::from(["lo".to_owned()]));
     // The flag is the top-level key: it replaces the file's and the entries without one take it.
-    let flags = Options { xdp_interface: Some("lo".into()), ..Options::default() };
+    let flags = Options {
+        listener: ListenerSettings { xdp_interface: Some("lo".into()), ..ListenerSettings::default() },
+        ..Options::default()
+    };
     let c = load(&only_entry.replace("xdp_interface = \"lo\"\n", ""), flags).unwrap();
     assert!(c.listeners.iter().all(|l| l.xdp_interface.as_deref() == Some("lo")));
 }

@@ -1,32 +1,31 @@
-//! Configuration: the TOML file and the flags are read into the same
-//! [`Options`] shape, the flags win, and [`Config::from_options`] checks every
-//! value before anything binds a port. Errors name the field (config key and flag).
-//! Listeners and their edge settings: [`listeners`]; the XDP source
-//! filter's interface and allow lists: [`source_lists`].
+//! Configuration: the TOML file ([`file`]) and the flags are read into the
+//! same [`Options`] shape ([`options`]), the flags win ([`overlay`]), and
+//! [`Config::from_options`] checks every value, with the [`defaults`] for
+//! what is left out, before anything binds a port. Errors name the field
+//! (config key and flag). Listeners and their edge settings: [`listeners`];
+//! the XDP source filter's interface and allow lists: [`source_lists`].
 
 mod admin;
+pub mod defaults;
+mod file;
 mod listeners;
+pub mod options;
 mod overlay;
 mod reload;
 mod source_lists;
 
 pub use admin::AdminConfig;
-pub use listeners::{ListenerConfig, ListenerOptions};
+pub use listeners::ListenerConfig;
+pub use options::{ListenerOptions, ListenerSettings, LogFormat, Options};
 pub use reload::NeedsRestart;
 #[cfg(test)]
 pub(crate) use source_lists::three_listeners;
 
-use std::{
-    fmt::Display,
-    path::{Path, PathBuf},
-    str::FromStr,
-    time::Duration,
-};
+use std::{fmt::Display, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    cli::{LogFormat, Options},
     connect::ConnectConfig,
     dataplane::{ChosenPlane, DataPlane, splice::Pipe},
     dns::DnsConfig,
@@ -94,7 +93,7 @@ impl Config {
     /// it, and validates the result.
     pub fn load(flags: &Options) -> Result<Self, ConfigError> {
         let file = match &flags.config {
-            Some(path) => read_file(path)?,
+            Some(path) => file::read(path)?,
             None => Options::default(),
         };
         Self::from_options(overlay::overlay(file, flags.clone()))
@@ -105,32 +104,31 @@ impl Config {
         let listeners = listeners::listeners(&o)?;
         let dns = DnsConfig {
             servers: o.dns_servers,
-            max_ttl: o.dns_max_ttl.unwrap_or(Duration::from_secs(5)),
-            timeout: positive("dns_timeout", "dns-timeout", o.dns_timeout, Duration::from_secs(2))?,
+            max_ttl: o.dns_max_ttl.unwrap_or(defaults::DNS_MAX_TTL),
+            timeout: positive("dns_timeout", "dns-timeout", o.dns_timeout.unwrap_or(defaults::DNS_TIMEOUT))?,
         };
         let connect = ConnectConfig {
             timeout: positive(
                 "connect_timeout",
                 "connect-timeout",
-                o.connect_timeout,
-                Duration::from_secs(3),
+                o.connect_timeout.unwrap_or(defaults::CONNECT_TIMEOUT),
             )?,
-            failed_address_hold: o.failed_address_hold.unwrap_or(Duration::from_secs(10)),
+            failed_address_hold: o.failed_address_hold.unwrap_or(defaults::FAILED_ADDRESS_HOLD),
         };
         let tcp = TcpConfig {
             keepalive_idle: keepalive_secs(
                 "tcp_keepalive_idle",
                 "tcp-keepalive-idle",
                 o.tcp_keepalive_idle,
-                Duration::from_secs(30),
+                defaults::TCP_KEEPALIVE_IDLE,
             )?,
             keepalive_interval: keepalive_secs(
                 "tcp_keepalive_interval",
                 "tcp-keepalive-interval",
                 o.tcp_keepalive_interval,
-                Duration::from_secs(10),
+                defaults::TCP_KEEPALIVE_INTERVAL,
             )?,
-            keepalive_count: match o.tcp_keepalive_count.unwrap_or(3) {
+            keepalive_count: match o.tcp_keepalive_count.unwrap_or(defaults::TCP_KEEPALIVE_COUNT) {
                 n @ 1..=MAX_KEEPALIVE_COUNT => n,
                 n => {
                     return Err(invalid(
@@ -140,12 +138,12 @@ impl Config {
                     ));
                 }
             },
-            user_timeout: o.tcp_user_timeout.unwrap_or(Duration::from_secs(60)),
+            user_timeout: o.tcp_user_timeout.unwrap_or(defaults::TCP_USER_TIMEOUT),
         };
         if tcp.user_timeout.as_millis() > u128::from(u32::MAX) {
             return Err(invalid("tcp_user_timeout", "tcp-user-timeout", "longer than 49 days"));
         }
-        let copy_buffer_size = o.copy_buffer_size.unwrap_or(128 * 1024);
+        let copy_buffer_size = o.copy_buffer_size.unwrap_or(defaults::COPY_BUFFER_SIZE);
         if !(MIN_COPY_BUFFER..=MAX_COPY_BUFFER).contains(&copy_buffer_size) {
             return Err(invalid(
                 "copy_buffer_size",
@@ -153,8 +151,8 @@ impl Config {
                 format!("{copy_buffer_size} is not from {MIN_COPY_BUFFER} to {MAX_COPY_BUFFER} bytes"),
             ));
         }
-        let pipe_size = o.splice_pipe_size.unwrap_or(1 << 20);
-        let max_connections = o.max_connections.unwrap_or(65_536);
+        let pipe_size = o.splice_pipe_size.unwrap_or(defaults::SPLICE_PIPE_SIZE);
+        let max_connections = o.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
         if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
             return Err(invalid(
                 "max_connections",
@@ -162,7 +160,7 @@ impl Config {
                 format!("{max_connections} is not from 1 to {MAX_CONNECTIONS}"),
             ));
         }
-        let max_inflight = o.max_inflight.unwrap_or(4 << 20);
+        let max_inflight = o.max_inflight.unwrap_or(defaults::MAX_INFLIGHT);
         if !(MIN_INFLIGHT..=1 << 30).contains(&max_inflight) {
             return Err(invalid(
                 "max_inflight",
@@ -172,9 +170,13 @@ impl Config {
         }
         let admin =
             admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
-        let source_filter = source_lists::validate(o.xdp_interface.as_deref(), &listeners)?;
-        let dataplane =
-            DataPlane::choose(o.dataplane.unwrap_or_default(), pipe_size, copy_buffer_size, max_inflight);
+        let source_filter = source_lists::validate(o.listener.xdp_interface.as_deref(), &listeners)?;
+        let dataplane = DataPlane::choose(
+            o.dataplane.unwrap_or(defaults::DATAPLANE),
+            pipe_size,
+            copy_buffer_size,
+            max_inflight,
+        );
         if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
             dataplane.plane
         {
@@ -188,39 +190,30 @@ impl Config {
             dns,
             connect,
             tcp,
-            drain_timeout: o.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            drain_timeout: o.drain_timeout.unwrap_or(defaults::DRAIN_TIMEOUT),
             admin,
             max_connections,
             dataplane,
-            log_format: o.log_format.unwrap_or_default(),
+            log_format: o.log_format.unwrap_or(defaults::LOG_FORMAT),
             source_filter,
             upgrade_socket: o.upgrade_socket,
         })
     }
 }
 
-fn read_file(path: &Path) -> Result<Options, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    let deserializer = toml::Deserializer::new(&text);
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let field = err.path().to_string();
-        ConfigError::Parse {
-            path: path.into(),
-            field: if field == "." { "(top level)".into() } else { field },
-            message: err.into_inner().message().trim().to_owned(),
-        }
-    })
+/// A bad value: config key, flag, why.
+pub(super) struct FieldError(pub &'static str, pub &'static str, pub String);
+
+impl From<FieldError> for ConfigError {
+    fn from(FieldError(field, flag, reason): FieldError) -> Self {
+        Self::Invalid { field, flag, reason }
+    }
 }
 
-fn positive(
-    field: &'static str,
-    flag: &'static str,
-    value: Option<Duration>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match value.unwrap_or(default) {
-        d if d.is_zero() => Err(invalid(field, flag, "must be longer than 0")),
+/// `value`, unless it is zero.
+fn positive(field: &'static str, flag: &'static str, value: Duration) -> Result<Duration, FieldError> {
+    match value {
+        d if d.is_zero() => Err(FieldError(field, flag, "must be longer than 0".into())),
         d => Ok(d),
     }
 }
@@ -244,11 +237,6 @@ fn keepalive_secs(
 
 pub(crate) fn invalid(field: &'static str, flag: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, flag, reason: reason.into() }
-}
-
-/// `sni_check = false` in the file is the flag `--no-sni-check`.
-pub(crate) fn de_inverted<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    bool::deserialize(d).map(|check| !check)
 }
 
 /// `listen` in the file: one address (`listen = "0.0.0.0:443"`, what most
@@ -307,10 +295,8 @@ mod tests {
     #[test]
     fn max_inflight_below_256_kib_is_refused_naming_the_flag() {
         let flags = |bytes| Options {
-            listen: vec!["127.0.0.1:6443".parse().unwrap()],
-            upstream: Some("api.example.com:443".parse().unwrap()),
             max_inflight: Some(bytes),
-            ..Options::default()
+            ..Options::listening("127.0.0.1:6443", "api.example.com:443")
         };
         let error = Config::load(&flags(128 * 1024)).unwrap_err().to_string();
         assert!(error.contains("max-inflight") && error.contains("131072"), "{error}");
@@ -354,7 +340,10 @@ mod tests {
     #[test]
     fn flags_override_the_file() {
         let flags = Options {
-            upstream: Some("other.example.com:6443".parse().unwrap()),
+            listener: ListenerSettings {
+                upstream: Some("other.example.com:6443".parse().unwrap()),
+                ..ListenerSettings::default()
+            },
             connect_timeout: Some(Duration::from_millis(500)),
             ..Options::default()
         };
@@ -409,8 +398,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.source_filter.unwrap().interfaces, BTreeSet::from(["lo".to_owned()]));
         assert_eq!(c.listeners[0].allowed_sources, set(&["192.0.2.0/24", "2001:db8::/32"]));
-        let flags =
-            Options { allowed_source_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..Options::default() };
+        let flags = Options {
+            listener: ListenerSettings {
+                allowed_source_cidrs: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+                ..ListenerSettings::default()
+            },
+            ..Options::default()
+        };
         let c = load(
             &format!("{BASE}xdp_interface = \"lo\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n"),
             flags,

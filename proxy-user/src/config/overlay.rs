@@ -1,6 +1,6 @@
 //! The command line laid over the config file: a flag given wins.
 
-use crate::cli::Options;
+use super::Options;
 
 /// `flags` over `file`: a value given as a flag replaces the file's.
 pub(super) fn overlay(file: Options, flags: Options) -> Options {
@@ -12,16 +12,7 @@ pub(super) fn overlay(file: Options, flags: Options) -> Options {
         // `--listen` replaces every listener of the file, `[[listeners]]` too.
         listeners: if flags.listen.is_empty() { file.listeners } else { Vec::new() },
         listen: vec_or(flags.listen, file.listen),
-        upstream: flags.upstream.or(file.upstream),
-        proxy_protocol: flags.proxy_protocol.or(file.proxy_protocol),
-        proxy_protocol_v1: flags.proxy_protocol_v1 || file.proxy_protocol_v1,
-        chained_proxy_headers: flags.chained_proxy_headers.or(file.chained_proxy_headers),
-        proxy_header_timeout: flags.proxy_header_timeout.or(file.proxy_header_timeout),
-        allowed_vpce_ids: vec_or(flags.allowed_vpce_ids, file.allowed_vpce_ids),
-        allowed_sni: flags.allowed_sni.or(file.allowed_sni),
-        no_sni_check: flags.no_sni_check || file.no_sni_check,
-        routes: vec_or(flags.routes, file.routes),
-        client_hello_timeout: flags.client_hello_timeout.or(file.client_hello_timeout),
+        listener: flags.listener.over(&file.listener),
         dns_servers: vec_or(flags.dns_servers, file.dns_servers),
         dns_max_ttl: flags.dns_max_ttl.or(file.dns_max_ttl),
         dns_timeout: flags.dns_timeout.or(file.dns_timeout),
@@ -42,8 +33,6 @@ pub(super) fn overlay(file: Options, flags: Options) -> Options {
         max_inflight: flags.max_inflight.or(file.max_inflight),
         max_connections: flags.max_connections.or(file.max_connections),
         log_format: flags.log_format.or(file.log_format),
-        xdp_interface: flags.xdp_interface.or(file.xdp_interface),
-        allowed_source_cidrs: vec_or(flags.allowed_source_cidrs, file.allowed_source_cidrs),
         upgrade_socket: flags.upgrade_socket.or(file.upgrade_socket),
     }
 }

@@ -68,14 +68,13 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use crate::{cli::Options, config::Config, dataplane::DataPlaneChoice};
+    use crate::{
+        config::{Config, Options},
+        dataplane::DataPlaneChoice,
+    };
 
     fn config(extra: impl FnOnce(&mut Options)) -> Config {
-        let mut o = Options {
-            listen: vec!["127.0.0.1:6443".parse().unwrap()],
-            upstream: Some("api.example.com:443".parse().unwrap()),
-            ..Options::default()
-        };
+        let mut o = Options::listening("127.0.0.1:6443", "api.example.com:443");
         extra(&mut o);
         Config::from_options(o).unwrap()
     }
@@ -115,13 +114,13 @@ mod tests {
     #[test]
     fn the_set_of_xdp_interfaces_is_kept_and_named() {
         let filtered = |o: &mut Options| {
-            o.xdp_interface = Some("lo".into());
-            o.allowed_source_cidrs = vec!["192.0.2.0/24".parse().unwrap()];
+            o.listener.xdp_interface = Some("lo".into());
+            o.listener.allowed_source_cidrs = Some(vec!["192.0.2.0/24".parse().unwrap()]);
         };
         let running = config(filtered);
         let mut file = config(|o| {
             filtered(o);
-            o.allowed_source_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+            o.listener.allowed_source_cidrs = Some(vec!["10.0.0.0/8".parse().unwrap()]);
         });
         // A listener of the file on a second interface (validated as existing).
         file.source_filter.as_mut().unwrap().interfaces.insert("xf-a".into());

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use proxy_common::{MAX_GUARDED_PORTS, MAX_SOURCE_PREFIXES};
 
-use super::{ConfigError, ListenerConfig, invalid, listeners::FieldError};
+use super::{ConfigError, FieldError, ListenerConfig, invalid};
 use crate::{source_prefix::SourcePrefix, xdp_filter::SourceFilterConfig};
 
 /// Config key and flag of the allow lists.
@@ -153,17 +153,20 @@ pub(super) fn validate(
 /// 192.0.2.0/24, 7443 with 10.0.0.0/8, 8443 without a list.
 #[cfg(test)]
 pub(crate) fn three_listeners(first_port: u16) -> Vec<ListenerConfig> {
-    use crate::{cli::Options, config::Config};
+    use crate::config::{Config, ListenerSettings, Options, file};
     let entries = format!(
         "[[listeners]]\nlisten = \"127.0.0.1:{first_port}\"\nallowed_source_cidrs = [\"192.0.2.0/24\"]\n\
          [[listeners]]\nlisten = \"127.0.0.1:7443\"\nallowed_source_cidrs = [\"10.0.0.0/8\"]\n\
          [[listeners]]\nlisten = \"127.0.0.1:8443\"\n"
     );
     let options = Options {
-        upstream: Some("10.0.0.1:443".parse().unwrap()),
-        no_sni_check: true,
-        xdp_interface: Some("lo".into()),
-        listeners: toml::from_str::<Options>(&entries).unwrap().listeners,
+        listener: ListenerSettings {
+            upstream: Some("10.0.0.1:443".parse().unwrap()),
+            sni_check: Some(false),
+            xdp_interface: Some("lo".into()),
+            ..ListenerSettings::default()
+        },
+        listeners: file::parse(&entries, std::path::Path::new("three_listeners.toml")).unwrap().listeners,
         ..Options::default()
     };
     Config::from_options(options).unwrap().listeners

@@ -29,8 +29,7 @@ use upgrade::{UpgradeEvent, Upgrades, next_upgrade};
 
 use crate::{
     admin::{AdminEndpoint, AdminError, AdminState},
-    cli::Options,
-    config::Config,
+    config::{Config, Options},
     connections::ConnectionTable,
     dataplane::Plane,
     dns::ResolveError,

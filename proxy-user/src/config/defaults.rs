@@ -1,0 +1,79 @@
+//! The value of every setting left out of both the flags and the file. The
+//! configuration applies these constants and `--help` prints them
+//! ([`shown_in_help`]), so the two cannot disagree.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use crate::{
+    config::LogFormat,
+    dataplane::DataPlaneChoice,
+    edge::{ChainedHeaders, ProxyProtocolMode},
+};
+
+pub const PROXY_PROTOCOL: ProxyProtocolMode = ProxyProtocolMode::Off;
+pub const CHAINED_PROXY_HEADERS: ChainedHeaders = ChainedHeaders::Refuse;
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Short enough that a rotated ENI is followed within seconds, long enough
+/// that a burst of connections makes one lookup.
+pub const DNS_MAX_TTL: Duration = Duration::from_secs(5);
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const FAILED_ADDRESS_HOLD: Duration = Duration::from_secs(10);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// An NLB with a 10 s health-check interval and a threshold of 3 failures
+/// takes 30 s to mark a target unhealthy.
+pub const DRAIN_DELAY: Duration = Duration::from_secs(30);
+/// Loopback only, so metrics are not served to the NLB's side.
+pub const ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9901));
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Well under the NLB's 350 s idle timeout.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_COUNT: u32 = 3;
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DATAPLANE: DataPlaneChoice = DataPlaneChoice::Auto;
+/// HAProxy's best splice configuration used 1 MiB pipes.
+pub const SPLICE_PIPE_SIZE: usize = 1 << 20;
+pub const MAX_CONNECTIONS: usize = 65_536;
+pub const MAX_INFLIGHT: u64 = 4 << 20;
+pub const COPY_BUFFER_SIZE: usize = 128 << 10;
+pub const LOG_FORMAT: LogFormat = LogFormat::Text;
+
+/// The name a value of a `ValueEnum` has on the command line and in the file.
+fn value<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
+}
+
+/// Each flag's id (its field name) with the default `--help` shows for it.
+#[must_use]
+pub fn shown_in_help() -> Vec<(&'static str, String)> {
+    let duration = |d: Duration| humantime::format_duration(d).to_string();
+    vec![
+        ("proxy_protocol", value(&PROXY_PROTOCOL)),
+        ("chained_proxy_headers", value(&CHAINED_PROXY_HEADERS)),
+        ("proxy_header_timeout", duration(PROXY_HEADER_TIMEOUT)),
+        ("client_hello_timeout", duration(CLIENT_HELLO_TIMEOUT)),
+        ("dns_max_ttl", duration(DNS_MAX_TTL)),
+        ("dns_timeout", duration(DNS_TIMEOUT)),
+        ("connect_timeout", duration(CONNECT_TIMEOUT)),
+        ("failed_address_hold", duration(FAILED_ADDRESS_HOLD)),
+        ("drain_timeout", duration(DRAIN_TIMEOUT)),
+        ("drain_delay", duration(DRAIN_DELAY)),
+        ("admin_listen", ADMIN_LISTEN.to_string()),
+        ("probe_interval", duration(PROBE_INTERVAL)),
+        ("tcp_keepalive_idle", duration(TCP_KEEPALIVE_IDLE)),
+        ("tcp_keepalive_interval", duration(TCP_KEEPALIVE_INTERVAL)),
+        ("tcp_keepalive_count", TCP_KEEPALIVE_COUNT.to_string()),
+        ("tcp_user_timeout", duration(TCP_USER_TIMEOUT)),
+        ("dataplane", value(&DATAPLANE)),
+        ("splice_pipe_size", SPLICE_PIPE_SIZE.to_string()),
+        ("max_connections", MAX_CONNECTIONS.to_string()),
+        ("max_inflight", MAX_INFLIGHT.to_string()),
+        ("copy_buffer_size", COPY_BUFFER_SIZE.to_string()),
+        ("log_format", value(&LOG_FORMAT)),
+    ]
+}
