@@ -1,5 +1,5 @@
 //! splice-proxy's byte counters, read from its admin endpoint's `/metrics`
-//! (with the tests' client and parser, `testkit::admin`): what share of the
+//! (with the tests' client and parser, `splice_proxy_tests::admin`): what share of the
 //! bytes it forwarded the kernel redirected (the sockmap plane's verdict
 //! program) rather than user space.
 
@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use testkit::admin::{Exposition, get};
+use splice_proxy_tests::admin::{Exposition, get};
 use tokio::runtime::Runtime;
 
 /// Connections are counted when they close, just after the sink's last

@@ -117,8 +117,8 @@ pub fn connect(
         .enable_all()
         .build()
         .context("starting the DNS server's runtime")?;
-    let dns = runtime.block_on(testkit::dns::DnsServer::start(Duration::from_secs(300)))?;
-    dns.set(UPSTREAM_NAME, testkit::dns::Answer::Addrs(vec![greeter.ip()]));
+    let dns = runtime.block_on(splice_proxy_tests::dns::DnsServer::start(Duration::from_secs(300)))?;
+    dns.set(UPSTREAM_NAME, splice_proxy_tests::dns::Answer::Addrs(vec![greeter.ip()]));
     let mut running = Vec::new();
     for &kind in kinds {
         if kind.is_splice_proxy() {

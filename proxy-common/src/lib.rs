@@ -1,5 +1,5 @@
 //! Names and `#[repr(C)]` types shared by `proxy-ebpf` (kernel) and
-//! `proxy-user` (daemon). Everything here is `no_std`, has a fixed layout, no
+//! `splice-proxy` (daemon). Everything here is `no_std`, has a fixed layout, no
 //! `bool`, and explicit padding, so both sides read the same bytes.
 #![no_std]
 

@@ -62,7 +62,7 @@ fn newer_source(binary: &Path) -> Result<Option<PathBuf>> {
     let built = std::fs::metadata(binary)?.modified()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut dirs: Vec<PathBuf> =
-        ["proxy-user/src", "proxy-common/src", "proxy-ebpf/src"].iter().map(|d| root.join(d)).collect();
+        ["splice-proxy/src", "proxy-common/src", "proxy-ebpf/src"].iter().map(|d| root.join(d)).collect();
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;

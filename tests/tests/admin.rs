@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
-use testkit::{
+use splice_proxy_tests::{
     dns::{Answer, DnsServer},
     edge::{client_hello, start_echoes_on_common_port},
     process::{ProxyProcess, message},

@@ -4,7 +4,7 @@
 use std::{io::Write as _, net::TcpListener, process::Command};
 
 use anyhow::{Context as _, Result};
-use testkit::process::binary;
+use splice_proxy_tests::process::binary;
 
 fn run(args: &[&str]) -> Result<(Option<i32>, String)> {
     let out = Command::new(binary()?).args(args).output()?;

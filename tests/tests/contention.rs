@@ -6,7 +6,7 @@
 //! and never on an idle one).
 //!
 //! Every byte of both payloads says where it belongs
-//! ([`testkit::positional`]), so a wrong stream is reported as what it is:
+//! ([`splice_proxy_tests::positional`]), so a wrong stream is reported as what it is:
 //! "a replay of the 65372 bytes before it", a gap, or garbage, with the
 //! proxy's close line for that connection (pauses, bytes in the kernel).
 //! Every run of a variant is made before it fails (unless a run fails
@@ -26,7 +26,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use testkit::{
+use splice_proxy_tests::{
     busy::BusyLoops,
     positional::{Divergence, PositionalPayload, StreamChecker},
     process::ProxyProcess,
@@ -120,7 +120,7 @@ fn serve(
     let (results, received) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let stream = match testkit::accept_with_data(&listener).await {
+            let stream = match splice_proxy_tests::accept_with_data(&listener).await {
                 Ok(stream) => stream,
                 Err(error) => {
                     let _ = results.send(Err(error.into()));
@@ -184,7 +184,7 @@ async fn every_plane_is_exact_on_a_busy_host() -> Result<()> {
     let len = knob("SPLICE_PROXY_CONTENTION_MIB", DEFAULT_MIB)? * MIB;
     let variants =
         std::env::var("SPLICE_PROXY_CONTENTION_VARIANTS").unwrap_or_else(|_| DEFAULT_VARIANTS.into());
-    let listener = testkit::listen((IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 0).into())?;
+    let listener = splice_proxy_tests::listen((IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 0).into())?;
     let upstream = listener.local_addr()?.to_string();
     let mut server = serve(listener, len);
     let cores = std::thread::available_parallelism()?.get();

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use testkit::{
+use splice_proxy_tests::{
     process::ProxyProcess,
     transfer::{HEADER_LEN, Order, TransferServer, run_ordered_transfer},
 };
@@ -85,7 +85,7 @@ async fn upstream_reset_reaches_the_client(plane: &str) -> Result<()> {
     let proxy = proxy_to(plane, upstream.local_addr()?).await?;
     let mut client = TcpStream::connect(proxy.addr()).await?;
     client.write_all(b"hello").await?;
-    let mut accepted = testkit::accept_with_data(&upstream).await?;
+    let mut accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
     let mut buf = [0u8; 5];
     accepted.read_exact(&mut buf).await?;
     accepted.set_zero_linger()?;
@@ -106,7 +106,7 @@ async fn client_reset_reaches_the_upstream(plane: &str) -> Result<()> {
     let client = TcpStream::connect(proxy.addr()).await?;
     client.writable().await?;
     client.try_write(b"hello")?;
-    let mut accepted = testkit::accept_with_data(&upstream).await?;
+    let mut accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
     let mut buf = [0u8; 5];
     accepted.read_exact(&mut buf).await?;
     client.set_zero_linger()?;
@@ -122,7 +122,7 @@ async fn client_reset_reaches_the_upstream(plane: &str) -> Result<()> {
 
 /// 1,000 connections at once, each opening with a ClientHello-sized write.
 async fn a_thousand_connections_at_once(plane: &str) -> Result<()> {
-    testkit::raise_fd_limit()?;
+    splice_proxy_tests::raise_fd_limit()?;
     let server = Arc::new(TransferServer::start(UPSTREAM_IP).await?);
     let proxy = proxy_to(plane, server.addr).await?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -191,7 +191,7 @@ async fn nothing_left_behind_after_many_connections(plane: &str) -> Result<()> {
         "{plane}: {fds_before} descriptors before {total} connections, {fds_after} after"
     );
     if plane == "sockmap" {
-        let entries = testkit::bpf_maps::splice_entries(pid)?;
+        let entries = splice_proxy_tests::bpf_maps::splice_entries(pid)?;
         ensure!(entries.sockets == 0 && entries.flows == 0, "{plane}: left in the maps: {entries:?}");
     }
     let (warm, end) = (rss_after_warm_up.context("too few connections to warm up")?, rss_kib(pid)?);
@@ -213,8 +213,8 @@ async fn idle_connections_cost_little(plane: &str) -> Result<()> {
     const IDLE_RSS_BOUND: u64 = 5 * 1024;
     const WARM_UP: usize = 200;
     const IDLE: usize = 2000;
-    testkit::raise_fd_limit()?;
-    let upstream = testkit::listen((UPSTREAM_IP, 0).into())?;
+    splice_proxy_tests::raise_fd_limit()?;
+    let upstream = splice_proxy_tests::listen((UPSTREAM_IP, 0).into())?;
     let proxy = proxy_to(plane, upstream.local_addr()?).await?;
     let pid = proxy.pid().as_raw();
     let mut pairs = Vec::new();
@@ -302,10 +302,10 @@ fn rss_kib(pid: i32) -> Result<u64> {
 /// upstream reads exactly those bytes, answers, and only then does the client
 /// close. 1,000 connections at once.
 async fn first_bytes_before_set_up_are_not_stalled(plane: &str) -> Result<()> {
-    testkit::raise_fd_limit()?;
+    splice_proxy_tests::raise_fd_limit()?;
     const HELLO: usize = 517;
     const ANSWER: usize = 4096;
-    let upstream = testkit::listen((UPSTREAM_IP, 0).into())?;
+    let upstream = splice_proxy_tests::listen((UPSTREAM_IP, 0).into())?;
     let proxy = proxy_to(plane, upstream.local_addr()?).await?;
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = upstream.accept().await {
@@ -385,7 +385,7 @@ async fn sockmap_keeps_a_paced_stream_in_the_kernel() -> Result<()> {
     let upstream = TcpListener::bind((UPSTREAM_IP, 0)).await?;
     let proxy = proxy_to("sockmap", upstream.local_addr()?).await?;
     let sink = tokio::spawn(async move {
-        let mut stream = testkit::accept_with_data(&upstream).await?;
+        let mut stream = splice_proxy_tests::accept_with_data(&upstream).await?;
         anyhow::Ok(tokio::io::copy(&mut stream, &mut tokio::io::sink()).await?)
     });
     let mut client = TcpStream::connect(proxy.addr()).await?;
@@ -469,7 +469,7 @@ gate!(sockmap, splice, copy);
 /// backlog (unserved) until one of the first two ends, and the proxy says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
-    let upstream = testkit::listen((UPSTREAM_IP, 0).into())?;
+    let upstream = splice_proxy_tests::listen((UPSTREAM_IP, 0).into())?;
     let upstream_addr = upstream.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = upstream.accept().await {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use testkit::{
+use splice_proxy_tests::{
     netns::NetNs,
     process::{ProxyProcess, message},
 };

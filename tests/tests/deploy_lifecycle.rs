@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use testkit::netns::NetNs;
+use splice_proxy_tests::netns::NetNs;
 
 const SCRIPT: &str = "deploy/systemd/splice-proxy-lifecycle";
 const TOKEN: &str = "test-token-0123";

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
-use testkit::{
+use splice_proxy_tests::{
     edge::{
         client_hello, exchange_in_chunks, start_echo, v1_line, v2_local, v2_proxy, v2_raw, vpce_tlv,
         with_crc32c,
@@ -87,7 +87,7 @@ fn cases() -> Vec<Case> {
         vpce.clone(),
         (0x03, vec![0; 4]),
     ];
-    let mut oversized = testkit::edge::V2_SIGNATURE.to_vec();
+    let mut oversized = splice_proxy_tests::edge::V2_SIGNATURE.to_vec();
     oversized.extend([0x21, 0x11, 0x0f, 0xa0]);
     let mut bad_tlv = v4(with_vpce);
     bad_tlv[15] += 3;

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
-use testkit::{
+use splice_proxy_tests::{
     api::{ApiServer, Pki},
     dns::{Answer, DnsServer},
     edge::{client_hello, exchange_in_chunks, start_echo},

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use sha2::{Digest as _, Sha256};
 use splice_proxy::kernel::KernelPrograms;
-use testkit::{netns::NetNs, transfer::Payload};
+use splice_proxy_tests::{netns::NetNs, transfer::Payload};
 
 /// Keeps the kernel log records it is given.
 #[derive(Clone, Default)]

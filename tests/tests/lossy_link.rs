@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use splice_proxy::kernel::LossyLink;
-use testkit::{
+use splice_proxy_tests::{
     bpf_maps,
     netns::{LineTopology, in_netns},
     process::{ProxyProcess, tcp_sockets},

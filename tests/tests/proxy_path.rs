@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Result;
 use nix::sys::signal::Signal;
-use testkit::{
+use splice_proxy_tests::{
     API_HOSTNAME,
     api::{self, ApiClient, ApiServer, Pki},
     dns::{Answer, DnsServer},
@@ -48,7 +48,7 @@ async fn setup(initial: Answer, extra_args: &[&str]) -> Result<Setup> {
 /// Connects, sends a ClientHello for the API name, and returns what the read
 /// saw: `Ok(0)` is a clean close (FIN), an error is a reset.
 async fn read_after_send(proxy: std::net::SocketAddr) -> std::io::Result<usize> {
-    let hello = testkit::edge::client_hello(API_HOSTNAME).expect("a ClientHello");
+    let hello = splice_proxy_tests::edge::client_hello(API_HOSTNAME).expect("a ClientHello");
     let mut stream = TcpStream::connect(proxy).await?;
     stream.write_all(&hello).await?;
     let mut buf = [0u8; 64];

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use testkit::{
+use splice_proxy_tests::{
     dns::{Answer, DnsServer},
     echo_stream::EchoStream,
     edge::{client_hello, exchange_in_chunks, start_echo},

@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::Signal;
-use testkit::process::{ProxyProcess, message};
+use splice_proxy_tests::process::{ProxyProcess, message};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UnixDatagram},
@@ -60,9 +60,10 @@ impl NotifySocket {
 async fn open_connection(proxy: SocketAddr, upstream: &TcpListener) -> Result<(TcpStream, TcpStream)> {
     let mut client = TcpStream::connect(proxy).await.with_context(|| format!("connecting to {proxy}"))?;
     client.write_all(b"ping").await?;
-    let mut server = tokio::time::timeout(Duration::from_secs(10), testkit::accept_with_data(upstream))
-        .await
-        .context("no upstream connection")??;
+    let mut server =
+        tokio::time::timeout(Duration::from_secs(10), splice_proxy_tests::accept_with_data(upstream))
+            .await
+            .context("no upstream connection")??;
     let mut got = [0; 4];
     server.read_exact(&mut got).await?;
     ensure!(&got == b"ping", "upstream got {got:?}");

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use sha2::{Digest as _, Sha256};
-use testkit::{
+use splice_proxy_tests::{
     process::ProxyProcess,
     transfer::{Payload, send_payload},
 };
@@ -53,13 +53,13 @@ fn tcp_socket_memory() -> Result<u64> {
 /// Returns the largest drop of MemAvailable below its starting value, and
 /// the largest growth of TCP socket memory above its own.
 async fn transfer_with_slow_reader(plane: &str) -> Result<(u64, u64)> {
-    let upstream = testkit::listen((IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 0).into())?;
+    let upstream = splice_proxy_tests::listen((IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 0).into())?;
     let upstream_addr = upstream.local_addr()?.to_string();
     let proxy = tokio::task::block_in_place(|| {
         ProxyProcess::start(&["--upstream", upstream_addr.as_str(), "--dataplane", plane, "--no-sni-check"])
     })?;
     let reader = tokio::spawn(async move {
-        let mut stream = testkit::accept_with_data(&upstream).await?;
+        let mut stream = splice_proxy_tests::accept_with_data(&upstream).await?;
         let mut hasher = Sha256::new();
         let mut got = 0u64;
         let mut small = [0u8; 1024];

@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use testkit::{
+use splice_proxy_tests::{
     process::ProxyProcess,
     transfer::{Order, Pace, TransferServer, run_paced_transfer_on},
 };

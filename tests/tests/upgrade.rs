@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use testkit::{
+use splice_proxy_tests::{
     echo_stream::EchoStream,
     edge::start_echo,
     process::{ProxyProcess, message},

@@ -41,7 +41,7 @@ enum Task {
         e2e: bool,
     },
     /// Build the kernel object (nightly, -Z build-std=core, bpf-linker) that
-    /// proxy-user embeds. Runs `setup` first.
+    /// splice-proxy embeds. Runs `setup` first.
     BuildEbpf,
     /// Run every check and test: setup, build-ebpf, cargo fmt --check,
     /// clippy -D warnings, check-deploy, the whole test suite, then the
@@ -110,7 +110,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::E2e { long, scenarios } => {
-            // proxy-user's build embeds the kernel object (`test` has just built it).
+            // splice-proxy's build embeds the kernel object (`test` has just built it).
             if !ebpf_object(&root).is_file() {
                 build_ebpf(&root)?;
             }
@@ -136,7 +136,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Where `cargo xtask build-ebpf` leaves the kernel object; proxy-user's
+/// Where `cargo xtask build-ebpf` leaves the kernel object; splice-proxy's
 /// build script reads the same path.
 fn ebpf_object(root: &Path) -> PathBuf {
     root.join("target/bpfel-unknown-none/release/proxy-ebpf")
@@ -216,7 +216,7 @@ fn e2e(root: &Path, long: bool, scenarios: &[String]) -> Result<()> {
 }
 
 fn check_deploy(root: &Path) -> Result<()> {
-    // proxy-user's build embeds the kernel object.
+    // splice-proxy's build embeds the kernel object.
     if !ebpf_object(root).is_file() {
         build_ebpf(root)?;
     }
@@ -249,7 +249,7 @@ const FUZZ_TARGETS: [(&str, u32); 2] = [("proxy_header", 2048), ("client_hello",
 
 fn fuzz(root: &Path, seconds: u32) -> Result<()> {
     prereq::ensure_fuzz()?;
-    // The targets link proxy-user, whose build embeds the kernel object.
+    // The targets link splice-proxy, whose build embeds the kernel object.
     if !ebpf_object(root).is_file() {
         build_ebpf(root)?;
     }

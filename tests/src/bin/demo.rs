@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use nix::sys::signal::Signal;
-use testkit::{
+use splice_proxy_tests::{
     API_HOSTNAME,
     api::{self, Pki},
     dns::{Answer, DnsServer},
@@ -44,7 +44,7 @@ async fn main() -> Result<()> {
     let proxy_args = ["--upstream", &upstream, "--dns-server", &dns_addr, "--dns-max-ttl", "1s"];
     let binary = match args.proxy_bin {
         Some(path) => path,
-        None => testkit::process::binary()?,
+        None => splice_proxy_tests::process::binary()?,
     };
     let mut proxy = tokio::task::block_in_place(|| ProxyProcess::start_binary(&binary, &proxy_args))?;
     let client = pki.client(API_HOSTNAME)?;

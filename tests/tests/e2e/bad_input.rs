@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use testkit::e2e::{World, kubectl::ensure_no_failure};
+use splice_proxy_tests::e2e::{World, kubectl::ensure_no_failure};
 
 use crate::run;
 
@@ -19,13 +19,13 @@ fn bad_input() -> Result<()> {
 /// slowloris at the deployed `client_hello_timeout`, 10 s) and counted by
 /// reason in the proxies' metrics; the good traffic sees no failure.
 async fn bad_input_scenario(world: &World) -> Result<()> {
-    use testkit::e2e::{OTHER_ENDPOINT_PORT, PROXY_PORT, load, topology::ENDPOINT};
+    use splice_proxy_tests::e2e::{OTHER_ENDPOINT_PORT, PROXY_PORT, load, topology::ENDPOINT};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     const WRONG_VPCE: usize = 6;
     const NOT_TLS: usize = 6;
     const SLOWLORIS: usize = 4;
     let calls = world.kubectl.call_loop();
-    let client = std::sync::Arc::new(world.pki.client(testkit::e2e::API_HOST)?);
+    let client = std::sync::Arc::new(world.pki.client(splice_proxy_tests::e2e::API_HOST)?);
     let shape = load::Shape {
         clients: 50,
         duration: Duration::from_secs(20),
@@ -52,7 +52,7 @@ async fn bad_input_scenario(world: &World) -> Result<()> {
             if n < NOT_TLS {
                 stream.write_all(b"GET /api HTTP/1.1\r\nhost: api\r\n\r\n").await?;
             } else {
-                let hello = testkit::edge::client_hello(testkit::e2e::API_HOST)?;
+                let hello = splice_proxy_tests::edge::client_hello(splice_proxy_tests::e2e::API_HOST)?;
                 stream.write_all(&hello[..10]).await?;
                 for byte in &hello[10..hello.len() - 1] {
                     let mut one = [0u8; 1];

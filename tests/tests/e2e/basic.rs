@@ -1,7 +1,7 @@
 //! Scenario: basic (see main.rs).
 
 use anyhow::{Context as _, Result, ensure};
-use testkit::e2e::{World, kube_api::pod_name, topology::ENIS};
+use splice_proxy_tests::e2e::{World, kube_api::pod_name, topology::ENIS};
 
 use crate::run;
 
@@ -42,7 +42,7 @@ async fn basic_scenario(world: &World) -> Result<()> {
         ensure!(up > 1000.0, "host {host}: {up} bytes up");
         let closed =
             world.events(host).into_iter().find(|e| e["message"] == "connection closed").context("no log")?;
-        ensure!(closed["span"]["vpce"] == testkit::e2e::VPCE_ALLOWED, "{closed}");
+        ensure!(closed["span"]["vpce"] == splice_proxy_tests::e2e::VPCE_ALLOWED, "{closed}");
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use testkit::e2e::{World, kubectl::ensure_no_failure, topology::ENIS};
+use splice_proxy_tests::e2e::{World, kubectl::ensure_no_failure, topology::ENIS};
 
 use crate::run;
 
@@ -31,7 +31,7 @@ async fn eni_rotation_scenario(world: &World) -> Result<()> {
 
     world.set_dns(new);
     let moved = Instant::now();
-    let settled = moved + testkit::e2e::world::DNS_TTL + Duration::from_secs(1);
+    let settled = moved + splice_proxy_tests::e2e::world::DNS_TTL + Duration::from_secs(1);
     let mut on_new = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while on_new < 4 {

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use testkit::e2e::{World, topology::ENIS};
+use splice_proxy_tests::e2e::{World, topology::ENIS};
 
 use crate::run;
 
@@ -32,7 +32,7 @@ async fn faults_scenario(world: &World) -> Result<()> {
     let phase = |what: &str| eprintln!("faults: {:6.1} s {what}", started.elapsed().as_secs_f64());
     phase("DNS stops");
     world.stop_dns().await;
-    tokio::time::sleep(testkit::e2e::world::DNS_TTL + Duration::from_secs(1)).await;
+    tokio::time::sleep(splice_proxy_tests::e2e::world::DNS_TTL + Duration::from_secs(1)).await;
     let failed_before =
         world.total("splice_proxy_connections_closed_total", &[("reason", "resolve_failed")]).await?;
     let mut failed = 0;

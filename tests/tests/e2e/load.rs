@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use testkit::e2e::World;
+use splice_proxy_tests::e2e::World;
 
 use crate::run;
 
@@ -18,8 +18,8 @@ fn load() -> Result<()> {
 /// proxies hold no more descriptors and hardly more memory than after a
 /// warm-up round.
 async fn load_scenario(world: &World) -> Result<()> {
-    use testkit::e2e::{PROXY_PORT, load, topology::ENDPOINT};
-    let client = std::sync::Arc::new(world.pki.client(testkit::e2e::API_HOST)?);
+    use splice_proxy_tests::e2e::{PROXY_PORT, load, topology::ENDPOINT};
+    let client = std::sync::Arc::new(world.pki.client(splice_proxy_tests::e2e::API_HOST)?);
     let endpoint = std::net::SocketAddr::from((ENDPOINT, PROXY_PORT));
     let shape = |seconds| load::Shape {
         clients: 1000,
@@ -31,15 +31,19 @@ async fn load_scenario(world: &World) -> Result<()> {
     ensure!(warm.failures == 0, "warm-up: {warm:?}");
     let idle = || async {
         for host in 0..2 {
-            testkit::e2e::world::eventually("the proxy idle", Duration::from_secs(30), || async move {
-                Ok(world.metrics(host).await?.count("splice_proxy_connections_active", &[]) == 0.0)
-            })
+            splice_proxy_tests::e2e::world::eventually(
+                "the proxy idle",
+                Duration::from_secs(30),
+                || async move {
+                    Ok(world.metrics(host).await?.count("splice_proxy_connections_active", &[]) == 0.0)
+                },
+            )
             .await?;
         }
         anyhow::Ok([world.proxy_resources(0)?, world.proxy_resources(1)?])
     };
     let before = idle().await?;
-    let seconds = if testkit::e2e::long() { 300 } else { 20 };
+    let seconds = if splice_proxy_tests::e2e::long() { 300 } else { 20 };
     let report = world.control.run(load::run(client, endpoint, shape(seconds))).await?;
     let after = idle().await?;
     eprintln!("load: {report:?}; proxies (fds, RSS KiB) before {before:?}, after {after:?}");

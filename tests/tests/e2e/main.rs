@@ -2,7 +2,7 @@
 //! endpoint + NLB stand-in in `proxyacct` (PROXY v2 with the endpoint's
 //! TLV) → the built splice-proxy on `asg-a` and `asg-b` with the deployed
 //! configuration → fake API servers on the ENIs in `eks`, named by DNS.
-//! Each scenario builds its own world (testkit::e2e::World) and tears it
+//! Each scenario builds its own world (splice_proxy_tests::e2e::World) and tears it
 //! down; on failure it prints the proxies' logs and metrics. The scenarios
 //! run one at a time. `cargo xtask e2e` runs them (`--long` for the soak).
 
@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Result;
-use testkit::e2e::World;
+use splice_proxy_tests::e2e::World;
 
 mod bad_input;
 mod basic;
@@ -30,8 +30,8 @@ type Scenario = for<'a> fn(&'a World) -> Pin<Box<dyn Future<Output = Result<()>>
 fn run(name: &str, scenario: Scenario) -> Result<()> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    testkit::netns::require_root("the end-to-end suite")?;
-    testkit::raise_fd_limit()?;
+    splice_proxy_tests::netns::require_root("the end-to-end suite")?;
+    splice_proxy_tests::raise_fd_limit()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let started = Instant::now();
     let (world, result) = runtime.block_on(async {

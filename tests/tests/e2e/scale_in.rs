@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use testkit::e2e::{World, kubectl::ensure_no_failure};
+use splice_proxy_tests::e2e::{World, kubectl::ensure_no_failure};
 
 use crate::run;
 
@@ -27,9 +27,11 @@ async fn scale_in_scenario(world: &World) -> Result<()> {
 
     world.signal(0, nix::sys::signal::Signal::SIGTERM)?;
     let term = Instant::now();
-    testkit::e2e::world::eventually("/readyz 503 after SIGTERM", Duration::from_secs(1), || async {
-        Ok(world.admin_get(0, "/readyz").await?.0 == 503)
-    })
+    splice_proxy_tests::e2e::world::eventually(
+        "/readyz 503 after SIGTERM",
+        Duration::from_secs(1),
+        || async { Ok(world.admin_get(0, "/readyz").await?.0 == 503) },
+    )
     .await?;
     let noticed = world.forwarder.wait_health(0, false, Duration::from_secs(10)).await?;
     let flows_at_notice = world.forwarder.targets[0].flows();
@@ -46,9 +48,11 @@ async fn scale_in_scenario(world: &World) -> Result<()> {
     ensure!(status.success(), "asg-a exited with {status}");
     // The cut reaches kubectl through the forwarder a moment after the exit.
     let ended_count = || watches.iter().filter(|w| w.ended().is_some()).count();
-    testkit::e2e::world::eventually("the watches on asg-a ended", Duration::from_secs(5), || async {
-        Ok(ended_count() >= on_a)
-    })
+    splice_proxy_tests::e2e::world::eventually(
+        "the watches on asg-a ended",
+        Duration::from_secs(5),
+        || async { Ok(ended_count() >= on_a) },
+    )
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ended: Vec<_> = watches.iter().filter_map(|w| w.ended()).collect();
@@ -72,7 +76,7 @@ async fn scale_in_scenario(world: &World) -> Result<()> {
 }
 
 /// Starts kubectl watches until each proxy host carries at least one.
-pub async fn watches_on_both_hosts(world: &World) -> Result<Vec<testkit::e2e::kubectl::Watch>> {
+pub async fn watches_on_both_hosts(world: &World) -> Result<Vec<splice_proxy_tests::e2e::kubectl::Watch>> {
     let mut watches = Vec::new();
     while !world.forwarder.targets.iter().all(|t| t.active() >= 1) {
         ensure!(watches.len() < 8, "8 watches and still not on both hosts: {}", world.forwarder.summary());
@@ -85,7 +89,7 @@ pub async fn watches_on_both_hosts(world: &World) -> Result<Vec<testkit::e2e::ku
 
 /// A duration from the deployed configuration.
 fn deployed_duration(key: &str) -> Result<Duration> {
-    let config = testkit::e2e::world::deployed_config()?;
+    let config = splice_proxy_tests::e2e::world::deployed_config()?;
     let line =
         config.lines().find(|l| l.starts_with(&format!("{key} ="))).with_context(|| format!("no {key}"))?;
     let value = line.split('"').nth(1).with_context(|| line.to_owned())?;

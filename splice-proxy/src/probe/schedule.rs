@@ -6,14 +6,10 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    addr::UpstreamTarget,
-    config::Config,
-    proxy::{Proxy, probe},
-};
+use crate::{addr::UpstreamTarget, config::Config, proxy::Proxy};
 
 /// The probe tasks; stopped when dropped.
-pub(super) struct Probes {
+pub struct Probes {
     proxy: Arc<Proxy>,
     interval: Duration,
     running: Vec<(UpstreamTarget, CancellationToken)>,
@@ -21,7 +17,7 @@ pub(super) struct Probes {
 }
 
 /// Every upstream of every listener (the default upstream and each route's), once.
-pub(super) fn targets(config: &Config) -> Vec<UpstreamTarget> {
+pub fn targets(config: &Config) -> Vec<UpstreamTarget> {
     let mut targets: Vec<UpstreamTarget> = Vec::new();
     for target in config.listeners.iter().flat_map(|l| l.edge.upstreams.targets()) {
         if !targets.contains(target) {
@@ -57,7 +53,7 @@ impl Probes {
                 continue;
             }
             let stop = self.stop.child_token();
-            tokio::spawn(probe::run(Arc::clone(&self.proxy), target.clone(), interval, stop.clone()));
+            tokio::spawn(super::run(Arc::clone(&self.proxy), target.clone(), interval, stop.clone()));
             self.running.push((target.clone(), stop));
         }
     }

@@ -3,7 +3,9 @@
 //! program `source_filter`, on each interface it is attached to, drops TCP
 //! packets to a guarded listen port from sources in none of that port's
 //! prefixes and passes everything else. Allow lists and their
-//! reload: [`lists`]; the per-CPU counters: [`counters`].
+//! reload: [`lists`]; the per-CPU counters: [`counters`]; the prefixes
+//! themselves: [`prefix`]. Its configuration is checked in
+//! `config::source_filter` and applied by `server::source_filter`.
 //!
 //! It is loaded from the embedded object on its own (the sockmap plane owns
 //! the other loaded copy), attached to each interface (one BPF link each)
@@ -14,6 +16,7 @@
 
 mod counters;
 mod lists;
+pub mod prefix;
 
 pub use counters::SourceFilterCounters;
 pub use lists::{AllowLists, PortPrefix, ReloadSummary};

@@ -10,11 +10,11 @@ use std::{
     sync::Arc,
 };
 
-use super::{ConfigError, FieldError, ListenerSettings, Options, defaults, positive, source_lists};
+use super::{ConfigError, FieldError, ListenerSettings, Options, defaults, positive, source_filter};
 use crate::{
     addr::ListenAddr,
     edge::{EdgeConfig, ProxyProtocolConfig, ProxyProtocolMode, Upstreams, is_vpce_id},
-    source_prefix::SourcePrefix,
+    source_filter::prefix::SourcePrefix,
 };
 
 /// A validated listener.
@@ -43,7 +43,7 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
     let top = &o.listener;
     let at_top = |FieldError(field, flag, reason)| super::invalid(field, flag, reason);
     if let Some(interface) = &top.xdp_interface {
-        source_lists::interface_exists(interface).map_err(at_top)?;
+        source_filter::interface_exists(interface).map_err(at_top)?;
     }
     // An empty list at the top level is no list (an entry's is an error).
     let top_list = top.allowed_source_cidrs.clone().filter(|list| !list.is_empty());
@@ -81,7 +81,7 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
             )));
         }
         if let Some(interface) = &entry.settings.xdp_interface {
-            source_lists::interface_exists(interface).map_err(in_listener)?;
+            source_filter::interface_exists(interface).map_err(in_listener)?;
         }
         let settings = entry.settings.clone().over(top);
         // A list of its own is checked with the interface it ends up with.
@@ -102,13 +102,13 @@ pub(super) fn listeners(o: &Options) -> Result<Vec<ListenerConfig>, ConfigError>
     Ok(out)
 }
 
-/// [`source_lists::listener_list`], its error naming the key and flag.
+/// [`source_filter::listener_list`], its error naming the key and flag.
 fn source_list(
     list: Option<Vec<SourcePrefix>>,
     has_interface: bool,
 ) -> Result<Option<BTreeSet<SourcePrefix>>, FieldError> {
-    source_lists::listener_list(list, has_interface)
-        .map_err(|why| FieldError(source_lists::KEY, source_lists::FLAG, why))
+    source_filter::listener_list(list, has_interface)
+        .map_err(|why| FieldError(source_filter::KEY, source_filter::FLAG, why))
 }
 
 /// One listener's edge guard from its settings, with the defaults for what

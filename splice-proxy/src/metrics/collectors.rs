@@ -13,7 +13,7 @@ use prometheus_client::{
 use super::AddressLabels;
 use crate::{
     close_reason::CloseCounts, connections::ConnectionTable, health::Health, proxy::Proxy,
-    xdp_filter::SourceFilterCounters,
+    source_filter::SourceFilterCounters,
 };
 
 type Encoded = Result<(), std::fmt::Error>;

@@ -13,7 +13,7 @@ use crate::{
     addr::UpstreamTarget,
     dataplane::DataPlaneChoice,
     edge::{ChainedHeaders, ProxyProtocolMode, Route},
-    source_prefix::SourcePrefix,
+    source_filter::prefix::SourcePrefix,
 };
 
 /// Options of the proxy; each is optional here because the config file may set

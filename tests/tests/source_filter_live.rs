@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use proxy_common::PortFilterStats;
-use testkit::{
+use splice_proxy_tests::{
     admin::Exposition,
     bpf_maps::{source_filter_port_stats, source_filter_stats},
     netns::{LineTopology, in_netns, ip, xdp_attachment},
@@ -190,7 +190,7 @@ fn each_listener_lets_only_its_sources_through_and_sighup_reloads_the_lists() ->
     let admin = proxy.admin.context("no admin endpoint logged")?;
     let (status, body) = runtime.block_on(async {
         let socket = in_netns(proxy_ns, tokio::net::TcpSocket::new_v4)??;
-        testkit::admin::get_on(socket.connect(admin).await?, "/metrics").await
+        splice_proxy_tests::admin::get_on(socket.connect(admin).await?, "/metrics").await
     })?;
     ensure!(status == 200, "/metrics answered {status}");
     let metrics = Exposition::parse(&body)?;
@@ -226,7 +226,7 @@ fn each_listener_lets_only_its_sources_through_and_sighup_reloads_the_lists() ->
     let port_totals: BTreeMap<u64, (u64, u64)> = proxy
         .events()
         .iter()
-        .filter(|e| testkit::process::message(e) == "xdp source filter port totals")
+        .filter(|e| splice_proxy_tests::process::message(e) == "xdp source filter port totals")
         .filter_map(|e| Some((e["port"].as_u64()?, (e["allowed"].as_u64()?, e["dropped"].as_u64()?))))
         .collect();
     let dropped_on = |p: SocketAddr| port_totals.get(&u64::from(p.port())).map(|(_, dropped)| *dropped);

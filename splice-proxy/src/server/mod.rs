@@ -7,25 +7,23 @@
 //! listening sockets over; this one then drains ([`upgrade`]); SIGUSR2
 //! starts one.
 
-mod listeners;
+pub mod listeners;
 mod plane;
-mod probes;
 mod reload;
 mod source_filter;
 mod stopping;
-mod upgrade;
+pub mod upgrade;
 
 use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
 
 use listeners::{Accepting, ListenerSet};
-use probes::Probes;
 use reload::ConnectionLimit;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use upgrade::{UpgradeEvent, Upgrades, next_upgrade};
+use upgrade::{Handover, UpgradeError, UpgradeEvent, Upgrades, next_upgrade};
 
 use crate::{
     admin::{AdminEndpoint, AdminError, AdminState},
@@ -36,15 +34,15 @@ use crate::{
     health::Health,
     health_port::HealthPort,
     kernel::{KernelError, KernelPrograms},
-    listener::BindError,
     metrics::{
         Metrics,
         collectors::{ProxyCollector, StateCollector, XdpCollector},
     },
+    probe::schedule::{self as probes, Probes},
     proxy::{Observers, Proxy},
+    server::listeners::socket::BindError,
     service_manager,
-    upgrade::{Handover, UpgradeError},
-    xdp_filter::{SourceFilter, SourceFilterError},
+    source_filter::{SourceFilter, SourceFilterError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -213,15 +211,16 @@ impl Server {
             tracing::info!(health = %port.addr, "health-check port bound; open while ready");
         }
         // A new process takes the path over only once it is ready (`run`).
-        let upgrades =
-            match (&config.upgrade_socket, &handover) {
-                (Some(path), None) => {
-                    Some(Upgrades::start(crate::upgrade::listen(path)?).map_err(|source| {
-                        UpgradeError::Io { path: path.clone(), what: "listening", source }
-                    })?)
-                }
-                _ => None,
-            };
+        let upgrades = match (&config.upgrade_socket, &handover) {
+            (Some(path), None) => {
+                Some(Upgrades::start(upgrade::listen(path)?).map_err(|source| UpgradeError::Io {
+                    path: path.clone(),
+                    what: "listening",
+                    source,
+                })?)
+            }
+            _ => None,
+        };
         let limit = ConnectionLimit::new(config.max_connections);
         let accepting = Accepting {
             proxy: Arc::clone(&proxy),

@@ -3,13 +3,20 @@
 //! once), so a fresh proxy becomes ready without client traffic and an
 //! upstream outage turns it not ready. The first probe runs at start-up and
 //! logs its result (the start-up check); later ones log only changes.
+//! [`schedule`]: one task per target, following reloads.
+
+pub mod schedule;
 
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
-use crate::{addr::UpstreamTarget, connect::ConnectError, dns::ResolveError};
+use crate::{
+    addr::{UpstreamAddr, UpstreamTarget},
+    connect::ConnectError,
+    dns::ResolveError,
+    proxy::Proxy,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -30,12 +37,24 @@ impl ProbeError {
     }
 }
 
+/// Resolves `target` with the proxy's resolver (its cache too) and connects
+/// to one of its addresses, then closes the connection. Records successes
+/// for readiness; feeds no client-connection metric.
+pub async fn probe(proxy: &Proxy, target: &UpstreamTarget) -> Result<Vec<UpstreamAddr>, ProbeError> {
+    let addrs = proxy.resolver().resolve(target).await.map_err(ProbeError::Resolve)?;
+    proxy.health().resolved(target);
+    let connected = proxy.connector().connect(&addrs).await.map_err(ProbeError::Connect)?;
+    proxy.health().connected(target);
+    drop(connected.stream);
+    Ok(addrs)
+}
+
 /// Probes `target` every `interval` until `stop` is cancelled.
 pub async fn run(proxy: Arc<Proxy>, target: UpstreamTarget, interval: Duration, stop: CancellationToken) {
     let mut last_ok = None;
     loop {
         let result = tokio::select! {
-            result = proxy.probe(&target) => result,
+            result = probe(&proxy, &target) => result,
             () = stop.cancelled() => return,
         };
         proxy.metrics().probed(result.as_ref().map_or_else(ProbeError::label, |_| "ok"));

@@ -8,8 +8,7 @@ use splice_proxy::{
     exit,
     kernel::{KernelError, KernelPrograms},
     logging,
-    server::Server,
-    upgrade,
+    server::{Server, upgrade},
 };
 
 fn main() -> ExitCode {

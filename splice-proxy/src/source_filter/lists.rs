@@ -14,7 +14,7 @@ use proxy_common::{
 };
 
 use super::{SourceFilter, SourceFilterError};
-use crate::source_prefix::SourcePrefix;
+use crate::source_filter::prefix::SourcePrefix;
 
 /// Per guarded TCP port (the listen port of a listener with an allow list),
 /// the source prefixes allowed to it. A port not in it is not filtered.

@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     addr::ListenAddr,
     health::Health,
-    listener::{BindError, Listener},
+    server::listeners::socket::{BindError, Listener},
 };
 
 /// How often readiness is looked at (it also changes as successes age).

@@ -17,8 +17,8 @@ use super::{Server, probes::targets, source_filter};
 use crate::{
     config::{Config, ConfigError},
     dns::ResolveError,
-    listener::BindError,
     proxy::PathSettings,
+    server::listeners::socket::BindError,
 };
 
 #[derive(Debug, thiserror::Error)]

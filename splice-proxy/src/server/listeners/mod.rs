@@ -3,7 +3,10 @@
 //! accepts from then on), a removed one stops accepting and closes (its open
 //! connections go on), an added one is bound before anything else changes.
 //! Each keeps a second descriptor of its socket to hand to a new process on
-//! a graceful upgrade ([`super::upgrade`]).
+//! a graceful upgrade ([`super::upgrade`]). The sockets and their accept
+//! loop: [`socket`].
+
+pub mod socket;
 
 use std::{
     os::fd::{AsFd as _, OwnedFd},
@@ -16,13 +19,9 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    addr::ListenAddr,
-    config::ListenerConfig,
-    edge::EdgeConfig,
-    listener::{BindError, Listener},
-    proxy::Proxy,
-};
+use self::socket::{BindError, Listener};
+
+use crate::{addr::ListenAddr, config::ListenerConfig, edge::EdgeConfig, proxy::Proxy};
 
 /// What every accept loop hands its connections to.
 #[derive(Clone)]

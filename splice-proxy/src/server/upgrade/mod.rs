@@ -1,5 +1,5 @@
-//! The server's side of a graceful upgrade ([`crate::upgrade`] has the
-//! design and the exchange): a new process builds its listeners from the
+//! Graceful upgrades. [`protocol`] has the design and the exchange of
+//! sockets over the upgrade socket; here is the server's side: a new process builds its listeners from the
 //! sockets it got; a running one answers requests on its upgrade socket
 //! and, once the new process is ready, stops accepting and drains; SIGUSR2
 //! starts the binary again to do that.
@@ -11,6 +11,10 @@ use std::{
 
 use tokio::sync::mpsc;
 
+pub mod protocol;
+
+pub use protocol::{HandedSocket, Handover, UpgradeError, listen, take_over};
+
 use super::{
     Server,
     listeners::{Bound, keep},
@@ -18,9 +22,8 @@ use super::{
 use crate::{
     addr::ListenAddr,
     config::ListenerConfig,
-    listener::{BindError, Listener},
+    server::listeners::socket::{BindError, Listener},
     service_manager,
-    upgrade::{self, HandedSocket, Handover, UpgradeError},
 };
 
 /// Every configured listener: the handed-over socket it matches (by the
@@ -119,7 +122,7 @@ impl Upgrades {
         let report = self.report.clone();
         tracing::info!(listeners = listeners.len(), "upgrade: a new process asks for the sockets");
         tokio::task::spawn_blocking(move || {
-            let outcome = match upgrade::hand_over(stream, &listeners, admin.as_ref()) {
+            let outcome = match protocol::hand_over(stream, &listeners, admin.as_ref()) {
                 Ok(true) => true,
                 Ok(false) => {
                     tracing::warn!("upgrade: the new process gave up before it was ready; still serving");
@@ -164,7 +167,7 @@ impl Server {
     /// upgrade) and tell the old process and the service manager.
     pub(super) fn take_over(&mut self, handover: Handover, plane: &str) {
         if let Some(path) = &self.config.upgrade_socket {
-            match crate::upgrade::listen(path).and_then(|l| {
+            match protocol::listen(path).and_then(|l| {
                 Upgrades::start(l).map_err(|source| UpgradeError::Io {
                     path: path.clone(),
                     what: "listening",

@@ -1,10 +1,9 @@
 //! The life of one connection: the edge guard (PROXY header, ClientHello),
 //! resolve the upstream now, connect, forward, and write one access log line
 //! when it closes; each step feeds the metrics, the readiness state and the
-//! table of open connections. [`probe`]: the background upstream probe.
+//! table of open connections.
 
 mod access_log;
-pub mod probe;
 
 use std::{
     sync::{Arc, PoisonError, RwLock},
@@ -356,17 +355,20 @@ impl Proxy {
         Ok((stream, addr))
     }
 
-    /// Resolves `target` and connects to one of its addresses, then closes
-    /// the connection: the background probe. Records successes for
-    /// readiness; feeds no client-connection metric.
-    pub async fn probe(&self, target: &UpstreamTarget) -> Result<Vec<UpstreamAddr>, probe::ProbeError> {
-        let path = self.path();
-        let addrs = path.resolver.resolve(target).await.map_err(probe::ProbeError::Resolve)?;
-        self.health.resolved(target);
-        let connected = path.connector.connect(&addrs).await.map_err(probe::ProbeError::Connect)?;
-        self.health.connected(target);
-        drop(connected.stream);
-        Ok(addrs)
+    /// The upstream connections made or tried for clients and the probes.
+    #[must_use]
+    pub(crate) fn resolver(&self) -> Arc<UpstreamResolver> {
+        Arc::clone(&self.path().resolver)
+    }
+
+    #[must_use]
+    pub(crate) fn connector(&self) -> Arc<Connector> {
+        Arc::clone(&self.path().connector)
+    }
+
+    #[must_use]
+    pub(crate) fn health(&self) -> &Health {
+        &self.health
     }
 
     #[must_use]

@@ -16,17 +16,15 @@ pub mod edge;
 pub mod health;
 pub mod health_port;
 pub mod kernel;
-pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod server;
 pub mod service_manager;
 pub mod sockopt;
-pub mod source_prefix;
+pub mod source_filter;
 pub mod tcpstat;
-pub mod upgrade;
-pub mod xdp_filter;
 
 /// Process exit codes (also listed in `--help`).
 pub mod exit {

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use proxy_common::{MAX_GUARDED_PORTS, MAX_SOURCE_PREFIXES};
 
 use super::{ConfigError, FieldError, ListenerConfig, invalid};
-use crate::{source_prefix::SourcePrefix, xdp_filter::SourceFilterConfig};
+use crate::{source_filter::SourceFilterConfig, source_filter::prefix::SourcePrefix};
 
 /// Config key and flag of the allow lists.
 pub(super) const KEY: &str = "allowed_source_cidrs";

@@ -9,8 +9,8 @@ use std::{io::Write as _, process::Command, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use splice_proxy::xdp_filter::{AllowLists, SourceFilter, XdpAttachMode};
-use testkit::{
+use splice_proxy::source_filter::{AllowLists, SourceFilter, XdpAttachMode};
+use splice_proxy_tests::{
     netns::NetNs,
     process::{ProxyProcess, message},
 };
@@ -85,7 +85,10 @@ fn a_failed_start_or_a_killed_proxy_leaves_no_program_attached() -> Result<()> {
     // Attached before binding; the bind fails; the filter goes with the process.
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = taken.local_addr()?.to_string();
-    let out = Command::new(testkit::process::binary()?).args(filter).args(["--listen", &addr]).output()?;
+    let out = Command::new(splice_proxy_tests::process::binary()?)
+        .args(filter)
+        .args(["--listen", &addr])
+        .output()?;
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{log}");
     ensure!(
@@ -214,7 +217,7 @@ fn an_interface_that_refuses_the_filter_fails_start_up_and_detaches_the_others()
     // Interfaces attach in name order: xf-a first, then xf-b fails.
     let config = two_interfaces("xf-a", "xf-b")?;
     let path = config.path().to_str().context("temp path")?;
-    let out = Command::new(testkit::process::binary()?)
+    let out = Command::new(splice_proxy_tests::process::binary()?)
         .args(["--config", path, "--log-format", "json", "--admin-listen", "127.0.0.1:0"])
         .args(UPSTREAM)
         .output()?;

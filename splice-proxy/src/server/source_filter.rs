@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use crate::{
     config::{Config, ListenerConfig},
-    xdp_filter::{AllowLists, SourceFilter, SourceFilterConfig, SourceFilterError},
+    source_filter::{AllowLists, SourceFilter, SourceFilterConfig, SourceFilterError},
 };
 
 /// A listener as it runs: the address it was configured with and the port

@@ -3,7 +3,7 @@
 //! [`Config::from_options`] checks every value, with the [`defaults`] for
 //! what is left out, before anything binds a port. Errors name the field
 //! (config key and flag). Listeners and their edge settings: [`listeners`];
-//! the XDP source filter's interface and allow lists: [`source_lists`].
+//! the XDP source filter's interface and allow lists: [`source_filter`].
 
 mod admin;
 pub mod defaults;
@@ -12,14 +12,14 @@ mod listeners;
 pub mod options;
 mod overlay;
 mod reload;
-mod source_lists;
+mod source_filter;
 
 pub use admin::AdminConfig;
 pub use listeners::ListenerConfig;
 pub use options::{ListenerOptions, ListenerSettings, LogFormat, Options};
 pub use reload::NeedsRestart;
 #[cfg(test)]
-pub(crate) use source_lists::three_listeners;
+pub(crate) use source_filter::three_listeners;
 
 use std::{fmt::Display, path::PathBuf, str::FromStr, time::Duration};
 
@@ -30,7 +30,7 @@ use crate::{
     dataplane::{ChosenPlane, DataPlane, splice::Pipe},
     dns::DnsConfig,
     sockopt::TcpConfig,
-    xdp_filter::SourceFilterConfig,
+    source_filter::SourceFilterConfig,
 };
 
 /// A fully validated configuration.
@@ -170,7 +170,7 @@ impl Config {
         }
         let admin =
             admin::admin(o.admin_listen, o.health_listen, o.drain_delay, o.probe_interval, &listeners)?;
-        let source_filter = source_lists::validate(o.listener.xdp_interface.as_deref(), &listeners)?;
+        let source_filter = source_filter::validate(o.listener.xdp_interface.as_deref(), &listeners)?;
         let dataplane = DataPlane::choose(
             o.dataplane.unwrap_or(defaults::DATAPLANE),
             pipe_size,

@@ -8,11 +8,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, ensure};
 use proxy_common::SourceFilterStats;
-use splice_proxy::{
-    source_prefix::SourcePrefix,
-    xdp_filter::{AllowLists, PortPrefix, SourceFilter},
-};
-use testkit::{frames::*, netns::NetNs};
+use splice_proxy::source_filter::{AllowLists, PortPrefix, SourceFilter, prefix::SourcePrefix};
+use splice_proxy_tests::{frames::*, netns::NetNs};
 
 /// XDP actions (uapi `enum xdp_action`).
 const XDP_DROP: u32 = 1;
