@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::btf::{self, BtfError};
 
-/// The kernel object built by `cargo xtask build-ebpf`.
+/// The kernel object the build script built (`kernel-build`).
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SPLICE_PROXY_EBPF_OBJECT"));
 
 /// SO_COOKIE: the kernel's 64-bit id of a socket, the key of the socket maps.

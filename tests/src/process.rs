@@ -46,9 +46,9 @@ pub fn binary() -> Result<PathBuf> {
     }
     if let Some(source) = newer_source(&path)? {
         bail!(
-            "{} is older than {}: rebuild it with `cargo build --bin splice-proxy` (after `cargo xtask \
-             build-ebpf` if the kernel program changed; `cargo test` alone rebuilds neither, `cargo xtask \
-             test` both), or the tests would run the old proxy",
+            "{} is older than {}: rebuild it with `cargo build --bin splice-proxy` (which rebuilds the \
+             kernel programs too; `cargo test` alone does not, `cargo xtask test` does), or the tests \
+             would run the old proxy",
             path.display(),
             source.display()
         );

@@ -136,22 +136,15 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Where `cargo xtask build-ebpf` leaves the kernel object; splice-proxy's
-/// build script reads the same path.
+/// Where `cargo xtask build-ebpf` leaves the kernel object (and where
+/// splice-proxy's build script builds it too).
 fn ebpf_object(root: &Path) -> PathBuf {
-    root.join("target/bpfel-unknown-none/release/proxy-ebpf")
+    kernel_build::object_path(root)
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {
     prereq::ensure()?;
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(root.join("target"))
-        .current_dir(root.join("proxy-ebpf"));
-    clear_outer_cargo_env(&mut cmd);
-    run(&mut cmd)?;
+    run(&mut kernel_build::cargo(root, "build"))?;
     let object = ebpf_object(root);
     if !object.is_file() {
         bail!("the kernel build finished but {} is missing", object.display());
@@ -164,19 +157,11 @@ fn build_ebpf(root: &Path) -> Result<()> {
 /// (it builds for the BPF target with nightly).
 fn lint_ebpf(root: &Path) -> Result<()> {
     let mut fmt = Command::new("rustup");
-    fmt.args(["run", "nightly", "cargo", "fmt", "--", "--check"]).current_dir(root.join("proxy-ebpf"));
-    clear_outer_cargo_env(&mut fmt);
+    fmt.args(["run", "nightly", "cargo", "fmt", "--", "--check"])
+        .current_dir(root.join(kernel_build::CRATE_DIR));
+    kernel_build::clear_outer_cargo_env(&mut fmt);
     run(&mut fmt)?;
-    let mut clippy = Command::new("rustup");
-    clippy
-        .args(["run", "nightly", "cargo", "clippy", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(root.join("target"))
-        .args(["--", "-D", "warnings"])
-        .current_dir(root.join("proxy-ebpf"));
-    clear_outer_cargo_env(&mut clippy);
-    run(&mut clippy)
+    run(kernel_build::cargo(root, "clippy").args(["--", "-D", "warnings"]))
 }
 
 fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
@@ -263,7 +248,7 @@ fn fuzz(root: &Path, seconds: u32) -> Result<()> {
             .arg(root.join("fuzz/seeds").join(target))
             .args(["--", &format!("-max_total_time={seconds}"), &format!("-max_len={max_len}")])
             .current_dir(root);
-        clear_outer_cargo_env(&mut cmd);
+        kernel_build::clear_outer_cargo_env(&mut cmd);
         run(&mut cmd)?;
     }
     Ok(())
@@ -273,21 +258,4 @@ fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root);
     cmd
-}
-
-/// The nightly kernel build must not inherit the stable toolchain or flags
-/// that `cargo run` passed down to this process.
-fn clear_outer_cargo_env(cmd: &mut Command) {
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "CARGO",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
 }
