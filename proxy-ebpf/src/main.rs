@@ -223,8 +223,8 @@ impl PeerBacklog {
     /// this socket passes to user space queue up behind it; if its receive
     /// window closes meanwhile, the peer's acknowledgements are refused as
     /// beyond the window, nothing moves, and the connection hangs
-    /// (ARCHITECTURE.md). At most `thirds` thirds of the send buffer may be
-    /// used: two to keep splicing, one to resume.
+    /// (docs/kernel-notes.md, *Facts re-checked*). At most `thirds` thirds
+    /// of the send buffer may be used: two to keep splicing, one to resume.
     fn fits(self, len: u32, max_queued: u64, thirds: u64) -> bool {
         let queued = self.queued + u64::from(len);
         queued <= max_queued && self.wmem_queued + 2 * queued <= self.sndbuf * thirds / 3
@@ -372,6 +372,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The object's licence as the kernel reads it: the same terms as this
+/// crate's `MIT OR GPL-2.0`, in one of the strings the kernel accepts as
+/// GPL-compatible (which GPL-only helpers require).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -89,7 +89,7 @@ pub fn set_rcvlowat<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError> {
 /// advertises. An accepted socket takes its clamp from the listener's buffer
 /// at the handshake and only autotuning raises it, which
 /// a fixed buffer turns off; so a buffer fixed after the handshake must raise
-/// the clamp too, or the window stays at that first value (ARCHITECTURE.md).
+/// the clamp too, or the window stays at that first value (docs/kernel-notes.md, *Facts re-checked*).
 pub fn set_window_clamp<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError> {
     set_int(fd, nix::libc::IPPROTO_TCP, nix::libc::TCP_WINDOW_CLAMP, bytes, "TCP_WINDOW_CLAMP")
 }

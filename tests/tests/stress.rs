@@ -6,7 +6,7 @@
 //!
 //! `SPLICE_PROXY_STRESS_PLANES` (comma-separated) chooses the planes. A run
 //! that hangs prints the proxy's threads and its sockets (`ss`): that is how
-//! the sockmap hang in ARCHITECTURE.md was found.
+//! the sockmap hang in docs/kernel-notes.md was found.
 
 use std::{
     net::{IpAddr, Ipv4Addr},

@@ -81,7 +81,7 @@ const MAX_KEEPALIVE_SECS: u64 = 32_767;
 const MAX_KEEPALIVE_COUNT: u32 = 127;
 /// Smallest `max_inflight`: a paused direction resumes once its peer has
 /// room for half the bound, and a loopback skb carries up to 64 KiB, so a
-/// bound of 64 KiB never resumes (ARCHITECTURE.md, kernel facts); 256 KiB is
+/// bound of 64 KiB never resumes (docs/kernel-notes.md, *Facts re-checked*); 256 KiB is
 /// the bound the lossy-link and contention gates run (`sockmap-256k`).
 const MIN_INFLIGHT: u64 = 256 * 1024;
 

@@ -44,7 +44,7 @@ const PENDING_START: usize = 64 << 10;
 /// Largest single read from a paused source. tcp_bpf holds the socket lock
 /// while it copies, and packets that arrive meanwhile wait in the socket
 /// backlog, which drops them once full: shorter reads drop fewer, and a lossy
-/// link recovers faster (ARCHITECTURE.md, kernel facts).
+/// link recovers faster (docs/kernel-notes.md, *Facts re-checked*).
 const READ_CHUNK: usize = 128 << 10;
 /// Poll interval while waiting for a peer to take redirected bytes (only at
 /// close and after a pause).
@@ -187,7 +187,7 @@ impl SockmapPlane {
     /// its write closes its receive window, and this kernel then refuses the
     /// peer's acknowledgements that carry a sequence beyond that window, so
     /// the other direction's writes through it stall too; with both
-    /// directions paused that was a deadlock (ARCHITECTURE.md).
+    /// directions paused that was a deadlock (docs/kernel-notes.md, *Facts re-checked*).
     async fn copy_passed(
         &self,
         from: &TcpStream,

@@ -52,8 +52,8 @@ use crate::{
 };
 
 /// Smallest socket buffers of a spliced connection (the kernel doubles them):
-/// smaller ones make a lossy link crawl once paused (ARCHITECTURE.md, kernel
-/// facts).
+/// smaller ones make a lossy link crawl once paused (docs/kernel-notes.md,
+/// *Facts re-checked*).
 const BUFFER_FLOOR: u64 = 1 << 20;
 /// Largest socket buffers of a spliced connection, whatever `--max-inflight`
 /// says: the memory a connection may pin stays bounded.
@@ -285,7 +285,7 @@ impl SockmapPlane {
         // socket's receive buffer must not autotune to tcp_rmem[2], and
         // capping it only at pause time, below what it already held, hung
         // connections; the program keeps what waits for a socket's send
-        // queue within that queue's free room (ARCHITECTURE.md).
+        // queue within that queue's free room (ARCHITECTURE.md, the sockmap plane).
         let buffer =
             usize::try_from(self.max_inflight.clamp(BUFFER_FLOOR, BUFFER_CEILING)).unwrap_or(usize::MAX);
         for socket in [client, upstream] {

@@ -11,7 +11,7 @@
 //! (MSG_DONTWAIT), and a wait clears the readiness it returned before the
 //! next attempt. Bytes that arrive after an attempt wake the next wait, and
 //! bytes that arrive between a wait and the next attempt are read by it, so
-//! no wake-up can be lost to a cleared readiness (the hang ARCHITECTURE.md
+//! no wake-up can be lost to a cleared readiness (the hang docs/kernel-notes.md
 //! records came from clearing readiness without reading).
 
 use std::{
