@@ -10,12 +10,8 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
-use super::{
-    both_ways::{Pump, PumpError, forward_in_user_space, shutdown_write},
-    transfer::{ByteProgress, Sockets, Transfer},
-};
+use super::both_ways::{Pump, PumpError, shutdown_write};
 
 /// Size of a direction's buffer at first; it doubles up to the configured
 /// size each time a read fills it. A short exchange (a TLS handshake, an API
@@ -23,51 +19,28 @@ use super::{
 /// direction showed in the connection set-up profile.
 const FIRST_BUFFER: usize = 16 << 10;
 
-/// Forwards a connection through a user-space buffer per direction of up
-/// to `buffer_size` bytes until it ends.
-pub async fn forward(
-    sockets: Sockets,
-    stop: &CancellationToken,
-    progress: &ByteProgress,
-    buffer_size: usize,
-) -> Transfer {
-    forward_in_user_space(sockets, stop, progress, CopyPump { buffer_size }).await
-}
-
+/// How the copy plane moves one direction: `buffer_size` is its largest
+/// buffer (`--copy-buffer-size`).
 #[derive(Debug, Clone, Copy)]
-struct CopyPump {
-    buffer_size: usize,
+pub struct CopyPump {
+    pub buffer_size: usize,
 }
 
 impl Pump for CopyPump {
-    fn run<'a>(
-        self,
-        from: &'a TcpStream,
-        to: &'a TcpStream,
-        moved: &'a AtomicU64,
-    ) -> impl Future<Output = Result<(), PumpError>> + Send + 'a {
-        pump(from, to, self.buffer_size, moved)
-    }
-}
-
-/// Copies one direction until EOF, then shuts the destination's write side.
-/// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    buffer_size: usize,
-    copied: &AtomicU64,
-) -> Result<(), PumpError> {
-    let mut buf = vec![0u8; buffer_size.min(FIRST_BUFFER)];
-    loop {
-        let n = read_some(from, &mut buf).await.map_err(PumpError::Read)?;
-        if n == 0 {
-            return shutdown_write(to).map_err(PumpError::Write);
-        }
-        write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
-        copied.fetch_add(n as u64, Ordering::Relaxed);
-        if n == buf.len() && buf.len() < buffer_size {
-            buf.resize((buf.len() * 2).min(buffer_size), 0);
+    /// Copies one direction until EOF, then shuts the destination's write side.
+    /// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
+    async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
+        let mut buf = vec![0u8; self.buffer_size.min(FIRST_BUFFER)];
+        loop {
+            let n = read_some(from, &mut buf).await.map_err(PumpError::Read)?;
+            if n == 0 {
+                return shutdown_write(to).map_err(PumpError::Write);
+            }
+            write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+            if n == buf.len() && buf.len() < self.buffer_size {
+                buf.resize((buf.len() * 2).min(self.buffer_size), 0);
+            }
         }
     }
 }

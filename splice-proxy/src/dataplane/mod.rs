@@ -8,9 +8,12 @@
 //! [`splice`] through a pipe with splice(2), never touching user memory,
 //! [`sockmap`] in the kernel with a BPF verdict program.
 //!
-//! Each plane is one module with one entry, `forward(sockets, …)`, which
-//! returns a [`Step`]: the connection's [`Transfer`] when it ended there, or
-//! [`Step::HandOver`] to move it to the plane after it ([`Plane::next`]).
+//! Each plane is one module with one entry: a user-space plane gives the
+//! [`both_ways::Pump`] that moves one direction (its `forward` is
+//! [`both_ways::forward_in_user_space`]); a kernel plane a `forward(sockets,
+//! …)` that returns a [`Step`]: the connection's [`Transfer`] when it ended
+//! there, or [`Step::HandOver`] to move it to the plane after it
+//! ([`Plane::next`]).
 //! [`Plane`] is the registry: adding a plane adds its module, a variant
 //! there, an arm in [`DataPlane::choose`] and a value of [`DataPlaneChoice`].
 
@@ -27,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use transfer::{ByteProgress, Ending, Side, Sockets, Step, Transfer};
 
-use self::sockmap::SockmapPlane;
+use self::{both_ways::forward_in_user_space, sockmap::SockmapPlane};
 
 /// The `--dataplane` choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -185,10 +188,12 @@ impl Plane {
         loop {
             let step = match &plane {
                 Self::Splice { pipe_size } => {
-                    Step::Finished(Box::pin(splice::forward(sockets, &stop, progress, *pipe_size)).await)
+                    let pump = splice::SplicePump { pipe_size: *pipe_size };
+                    Step::Finished(Box::pin(forward_in_user_space(sockets, &stop, progress, pump)).await)
                 }
                 Self::Copy { buffer_size } => {
-                    Step::Finished(Box::pin(copy::forward(sockets, &stop, progress, *buffer_size)).await)
+                    let pump = copy::CopyPump { buffer_size: *buffer_size };
+                    Step::Finished(Box::pin(forward_in_user_space(sockets, &stop, progress, pump)).await)
                 }
                 Self::Sockmap(sockmap) => Box::pin(sockmap.forward(sockets, &stop, progress)).await,
             };

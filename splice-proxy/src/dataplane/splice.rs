@@ -15,12 +15,8 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{io::Interest, net::TcpStream};
-use tokio_util::sync::CancellationToken;
 
-use super::{
-    both_ways::{Pump, PumpError, forward_in_user_space, shutdown_write},
-    transfer::{ByteProgress, Sockets, Transfer},
-};
+use super::both_ways::{Pump, PumpError, shutdown_write};
 
 /// A pipe with its read and write ends.
 pub struct Pipe {
@@ -62,72 +58,49 @@ const FIRST_PIPE: usize = 64 << 10;
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
-/// Forwards a connection through a pipe per direction of up to `pipe_size`
-/// bytes until it ends.
-pub async fn forward(
-    sockets: Sockets,
-    stop: &CancellationToken,
-    progress: &ByteProgress,
-    pipe_size: usize,
-) -> Transfer {
-    forward_in_user_space(sockets, stop, progress, SplicePump { pipe_size }).await
-}
-
+/// How the splice plane moves one direction: `pipe_size` is its largest
+/// pipe (`--splice-pipe-size`).
 #[derive(Debug, Clone, Copy)]
-struct SplicePump {
-    pipe_size: usize,
+pub struct SplicePump {
+    pub pipe_size: usize,
 }
 
 impl Pump for SplicePump {
-    fn run<'a>(
-        self,
-        from: &'a TcpStream,
-        to: &'a TcpStream,
-        moved: &'a AtomicU64,
-    ) -> impl Future<Output = Result<(), PumpError>> + Send + 'a {
-        pump(from, to, self.pipe_size, moved)
-    }
-}
-
-/// Moves one direction until EOF, then shuts the destination's write side.
-/// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    pipe_size: usize,
-    copied: &AtomicU64,
-) -> Result<(), PumpError> {
-    let mut pipe = Pipe::new(pipe_size.min(FIRST_PIPE)).map_err(PumpError::Read)?;
-    let mut largest = pipe_size;
-    loop {
-        // The pipe is empty here, so EAGAIN can only mean the socket has nothing.
-        let filled = match from.try_io(Interest::READABLE, || {
-            splice(from, None, &pipe.write, None, pipe.size, FLAGS).map_err(io::Error::from)
-        }) {
-            Ok(0) => return shutdown_write(to).map_err(PumpError::Write),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                from.readable().await.map_err(PumpError::Read)?;
-                continue;
-            }
-            Err(e) => return Err(PumpError::Read(e)),
-        };
-        let mut in_pipe = filled;
-        while in_pipe > 0 {
-            match to.try_io(Interest::WRITABLE, || {
-                splice(&pipe.read, None, to, None, in_pipe, FLAGS).map_err(io::Error::from)
+    /// Moves one direction until EOF, then shuts the destination's write side.
+    /// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
+    async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
+        let mut pipe = Pipe::new(self.pipe_size.min(FIRST_PIPE)).map_err(PumpError::Read)?;
+        let mut largest = self.pipe_size;
+        loop {
+            // The pipe is empty here, so EAGAIN can only mean the socket has nothing.
+            let filled = match from.try_io(Interest::READABLE, || {
+                splice(from, None, &pipe.write, None, pipe.size, FLAGS).map_err(io::Error::from)
             }) {
-                Ok(n) => in_pipe -= n,
+                Ok(0) => return shutdown_write(to).map_err(PumpError::Write),
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    to.writable().await.map_err(PumpError::Write)?;
+                    from.readable().await.map_err(PumpError::Read)?;
+                    continue;
                 }
-                Err(e) => return Err(PumpError::Write(e)),
+                Err(e) => return Err(PumpError::Read(e)),
+            };
+            let mut in_pipe = filled;
+            while in_pipe > 0 {
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, to, None, in_pipe, FLAGS).map_err(io::Error::from)
+                }) {
+                    Ok(n) => in_pipe -= n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        to.writable().await.map_err(PumpError::Write)?;
+                    }
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
             }
-        }
-        copied.fetch_add(filled as u64, Ordering::Relaxed);
-        if filled == pipe.size && pipe.size < largest && !pipe.grow((pipe.size * 2).min(largest)) {
-            // Refused once, not asked again for every splice.
-            largest = pipe.size;
+            moved.fetch_add(filled as u64, Ordering::Relaxed);
+            if filled == pipe.size && pipe.size < largest && !pipe.grow((pipe.size * 2).min(largest)) {
+                // Refused once, not asked again for every splice.
+                largest = pipe.size;
+            }
         }
     }
 }
