@@ -3,6 +3,10 @@
 //! `bool`, and explicit padding, so both sides read the same bytes.
 #![no_std]
 
+pub mod packet;
+
+pub use packet::{PacketFlowKey, PacketRewrite};
+
 /// Names of the programs in the kernel object, as `aya` looks them up.
 pub mod program {
     /// `sk_skb/stream_verdict` program attached to [`super::map::SPLICE_SOCKETS`].
@@ -14,6 +18,9 @@ pub mod program {
     /// to a guarded port whose source is in none of that port's allowed
     /// prefixes, passes the rest.
     pub const SOURCE_FILTER: &str = "source_filter";
+    /// tc (clsact ingress) program of packet splicing: rewrites each packet
+    /// of a spliced connection into the other connection and sends it out.
+    pub const PACKET_SPLICE: &str = "packet_splice";
 }
 
 /// Names of the maps in the kernel object.
@@ -27,6 +34,9 @@ pub mod map {
     /// Hash of `u64` by source cookie: bytes of a paused direction that user
     /// space has written to the peer (written only by user space).
     pub const SPLICE_USER_BYTES: &str = "SPLICE_USER_BYTES";
+    /// Hash of [`super::PacketRewrite`] by [`super::PacketFlowKey`]: the
+    /// packet-splicing program's flows.
+    pub const PACKET_FLOWS: &str = "PACKET_FLOWS";
     /// Ring buffer of [`super::FlowEvent`]s for user space.
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
     /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.
@@ -294,9 +304,14 @@ mod pod {
     unsafe impl aya::Pod for super::SourceFilterStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortFilterStats {}
+    // SAFETY: as above: `u64`s, then `u32`s, then `u16`/`u8` fields and
+    // arrays that fill every byte up to the next `u64` (no implicit padding).
+    unsafe impl aya::Pod for super::PacketRewrite {}
     // SAFETY: `#[repr(C)]` structs of `u8` arrays only (alignment 1, no
     // padding); any bytes are a valid value.
     unsafe impl aya::Pod for super::SourceKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PacketFlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SourceKeyV6 {}
 }
@@ -304,7 +319,8 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::{
-        Flow, FlowEvent, PortFilterStats, SourceFilterStats, SourceKeyV4, SourceKeyV6, VerdictStats,
+        Flow, FlowEvent, PacketFlowKey, PacketRewrite, PortFilterStats, SourceFilterStats, SourceKeyV4,
+        SourceKeyV6, VerdictStats,
     };
 
     #[test]
@@ -316,6 +332,9 @@ mod tests {
         assert_eq!(core::mem::align_of::<Flow>(), 8);
         assert_eq!(core::mem::size_of::<PortFilterStats>(), 2 * 8);
         assert_eq!(core::mem::size_of::<SourceKeyV4>(), 2 + 4);
+        assert_eq!(core::mem::size_of::<PacketFlowKey>(), 4 + 4 + 2 + 2);
+        // 12 tuple bytes, 5 u32s, 12 MAC bytes, 2 scales, flags: 48; 2 u64s; 2 u32s.
+        assert_eq!(core::mem::size_of::<PacketRewrite>(), 48 + 2 * 8 + 2 * 4);
         assert_eq!(core::mem::size_of::<SourceKeyV6>(), 2 + 16);
         assert_eq!(core::mem::align_of::<SourceKeyV6>(), 1);
     }

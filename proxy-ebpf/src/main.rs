@@ -17,6 +17,7 @@
 
 mod lossy;
 mod packet;
+mod packet_splice;
 mod source_filter;
 
 use core::ffi::c_void;

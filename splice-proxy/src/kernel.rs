@@ -100,6 +100,7 @@ impl KernelPrograms {
             .map_max_entries(map::SPLICE_SOCKETS, entries)
             .map_max_entries(map::SPLICE_FLOWS, entries)
             .map_max_entries(map::SPLICE_USER_BYTES, entries)
+            .map_max_entries(map::PACKET_FLOWS, 1)
             .load(KERNEL_OBJECT)?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, map::SPLICE_SOCKETS)?;
         let flows: HashMap<MapData, u64, Flow> = take_map(&mut ebpf, map::SPLICE_FLOWS)?;
@@ -235,10 +236,17 @@ where
 /// program uses get a single entry instead of their compiled-in 65,536 (the
 /// hash maps are preallocated: megabytes for nothing).
 pub(crate) fn load_for_xdp() -> Result<Ebpf, KernelError> {
+    load_for_packets(1)
+}
+
+/// Loads the object for packet splicing (and the XDP programs): the
+/// verdict program's maps get a single entry, the packet flows `flows`.
+pub(crate) fn load_for_packets(flows: u32) -> Result<Ebpf, KernelError> {
     Ok(EbpfLoader::new()
         .map_max_entries(map::SPLICE_SOCKETS, 1)
         .map_max_entries(map::SPLICE_FLOWS, 1)
         .map_max_entries(map::SPLICE_USER_BYTES, 1)
+        .map_max_entries(map::PACKET_FLOWS, flows)
         .load(KERNEL_OBJECT)?)
 }
 

@@ -15,6 +15,7 @@ pub mod frames;
 pub mod netns;
 pub mod positional;
 pub mod process;
+pub mod segments;
 pub mod transfer;
 
 /// The hostname the tests and the demo give their fake EKS API server.

@@ -19,6 +19,7 @@
 
 pub mod both_ways;
 pub mod copy;
+pub mod packet;
 pub mod sockmap;
 pub mod splice;
 pub mod transfer;

@@ -1,0 +1,66 @@
+//! Types of the packet-splicing program (`packet_splice`, tc): one
+//! [`PacketRewrite`] per direction of a spliced connection, keyed by the
+//! four-tuple its packets arrive with ([`PacketFlowKey`]). IPv4.
+
+/// The four-tuple of packets arriving for one of the proxy's sockets
+/// (peer → proxy), every field as on the wire (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PacketFlowKey {
+    /// The peer's address (the packet's source).
+    pub remote_addr: [u8; 4],
+    /// The proxy's address (the packet's destination).
+    pub local_addr: [u8; 4],
+    pub remote_port: [u8; 2],
+    pub local_port: [u8; 2],
+}
+
+/// How the packets of one direction become packets of the other connection.
+/// User space writes it at the switch; the program adds to the counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketRewrite {
+    /// The other connection's four-tuple as the proxy's socket there sends
+    /// it: source (the proxy's address and port), destination (that peer's).
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    /// Added (modulo 2³²) to the sequence number.
+    pub seq_delta: u32,
+    /// Added to the acknowledgement number and to every SACK block edge.
+    pub ack_delta: u32,
+    /// Added to the timestamp option's TSval.
+    pub tsval_delta: u32,
+    /// Added to the timestamp option's TSecr.
+    pub tsecr_delta: u32,
+    /// Interface the rewritten packet leaves by.
+    pub ifindex: u32,
+    /// Ethernet source and destination of the rewritten packet.
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// Window scale of the packet's sender and of its new receiver: the
+    /// window field is rescaled when they differ (capped at 65,535).
+    pub sender_wscale: u8,
+    pub receiver_wscale: u8,
+    /// [`rewrite_flags`].
+    pub flags: u16,
+    /// Packets and TCP payload bytes rewritten (the program adds).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Nonzero once a FIN, or a RST, went through (the program sets).
+    pub fin_seen: u32,
+    pub rst_seen: u32,
+}
+
+/// Bits of [`PacketRewrite::flags`].
+pub mod rewrite_flags {
+    /// The packets carry the timestamp option (both connections negotiated it).
+    pub const TIMESTAMPS: u16 = 1;
+    /// Overwrite SACK options with NOPs (one connection did not negotiate SACK).
+    pub const STRIP_SACK: u16 = 2;
+}
+
+/// Compiled-in capacity of [`super::map::PACKET_FLOWS`] (two entries per
+/// connection); user space resizes it at load to twice `--max-connections`.
+pub const PACKET_FLOWS_CAPACITY: u32 = 65_536;

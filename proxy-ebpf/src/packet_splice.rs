@@ -1,0 +1,337 @@
+//! `packet_splice` (tc, clsact ingress): the packets of one TCP connection
+//! of the proxy become packets of the other. For an IPv4 TCP packet whose
+//! four-tuple has a [`PacketRewrite`] in `PACKET_FLOWS`, it rewrites the
+//! Ethernet addresses, the IP addresses and ports (the other connection's,
+//! as the proxy's socket there sends them), the sequence and acknowledgement
+//! numbers and SACK edges (one offset each per direction), the timestamp
+//! option, and the window when the two connections scale it differently;
+//! every checksum through `bpf_l3_csum_replace` / `bpf_l4_csum_replace`,
+//! which keep CHECKSUM_PARTIAL packets right. Then it redirects the packet
+//! out of the flow's interface. Other packets pass untouched.
+//!
+//! A packet of a flow that cannot be rewritten whole is dropped, never
+//! passed: the proxy's own socket would answer it, and its sender
+//! retransmits a dropped packet anyway. The header length never changes
+//! (options are rewritten in place), so a GRO packet keeps its segments.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{bpf_redirect, bpf_skb_load_bytes},
+    macros::{classifier, map},
+    maps::HashMap,
+    programs::TcContext,
+};
+use proxy_common::{
+    PacketFlowKey, PacketRewrite,
+    packet::{PACKET_FLOWS_CAPACITY, rewrite_flags},
+};
+
+use crate::packet::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP};
+
+/// One [`PacketRewrite`] per direction of a spliced connection, keyed by the
+/// four-tuple its packets arrive with.
+#[map]
+static PACKET_FLOWS: HashMap<PacketFlowKey, PacketRewrite> =
+    HashMap::with_max_entries(PACKET_FLOWS_CAPACITY, 0);
+
+/// Offsets in the IPv4 header.
+const IP_CHECKSUM: usize = 10;
+const IP_SRC: usize = 12;
+const IP_DST: usize = 16;
+/// Offsets in the TCP header.
+const TCP_SRC_PORT: usize = 0;
+const TCP_DST_PORT: usize = 2;
+const TCP_SEQ: usize = 4;
+const TCP_ACK: usize = 8;
+const TCP_DATA_OFFSET: usize = 12;
+const TCP_FLAGS: usize = 13;
+const TCP_WINDOW: usize = 14;
+const TCP_CHECKSUM: usize = 16;
+const TCP_HLEN: usize = 20;
+/// TCP flag bits.
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+/// TCP option kinds and lengths.
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_SACK: u8 = 5;
+const OPT_TIMESTAMP: u8 = 8;
+const TIMESTAMP_LEN: u8 = 10;
+/// Most option bytes a TCP header holds.
+const MAX_OPTIONS: usize = 40;
+/// The stack copy of the options: a power of two above [`MAX_OPTIONS`],
+/// all of it initialised, so that an index masked to it is one the
+/// verifier accepts (it cannot follow the walk's own bound).
+const OPTION_BUFFER: usize = 64;
+/// Most options (NOPs included) one header may hold here: Linux, Windows
+/// and the BSDs send at most six on a segment that is not a SYN (NOP, NOP,
+/// timestamps, NOP, NOP, SACK). A walk over 40 one-byte steps is more than
+/// the verifier will follow; a header with more options is dropped.
+const MAX_OPTION_STEPS: usize = 12;
+/// Most SACK blocks one option holds.
+const MAX_SACK_BLOCKS: usize = 4;
+/// Fragment bits of the IPv4 flags/offset field (MF and the offset).
+const IPV4_FRAGMENT: u16 = 0x3fff;
+
+/// Why a packet of a spliced flow was dropped rather than sent on.
+enum Drop {
+    /// A header could not be read or written.
+    Access,
+}
+
+#[classifier]
+pub fn packet_splice(ctx: TcContext) -> i32 {
+    match try_packet_splice(&ctx) {
+        Ok(action) => action,
+        Err(Drop::Access) => TC_ACT_SHOT,
+    }
+}
+
+/// `Ok(TC_ACT_OK)` for a packet of no spliced flow; the redirect's verdict
+/// for one that was rewritten.
+fn try_packet_splice(ctx: &TcContext) -> Result<i32, Drop> {
+    let Some((ip, tcp, key)) = parse(ctx) else { return Ok(TC_ACT_OK) };
+    let Some(rewrite) = PACKET_FLOWS.get_ptr_mut(key) else { return Ok(TC_ACT_OK) };
+    // SAFETY: a value of the map, valid while this program runs; user space
+    // writes only the settings, and only before the flow carries packets.
+    let r = unsafe { *rewrite };
+    let flags: u8 = load(ctx, tcp + TCP_FLAGS)?;
+    let payload = payload_len(ctx, ip, tcp)?;
+    rewrite_addresses(ctx, ip, tcp, &key, &r)?;
+    shift(ctx, tcp, tcp + TCP_SEQ, r.seq_delta)?;
+    if flags & ACK != 0 {
+        shift(ctx, tcp, tcp + TCP_ACK, r.ack_delta)?;
+    }
+    if r.sender_wscale != r.receiver_wscale {
+        rescale_window(ctx, tcp, r.sender_wscale, r.receiver_wscale)?;
+    }
+    rewrite_options(ctx, tcp, &r)?;
+    store(ctx, 0, &r.dst_mac)?;
+    store(ctx, 6, &r.src_mac)?;
+    count(rewrite, payload, flags);
+    // SAFETY: the helper has no preconditions; an unknown ifindex makes the
+    // redirect drop the packet.
+    Ok(unsafe { bpf_redirect(r.ifindex, 0) } as i32)
+}
+
+/// The IPv4 and TCP header offsets and the four-tuple of an unfragmented
+/// IPv4 TCP packet.
+fn parse(ctx: &TcContext) -> Option<(usize, usize, PacketFlowKey)> {
+    let ether_type: [u8; 2] = ctx.load(12).ok()?;
+    if u16::from_be_bytes(ether_type) != ETH_P_IP {
+        return None;
+    }
+    let ip = ETH_HLEN;
+    let version_ihl: u8 = ctx.load(ip).ok()?;
+    let protocol: u8 = ctx.load(ip + 9).ok()?;
+    let fragment: [u8; 2] = ctx.load(ip + 6).ok()?;
+    if version_ihl >> 4 != 4 || protocol != IPPROTO_TCP || u16::from_be_bytes(fragment) & IPV4_FRAGMENT != 0 {
+        return None;
+    }
+    let tcp = ip + usize::from(version_ihl & 0x0f) * 4;
+    let addrs: [u8; 8] = ctx.load(ip + IP_SRC).ok()?;
+    let ports: [u8; 4] = ctx.load(tcp + TCP_SRC_PORT).ok()?;
+    let key = PacketFlowKey {
+        remote_addr: [addrs[0], addrs[1], addrs[2], addrs[3]],
+        local_addr: [addrs[4], addrs[5], addrs[6], addrs[7]],
+        remote_port: [ports[0], ports[1]],
+        local_port: [ports[2], ports[3]],
+    };
+    Some((ip, tcp, key))
+}
+
+/// TCP payload bytes: the IP total length less both headers.
+fn payload_len(ctx: &TcContext, ip: usize, tcp: usize) -> Result<u64, Drop> {
+    let total: [u8; 2] = load(ctx, ip + 2)?;
+    let data_offset: u8 = load(ctx, tcp + TCP_DATA_OFFSET)?;
+    let headers = (tcp - ip) + usize::from(data_offset >> 4) * 4;
+    Ok(usize::from(u16::from_be_bytes(total)).saturating_sub(headers) as u64)
+}
+
+/// The other connection's addresses and ports, with both checksums.
+fn rewrite_addresses(
+    ctx: &TcContext,
+    ip: usize,
+    tcp: usize,
+    key: &PacketFlowKey,
+    r: &PacketRewrite,
+) -> Result<(), Drop> {
+    let words = [(ip + IP_SRC, key.remote_addr, r.src_addr), (ip + IP_DST, key.local_addr, r.dst_addr)];
+    for (offset, old, new) in words {
+        let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+        ctx.l3_csum_replace(ip + IP_CHECKSUM, u64::from(old), u64::from(new), 4).map_err(|_| Drop::Access)?;
+        l4_replace(ctx, tcp, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR as u64 | 4)?;
+        store(ctx, offset, &new)?;
+    }
+    let ports =
+        [(tcp + TCP_SRC_PORT, key.remote_port, r.src_port), (tcp + TCP_DST_PORT, key.local_port, r.dst_port)];
+    for (offset, old, new) in ports {
+        let (old, new) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+        l4_replace(ctx, tcp, u64::from(old), u64::from(new), 2)?;
+        store(ctx, offset, &new)?;
+    }
+    Ok(())
+}
+
+/// Adds `delta` to the big-endian 32-bit field at `offset` of the TCP header
+/// at `tcp`, with its checksum.
+fn shift(ctx: &TcContext, tcp: usize, offset: usize, delta: u32) -> Result<(), Drop> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let old: [u8; 4] = load(ctx, offset)?;
+    let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
+    l4_replace(ctx, tcp, u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(new)), 4)?;
+    store(ctx, offset, &new)
+}
+
+/// The window in the receiver's scale: `window << sender >> receiver`,
+/// at most 65,535.
+fn rescale_window(ctx: &TcContext, tcp: usize, sender: u8, receiver: u8) -> Result<(), Drop> {
+    let old: [u8; 2] = load(ctx, tcp + TCP_WINDOW)?;
+    let bytes = u64::from(u16::from_be_bytes(old)) << (sender & 15);
+    let scaled = (bytes >> (receiver & 15)).min(u64::from(u16::MAX)) as u16;
+    let new = scaled.to_be_bytes();
+    l4_replace(ctx, tcp, u64::from(u16::from_ne_bytes(old)), u64::from(u16::from_ne_bytes(new)), 2)?;
+    store(ctx, tcp + TCP_WINDOW, &new)
+}
+
+/// Timestamps shifted, SACK edges shifted (or the option blanked), in place.
+/// The options are read once onto the stack and walked there (a walk with
+/// a helper call per byte is more than the verifier will follow).
+fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(), Drop> {
+    let data_offset: u8 = load(ctx, tcp + TCP_DATA_OFFSET)?;
+    let words = u32::from(data_offset >> 4);
+    if words <= 5 {
+        return Ok(());
+    }
+    // 4 to 40. Checked again after an opaque copy: the compiler would fold
+    // the check above into the arithmetic, and the verifier, which sees only
+    // the register passed to the helper, must find the bound on it.
+    let len = core::hint::black_box((words - 5) * 4);
+    if len == 0 || len > MAX_OPTIONS as u32 {
+        return Err(Drop::Access);
+    }
+    let mut options = [0u8; OPTION_BUFFER];
+    // SAFETY: `options` has room for `len` (at most 40) bytes; the helper
+    // fails rather than read past the packet.
+    let read = unsafe {
+        bpf_skb_load_bytes(ctx.as_ptr(), (tcp + TCP_HLEN) as u32, options.as_mut_ptr().cast(), len)
+    };
+    if read != 0 {
+        return Err(Drop::Access);
+    }
+    let found = find_options(&options, len as usize)?;
+    if let Some(at) = found.timestamp
+        && r.flags & rewrite_flags::TIMESTAMPS != 0
+    {
+        shift(ctx, tcp, tcp + TCP_HLEN + at + 2, r.tsval_delta)?;
+        shift(ctx, tcp, tcp + TCP_HLEN + at + 6, r.tsecr_delta)?;
+    }
+    if let Some((at, sack_len)) = found.sack {
+        rewrite_sack(ctx, tcp, TCP_HLEN + at, sack_len, r)?;
+    }
+    Ok(())
+}
+
+/// Where the options that carry sequence numbers or timestamps start
+/// (offsets in the option area).
+struct Found {
+    timestamp: Option<usize>,
+    /// Offset and length of the SACK option.
+    sack: Option<(usize, u8)>,
+}
+
+/// Walks the first `len` bytes of `options`; an option that runs past
+/// them, or more than [`MAX_OPTION_STEPS`] options, is an error.
+fn find_options(options: &[u8; OPTION_BUFFER], len: usize) -> Result<Found, Drop> {
+    let mut found = Found { timestamp: None, sack: None };
+    let mut at = 0;
+    for _ in 0..MAX_OPTION_STEPS {
+        if at >= len {
+            break;
+        }
+        let kind = options[at & (OPTION_BUFFER - 1)];
+        if kind == OPT_END {
+            break;
+        }
+        if kind == OPT_NOP {
+            at += 1;
+            continue;
+        }
+        let option_len = options[(at + 1) & (OPTION_BUFFER - 1)];
+        if option_len < 2 || at + usize::from(option_len) > len {
+            return Err(Drop::Access);
+        }
+        if kind == OPT_TIMESTAMP && option_len == TIMESTAMP_LEN {
+            found.timestamp = Some(at);
+        } else if kind == OPT_SACK {
+            found.sack = Some((at, option_len));
+        }
+        at += usize::from(option_len);
+    }
+    if at < len && options[at & (OPTION_BUFFER - 1)] != OPT_END {
+        return Err(Drop::Access);
+    }
+    Ok(found)
+}
+
+/// A SACK option's edges shifted like the acknowledgement number, or the
+/// whole option overwritten with NOPs when one side did not negotiate SACK.
+fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewrite) -> Result<(), Drop> {
+    let edges = usize::from(len.saturating_sub(2)) / 4;
+    for edge in 0..2 * MAX_SACK_BLOCKS {
+        if edge >= edges {
+            break;
+        }
+        let offset = tcp + at + 2 + edge * 4;
+        if r.flags & rewrite_flags::STRIP_SACK != 0 {
+            let old: [u8; 4] = load(ctx, offset)?;
+            let nops = [OPT_NOP; 4];
+            l4_replace(ctx, tcp, u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(nops)), 4)?;
+            store(ctx, offset, &nops)?;
+        } else {
+            shift(ctx, tcp, offset, r.ack_delta)?;
+        }
+    }
+    if r.flags & rewrite_flags::STRIP_SACK != 0 {
+        // Kind and length too: the option becomes NOPs.
+        let old: [u8; 2] = load(ctx, tcp + at)?;
+        let nops = [OPT_NOP; 2];
+        l4_replace(ctx, tcp, u64::from(u16::from_ne_bytes(old)), u64::from(u16::from_ne_bytes(nops)), 2)?;
+        store(ctx, tcp + at, &nops)?;
+    }
+    Ok(())
+}
+
+/// Packets, bytes, and whether a FIN or a RST went through. Plain adds
+/// (the BPF target has no atomic read-modify-write in `core`): a flow's
+/// packets arrive on one receive queue, so one CPU at a time, and the counts
+/// feed logs and metrics only; the FIN and RST marks are idempotent.
+fn count(rewrite: *mut PacketRewrite, payload: u64, flags: u8) {
+    // SAFETY: the map value is valid and aligned while this program runs.
+    let r = unsafe { &mut *rewrite };
+    r.packets += 1;
+    r.bytes += payload;
+    if flags & FIN != 0 {
+        r.fin_seen = 1;
+    }
+    if flags & RST != 0 {
+        r.rst_seen = 1;
+    }
+}
+
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Drop> {
+    ctx.load(offset).map_err(|_| Drop::Access)
+}
+
+fn store<T>(ctx: &TcContext, offset: usize, value: &T) -> Result<(), Drop> {
+    ctx.store(offset, value, 0).map_err(|_| Drop::Access)
+}
+
+/// `bpf_l4_csum_replace` on the TCP checksum.
+fn l4_replace(ctx: &TcContext, tcp: usize, old: u64, new: u64, flags: u64) -> Result<(), Drop> {
+    ctx.l4_csum_replace(tcp + TCP_CHECKSUM, old, new, flags).map_err(|_| Drop::Access)
+}

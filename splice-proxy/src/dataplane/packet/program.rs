@@ -1,0 +1,91 @@
+//! The `packet_splice` tc program and its flow map, loaded from the embedded
+//! object on their own (the sockmap maps get one entry each).
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use proxy_common::{PacketFlowKey, PacketRewrite, map, program};
+
+use crate::kernel::{self, KernelError};
+
+/// Longest frame [`PacketProgram::test_run`] returns.
+const MAX_FRAME: usize = 2048;
+
+/// The loaded program and its map of flows.
+pub struct PacketProgram {
+    flows: HashMap<MapData, PacketFlowKey, PacketRewrite>,
+    ebpf: Ebpf,
+}
+
+impl PacketProgram {
+    /// Loads the program with room for `max_connections` spliced connections
+    /// (two flows each); attaches nothing.
+    pub fn load(max_connections: usize) -> Result<Self, KernelError> {
+        let entries = u32::try_from(max_connections.saturating_mul(2)).unwrap_or(u32::MAX);
+        let mut ebpf = kernel::load_for_packets(entries)?;
+        let flows = kernel::take_map(&mut ebpf, map::PACKET_FLOWS)?;
+        let mut loaded = Self { flows, ebpf };
+        let name = program::PACKET_SPLICE;
+        loaded.program_mut()?.load().map_err(|source| KernelError::Program { name, source })?;
+        Ok(loaded)
+    }
+
+    fn program_mut(&mut self) -> Result<&mut SchedClassifier, KernelError> {
+        let name = program::PACKET_SPLICE;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(KernelError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })
+    }
+
+    fn program(&self) -> Result<&SchedClassifier, KernelError> {
+        let name = program::PACKET_SPLICE;
+        self.ebpf
+            .program(name)
+            .ok_or(KernelError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })
+    }
+
+    /// Packets arriving with `key` are rewritten by `rewrite` from now on.
+    pub fn set_flow(&mut self, key: &PacketFlowKey, rewrite: &PacketRewrite) -> Result<(), KernelError> {
+        self.flows
+            .insert(key, rewrite, 0)
+            .map_err(|source| KernelError::Map { name: map::PACKET_FLOWS, source })
+    }
+
+    /// The flow of `key` with its counters, if there is one.
+    pub fn flow(&self, key: &PacketFlowKey) -> Result<Option<PacketRewrite>, KernelError> {
+        match self.flows.get(key, 0) {
+            Ok(rewrite) => Ok(Some(rewrite)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(KernelError::Map { name: map::PACKET_FLOWS, source }),
+        }
+    }
+
+    /// Packets with `key` pass untouched from now on.
+    pub fn remove_flow(&mut self, key: &PacketFlowKey) -> Result<(), KernelError> {
+        match self.flows.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(KernelError::Map { name: map::PACKET_FLOWS, source }),
+        }
+    }
+
+    /// Runs the program once on `frame` (an Ethernet frame) with
+    /// BPF_PROG_TEST_RUN: its verdict (a `TC_ACT_*` value) and the frame as
+    /// it left the program. Counters count it like a received packet. For
+    /// tests.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), KernelError> {
+        let name = program::PACKET_SPLICE;
+        let mut out = vec![0u8; MAX_FRAME];
+        let opts =
+            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let result =
+            self.program()?.test_run(opts).map_err(|source| KernelError::Program { name, source })?;
+        out.truncate(usize::try_from(result.data_size_out).unwrap_or(MAX_FRAME));
+        Ok((result.return_value, out))
+    }
+}
