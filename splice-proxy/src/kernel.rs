@@ -107,11 +107,7 @@ impl KernelPrograms {
         let user_bytes: HashMap<MapData, u64, u64> = take_map(&mut ebpf, map::SPLICE_USER_BYTES)?;
         let stats: PerCpuArray<MapData, VerdictStats> = take_map(&mut ebpf, map::VERDICT_STATS)?;
         let name = program::SPLICE_VERDICT;
-        let verdict: &mut SkSkb = ebpf
-            .program_mut(name)
-            .ok_or(KernelError::Missing { kind: "program", name })?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })?;
+        let verdict: &mut SkSkb = program_mut(&mut ebpf, name)?;
         verdict.load().map_err(|source| KernelError::Program { name, source })?;
         verdict.attach(sockets.fd()).map_err(|source| KernelError::Program { name, source })?;
         Ok(Self { ebpf, sockets, flows, user_bytes, stats })
@@ -232,6 +228,24 @@ where
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
+/// The program `name` of `ebpf`, as its type `P`.
+pub(crate) fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let found = ebpf.program_mut(name).ok_or(KernelError::Missing { kind: "program", name })?;
+    found.try_into().map_err(|source| KernelError::Program { name, source })
+}
+
+/// [`program_mut`], shared.
+pub(crate) fn program<'a, P>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a P, KernelError>
+where
+    &'a P: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+{
+    let found = ebpf.program(name).ok_or(KernelError::Missing { kind: "program", name })?;
+    found.try_into().map_err(|source| KernelError::Program { name, source })
+}
+
 /// Loads the object for one of its XDP programs: the maps only the verdict
 /// program uses get a single entry instead of their compiled-in 65,536 (the
 /// hash maps are preallocated: megabytes for nothing).
@@ -262,11 +276,7 @@ impl LossyLink {
         let mut ebpf = load_for_xdp()?;
         let drops: PerCpuArray<MapData, u64> = take_map(&mut ebpf, map::LOSSY_DROPS)?;
         let name = program::LOSSY_LINK;
-        let xdp: &mut aya::programs::Xdp = ebpf
-            .program_mut(name)
-            .ok_or(KernelError::Missing { kind: "program", name })?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })?;
+        let xdp: &mut aya::programs::Xdp = program_mut(&mut ebpf, name)?;
         xdp.load().map_err(|source| KernelError::Program { name, source })?;
         xdp.attach(interface, aya::programs::XdpMode::Default)
             .map_err(|source| KernelError::Program { name, source })?;

@@ -152,21 +152,11 @@ impl SourceFilter {
     }
 
     fn program_mut(&mut self) -> Result<&mut Xdp, KernelError> {
-        let name = program::SOURCE_FILTER;
-        self.ebpf
-            .program_mut(name)
-            .ok_or(KernelError::Missing { kind: "program", name })?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })
+        kernel::program_mut(&mut self.ebpf, program::SOURCE_FILTER)
     }
 
     fn program(&self) -> Result<&Xdp, KernelError> {
-        let name = program::SOURCE_FILTER;
-        self.ebpf
-            .program(name)
-            .ok_or(KernelError::Missing { kind: "program", name })?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })
+        kernel::program(&self.ebpf, program::SOURCE_FILTER)
     }
 
     /// Attaches the program to `interface` (in the calling thread's network

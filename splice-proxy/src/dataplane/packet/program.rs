@@ -33,21 +33,11 @@ impl PacketProgram {
     }
 
     fn program_mut(&mut self) -> Result<&mut SchedClassifier, KernelError> {
-        let name = program::PACKET_SPLICE;
-        self.ebpf
-            .program_mut(name)
-            .ok_or(KernelError::Missing { kind: "program", name })?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })
+        kernel::program_mut(&mut self.ebpf, program::PACKET_SPLICE)
     }
 
     fn program(&self) -> Result<&SchedClassifier, KernelError> {
-        let name = program::PACKET_SPLICE;
-        self.ebpf
-            .program(name)
-            .ok_or(KernelError::Missing { kind: "program", name })?
-            .try_into()
-            .map_err(|source| KernelError::Program { name, source })
+        kernel::program(&self.ebpf, program::PACKET_SPLICE)
     }
 
     /// Packets arriving with `key` are rewritten by `rewrite` from now on.
