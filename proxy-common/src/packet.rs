@@ -45,12 +45,17 @@ pub struct PacketRewrite {
     pub receiver_wscale: u8,
     /// [`rewrite_flags`].
     pub flags: u16,
-    /// Packets and TCP payload bytes rewritten (the program adds).
+    /// Packets rewritten, retransmissions included (the program adds).
     pub packets: u64,
+    /// Payload bytes carried, each once: how far `next_seq` moved.
     pub bytes: u64,
     /// Nonzero once a FIN, or a RST, went through (the program sets).
     pub fin_seen: u32,
     pub rst_seen: u32,
+    /// The sender's sequence number after the furthest payload byte seen
+    /// (user space starts it at the switch; the program moves it forward).
+    pub next_seq: u32,
+    pub _pad: u32,
 }
 
 /// Bits of [`PacketRewrite::flags`].

@@ -98,6 +98,7 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Drop> {
     // writes only the settings, and only before the flow carries packets.
     let r = unsafe { *rewrite };
     let flags: u8 = load(ctx, tcp + TCP_FLAGS)?;
+    let seq: [u8; 4] = load(ctx, tcp + TCP_SEQ)?;
     let payload = payload_len(ctx, ip, tcp)?;
     rewrite_addresses(ctx, ip, tcp, &key, &r)?;
     shift(ctx, tcp, tcp + TCP_SEQ, r.seq_delta)?;
@@ -110,7 +111,7 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Drop> {
     rewrite_options(ctx, tcp, &r)?;
     store(ctx, 0, &r.dst_mac)?;
     store(ctx, 6, &r.src_mac)?;
-    count(rewrite, payload, flags);
+    count(rewrite, u32::from_be_bytes(seq), payload, flags);
     // SAFETY: the helper has no preconditions; an unknown ifindex makes the
     // redirect drop the packet.
     Ok(unsafe { bpf_redirect(r.ifindex, 0) } as i32)
@@ -306,15 +307,23 @@ fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewri
     Ok(())
 }
 
-/// Packets, bytes, and whether a FIN or a RST went through. Plain adds
-/// (the BPF target has no atomic read-modify-write in `core`): a flow's
-/// packets arrive on one receive queue, so one CPU at a time, and the counts
-/// feed logs and metrics only; the FIN and RST marks are idempotent.
-fn count(rewrite: *mut PacketRewrite, payload: u64, flags: u8) {
+/// Packets, new payload bytes (a retransmission moves `next_seq` no
+/// further), and whether a FIN or a RST went through. Plain adds (the BPF
+/// target has no atomic read-modify-write in `core`): a flow's packets
+/// arrive on one receive queue, so one CPU at a time, and the counts feed
+/// logs and metrics only; the FIN and RST marks are idempotent.
+fn count(rewrite: *mut PacketRewrite, seq: u32, payload: u64, flags: u8) {
     // SAFETY: the map value is valid and aligned while this program runs.
     let r = unsafe { &mut *rewrite };
     r.packets += 1;
-    r.bytes += payload;
+    // A packet without payload moves nothing: after a FIN, its sender's
+    // ACKs carry the sequence number after the FIN's.
+    let end = seq.wrapping_add(payload as u32);
+    let ahead = end.wrapping_sub(r.next_seq) as i32;
+    if payload > 0 && ahead > 0 {
+        r.bytes += ahead as u64;
+        r.next_seq = end;
+    }
     if flags & FIN != 0 {
         r.fin_seen = 1;
     }

@@ -1,7 +1,8 @@
 //! The packet-splicing program's rewrite, packet by packet, through
 //! `BPF_PROG_TEST_RUN`: the loaded program with its real flow map. Each case
 //! sends one frame and checks the verdict, every header field of the frame
-//! that comes out (both checksums verified), and the flow's counters.
+//! that comes out (both checksums verified), and the flow's counters (a
+//! retransmission counts as a packet, not as new bytes).
 //! Runs as root in its own network namespace.
 
 use std::net::Ipv4Addr;
@@ -171,7 +172,9 @@ fn packets_of_a_flow_are_rewritten_into_the_other_connection() -> Result<()> {
     let mut program = PacketProgram::load(16).context("loading packet_splice")?;
     let key = client_to_upstream_key();
     for case in cases() {
-        program.set_flow(&key, &case.rewrite)?;
+        // Bytes are counted from the flow's next expected byte.
+        let rewrite = PacketRewrite { next_seq: case.input.seq, ..case.rewrite };
+        program.set_flow(&key, &rewrite)?;
         let frame = case.input.frame();
         let (verdict, out) = program.test_run(&frame)?;
         let flow = program.flow(&key)?.context("the flow is gone")?;
@@ -205,6 +208,16 @@ fn packets_of_a_flow_are_rewritten_into_the_other_connection() -> Result<()> {
                     ensure!(timestamps(&got.options) == Some((tsval, tsecr)), "{}: timestamps", case.name);
                 }
                 ensure!(sack_blocks(&got.options) == sack_blocks(&expect.options), "{}: SACK", case.name);
+                // The same segment again (a retransmission) is a packet, not new bytes.
+                program.test_run(&frame)?;
+                let again = program.flow(&key)?.context("the flow is gone")?;
+                ensure!(
+                    (again.packets, again.bytes) == (2, payload),
+                    "{}: a retransmission counted {} packets, {} bytes",
+                    case.name,
+                    again.packets,
+                    again.bytes
+                );
             }
         }
         program.remove_flow(&key)?;

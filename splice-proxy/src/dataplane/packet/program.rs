@@ -4,7 +4,7 @@
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::{SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, tc::SchedClassifierLink},
 };
 use proxy_common::{PacketFlowKey, PacketRewrite, map, program};
 
@@ -13,8 +13,11 @@ use crate::kernel::{self, KernelError};
 /// Longest frame [`PacketProgram::test_run`] returns.
 const MAX_FRAME: usize = 2048;
 
-/// The loaded program and its map of flows.
+/// The loaded program, its map of flows, and the interfaces it is attached
+/// to (detached when this is dropped, or when the process exits).
 pub struct PacketProgram {
+    /// Declared first: dropped (detached) before the program is unloaded.
+    links: Vec<(SchedClassifierLink, String)>,
     flows: HashMap<MapData, PacketFlowKey, PacketRewrite>,
     ebpf: Ebpf,
 }
@@ -26,7 +29,7 @@ impl PacketProgram {
         let entries = u32::try_from(max_connections.saturating_mul(2)).unwrap_or(u32::MAX);
         let mut ebpf = kernel::load_for_packets(entries)?;
         let flows = kernel::take_map(&mut ebpf, map::PACKET_FLOWS)?;
-        let mut loaded = Self { flows, ebpf };
+        let mut loaded = Self { links: Vec::new(), flows, ebpf };
         let name = program::PACKET_SPLICE;
         loaded.program_mut()?.load().map_err(|source| KernelError::Program { name, source })?;
         Ok(loaded)
@@ -38,6 +41,33 @@ impl PacketProgram {
 
     fn program(&self) -> Result<&SchedClassifier, KernelError> {
         kernel::program(&self.ebpf, program::PACKET_SPLICE)
+    }
+
+    /// Attaches the program at the ingress of `interface` (in the calling
+    /// thread's network namespace). On Linux 6.6 and later that is a TCX
+    /// link, which goes away with this value or the process; on older
+    /// kernels a tc filter under a `clsact` qdisc, added here when missing.
+    pub fn attach(&mut self, interface: &str) -> Result<(), KernelError> {
+        let name = program::PACKET_SPLICE;
+        let classifier = self.program_mut()?;
+        let id = match classifier.attach(interface, TcAttachType::Ingress) {
+            Ok(id) => id,
+            Err(_) => {
+                // Before TCX: the filter needs the qdisc (an existing one is fine).
+                let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                classifier
+                    .attach(interface, TcAttachType::Ingress)
+                    .map_err(|source| KernelError::Program { name, source })?
+            }
+        };
+        let link = classifier.take_link(id).map_err(|source| KernelError::Program { name, source })?;
+        self.links.push((link, interface.to_owned()));
+        Ok(())
+    }
+
+    /// The interfaces the program is attached to, in the order attached.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.links.iter().map(|(_, interface)| interface.as_str())
     }
 
     /// Packets arriving with `key` are rewritten by `rewrite` from now on.

@@ -109,6 +109,7 @@ pub fn rewrites(
         sender_wscale: c.peer_wscale,
         receiver_wscale: u.own_wscale,
         flags,
+        next_seq: client.rcv_nxt,
         ..towards(upstream, to_upstream)
     };
     let down = PacketRewrite {
@@ -119,6 +120,7 @@ pub fn rewrites(
         sender_wscale: u.peer_wscale,
         receiver_wscale: c.own_wscale,
         flags,
+        next_seq: upstream.rcv_nxt,
         ..towards(client, to_client)
     };
     Ok([(arriving(client), up), (arriving(upstream), down)])

@@ -46,6 +46,8 @@ fn the_next_byte_of_each_peer_becomes_the_next_byte_of_the_other_socket() {
     // An ACK of everything Sc sent acknowledges everything Su received.
     assert_eq!(c.snd_nxt.wrapping_add(up.ack_delta), u.rcv_nxt);
     assert_eq!(u.snd_nxt.wrapping_add(down.ack_delta), c.rcv_nxt);
+    // Bytes are counted from each peer's next byte.
+    assert_eq!((up.next_seq, down.next_seq), (c.rcv_nxt, u.rcv_nxt));
     // Keys are the packets as they arrive; the rewrite sends as the other socket.
     assert_eq!(up_key, arriving(&c));
     assert_eq!((up.src_addr, up.dst_addr), (u.local.ip().octets(), u.remote.ip().octets()));
