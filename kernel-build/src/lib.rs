@@ -7,8 +7,8 @@
 //! Written here rather than with `aya-build`: that crate builds into each
 //! build script's `OUT_DIR`, so the kernel crate would be built once per
 //! profile and per `check`/`build`; here every build shares one target
-//! directory, apart from the workspace's own (a nested cargo waiting for the
-//! lock its parent holds on `target/release` would never finish).
+//! directory, apart from the workspace's own, so the nested cargo never
+//! needs a lock its parent cargo holds.
 
 use std::{
     path::{Path, PathBuf},

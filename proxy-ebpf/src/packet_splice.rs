@@ -65,33 +65,31 @@ const MAX_OPTIONS: usize = 40;
 /// all of it initialised, so that an index masked to it is one the
 /// verifier accepts (it cannot follow the walk's own bound).
 const OPTION_BUFFER: usize = 64;
-/// Most options (NOPs included) one header may hold here: Linux, Windows
-/// and the BSDs send at most six on a segment that is not a SYN (NOP, NOP,
-/// timestamps, NOP, NOP, SACK). A walk over 40 one-byte steps is more than
-/// the verifier will follow; a header with more options is dropped.
+/// Most options (NOPs included) one header may hold here: Linux sends at
+/// most six on a segment that is not a SYN (NOP, NOP, timestamps, NOP, NOP,
+/// SACK). A walk over 40 one-byte steps is more than the verifier will
+/// follow; a header with more options is dropped.
 const MAX_OPTION_STEPS: usize = 12;
 /// Most SACK blocks one option holds.
 const MAX_SACK_BLOCKS: usize = 4;
 /// Fragment bits of the IPv4 flags/offset field (MF and the offset).
 const IPV4_FRAGMENT: u16 = 0x3fff;
 
-/// Why a packet of a spliced flow was dropped rather than sent on.
-enum Drop {
-    /// A header could not be read or written.
-    Access,
-}
+/// A header of a spliced flow's packet could not be read, walked or
+/// written: the packet is dropped rather than sent on.
+struct Unusable;
 
 #[classifier]
 pub fn packet_splice(ctx: TcContext) -> i32 {
     match try_packet_splice(&ctx) {
         Ok(action) => action,
-        Err(Drop::Access) => TC_ACT_SHOT,
+        Err(Unusable) => TC_ACT_SHOT,
     }
 }
 
 /// `Ok(TC_ACT_OK)` for a packet of no spliced flow; the redirect's verdict
 /// for one that was rewritten.
-fn try_packet_splice(ctx: &TcContext) -> Result<i32, Drop> {
+fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     let Some((ip, tcp, key)) = parse(ctx) else { return Ok(TC_ACT_OK) };
     let Some(rewrite) = PACKET_FLOWS.get_ptr_mut(key) else { return Ok(TC_ACT_OK) };
     // SAFETY: a value of the map, valid while this program runs; user space
@@ -144,7 +142,7 @@ fn parse(ctx: &TcContext) -> Option<(usize, usize, PacketFlowKey)> {
 }
 
 /// TCP payload bytes: the IP total length less both headers.
-fn payload_len(ctx: &TcContext, ip: usize, tcp: usize) -> Result<u64, Drop> {
+fn payload_len(ctx: &TcContext, ip: usize, tcp: usize) -> Result<u64, Unusable> {
     let total: [u8; 2] = load(ctx, ip + 2)?;
     let data_offset: u8 = load(ctx, tcp + TCP_DATA_OFFSET)?;
     let headers = (tcp - ip) + usize::from(data_offset >> 4) * 4;
@@ -158,11 +156,11 @@ fn rewrite_addresses(
     tcp: usize,
     key: &PacketFlowKey,
     r: &PacketRewrite,
-) -> Result<(), Drop> {
+) -> Result<(), Unusable> {
     let words = [(ip + IP_SRC, key.remote_addr, r.src_addr), (ip + IP_DST, key.local_addr, r.dst_addr)];
     for (offset, old, new) in words {
         let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-        ctx.l3_csum_replace(ip + IP_CHECKSUM, u64::from(old), u64::from(new), 4).map_err(|_| Drop::Access)?;
+        ctx.l3_csum_replace(ip + IP_CHECKSUM, u64::from(old), u64::from(new), 4).map_err(|_| Unusable)?;
         l4_replace(ctx, tcp, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR as u64 | 4)?;
         store(ctx, offset, &new)?;
     }
@@ -178,7 +176,7 @@ fn rewrite_addresses(
 
 /// Adds `delta` to the big-endian 32-bit field at `offset` of the TCP header
 /// at `tcp`, with its checksum.
-fn shift(ctx: &TcContext, tcp: usize, offset: usize, delta: u32) -> Result<(), Drop> {
+fn shift(ctx: &TcContext, tcp: usize, offset: usize, delta: u32) -> Result<(), Unusable> {
     if delta == 0 {
         return Ok(());
     }
@@ -190,7 +188,7 @@ fn shift(ctx: &TcContext, tcp: usize, offset: usize, delta: u32) -> Result<(), D
 
 /// The window in the receiver's scale: `window << sender >> receiver`,
 /// at most 65,535.
-fn rescale_window(ctx: &TcContext, tcp: usize, sender: u8, receiver: u8) -> Result<(), Drop> {
+fn rescale_window(ctx: &TcContext, tcp: usize, sender: u8, receiver: u8) -> Result<(), Unusable> {
     let old: [u8; 2] = load(ctx, tcp + TCP_WINDOW)?;
     let bytes = u64::from(u16::from_be_bytes(old)) << (sender & 15);
     let scaled = (bytes >> (receiver & 15)).min(u64::from(u16::MAX)) as u16;
@@ -202,7 +200,7 @@ fn rescale_window(ctx: &TcContext, tcp: usize, sender: u8, receiver: u8) -> Resu
 /// Timestamps shifted, SACK edges shifted (or the option blanked), in place.
 /// The options are read once onto the stack and walked there (a walk with
 /// a helper call per byte is more than the verifier will follow).
-fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(), Drop> {
+fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(), Unusable> {
     let data_offset: u8 = load(ctx, tcp + TCP_DATA_OFFSET)?;
     let words = u32::from(data_offset >> 4);
     if words <= 5 {
@@ -213,7 +211,7 @@ fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(),
     // the register passed to the helper, must find the bound on it.
     let len = core::hint::black_box((words - 5) * 4);
     if len == 0 || len > MAX_OPTIONS as u32 {
-        return Err(Drop::Access);
+        return Err(Unusable);
     }
     let mut options = [0u8; OPTION_BUFFER];
     // SAFETY: `options` has room for `len` (at most 40) bytes; the helper
@@ -222,7 +220,7 @@ fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(),
         bpf_skb_load_bytes(ctx.as_ptr(), (tcp + TCP_HLEN) as u32, options.as_mut_ptr().cast(), len)
     };
     if read != 0 {
-        return Err(Drop::Access);
+        return Err(Unusable);
     }
     let found = find_options(&options, len as usize)?;
     if let Some(at) = found.timestamp
@@ -247,7 +245,7 @@ struct Found {
 
 /// Walks the first `len` bytes of `options`; an option that runs past
 /// them, or more than [`MAX_OPTION_STEPS`] options, is an error.
-fn find_options(options: &[u8; OPTION_BUFFER], len: usize) -> Result<Found, Drop> {
+fn find_options(options: &[u8; OPTION_BUFFER], len: usize) -> Result<Found, Unusable> {
     let mut found = Found { timestamp: None, sack: None };
     let mut at = 0;
     for _ in 0..MAX_OPTION_STEPS {
@@ -264,7 +262,7 @@ fn find_options(options: &[u8; OPTION_BUFFER], len: usize) -> Result<Found, Drop
         }
         let option_len = options[(at + 1) & (OPTION_BUFFER - 1)];
         if option_len < 2 || at + usize::from(option_len) > len {
-            return Err(Drop::Access);
+            return Err(Unusable);
         }
         if kind == OPT_TIMESTAMP && option_len == TIMESTAMP_LEN {
             found.timestamp = Some(at);
@@ -274,14 +272,14 @@ fn find_options(options: &[u8; OPTION_BUFFER], len: usize) -> Result<Found, Drop
         at += usize::from(option_len);
     }
     if at < len && options[at & (OPTION_BUFFER - 1)] != OPT_END {
-        return Err(Drop::Access);
+        return Err(Unusable);
     }
     Ok(found)
 }
 
 /// A SACK option's edges shifted like the acknowledgement number, or the
 /// whole option overwritten with NOPs when one side did not negotiate SACK.
-fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewrite) -> Result<(), Drop> {
+fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewrite) -> Result<(), Unusable> {
     let edges = usize::from(len.saturating_sub(2)) / 4;
     for edge in 0..2 * MAX_SACK_BLOCKS {
         if edge >= edges {
@@ -332,15 +330,15 @@ fn count(rewrite: *mut PacketRewrite, seq: u32, payload: u64, flags: u8) {
     }
 }
 
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Drop> {
-    ctx.load(offset).map_err(|_| Drop::Access)
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Unusable> {
+    ctx.load(offset).map_err(|_| Unusable)
 }
 
-fn store<T>(ctx: &TcContext, offset: usize, value: &T) -> Result<(), Drop> {
-    ctx.store(offset, value, 0).map_err(|_| Drop::Access)
+fn store<T>(ctx: &TcContext, offset: usize, value: &T) -> Result<(), Unusable> {
+    ctx.store(offset, value, 0).map_err(|_| Unusable)
 }
 
 /// `bpf_l4_csum_replace` on the TCP checksum.
-fn l4_replace(ctx: &TcContext, tcp: usize, old: u64, new: u64, flags: u64) -> Result<(), Drop> {
-    ctx.l4_csum_replace(tcp + TCP_CHECKSUM, old, new, flags).map_err(|_| Drop::Access)
+fn l4_replace(ctx: &TcContext, tcp: usize, old: u64, new: u64, flags: u64) -> Result<(), Unusable> {
+    ctx.l4_csum_replace(tcp + TCP_CHECKSUM, old, new, flags).map_err(|_| Unusable)
 }

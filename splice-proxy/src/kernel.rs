@@ -24,25 +24,7 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SPLICE_PROXY_EBP
 /// SO_COOKIE: the kernel's 64-bit id of a socket, the key of the socket maps.
 /// (nix has no wrapper for this option.)
 pub fn socket_cookie<F: AsFd>(socket: &F) -> io::Result<u64> {
-    use nix::libc;
-    let mut cookie: u64 = 0;
-    let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");
-    // SAFETY: the fd is borrowed and so open for the call; `cookie` and `len`
-    // are valid for writes and `len` holds the size of `cookie`.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    crate::sockopt::get(socket, nix::libc::SOL_SOCKET, nix::libc::SO_COOKIE).map(|(cookie, _)| cookie)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -96,27 +96,58 @@ pub fn set_window_clamp<F: AsFd>(fd: &F, bytes: i32) -> Result<(), SockoptError>
 
 /// The socket's TCP_WINDOW_CLAMP.
 pub fn window_clamp<F: AsFd>(fd: &F) -> Result<i32, SockoptError> {
-    use std::os::fd::AsRawFd as _;
-    let mut value: i32 = 0;
-    let mut len = nix::libc::socklen_t::try_from(size_of::<i32>()).expect("4 fits socklen_t");
-    // SAFETY: the fd is borrowed, so open; the pointers describe `value` and `len`.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        nix::libc::getsockopt(
-            fd.as_fd().as_raw_fd(),
-            nix::libc::IPPROTO_TCP,
-            nix::libc::TCP_WINDOW_CLAMP,
-            (&raw mut value).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(SockoptError { option: "TCP_WINDOW_CLAMP", source: io::Error::last_os_error() });
-    }
-    Ok(value)
+    get::<_, i32>(fd, nix::libc::IPPROTO_TCP, nix::libc::TCP_WINDOW_CLAMP)
+        .map(|(value, _)| value)
+        .map_err(|source| SockoptError { option: "TCP_WINDOW_CLAMP", source })
 }
 
-fn set_int<F: AsFd>(
+/// Plain data a socket option is read into: whatever bytes the kernel
+/// writes, and however few, the value is valid.
+pub(crate) trait RawOption: Copy {
+    const ZERO: Self;
+}
+
+impl RawOption for i32 {
+    const ZERO: Self = 0;
+}
+
+impl RawOption for u32 {
+    const ZERO: Self = 0;
+}
+
+impl RawOption for u64 {
+    const ZERO: Self = 0;
+}
+
+impl<const N: usize> RawOption for [u8; N] {
+    const ZERO: Self = [0; N];
+}
+
+/// `getsockopt(level, name)` for the options `nix` does not wrap: the
+/// value (zero beyond what the kernel wrote) and how many bytes it wrote.
+pub(crate) fn get<F: AsFd, T: RawOption>(
+    fd: &F,
+    level: nix::libc::c_int,
+    name: nix::libc::c_int,
+) -> io::Result<(T, usize)> {
+    use std::os::fd::AsRawFd as _;
+    let mut value = T::ZERO;
+    let mut len = nix::libc::socklen_t::try_from(size_of::<T>()).map_err(io::Error::other)?;
+    // SAFETY: the fd is borrowed, so open; `value` and `len` are valid for
+    // writes, `len` holds the value's size, which the kernel respects, and
+    // any bytes are a valid `T` (`RawOption`).
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        nix::libc::getsockopt(fd.as_fd().as_raw_fd(), level, name, (&raw mut value).cast(), &raw mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((value, usize::try_from(len).unwrap_or(0)))
+}
+
+/// `setsockopt(level, name)` with an int, for the options `nix` does not wrap.
+pub(crate) fn set_int<F: AsFd>(
     fd: &F,
     level: i32,
     name: i32,

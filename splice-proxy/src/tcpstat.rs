@@ -13,6 +13,8 @@ use std::{
 
 use nix::libc;
 
+use crate::sockopt;
+
 /// Offsets of `tcpi_bytes_acked` and `tcpi_bytes_received` in the kernel's
 /// `struct tcp_info` (stable uapi since Linux 4.1/4.2).
 const BYTES_ACKED_OFFSET: usize = 120;
@@ -20,21 +22,10 @@ const BYTES_RECEIVED_OFFSET: usize = 128;
 
 /// `u64` field of `struct tcp_info` at `offset`.
 fn tcp_info_u64<F: AsFd>(socket: &F, offset: usize) -> io::Result<u64> {
-    let fd = socket.as_fd().as_raw_fd();
-    let mut info = [0u8; 256];
-    let mut len = libc::socklen_t::try_from(info.len()).expect("256 fits socklen_t");
-    // SAFETY: the fd is borrowed, so open; `info` and `len` are valid for
-    // writes and `len` holds the buffer's size, which the kernel respects.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &raw mut len)
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let (info, len): ([u8; 256], _) = sockopt::get(socket, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     let field = info
         .get(offset..offset + 8)
-        .filter(|_| len as usize >= offset + 8)
+        .filter(|_| len >= offset + 8)
         .ok_or_else(|| io::Error::other(format!("tcp_info too short for a field at {offset}")))?;
     Ok(u64::from_ne_bytes(field.try_into().expect("8 bytes")))
 }
@@ -47,8 +38,13 @@ pub fn received_total<F: AsFd>(socket: &F) -> io::Result<u64> {
 
 /// Bytes ever queued for sending on `socket`.
 pub fn sent_total<F: AsFd>(socket: &F) -> io::Result<u64> {
-    let fd = socket.as_fd().as_raw_fd();
     let acked = tcp_info_u64(socket, BYTES_ACKED_OFFSET)?;
+    Ok(acked + unsent_bytes(socket)?)
+}
+
+/// Bytes queued on `socket` and not yet acknowledged, sent or not (SIOCOUTQ).
+pub fn unsent_bytes<F: AsFd>(socket: &F) -> io::Result<u64> {
+    let fd = socket.as_fd().as_raw_fd();
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the pointer, which is valid.
     #[allow(unsafe_code)]
@@ -56,7 +52,7 @@ pub fn sent_total<F: AsFd>(socket: &F) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(acked + u64::try_from(outq).unwrap_or(0))
+    Ok(u64::try_from(outq).unwrap_or(0))
 }
 
 /// Bytes ready to be read on `socket` (SIOCINQ; for a socket in a socket

@@ -24,7 +24,7 @@ pub mod sockmap;
 pub mod splice;
 pub mod transfer;
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -185,9 +185,10 @@ impl Plane {
         stop: CancellationToken,
         progress: &ByteProgress,
     ) -> Transfer {
-        let mut plane = self.clone();
+        // Borrowed until a hand-over: no reference count touched per connection.
+        let mut plane = Cow::Borrowed(self);
         loop {
-            let step = match &plane {
+            let step = match plane.as_ref() {
                 Self::Splice { pipe_size } => {
                     let pump = splice::SplicePump { pipe_size: *pipe_size };
                     Step::Finished(Box::pin(forward_in_user_space(sockets, &stop, progress, pump)).await)
@@ -203,7 +204,7 @@ impl Plane {
                 Step::HandOver(handed) => match plane.next() {
                     Some(next) => {
                         tracing::debug!(from = plane.label(), to = next.label(), "connection handed over");
-                        (plane, sockets) = (next, handed);
+                        (plane, sockets) = (Cow::Owned(next), handed);
                     }
                     None => {
                         tracing::error!(
