@@ -55,7 +55,10 @@ pub struct PacketRewrite {
     /// The sender's sequence number after the furthest payload byte seen
     /// (user space starts it at the switch; the program moves it forward).
     pub next_seq: u32,
-    pub _pad: u32,
+    /// While [`rewrite_flags::HOLD`]: the newest TSval the peer sent (the
+    /// program records it, with the hop back to the peer in `ifindex`,
+    /// `src_mac` (the proxy's) and `dst_mac` (the peer's or its router's)).
+    pub peer_tsval: u32,
 }
 
 /// Bits of [`PacketRewrite::flags`].
@@ -64,6 +67,14 @@ pub mod rewrite_flags {
     pub const TIMESTAMPS: u16 = 1;
     /// Overwrite SACK options with NOPs (one connection did not negotiate SACK).
     pub const STRIP_SACK: u16 = 2;
+    /// The switch is under way: data, FIN and SYN segments are dropped (their
+    /// senders retransmit them), pure ACKs and RSTs reach the proxy's socket;
+    /// every packet teaches the entry the hop back to its sender and the
+    /// sender's newest TSval. Nothing is rewritten.
+    pub const HOLD: u16 = 4;
+    /// The flow has ended: its late packets are dropped, so they neither
+    /// reach a peer nor draw a RST from the proxy's stack.
+    pub const ENDED: u16 = 8;
 }
 
 /// Compiled-in capacity of [`super::map::PACKET_FLOWS`] (two entries per

@@ -9,6 +9,12 @@
 //! which keep CHECKSUM_PARTIAL packets right. Then it redirects the packet
 //! out of the flow's interface. Other packets pass untouched.
 //!
+//! Two more states of an entry: while the switch is under way
+//! ([`rewrite_flags::HOLD`]) the program learns the hop back to the sender
+//! and its newest TSval, passes pure ACKs and RSTs to the proxy's socket and
+//! drops everything that carries a sequence number forward; once the flow
+//! has ended ([`rewrite_flags::ENDED`]) it drops every packet.
+//!
 //! A packet of a flow that cannot be rewritten whole is dropped, never
 //! passed: the proxy's own socket would answer it, and its sender
 //! retransmits a dropped packet anyway. The header length never changes
@@ -51,6 +57,7 @@ const TCP_CHECKSUM: usize = 16;
 const TCP_HLEN: usize = 20;
 /// TCP flag bits.
 const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 /// TCP option kinds and lengths.
@@ -95,9 +102,17 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     // SAFETY: a value of the map, valid while this program runs; user space
     // writes only the settings, and only before the flow carries packets.
     let r = unsafe { *rewrite };
+    if r.flags & rewrite_flags::ENDED != 0 {
+        return Ok(TC_ACT_SHOT);
+    }
     let flags: u8 = load(ctx, tcp + TCP_FLAGS)?;
-    let seq: [u8; 4] = load(ctx, tcp + TCP_SEQ)?;
     let payload = payload_len(ctx, ip, tcp)?;
+    if r.flags & rewrite_flags::HOLD != 0 {
+        learn(ctx, tcp, rewrite, &r)?;
+        let moves_sequence = payload > 0 || flags & (FIN | SYN) != 0;
+        return Ok(if moves_sequence { TC_ACT_SHOT } else { TC_ACT_OK });
+    }
+    let seq: [u8; 4] = load(ctx, tcp + TCP_SEQ)?;
     rewrite_addresses(ctx, ip, tcp, &key, &r)?;
     shift(ctx, tcp, tcp + TCP_SEQ, r.seq_delta)?;
     if flags & ACK != 0 {
@@ -197,14 +212,52 @@ fn rescale_window(ctx: &TcContext, tcp: usize, sender: u8, receiver: u8) -> Resu
     store(ctx, tcp + TCP_WINDOW, &new)
 }
 
-/// Timestamps shifted, SACK edges shifted (or the option blanked), in place.
-/// The options are read once onto the stack and walked there (a walk with
-/// a helper call per byte is more than the verifier will follow).
-fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(), Unusable> {
+/// A held flow's packet: the hop back to its sender (the interface it came
+/// in by, its Ethernet addresses swapped) and the sender's newest TSval.
+#[inline(always)]
+fn learn(ctx: &TcContext, tcp: usize, rewrite: *mut PacketRewrite, r: &PacketRewrite) -> Result<(), Unusable> {
+    let macs: [u8; 12] = load(ctx, 0)?;
+    let mut options = [0u8; OPTION_BUFFER];
+    let tsval = match read_options(ctx, tcp, &mut options)? {
+        Some(Found { timestamp: Some(at), .. }) => Some(u32::from_be_bytes([
+            options[(at + 2) & (OPTION_BUFFER - 1)],
+            options[(at + 3) & (OPTION_BUFFER - 1)],
+            options[(at + 4) & (OPTION_BUFFER - 1)],
+            options[(at + 5) & (OPTION_BUFFER - 1)],
+        ])),
+        _ => None,
+    };
+    // SAFETY: the context's socket buffer, valid while this program runs.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: as in `try_packet_splice`; while the flow is held user space
+    // only reads the entry, and a flow's packets arrive on one CPU at a time.
+    let entry = unsafe { &mut *rewrite };
+    entry.ifindex = ifindex;
+    entry.src_mac = [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]];
+    entry.dst_mac = [macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]];
+    if let Some(tsval) = tsval {
+        // The newest: a reordered older segment does not move it back.
+        if r.ifindex == 0 || tsval.wrapping_sub(r.peer_tsval) as i32 > 0 {
+            entry.peer_tsval = tsval;
+        }
+    }
+    Ok(())
+}
+
+/// The options of the TCP header at `tcp`, copied into `options`, and where
+/// the ones that matter here are; `None` for a header without options.
+/// Read once and walked there: a walk with a helper call per byte is more
+/// than the verifier will follow.
+#[inline(always)]
+fn read_options(
+    ctx: &TcContext,
+    tcp: usize,
+    options: &mut [u8; OPTION_BUFFER],
+) -> Result<Option<Found>, Unusable> {
     let data_offset: u8 = load(ctx, tcp + TCP_DATA_OFFSET)?;
     let words = u32::from(data_offset >> 4);
     if words <= 5 {
-        return Ok(());
+        return Ok(None);
     }
     // 4 to 40. Checked again after an opaque copy: the compiler would fold
     // the check above into the arithmetic, and the verifier, which sees only
@@ -213,7 +266,6 @@ fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(),
     if len == 0 || len > MAX_OPTIONS as u32 {
         return Err(Unusable);
     }
-    let mut options = [0u8; OPTION_BUFFER];
     // SAFETY: `options` has room for `len` (at most 40) bytes; the helper
     // fails rather than read past the packet.
     let read = unsafe {
@@ -222,7 +274,14 @@ fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(),
     if read != 0 {
         return Err(Unusable);
     }
-    let found = find_options(&options, len as usize)?;
+    Ok(Some(find_options(options, len as usize)?))
+}
+
+/// Timestamps shifted, SACK edges shifted (or the option blanked), in place.
+#[inline(always)]
+fn rewrite_options(ctx: &TcContext, tcp: usize, r: &PacketRewrite) -> Result<(), Unusable> {
+    let mut options = [0u8; OPTION_BUFFER];
+    let Some(found) = read_options(ctx, tcp, &mut options)? else { return Ok(()) };
     if let Some(at) = found.timestamp
         && r.flags & rewrite_flags::TIMESTAMPS != 0
     {
