@@ -52,13 +52,16 @@ pub struct PacketRewrite {
     /// Nonzero once a FIN, or a RST, went through (the program sets).
     pub fin_seen: u32,
     pub rst_seen: u32,
-    /// The sender's sequence number after the furthest payload byte seen
-    /// (user space starts it at the switch; the program moves it forward).
-    pub next_seq: u32,
+    /// The sender's sequence number after the furthest payload byte seen,
+    /// in the low 32 bits (user space starts it at the switch; the program
+    /// moves it forward by a compare-and-swap, and the BPF target's atomics
+    /// are 64-bit).
+    pub next_seq: u64,
     /// While [`rewrite_flags::HOLD`]: the newest TSval the peer sent (the
     /// program records it, with the hop back to the peer in `ifindex`,
     /// `src_mac` (the proxy's) and `dst_mac` (the peer's or its router's)).
     pub peer_tsval: u32,
+    pub _pad: u32,
 }
 
 /// Bits of [`PacketRewrite::flags`].

@@ -14,6 +14,10 @@
 //! byte before it is already in the peer's send queue, so order holds.
 #![no_std]
 #![no_main]
+// The BPF target's `core` has no atomic read-modify-write types; the
+// intrinsics lower to the BPF atomic instructions (`packet_splice::count`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod lossy;
 mod packet;

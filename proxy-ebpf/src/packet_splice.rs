@@ -20,6 +20,8 @@
 //! retransmits a dropped packet anyway. The header length never changes
 //! (options are rewritten in place), so a GRO packet keeps its segments.
 
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
@@ -364,28 +366,54 @@ fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewri
     Ok(())
 }
 
+/// Most tries to move `next_seq` forward against other CPUs doing the same.
+const MAX_SEQ_TRIES: usize = 8;
+
 /// Packets, new payload bytes (a retransmission moves `next_seq` no
-/// further), and whether a FIN or a RST went through. Plain adds (the BPF
-/// target has no atomic read-modify-write in `core`): a flow's packets
-/// arrive on one receive queue, so one CPU at a time, and the counts feed
-/// logs and metrics only; the FIN and RST marks are idempotent.
+/// further), and whether a FIN or a RST went through. Atomic: one flow's
+/// packets may be processed on several CPUs at once (a veth delivers on the
+/// sender's CPU, RPS may spread a queue), and plain read-modify-writes then
+/// count a byte twice. `next_seq` moves forward by compare-and-swap; the
+/// bytes are what this packet moved it by.
 fn count(rewrite: *mut PacketRewrite, seq: u32, payload: u64, flags: u8) {
-    // SAFETY: the map value is valid and aligned while this program runs.
-    let r = unsafe { &mut *rewrite };
-    r.packets += 1;
+    // SAFETY: the map value is valid and aligned (8) while this program
+    // runs; the counters are only ever changed atomically by the program
+    // (user space writes them only before the flow carries packets).
+    let (packets, bytes, next_seq) =
+        unsafe { (&raw mut (*rewrite).packets, &raw mut (*rewrite).bytes, &raw mut (*rewrite).next_seq) };
+    // SAFETY: valid, aligned, and changed only atomically (above).
+    unsafe { atomic_xadd::<u64, u64, { Relaxed }>(packets, 1) };
     // A packet without payload moves nothing: after a FIN, its sender's
     // ACKs carry the sequence number after the FIN's.
-    let end = seq.wrapping_add(payload as u32);
-    let ahead = end.wrapping_sub(r.next_seq) as i32;
-    if payload > 0 && ahead > 0 {
-        r.bytes += ahead as u64;
-        r.next_seq = end;
+    if payload > 0 {
+        let end = seq.wrapping_add(payload as u32);
+        // SAFETY: as above. A plain (volatile) load: an aligned 64-bit load
+        // is whole, and the compare-and-swap below checks it.
+        let mut seen = unsafe { next_seq.read_volatile() };
+        for _ in 0..MAX_SEQ_TRIES {
+            let ahead = end.wrapping_sub(seen as u32) as i32;
+            if ahead <= 0 {
+                break;
+            }
+            // SAFETY: as above.
+            let (now, swapped) =
+                unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(next_seq, seen, u64::from(end)) };
+            if swapped {
+                // SAFETY: as above.
+                unsafe { atomic_xadd::<u64, u64, { Relaxed }>(bytes, ahead as u64) };
+                break;
+            }
+            seen = now;
+        }
     }
+    // Idempotent marks: an aligned 32-bit store needs no atomic.
     if flags & FIN != 0 {
-        r.fin_seen = 1;
+        // SAFETY: as above.
+        unsafe { (*rewrite).fin_seen = 1 };
     }
     if flags & RST != 0 {
-        r.rst_seen = 1;
+        // SAFETY: as above.
+        unsafe { (*rewrite).rst_seen = 1 };
     }
 }
 

@@ -173,7 +173,7 @@ fn packets_of_a_flow_are_rewritten_into_the_other_connection() -> Result<()> {
     let key = client_to_upstream_key();
     for case in cases() {
         // Bytes are counted from the flow's next expected byte.
-        let rewrite = PacketRewrite { next_seq: case.input.seq, ..case.rewrite };
+        let rewrite = PacketRewrite { next_seq: u64::from(case.input.seq), ..case.rewrite };
         program.set_flow(&key, &rewrite)?;
         let frame = case.input.frame();
         let (verdict, out) = program.test_run(&frame)?;

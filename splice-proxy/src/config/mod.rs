@@ -54,6 +54,9 @@ pub struct Config {
     pub source_filter: Option<SourceFilterConfig>,
     /// Where to hand the listening sockets over on a graceful upgrade.
     pub upgrade_socket: Option<PathBuf>,
+    /// Packet plane: the interfaces to attach its program to (`None`: those
+    /// of the main routing table).
+    pub packet_interfaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,8 +180,9 @@ impl Config {
             copy_buffer_size,
             max_inflight,
         );
-        if let DataPlane::Splice { pipe_size } | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. } =
-            dataplane.plane
+        if let DataPlane::Splice { pipe_size }
+        | DataPlane::Sockmap { fallback_pipe_size: pipe_size, .. }
+        | DataPlane::Packet { fallback_pipe_size: pipe_size } = dataplane.plane
         {
             // Ask the kernel now, so a size it refuses fails here, not per connection.
             Pipe::new(pipe_size).map_err(|e| {
@@ -197,8 +201,30 @@ impl Config {
             log_format: o.log_format.unwrap_or(defaults::LOG_FORMAT),
             source_filter,
             upgrade_socket: o.upgrade_socket,
+            packet_interfaces: packet_interfaces(o.packet_interfaces)?,
         })
     }
+}
+
+/// Interface names as the kernel takes them: not empty, at most 15 bytes,
+/// no `/` or white space.
+fn packet_interfaces(names: Option<Vec<String>>) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(names) = names else { return Ok(None) };
+    for name in &names {
+        let bad =
+            name.is_empty() || name.len() > 15 || name.contains('/') || name.chars().any(char::is_whitespace);
+        if bad {
+            return Err(invalid(
+                "packet_interfaces",
+                "packet-interface",
+                format!("{name:?} is not an interface name (1 to 15 bytes, no '/' or spaces)"),
+            ));
+        }
+    }
+    if names.is_empty() {
+        return Err(invalid("packet_interfaces", "packet-interface", "no interface named".to_owned()));
+    }
+    Ok(Some(names))
 }
 
 /// A bad value: config key, flag, why.

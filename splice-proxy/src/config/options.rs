@@ -156,6 +156,14 @@ pub struct Options {
     #[arg(long, value_name = "BYTES")]
     pub max_inflight: Option<u64>,
 
+    /// Packet plane: an interface to attach the packet-splicing program to
+    /// (at its ingress); repeat, or separate with commas, for several. By
+    /// default every interface that carries a route of the main table, so
+    /// both the clients' and the upstreams' packets are seen. A connection
+    /// whose packets arrive elsewhere stays on the next plane.
+    #[arg(long = "packet-interface", value_name = "IF", value_delimiter = ',')]
+    pub packet_interfaces: Option<Vec<String>>,
+
     /// Largest buffer per direction for the userspace copy data plane: it is
     /// allocated at the direction's first byte with 16 KiB and doubles each
     /// time a read fills it.

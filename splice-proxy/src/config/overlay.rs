@@ -31,6 +31,7 @@ pub(super) fn overlay(file: Options, flags: Options) -> Options {
         dataplane: flags.dataplane.or(file.dataplane),
         splice_pipe_size: flags.splice_pipe_size.or(file.splice_pipe_size),
         max_inflight: flags.max_inflight.or(file.max_inflight),
+        packet_interfaces: flags.packet_interfaces.or(file.packet_interfaces),
         max_connections: flags.max_connections.or(file.max_connections),
         log_format: flags.log_format.or(file.log_format),
         upgrade_socket: flags.upgrade_socket.or(file.upgrade_socket),

@@ -41,6 +41,8 @@ impl Config {
         };
         keep("dataplane, max_inflight, splice_pipe_size, copy_buffer_size", &self.dataplane, &new.dataplane);
         new.dataplane = self.dataplane;
+        keep("packet_interfaces", &self.packet_interfaces, &new.packet_interfaces);
+        new.packet_interfaces.clone_from(&self.packet_interfaces);
         keep("admin_listen", &self.admin.listen, &new.admin.listen);
         new.admin.listen = self.admin.listen;
         keep("health_listen", &self.admin.health_listen, &new.admin.health_listen);

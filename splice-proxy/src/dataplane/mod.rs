@@ -6,7 +6,8 @@
 //! either side into a reset on both ([`both_ways`]). They differ in how one
 //! direction moves its bytes: [`copy`] through a userspace buffer,
 //! [`splice`] through a pipe with splice(2), never touching user memory,
-//! [`sockmap`] in the kernel with a BPF verdict program.
+//! [`sockmap`] in the kernel with a BPF verdict program, [`packet`] with a
+//! tc program that joins the two TCP connections packet by packet.
 //!
 //! Each plane is one module with one entry: a user-space plane gives the
 //! [`both_ways::Pump`] that moves one direction (its `forward` is
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use transfer::{ByteProgress, Ending, Side, Sockets, Step, Transfer};
 
-use self::{both_ways::forward_in_user_space, sockmap::SockmapPlane};
+use self::{both_ways::forward_in_user_space, packet::PacketPlane, sockmap::SockmapPlane};
 
 /// The `--dataplane` choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -49,6 +50,10 @@ pub enum DataPlaneChoice {
     /// Both sockets in a BPF socket map; an `sk_skb` verdict program redirects
     /// every skb to the peer, pausing to user space when a peer does not drain.
     Sockmap,
+    /// A tc program joins the client's and the upstream's TCP connections
+    /// packet by packet once both are quiescent; a connection it cannot join
+    /// goes through splice, its reason counted.
+    Packet,
 }
 
 /// The plane in use, with its settings.
@@ -64,6 +69,11 @@ pub enum DataPlane {
     /// (the client closed before insertion) go through splice(2).
     Sockmap {
         max_inflight: u64,
+        fallback_pipe_size: usize,
+    },
+    /// `fallback_pipe_size`: connections that are not spliced go through
+    /// splice(2).
+    Packet {
         fallback_pipe_size: usize,
     },
 }
@@ -119,6 +129,9 @@ impl DataPlane {
             }
             DataPlaneChoice::Copy => chosen(Self::Copy { buffer_size }, None, "chosen with --dataplane copy"),
             DataPlaneChoice::Sockmap => chosen(sockmap, None, "chosen with --dataplane sockmap"),
+            DataPlaneChoice::Packet => {
+                chosen(Self::Packet { fallback_pipe_size: pipe_size }, None, "chosen with --dataplane packet")
+            }
         }
     }
 
@@ -129,7 +142,14 @@ impl DataPlane {
             Self::Splice { .. } => "splice",
             Self::Copy { .. } => "copy",
             Self::Sockmap { .. } => "sockmap",
+            Self::Packet { .. } => "packet",
         }
+    }
+
+    /// Whether the plane needs the kernel programs.
+    #[must_use]
+    pub fn in_kernel(self) -> bool {
+        matches!(self, Self::Sockmap { .. } | Self::Packet { .. })
     }
 }
 
@@ -140,6 +160,7 @@ pub enum Plane {
     Splice { pipe_size: usize },
     Copy { buffer_size: usize },
     Sockmap(Arc<SockmapPlane>),
+    Packet(Arc<PacketPlane>),
 }
 
 impl Plane {
@@ -153,6 +174,7 @@ impl Plane {
                 max_inflight: plane.max_inflight(),
                 fallback_pipe_size: plane.fallback_pipe_size(),
             },
+            Self::Packet(plane) => DataPlane::Packet { fallback_pipe_size: plane.fallback_pipe_size() },
         }
     }
 
@@ -162,13 +184,14 @@ impl Plane {
         self.settings().label()
     }
 
-    /// Where a connection this plane hands over goes on: sockmap hands a
-    /// connection it could not put in the kernel to splice(2).
+    /// Where a connection this plane hands over goes on: sockmap and packet
+    /// hand a connection they could not put in the kernel to splice(2).
     #[must_use]
     pub fn next(&self) -> Option<Self> {
         match self {
             Self::Splice { .. } | Self::Copy { .. } => None,
             Self::Sockmap(plane) => Some(Self::Splice { pipe_size: plane.fallback_pipe_size() }),
+            Self::Packet(plane) => Some(Self::Splice { pipe_size: plane.fallback_pipe_size() }),
         }
     }
 
@@ -198,6 +221,7 @@ impl Plane {
                     Step::Finished(Box::pin(forward_in_user_space(sockets, &stop, progress, pump)).await)
                 }
                 Self::Sockmap(sockmap) => Box::pin(sockmap.forward(sockets, &stop, progress)).await,
+                Self::Packet(packet) => Box::pin(packet.forward(sockets, &stop, progress)).await,
             };
             match step {
                 Step::Finished(transfer) => return transfer,
@@ -221,8 +245,10 @@ impl Plane {
 
     /// Logs the plane's own counters over the whole run, if it keeps any.
     pub fn log_totals(&self) {
-        if let Self::Sockmap(plane) = self {
-            plane.log_totals();
+        match self {
+            Self::Sockmap(plane) => plane.log_totals(),
+            Self::Packet(plane) => plane.log_totals(),
+            Self::Splice { .. } | Self::Copy { .. } => {}
         }
     }
 
@@ -233,6 +259,16 @@ impl Plane {
         match self {
             Self::Splice { .. } | Self::Copy { .. } => Vec::new(),
             Self::Sockmap(plane) => plane.counters.listed(),
+            Self::Packet(plane) => plane.listed(),
+        }
+    }
+
+    /// The packet plane's fallbacks by reason (`packet_fallbacks_total{reason}`).
+    #[must_use]
+    pub fn fallbacks(&self) -> Option<Vec<(&'static str, u64)>> {
+        match self {
+            Self::Packet(plane) => Some(plane.counters.fallbacks_by_reason()),
+            Self::Splice { .. } | Self::Copy { .. } | Self::Sockmap(_) => None,
         }
     }
 }

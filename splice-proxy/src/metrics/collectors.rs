@@ -143,6 +143,18 @@ impl Collector for ProxyCollector {
         for (name, help, value) in self.0.plane().counters() {
             counter(&mut encoder, name, help, value)?;
         }
+        if let Some(fallbacks) = self.0.plane().fallbacks() {
+            family(
+                &mut encoder,
+                (
+                    "packet_fallbacks",
+                    "Connections the packet plane left on the next plane, by reason",
+                    MetricType::Counter,
+                ),
+                "reason",
+                fallbacks,
+            )?;
+        }
         Ok(())
     }
 }

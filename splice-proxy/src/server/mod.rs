@@ -59,6 +59,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("the sockmap data plane needs the kernel programs, which did not load: {0}")]
     NoKernel(String),
+    #[error("the packet data plane could not start: {0}")]
+    PacketPlane(#[from] crate::dataplane::packet::PacketStartError),
     #[error("starting the sockmap data plane: {0}")]
     Sockmap(#[from] KernelError),
     #[error("XDP source filter: {0}")]
@@ -159,8 +161,14 @@ impl Server {
         let fixed_lists = source_filter::allow_lists(&config.listeners, &fixed_ports);
         let mut source_filter =
             config.source_filter.as_ref().map(|c| source_filter::start(c, &fixed_lists)).transpose()?;
-        let plane::StartedPlane { plane, reason: dataplane_reason, unused_kernel } =
-            plane::start(config.dataplane, kernel)?;
+        let plane::StartedPlane { plane, reason: dataplane_reason, unused_kernel } = plane::start(
+            config.dataplane,
+            kernel,
+            plane::PacketSetup {
+                max_connections: config.max_connections,
+                interfaces: config.packet_interfaces.as_deref(),
+            },
+        )?;
         let sockmap_capacity = matches!(plane, Plane::Sockmap(_)).then_some(config.max_connections);
         let health = Arc::new(Health::new(&probes::targets(config), config.admin.readiness_window()));
         let metrics = Metrics::default();

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use super::StartError;
 use crate::{
-    dataplane::{ChosenPlane, DataPlane, Plane, sockmap::SockmapPlane},
+    dataplane::{ChosenPlane, DataPlane, Plane, packet::PacketPlane, sockmap::SockmapPlane},
     kernel::{KernelError, KernelPrograms},
 };
 
@@ -18,15 +18,30 @@ pub struct StartedPlane {
     pub unused_kernel: Option<KernelPrograms>,
 }
 
+/// What the packet plane is started with.
+#[derive(Debug, Clone, Copy)]
+pub struct PacketSetup<'a> {
+    /// Its flow map has room for this many connections.
+    pub max_connections: usize,
+    /// Where its program is attached (`None`: every routed interface).
+    pub interfaces: Option<&'a [String]>,
+}
+
 /// Starts `chosen.plane`, or its fallback when it needs the kernel programs
-/// and `kernel` says why they did not load. An explicit sockmap without them
-/// is an error: the operator asked for the kernel path.
+/// and `kernel` says why they did not load. An explicit kernel plane without
+/// them is an error: the operator asked for the kernel path.
 pub fn start(
     chosen: ChosenPlane,
     kernel: Result<KernelPrograms, KernelError>,
+    packet: PacketSetup<'_>,
 ) -> Result<StartedPlane, StartError> {
     let started = |plane, reason, unused_kernel| StartedPlane { plane, reason, unused_kernel };
     match (chosen.plane, kernel) {
+        (DataPlane::Packet { fallback_pipe_size }, Ok(kernel)) => {
+            // Its own program and map; the sockmap programs stay loaded for their logs.
+            let plane = PacketPlane::start(packet.max_connections, packet.interfaces, fallback_pipe_size)?;
+            Ok(started(Plane::Packet(plane), chosen.reason.into(), Some(kernel)))
+        }
         (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
             let sockmap = SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?;
             Ok(started(Plane::Sockmap(sockmap), chosen.reason.into(), None))
@@ -37,6 +52,7 @@ pub fn start(
             }
             None => Err(StartError::NoKernel(error.to_string())),
         },
+        (DataPlane::Packet { .. }, Err(error)) => Err(StartError::PacketPlane(error.into())),
         (plane, kernel) => Ok(started(user_space(plane)?, chosen.reason.into(), kernel.ok())),
     }
 }
@@ -46,8 +62,8 @@ fn user_space(plane: DataPlane) -> Result<Plane, StartError> {
     match plane {
         DataPlane::Splice { pipe_size } => Ok(Plane::Splice { pipe_size }),
         DataPlane::Copy { buffer_size } => Ok(Plane::Copy { buffer_size }),
-        DataPlane::Sockmap { .. } => {
-            Err(StartError::NoKernel("sockmap cannot be the fallback of another plane".to_owned()))
+        DataPlane::Sockmap { .. } | DataPlane::Packet { .. } => {
+            Err(StartError::NoKernel(format!("{} cannot be the fallback of another plane", plane.label())))
         }
     }
 }
@@ -65,6 +81,8 @@ mod tests {
     use super::*;
     use crate::dataplane::DataPlaneChoice;
 
+    const NO_PACKET: PacketSetup<'static> = PacketSetup { max_connections: 1, interfaces: None };
+
     fn no_kernel() -> Result<KernelPrograms, KernelError> {
         Err(KernelError::Missing { kind: "program", name: "splice_verdict" })
     }
@@ -80,7 +98,7 @@ mod tests {
         assert_eq!(auto.fallback, None);
         assert!(auto.reason.starts_with("auto: splice") && auto.reason.contains("--dataplane sockmap"));
         for kernel in [no_kernel(), Err(KernelError::Missing { kind: "map", name: "x" })] {
-            let started = start(auto, kernel).expect("auto runs without the kernel programs");
+            let started = start(auto, kernel, NO_PACKET).expect("auto runs without the kernel programs");
             assert_eq!((started.plane.settings(), started.reason.as_ref()), (auto.plane, auto.reason));
         }
     }
@@ -90,7 +108,7 @@ mod tests {
         let sockmap = chosen(DataPlaneChoice::Sockmap);
         let with_fallback =
             ChosenPlane { fallback: Some(DataPlane::Splice { pipe_size: 1 << 20 }), ..sockmap };
-        let started = start(with_fallback, no_kernel()).expect("the fallback runs");
+        let started = start(with_fallback, no_kernel(), NO_PACKET).expect("the fallback runs");
         assert_eq!(started.plane.settings(), DataPlane::Splice { pipe_size: 1 << 20 });
         assert!(
             started.reason.starts_with("auto: splice, because the kernel programs did not load")
@@ -103,7 +121,7 @@ mod tests {
 
     #[test]
     fn an_explicit_sockmap_without_the_kernel_programs_is_refused() {
-        let error = start(chosen(DataPlaneChoice::Sockmap), no_kernel()).err().expect("started");
+        let error = start(chosen(DataPlaneChoice::Sockmap), no_kernel(), NO_PACKET).err().expect("started");
         assert!(matches!(error, StartError::NoKernel(_)), "{error}");
         assert!(error.to_string().contains("no program named splice_verdict"), "{error}");
     }
@@ -111,7 +129,7 @@ mod tests {
     #[test]
     fn the_other_planes_run_without_the_kernel_programs() {
         for (choice, label) in [(DataPlaneChoice::Splice, "splice"), (DataPlaneChoice::Copy, "copy")] {
-            let started = start(chosen(choice), no_kernel()).expect("started");
+            let started = start(chosen(choice), no_kernel(), NO_PACKET).expect("started");
             assert_eq!((started.plane.label(), started.reason.as_ref()), (label, chosen(choice).reason));
         }
     }

@@ -1,15 +1,191 @@
-//! Packet splicing (issue 23, in progress; not yet a `--dataplane` value):
-//! once both connections of the proxy exist and are quiescent, a tc program
-//! rewrites each packet of one connection into the other, so neither of
-//! the proxy's TCP stacks touches the bytes. [`program`]: the kernel
-//! program and its flow map, and its packet-by-packet test entry;
-//! [`rewrite`]: each direction's rewrite from the two sockets' state;
-//! [`repair`]: reading that state from a live socket in repair mode.
+//! The packet plane: once both connections of the proxy exist, a tc program
+//! rewrites each packet of one connection into the other, so neither of the
+//! proxy's TCP stacks touches the bytes.
 //!
-//! What the switch can read from a live socket, and why `TCP_REPAIR` alone
-//! does not silence it: docs/kernel-notes.md, *A live socket, for packet
-//! splicing*.
+//! - [`switch`]: holds both flows in the program, relays what the sockets
+//!   still hold, waits until both are quiescent, reads them in repair mode
+//!   and installs each direction's rewrite ([`rewrite`], from the state
+//!   [`repair`] reads); or says why not ([`fallback`]), and the connection
+//!   goes on on the next plane (splice).
+//! - [`flow`]: a spliced connection until it ends (FIN each way, or a RST),
+//!   read from the program's per-flow counters; then its entries linger,
+//!   drop its late packets, and go, with the proxy's silent sockets.
+//! - [`program`]: the kernel program, its flow map, its attachments
+//!   ([`interfaces`]).
+//!
+//! What a live socket gives the switch, and why `TCP_REPAIR` alone does not
+//! silence it: docs/kernel-notes.md, *A live socket, for packet splicing*.
 
+pub mod fallback;
+mod flow;
+pub mod interfaces;
 pub mod program;
 pub mod repair;
 pub mod rewrite;
+mod switch;
+
+use std::sync::{
+    Arc, Mutex, MutexGuard, PoisonError,
+    atomic::{AtomicU64, Ordering},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use self::{fallback::Fallback, program::PacketProgram};
+use super::transfer::{ByteProgress, Sockets, Step};
+use crate::kernel::KernelError;
+
+/// Why the plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PacketStartError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("reading the routes to find the interfaces to attach to: {0}")]
+    Routes(std::io::Error),
+    #[error(
+        "no interface to attach the packet-splicing program to: the main routing table names none but lo"
+    )]
+    NoInterface,
+    #[error("attaching the packet-splicing program to {interface}: {source}")]
+    Attach { interface: String, source: Box<KernelError> },
+}
+
+/// What the plane did, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct PacketCounters {
+    /// Connections joined in the kernel.
+    pub spliced: AtomicU64,
+    /// Connections left on the next plane, by [`Fallback::index`].
+    pub fallbacks: [AtomicU64; Fallback::ALL.len()],
+    /// Spliced connections that ended, and their bytes each way.
+    pub ended: AtomicU64,
+}
+
+impl PacketCounters {
+    fn fell_back(&self, reason: Fallback) {
+        self.fallbacks[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The reasons that happened, as `label=count` pairs, or `none`.
+    #[must_use]
+    pub fn fallbacks_line(&self) -> String {
+        let pairs: Vec<String> = self
+            .fallbacks_by_reason()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(l, n)| format!("{l}={n}"))
+            .collect();
+        if pairs.is_empty() { "none".to_owned() } else { pairs.join(" ") }
+    }
+
+    /// `(label, count)` for every reason.
+    #[must_use]
+    pub fn fallbacks_by_reason(&self) -> Vec<(&'static str, u64)> {
+        Fallback::ALL.iter().map(|f| (f.label(), self.fallbacks[f.index()].load(Ordering::Relaxed))).collect()
+    }
+}
+
+/// The loaded and attached program, and what the plane counts.
+#[derive(Debug)]
+pub struct PacketPlane {
+    program: Mutex<PacketProgram>,
+    fallback_pipe_size: usize,
+    pub counters: PacketCounters,
+}
+
+impl PacketPlane {
+    /// Loads the program with room for `max_connections` (and as many
+    /// ended ones lingering), and attaches it to `interfaces`, or to every
+    /// routed interface.
+    pub fn start(
+        max_connections: usize,
+        interfaces: Option<&[String]>,
+        fallback_pipe_size: usize,
+    ) -> Result<Arc<Self>, PacketStartError> {
+        let names = match interfaces {
+            Some(names) => names.to_vec(),
+            None => interfaces::routed().map_err(PacketStartError::Routes)?,
+        };
+        if names.is_empty() {
+            return Err(PacketStartError::NoInterface);
+        }
+        let mut program = PacketProgram::load(max_connections.saturating_mul(2))?;
+        for interface in &names {
+            program.attach(interface).map_err(|source| PacketStartError::Attach {
+                interface: interface.clone(),
+                source: Box::new(source),
+            })?;
+        }
+        tracing::info!(interfaces = ?names, "packet-splicing program attached");
+        Ok(Arc::new(Self {
+            program: Mutex::new(program),
+            fallback_pipe_size,
+            counters: PacketCounters::default(),
+        }))
+    }
+
+    /// Where a connection that is not spliced goes on (splice(2)).
+    #[must_use]
+    pub fn fallback_pipe_size(&self) -> usize {
+        self.fallback_pipe_size
+    }
+
+    /// The interfaces the program is attached to.
+    #[must_use]
+    pub fn interfaces(&self) -> Vec<String> {
+        self.program().attached().map(str::to_owned).collect()
+    }
+
+    fn program(&self) -> MutexGuard<'_, PacketProgram> {
+        self.program.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Splices the connection and follows it to its end, or hands it over
+    /// with the reason counted.
+    pub async fn forward(
+        self: &Arc<Self>,
+        sockets: Sockets,
+        stop: &CancellationToken,
+        progress: &ByteProgress,
+    ) -> Step {
+        match switch::switch(self, &sockets, progress).await {
+            Ok(keys) => {
+                self.counters.spliced.fetch_add(1, Ordering::Relaxed);
+                let transfer = flow::follow(self, keys, sockets, stop, progress).await;
+                self.counters.ended.fetch_add(1, Ordering::Relaxed);
+                Step::Finished(transfer)
+            }
+            Err(reason) => {
+                self.counters.fell_back(reason);
+                tracing::debug!(reason = reason.label(), "not spliced in the kernel");
+                Step::HandOver(sockets)
+            }
+        }
+    }
+
+    /// The plane's counters over the whole run, logged at exit.
+    pub fn log_totals(&self) {
+        let c = &self.counters;
+        tracing::info!(
+            spliced = c.spliced.load(Ordering::Relaxed),
+            ended = c.ended.load(Ordering::Relaxed),
+            fallbacks = %self.counters.fallbacks_line(),
+            "packet plane totals"
+        );
+    }
+
+    /// The counters for the metrics endpoint (without the fallbacks, a
+    /// family of their own).
+    #[must_use]
+    pub fn listed(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let c = &self.counters;
+        vec![
+            (
+                "packet_spliced",
+                "Connections joined by the packet-splicing program",
+                c.spliced.load(Ordering::Relaxed),
+            ),
+            ("packet_ended", "Spliced connections that ended", c.ended.load(Ordering::Relaxed)),
+        ]
+    }
+}

@@ -22,6 +22,12 @@ pub struct PacketProgram {
     ebpf: Ebpf,
 }
 
+impl std::fmt::Debug for PacketProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketProgram").field("attached", &self.attached().collect::<Vec<_>>()).finish()
+    }
+}
+
 impl PacketProgram {
     /// Loads the program with room for `max_connections` spliced connections
     /// (two flows each); attaches nothing.

@@ -25,13 +25,18 @@ use crate::{
 
 /// `TCP_REPAIR` values and `TCP_REPAIR_QUEUE` queues (uapi `linux/tcp.h`).
 const REPAIR_ON: libc::c_int = 1;
+/// Leaves repair mode with a window probe: the peer answers it with an ACK.
+const REPAIR_OFF: libc::c_int = 0;
 /// Leaves repair mode without the window probe that `0` sends.
 const REPAIR_OFF_NO_WINDOW_PROBE: libc::c_int = -1;
 const RECV_QUEUE: libc::c_int = 1;
 const SEND_QUEUE: libc::c_int = 2;
-/// `struct tcp_info`: `tcpi_options` and the two window scales (low nibble
-/// the peer's, high nibble ours), stable since Linux 2.6.
+/// `struct tcp_info`: the state, `tcpi_options` and the two window scales
+/// (low nibble the peer's, high nibble ours), stable since Linux 2.6.
 const TCPI_OPTIONS: usize = 5;
+/// `tcpi_state`: a `TCP_*` state of `include/net/tcp_states.h`.
+const TCPI_STATE: usize = 0;
+const TCP_ESTABLISHED: u8 = 1;
 const TCPI_WSCALES: usize = 6;
 /// `tcpi_options` bits.
 const TCPI_OPT_TIMESTAMPS: u8 = 1;
@@ -74,6 +79,14 @@ pub fn leave<F: AsFd>(socket: &F) -> Result<(), RepairError> {
     tcp_set(socket, libc::TCP_REPAIR, REPAIR_OFF_NO_WINDOW_PROBE, "TCP_REPAIR off")
 }
 
+/// Makes the peer of `socket` send an ACK: in and out of repair mode, whose
+/// end sends a window probe (an old sequence number, no data, which the
+/// peer acknowledges without taking anything).
+pub fn probe<F: AsFd>(socket: &F) -> Result<(), RepairError> {
+    enter(socket)?;
+    tcp_set(socket, libc::TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off with a window probe")
+}
+
 /// The state of `socket`, which is in repair mode; `peer_tsval`: the last
 /// timestamp its peer sent (not readable from a socket option).
 pub fn read<F: AsFd>(socket: &F, peer_tsval: u32) -> Result<SocketState, RepairError> {
@@ -83,25 +96,25 @@ pub fn read<F: AsFd>(socket: &F, peer_tsval: u32) -> Result<SocketState, RepairE
     tcp_set(socket, libc::TCP_REPAIR_QUEUE, RECV_QUEUE, "TCP_REPAIR_QUEUE receive")?;
     let rcv_nxt: u32 = tcp_get(socket, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ receive")?;
     let tsval: u32 = tcp_get(socket, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
-    // The first bytes of `struct tcp_info`: the options and the scales.
+    let (options, established) = negotiated(socket)?;
+    Ok(SocketState { local, remote, snd_nxt, rcv_nxt, tsval, peer_tsval, options, established })
+}
+
+/// The options `socket` negotiated, and whether it is still established
+/// (no FIN or RST received); readable outside repair mode too.
+pub fn negotiated<F: AsFd>(socket: &F) -> Result<(Negotiated, bool), RepairError> {
+    // The first bytes of `struct tcp_info`: the state, the options, the scales.
     let info: [u8; 8] = tcp_get(socket, libc::TCP_INFO, "TCP_INFO")?;
     let options = info[TCPI_OPTIONS];
     let scales = if options & TCPI_OPT_WSCALE != 0 { info[TCPI_WSCALES] } else { 0 };
-    Ok(SocketState {
-        local,
-        remote,
-        snd_nxt,
-        rcv_nxt,
-        tsval,
-        peer_tsval,
-        options: Negotiated {
-            timestamps: options & TCPI_OPT_TIMESTAMPS != 0,
-            usec_timestamps: options & TCPI_OPT_USEC_TS != 0,
-            sack: options & TCPI_OPT_SACK != 0,
-            peer_wscale: scales & 0x0f,
-            own_wscale: scales >> 4,
-        },
-    })
+    let negotiated = Negotiated {
+        timestamps: options & TCPI_OPT_TIMESTAMPS != 0,
+        usec_timestamps: options & TCPI_OPT_USEC_TS != 0,
+        sack: options & TCPI_OPT_SACK != 0,
+        peer_wscale: scales & 0x0f,
+        own_wscale: scales >> 4,
+    };
+    Ok((negotiated, info[TCPI_STATE] == TCP_ESTABLISHED))
 }
 
 fn addresses<F: AsFd>(socket: &F) -> Result<(SocketAddrV4, SocketAddrV4), RepairError> {

@@ -17,6 +17,8 @@ use std::net::SocketAddrV4;
 
 use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
 
+use super::fallback::Fallback;
+
 /// What the switch read from one of the proxy's sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketState {
@@ -31,6 +33,9 @@ pub struct SocketState {
     pub tsval: u32,
     pub peer_tsval: u32,
     pub options: Negotiated,
+    /// Whether the connection is still established both ways (no FIN or RST
+    /// received).
+    pub established: bool,
 }
 
 /// The options a connection negotiated in its handshake.
@@ -55,41 +60,18 @@ pub struct Hop {
     pub dst_mac: [u8; 6],
 }
 
-/// Why a connection is not spliced (the label of its fallback counter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotSpliced {
-    /// One connection negotiated timestamps and the other did not: the
-    /// option cannot be added to or removed from a packet in place.
-    TimestampsOnOneSide,
-    /// A side uses microsecond timestamps: no offset maps them onto a
-    /// millisecond clock.
-    MicrosecondTimestamps,
-}
-
-impl NotSpliced {
-    #[must_use]
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::TimestampsOnOneSide => "timestamps_on_one_side",
-            Self::MicrosecondTimestamps => "microsecond_timestamps",
-        }
-    }
-}
-
 /// The flow entries of both directions: client → upstream first.
 pub fn rewrites(
     client: &SocketState,
     upstream: &SocketState,
     to_client: Hop,
     to_upstream: Hop,
-) -> Result<[(PacketFlowKey, PacketRewrite); 2], NotSpliced> {
+) -> Result<[(PacketFlowKey, PacketRewrite); 2], Fallback> {
+    if !(client.established && upstream.established) {
+        return Err(Fallback::PeerClosed);
+    }
     let (c, u) = (client.options, upstream.options);
-    if c.timestamps != u.timestamps {
-        return Err(NotSpliced::TimestampsOnOneSide);
-    }
-    if c.usec_timestamps || u.usec_timestamps {
-        return Err(NotSpliced::MicrosecondTimestamps);
-    }
+    compatible(&c, &u)?;
     let mut flags = 0;
     if c.timestamps {
         flags |= rewrite_flags::TIMESTAMPS;
@@ -109,7 +91,7 @@ pub fn rewrites(
         sender_wscale: c.peer_wscale,
         receiver_wscale: u.own_wscale,
         flags,
-        next_seq: client.rcv_nxt,
+        next_seq: u64::from(client.rcv_nxt),
         ..towards(upstream, to_upstream)
     };
     let down = PacketRewrite {
@@ -120,20 +102,32 @@ pub fn rewrites(
         sender_wscale: u.peer_wscale,
         receiver_wscale: c.own_wscale,
         flags,
-        next_seq: upstream.rcv_nxt,
+        next_seq: u64::from(upstream.rcv_nxt),
         ..towards(client, to_client)
     };
-    Ok([(arriving(client), up), (arriving(upstream), down)])
+    Ok([(arriving(client.local, client.remote), up), (arriving(upstream.local, upstream.remote), down)])
 }
 
-/// The key of the packets that arrive for `socket`.
+/// Whether connections that negotiated `client` and `upstream` can be
+/// joined: timestamps on both or on neither, and on a millisecond clock.
+pub fn compatible(client: &Negotiated, upstream: &Negotiated) -> Result<(), Fallback> {
+    if client.timestamps != upstream.timestamps {
+        return Err(Fallback::TimestampsOnOneSide);
+    }
+    if client.usec_timestamps || upstream.usec_timestamps {
+        return Err(Fallback::MicrosecondTimestamps);
+    }
+    Ok(())
+}
+
+/// The key of the packets that arrive for the socket from `local` to `remote`.
 #[must_use]
-pub fn arriving(socket: &SocketState) -> PacketFlowKey {
+pub fn arriving(local: SocketAddrV4, remote: SocketAddrV4) -> PacketFlowKey {
     PacketFlowKey {
-        remote_addr: socket.remote.ip().octets(),
-        local_addr: socket.local.ip().octets(),
-        remote_port: socket.remote.port().to_be_bytes(),
-        local_port: socket.local.port().to_be_bytes(),
+        remote_addr: remote.ip().octets(),
+        local_addr: local.ip().octets(),
+        remote_port: remote.port().to_be_bytes(),
+        local_port: local.port().to_be_bytes(),
     }
 }
 

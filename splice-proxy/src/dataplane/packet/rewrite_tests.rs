@@ -13,6 +13,7 @@ fn client() -> SocketState {
         tsval: 50_000,
         peer_tsval: 7_000,
         options: OPTIONS,
+        established: true,
     }
 }
 
@@ -25,6 +26,7 @@ fn upstream() -> SocketState {
         tsval: 90_000,
         peer_tsval: 123_456,
         options: Negotiated { peer_wscale: 9, own_wscale: 8, ..OPTIONS },
+        established: true,
     }
 }
 
@@ -47,13 +49,13 @@ fn the_next_byte_of_each_peer_becomes_the_next_byte_of_the_other_socket() {
     assert_eq!(c.snd_nxt.wrapping_add(up.ack_delta), u.rcv_nxt);
     assert_eq!(u.snd_nxt.wrapping_add(down.ack_delta), c.rcv_nxt);
     // Bytes are counted from each peer's next byte.
-    assert_eq!((up.next_seq, down.next_seq), (c.rcv_nxt, u.rcv_nxt));
+    assert_eq!((up.next_seq, down.next_seq), (u64::from(c.rcv_nxt), u64::from(u.rcv_nxt)));
     // Keys are the packets as they arrive; the rewrite sends as the other socket.
-    assert_eq!(up_key, arriving(&c));
+    assert_eq!(up_key, arriving(c.local, c.remote));
     assert_eq!((up.src_addr, up.dst_addr), (u.local.ip().octets(), u.remote.ip().octets()));
     assert_eq!((up.src_port, up.dst_port), (41000u16.to_be_bytes(), 443u16.to_be_bytes()));
     assert_eq!((up.ifindex, up.dst_mac), (3, TO_UPSTREAM.dst_mac));
-    assert_eq!(down_key, arriving(&u));
+    assert_eq!(down_key, arriving(u.local, u.remote));
     assert_eq!((down.src_addr, down.dst_addr), (c.local.ip().octets(), c.remote.ip().octets()));
     assert_eq!((down.ifindex, down.dst_mac), (2, TO_CLIENT.dst_mac));
 }
@@ -101,13 +103,26 @@ fn sack_on_one_side_only_is_blanked_both_ways() {
 fn connections_whose_timestamps_cannot_be_mapped_are_not_spliced() {
     let mut u = upstream();
     u.options.timestamps = false;
-    assert_eq!(rewrites(&client(), &u, TO_CLIENT, TO_UPSTREAM), Err(NotSpliced::TimestampsOnOneSide));
+    assert_eq!(rewrites(&client(), &u, TO_CLIENT, TO_UPSTREAM), Err(Fallback::TimestampsOnOneSide));
     let mut c = client();
     c.options.usec_timestamps = true;
-    assert_eq!(rewrites(&c, &upstream(), TO_CLIENT, TO_UPSTREAM), Err(NotSpliced::MicrosecondTimestamps));
+    assert_eq!(rewrites(&c, &upstream(), TO_CLIENT, TO_UPSTREAM), Err(Fallback::MicrosecondTimestamps));
     let (mut c, mut u) = (client(), upstream());
     c.options.timestamps = false;
     u.options.timestamps = false;
     let [(_, up), _] = rewrites(&c, &u, TO_CLIENT, TO_UPSTREAM).unwrap();
     assert_eq!(up.flags & rewrite_flags::TIMESTAMPS, 0);
+}
+
+#[test]
+fn a_connection_a_peer_closed_before_the_switch_is_not_spliced() {
+    for closed in [true, false] {
+        let (mut c, mut u) = (client(), upstream());
+        if closed {
+            c.established = false;
+        } else {
+            u.established = false;
+        }
+        assert_eq!(rewrites(&c, &u, TO_CLIENT, TO_UPSTREAM), Err(Fallback::PeerClosed));
+    }
 }

@@ -1,0 +1,155 @@
+//! A spliced connection from the switch to its end, and after.
+//!
+//! The program's per-flow counters say how far each direction went and
+//! whether a FIN or a RST went through; they are read every
+//! [`FOLLOW_POLL`]. The connection ends when a FIN went each way (a
+//! half-close carries on in the meantime, end to end) or a RST either way;
+//! its access line, metrics and byte counts are then written as on every
+//! plane. The entries stay for [`LINGER`] (the last ACKs and any
+//! retransmitted FIN still go through), then drop the flow's late packets
+//! for [`QUIET`], so they neither reach a peer nor draw a RST from the
+//! proxy's stack; then they go, with the proxy's two sockets, which repair
+//! mode closes silently. Holding the sockets that long keeps their ports
+//! from being reused under a tuple the program still rewrites.
+//!
+//! A stop (the drain timeout, or an immediate stop) removes the entries and
+//! closes the sockets at once: each peer's next packet then meets no socket
+//! and draws a RST from the stack, in that peer's own sequence space, so
+//! both ends are reset as they next send.
+
+use std::{sync::Arc, time::Duration};
+
+use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
+use tokio_util::sync::CancellationToken;
+
+use super::PacketPlane;
+use crate::dataplane::transfer::{ByteProgress, Ending, LiveBytes, Side, Sockets, Transfer};
+
+/// How often a spliced connection's counters are read.
+const FOLLOW_POLL: Duration = Duration::from_millis(50);
+/// How long the entries keep rewriting after the end.
+const LINGER: Duration = Duration::from_secs(1);
+/// How long the entries then drop the flow's packets.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// The live byte counts of a spliced connection (client to upstream,
+/// upstream to client), for `/debug/connections`.
+#[derive(Debug)]
+struct LiveFlow {
+    plane: Arc<PacketPlane>,
+    keys: [PacketFlowKey; 2],
+}
+
+impl LiveBytes for LiveFlow {
+    fn read(&self) -> [u64; 2] {
+        let program = self.plane.program();
+        self.keys.map(|key| program.flow(&key).ok().flatten().map_or(0, |f| f.bytes))
+    }
+}
+
+/// Follows the spliced connection of `keys` until it ends or `stop`.
+pub(super) async fn follow(
+    plane: &Arc<PacketPlane>,
+    keys: [PacketFlowKey; 2],
+    sockets: Sockets,
+    stop: &CancellationToken,
+    progress: &ByteProgress,
+) -> Transfer {
+    progress.attach(Box::new(LiveFlow { plane: Arc::clone(plane), keys }));
+    let mut poll = tokio::time::interval(FOLLOW_POLL);
+    let ending = loop {
+        tokio::select! {
+            _ = poll.tick() => {}
+            () = stop.cancelled() => break Ending::Stopped,
+        }
+        let flows = {
+            let program = plane.program();
+            keys.map(|key| program.flow(&key).ok().flatten())
+        };
+        if let Some(ending) = ending_of(&flows) {
+            break ending;
+        }
+    };
+    let kernel_bytes = progress.settle(|| {
+        let program = plane.program();
+        let bytes = keys.map(|key| program.flow(&key).ok().flatten().map_or(0, |f| f.bytes));
+        (bytes, bytes[0] + bytes[1])
+    });
+    let mut transfer = Transfer::counted(progress, ending);
+    transfer.kernel_bytes = kernel_bytes;
+    if ending == Ending::Stopped {
+        remove(plane, &keys);
+        drop(sockets);
+    } else {
+        tokio::spawn(retire(Arc::clone(plane), keys, sockets));
+    }
+    transfer
+}
+
+/// How the connection ended, if it did: a RST either way, or a FIN each
+/// way. An entry that is gone (it should not be) ends it as an error.
+fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
+    let [Some(up), Some(down)] = flows else { return Some(Ending::Error(Side::Downstream)) };
+    if up.rst_seen != 0 {
+        Some(Ending::Reset(Side::Downstream))
+    } else if down.rst_seen != 0 {
+        Some(Ending::Reset(Side::Upstream))
+    } else if up.fin_seen != 0 && down.fin_seen != 0 {
+        Some(Ending::Completed)
+    } else {
+        None
+    }
+}
+
+/// After the end: the entries linger, then drop, then go with the sockets.
+async fn retire(plane: Arc<PacketPlane>, keys: [PacketFlowKey; 2], sockets: Sockets) {
+    tokio::time::sleep(LINGER).await;
+    {
+        let mut program = plane.program();
+        for key in &keys {
+            if let Ok(Some(flow)) = program.flow(key) {
+                let ended = PacketRewrite { flags: flow.flags | rewrite_flags::ENDED, ..flow };
+                if let Err(error) = program.set_flow(key, &ended) {
+                    tracing::warn!(%error, "marking a spliced flow ended");
+                }
+            }
+        }
+    }
+    tokio::time::sleep(QUIET).await;
+    remove(&plane, &keys);
+    drop(sockets);
+}
+
+fn remove(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) {
+    let mut program = plane.program();
+    for key in keys {
+        if let Err(error) = program.remove_flow(key) {
+            tracing::warn!(%error, "removing a spliced flow");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(fin: u32, rst: u32) -> Option<PacketRewrite> {
+        Some(PacketRewrite { fin_seen: fin, rst_seen: rst, ..PacketRewrite::default() })
+    }
+
+    #[test]
+    fn a_connection_ends_on_a_fin_each_way_or_a_reset_either_way() {
+        let table = [
+            ([flow(0, 0), flow(0, 0)], None),
+            ([flow(1, 0), flow(0, 0)], None),
+            ([flow(0, 0), flow(1, 0)], None),
+            ([flow(1, 0), flow(1, 0)], Some(Ending::Completed)),
+            ([flow(0, 1), flow(1, 0)], Some(Ending::Reset(Side::Downstream))),
+            ([flow(1, 0), flow(0, 1)], Some(Ending::Reset(Side::Upstream))),
+            ([None, flow(0, 0)], Some(Ending::Error(Side::Downstream))),
+        ];
+        for (flows, want) in table {
+            assert_eq!(ending_of(&flows), want, "{flows:?}");
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The switch: from the proxy's two sockets to the program.
+//!
+//! 0. The options both handshakes negotiated must allow it.
+//! 1. Both flows are held in the program: whatever would move a sequence
+//!    number forward is dropped (its sender retransmits it later, into the
+//!    spliced flow), pure ACKs still reach the sockets, and each packet
+//!    teaches the entry the hop back to its sender and its newest TSval.
+//! 2. What the sockets still hold unread is relayed by hand; what they sent
+//!    is waited for until acknowledged. A side whose peer sent nothing yet
+//!    is probed once (a window probe draws an ACK), so the hop is learned.
+//! 3. Both sockets go into repair mode and are read: quiescent again, still
+//!    established. Their keepalive is off first, since repair mode does not
+//!    stop it.
+//! 4. Each direction's rewrite replaces its hold.
+//!
+//! Anything else gives up: holds removed, repair mode left, keepalive as it
+//! was; the packets dropped meanwhile come again to the sockets.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use nix::sys::socket::{MsgFlags, recv};
+use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
+use tokio::net::TcpStream;
+
+use super::{
+    PacketPlane,
+    fallback::Fallback,
+    repair,
+    rewrite::{Hop, arriving, compatible, rewrites},
+};
+use crate::{
+    dataplane::transfer::{ByteProgress, Sockets},
+    sockopt,
+};
+
+/// How long the switch waits for both sockets to become quiescent and both
+/// peers to be seen: a few round trips; a connection busy for longer stays
+/// on the next plane.
+const SWITCH_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the switch looks again while it waits.
+const SWITCH_POLL: Duration = Duration::from_millis(1);
+/// Bytes relayed by hand per read while the flows are held.
+const RELAY_BUFFER: usize = 64 << 10;
+
+/// Joins the connection in the program: the flow keys (client → upstream
+/// first), or why not (nothing of the switch is left behind then).
+pub(super) async fn switch(
+    plane: &Arc<PacketPlane>,
+    sockets: &Sockets,
+    progress: &ByteProgress,
+) -> Result<[PacketFlowKey; 2], Fallback> {
+    let keys = [key_of(&sockets.client)?, key_of(&sockets.upstream)?];
+    // What the handshakes settled is known now: nothing is held for a
+    // connection that cannot be joined anyway.
+    let (client, _) = repair::negotiated(&sockets.client).map_err(failed("reading the client's options"))?;
+    let (upstream, _) =
+        repair::negotiated(&sockets.upstream).map_err(failed("reading the upstream's options"))?;
+    compatible(&client, &upstream)?;
+    hold(plane, &keys)?;
+    let keepalive = [keepalive(&sockets.client), keepalive(&sockets.upstream)];
+    let joined = join(plane, sockets, progress, &keys).await;
+    if joined.is_err() {
+        let mut program = plane.program();
+        for key in &keys {
+            if let Err(error) = program.remove_flow(key) {
+                tracing::warn!(%error, "removing a held flow");
+            }
+        }
+        drop(program);
+        for (socket, on) in [&sockets.client, &sockets.upstream].into_iter().zip(keepalive) {
+            let _ = repair::leave(socket);
+            if on {
+                let _ = set_keepalive(socket, true);
+            }
+        }
+    }
+    joined.map(|()| keys)
+}
+
+/// Steps 2 to 4 of the switch.
+async fn join(
+    plane: &Arc<PacketPlane>,
+    sockets: &Sockets,
+    progress: &ByteProgress,
+    keys: &[PacketFlowKey; 2],
+) -> Result<(), Fallback> {
+    let held = settle(plane, sockets, progress, keys).await?;
+    for socket in [&sockets.client, &sockets.upstream] {
+        set_keepalive(socket, false).map_err(failed("keepalive off"))?;
+        repair::enter(socket).map_err(failed("repair mode"))?;
+    }
+    // Anything that passed the program before the hold has long reached the
+    // sockets (the wait above is at least a round trip): they must still be
+    // quiescent, now that repair mode keeps the application out.
+    for socket in [&sockets.client, &sockets.upstream] {
+        if repair::queued(socket).map_err(failed("queues"))? != (0, 0) {
+            return Err(Fallback::NotQuiescent);
+        }
+    }
+    let client =
+        repair::read(&sockets.client, held[0].peer_tsval).map_err(failed("reading the client socket"))?;
+    let upstream =
+        repair::read(&sockets.upstream, held[1].peer_tsval).map_err(failed("reading the upstream socket"))?;
+    let [up, down] = rewrites(&client, &upstream, hop(&held[0]), hop(&held[1]))?;
+    let mut program = plane.program();
+    for (key, rewrite) in [up, down] {
+        program.set_flow(&key, &rewrite).map_err(failed("installing a rewrite"))?;
+    }
+    Ok(())
+}
+
+/// Relays what the sockets hold and waits until both are quiescent and both
+/// peers were seen; the two held entries (client's, upstream's) then.
+async fn settle(
+    plane: &PacketPlane,
+    sockets: &Sockets,
+    progress: &ByteProgress,
+    keys: &[PacketFlowKey; 2],
+) -> Result<[PacketRewrite; 2], Fallback> {
+    let deadline = Instant::now() + SWITCH_TIMEOUT;
+    let mut probed = [false; 2];
+    let mut buffer = vec![0; RELAY_BUFFER];
+    loop {
+        relay(&sockets.client, &sockets.upstream, &progress.client_to_upstream, &mut buffer).await?;
+        relay(&sockets.upstream, &sockets.client, &progress.upstream_to_client, &mut buffer).await?;
+        let held = {
+            let program = plane.program();
+            let read = |key| program.flow(key).ok().flatten().ok_or(Fallback::SwitchFailed);
+            [read(&keys[0])?, read(&keys[1])?]
+        };
+        let seen = [held[0].ifindex != 0, held[1].ifindex != 0];
+        for ((socket, seen), probed) in
+            [&sockets.client, &sockets.upstream].into_iter().zip(seen).zip(&mut probed)
+        {
+            if !seen && !*probed {
+                repair::probe(socket).map_err(failed("window probe"))?;
+                *probed = true;
+            }
+        }
+        let quiescent = repair::queued(&sockets.client).map_err(failed("queues"))? == (0, 0)
+            && repair::queued(&sockets.upstream).map_err(failed("queues"))? == (0, 0);
+        if seen == [true, true] && quiescent {
+            return Ok(held);
+        }
+        if Instant::now() >= deadline {
+            return Err(if seen == [true, true] { Fallback::NotQuiescent } else { Fallback::PeerNotSeen });
+        }
+        tokio::time::sleep(SWITCH_POLL).await;
+    }
+}
+
+/// Moves what `from` holds unread to `to`, counting it in `moved`. A peer
+/// that closed (EOF) or failed ends the switch: the next plane sees it too.
+async fn relay(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &std::sync::atomic::AtomicU64,
+    buffer: &mut [u8],
+) -> Result<(), Fallback> {
+    loop {
+        // Not through tokio: its readiness may not know yet what is there.
+        match recv(std::os::fd::AsRawFd::as_raw_fd(&from.as_fd()), buffer, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return Err(Fallback::PeerClosed),
+            Ok(n) => {
+                write_all(to, &buffer[..n]).await?;
+                moved.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return Err(Fallback::PeerClosed),
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> Result<(), Fallback> {
+    while !bytes.is_empty() {
+        to.writable().await.map_err(|_| Fallback::PeerClosed)?;
+        match to.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Fallback::PeerClosed),
+        }
+    }
+    Ok(())
+}
+
+/// Both keys held (a fresh entry each, so nothing learned before counts).
+fn hold(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) -> Result<(), Fallback> {
+    let held = PacketRewrite { flags: rewrite_flags::HOLD, ..PacketRewrite::default() };
+    let mut program = plane.program();
+    for (i, key) in keys.iter().enumerate() {
+        if let Err(error) = program.set_flow(key, &held) {
+            for earlier in &keys[..i] {
+                let _ = program.remove_flow(earlier);
+            }
+            tracing::debug!(%error, "holding a flow");
+            return Err(Fallback::FlowTableFull);
+        }
+    }
+    Ok(())
+}
+
+/// The key of the packets that arrive for `socket`.
+fn key_of(socket: &TcpStream) -> Result<PacketFlowKey, Fallback> {
+    match (socket.local_addr(), socket.peer_addr()) {
+        (Ok(SocketAddr::V4(local)), Ok(SocketAddr::V4(remote))) => Ok(arriving(local, remote)),
+        (Ok(_), Ok(_)) => Err(Fallback::NotIpv4),
+        _ => Err(Fallback::PeerClosed),
+    }
+}
+
+/// The hop a held entry learned back to its peer.
+fn hop(held: &PacketRewrite) -> Hop {
+    Hop { ifindex: held.ifindex, src_mac: held.src_mac, dst_mac: held.dst_mac }
+}
+
+fn keepalive<F: AsFd>(socket: &F) -> bool {
+    sockopt::get::<_, i32>(socket, nix::libc::SOL_SOCKET, nix::libc::SO_KEEPALIVE)
+        .is_ok_and(|(on, _)| on != 0)
+}
+
+fn set_keepalive<F: AsFd>(socket: &F, on: bool) -> Result<(), sockopt::SockoptError> {
+    sockopt::set_int(socket, nix::libc::SOL_SOCKET, nix::libc::SO_KEEPALIVE, i32::from(on), "SO_KEEPALIVE")
+}
+
+/// A failed step of the switch, logged, as its fallback.
+fn failed<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> Fallback {
+    move |error| {
+        tracing::warn!(%error, step, "the switch to packet splicing failed");
+        Fallback::SwitchFailed
+    }
+}
