@@ -4,16 +4,23 @@
 //! every size and order arrive SHA-256 exact and are carried by the program
 //! (each access line counts kernel bytes; the exit totals count every
 //! connection spliced). A connection that cannot be spliced stays on splice,
-//! exact, with its reason counted. Runs as root.
+//! exact, with its reason counted. Stress runs (readers alternating slow and
+//! fast) on an idle and on a busy host, and a lossy link each way with SACK
+//! and timestamps on and off, every run exact and spliced. Runs as root.
+//!
+//! Knobs: `SPLICE_PROXY_PACKET_STRESS_RUNS` (per host state, default 50),
+//! `SPLICE_PROXY_PACKET_LOSSY_RUNS` (per variant, default 3).
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
+use splice_proxy::kernel::LossyLink;
 use splice_proxy_tests::{
+    busy::BusyLoops,
     netns::{LineTopology, in_netns},
     process::ProxyProcess,
-    transfer::{Order, TransferServer, run_transfer_on},
+    transfer::{Order, Pace, TransferServer, run_paced_transfer_on, run_transfer_on},
 };
 
 const MIB: u64 = 1 << 20;
@@ -44,6 +51,46 @@ fn packet_proxy(topology: &LineTopology, server: &TransferServer) -> Result<Prox
     let upstream = server.addr.to_string();
     let args = ["--listen", &listen, "--upstream", &upstream, "--dataplane", "packet", "--no-sni-check"];
     ProxyProcess::start_in_netns(&topology.proxy, &args)
+}
+
+/// A number from the environment variable `name`, or `default`.
+fn knob(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(value) => value.parse().with_context(|| format!("{name}={value} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Runs `runs` transfers of `mib` MiB each way at once through `proxy`,
+/// every other one with both readers alternating slow and fast; each must
+/// be exact and carried by the program.
+fn exact_runs(
+    runtime: &tokio::runtime::Runtime,
+    topology: &LineTopology,
+    proxy: &ProxyProcess,
+    server: &TransferServer,
+    (runs, mib, what): (usize, u64, &str),
+) -> Result<()> {
+    let closed_before = proxy.closed_connections().len();
+    for run in 0..runs {
+        let pace = if run % 2 == 1 { Pace::Alternating } else { Pace::Fast };
+        let socket = in_netns(&topology.client, tokio::net::TcpSocket::new_v4)??;
+        runtime
+            .block_on(async {
+                let stream = socket.connect(proxy.addr()).await?;
+                let transfer =
+                    run_paced_transfer_on(stream, server, mib * MIB, mib * MIB, Order::Concurrent, pace);
+                tokio::time::timeout(Duration::from_secs(120), transfer).await.context("stalled")?
+            })
+            .with_context(|| format!("{what}: run {} of {runs} ({pace:?})", run + 1))?;
+    }
+    let closed = runtime.block_on(proxy.wait_closed(closed_before + runs, Duration::from_secs(10)))?;
+    for line in &closed[closed_before..] {
+        ensure!(line["reason"] == "completed", "{what}: not completed: {line}");
+        ensure!(line["kernel_bytes"].as_u64() > Some(0), "{what}: not spliced: {line}");
+    }
+    eprintln!("{what}: {runs} runs exact, every one spliced");
+    Ok(())
 }
 
 /// Runs each of `transfers` through `proxy` from the client namespace.
@@ -133,5 +180,49 @@ fn a_connection_with_timestamps_on_one_side_stays_on_splice_with_its_reason_coun
         totals["spliced"] == 0 && totals["fallbacks"] == "timestamps_on_one_side=3",
         "both fell back for their timestamps: {totals}"
     );
+    Ok(())
+}
+
+#[test]
+fn stress_runs_are_exact_on_an_idle_and_on_a_busy_host() -> Result<()> {
+    let runs = knob("SPLICE_PROXY_PACKET_STRESS_RUNS", 50)?;
+    let topology = LineTopology::create()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _guard = runtime.enter();
+    let server = topology.transfer_server()?;
+    let proxy = packet_proxy(&topology, &server)?;
+    exact_runs(&runtime, &topology, &proxy, &server, (runs, 64, "idle host"))?;
+    let busy = BusyLoops::on_every_core()?;
+    exact_runs(&runtime, &topology, &proxy, &server, (runs, 64, "busy host"))?;
+    drop(busy);
+    Ok(())
+}
+
+/// About 1 % of the data packets dropped on both of the proxy's interfaces
+/// (an XDP program ahead of the splicing one), with SACK and timestamps on
+/// and off in the end namespaces: loss recovery is end to end.
+#[test]
+fn a_lossy_link_each_way_with_sack_and_timestamps_on_and_off_stays_exact() -> Result<()> {
+    let runs = knob("SPLICE_PROXY_PACKET_LOSSY_RUNS", 3)?;
+    for (sack, timestamps) in [(1, 1), (0, 1), (1, 0), (0, 0)] {
+        let what = format!("tcp_sack={sack} tcp_timestamps={timestamps}");
+        let topology = LineTopology::create()?;
+        for ns in [&topology.client, &topology.upstream] {
+            LineTopology::sysctl(ns, &format!("net.ipv4.tcp_sack={sack}"))?;
+            LineTopology::sysctl(ns, &format!("net.ipv4.tcp_timestamps={timestamps}"))?;
+        }
+        let lossy = [
+            in_netns(&topology.proxy, || LossyLink::attach("to-client"))??,
+            in_netns(&topology.proxy, || LossyLink::attach("to-upstream"))??,
+        ];
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let _guard = runtime.enter();
+        let server = topology.transfer_server()?;
+        let proxy = packet_proxy(&topology, &server)?;
+        exact_runs(&runtime, &topology, &proxy, &server, (runs, 16, &what))?;
+        for (link, side) in lossy.iter().zip(["from the client", "from the upstream"]) {
+            ensure!(link.drops()? > 0, "{what}: nothing dropped {side}, so this proved nothing");
+        }
+    }
     Ok(())
 }

@@ -7,6 +7,9 @@
 pub enum Fallback {
     /// A connection is over IPv6: the program rewrites IPv4 only.
     NotIpv4,
+    /// A connection is over loopback, which the program is not attached to
+    /// (its packets cross no interface a peer sits behind).
+    Loopback,
     /// The flow map has no room for two more entries.
     FlowTableFull,
     /// No packet of a peer reached the program during the switch: it
@@ -29,8 +32,9 @@ pub enum Fallback {
 
 impl Fallback {
     /// Every reason, in the order the metrics list them.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::NotIpv4,
+        Self::Loopback,
         Self::FlowTableFull,
         Self::PeerNotSeen,
         Self::NotQuiescent,
@@ -45,6 +49,7 @@ impl Fallback {
     pub fn label(self) -> &'static str {
         match self {
             Self::NotIpv4 => "not_ipv4",
+            Self::Loopback => "loopback",
             Self::FlowTableFull => "flow_table_full",
             Self::PeerNotSeen => "peer_not_seen",
             Self::NotQuiescent => "not_quiescent",

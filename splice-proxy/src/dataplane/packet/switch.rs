@@ -208,6 +208,9 @@ fn hold(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) -> Result<(), Fallback> 
 /// The key of the packets that arrive for `socket`.
 fn key_of(socket: &TcpStream) -> Result<PacketFlowKey, Fallback> {
     match (socket.local_addr(), socket.peer_addr()) {
+        (Ok(SocketAddr::V4(_)), Ok(SocketAddr::V4(remote))) if remote.ip().is_loopback() => {
+            Err(Fallback::Loopback)
+        }
         (Ok(SocketAddr::V4(local)), Ok(SocketAddr::V4(remote))) => Ok(arriving(local, remote)),
         (Ok(_), Ok(_)) => Err(Fallback::NotIpv4),
         _ => Err(Fallback::PeerClosed),
