@@ -21,6 +21,9 @@ pub mod program {
     /// tc (clsact ingress) program of packet splicing: rewrites each packet
     /// of a spliced connection into the other connection and sends it out.
     pub const PACKET_SPLICE: &str = "packet_splice";
+    /// tc (clsact egress) program of packet splicing: drops what the proxy's
+    /// own socket of a spliced connection still sends.
+    pub const PACKET_SILENCE: &str = "packet_silence";
 }
 
 /// Names of the maps in the kernel object.
@@ -37,6 +40,9 @@ pub mod map {
     /// Hash of [`super::PacketRewrite`] by [`super::PacketFlowKey`]: the
     /// packet-splicing program's flows.
     pub const PACKET_FLOWS: &str = "PACKET_FLOWS";
+    /// Per-CPU `u64`: packets of the proxy's own spliced sockets that
+    /// [`super::program::PACKET_SILENCE`] dropped.
+    pub const PACKET_SILENCED: &str = "PACKET_SILENCED";
     /// Ring buffer of [`super::FlowEvent`]s for user space.
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
     /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.
@@ -334,8 +340,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<SourceKeyV4>(), 2 + 4);
         assert_eq!(core::mem::size_of::<PacketFlowKey>(), 4 + 4 + 2 + 2);
         // 12 tuple bytes, 5 u32s, 12 MAC bytes, 2 scales, flags: 48; 2 u64s;
-        // 2 u32s; a u64; 2 u32s.
-        assert_eq!(core::mem::size_of::<PacketRewrite>(), 48 + 2 * 8 + 2 * 4 + 8 + 2 * 4);
+        // 2 u32s; a u64; 2 u32s; a u64.
+        assert_eq!(core::mem::size_of::<PacketRewrite>(), 48 + 2 * 8 + 2 * 4 + 8 + 2 * 4 + 8);
         assert_eq!(core::mem::size_of::<SourceKeyV6>(), 2 + 16);
         assert_eq!(core::mem::align_of::<SourceKeyV6>(), 1);
     }

@@ -62,6 +62,10 @@ pub struct PacketRewrite {
     /// `src_mac` (the proxy's) and `dst_mac` (the peer's or its router's)).
     pub peer_tsval: u32,
     pub _pad: u32,
+    /// The cookie of the proxy's socket these packets arrived for before the
+    /// switch: once the flow is spliced, what that socket still sends is
+    /// dropped on its way out (`packet_silence`).
+    pub socket_cookie: u64,
 }
 
 /// Bits of [`PacketRewrite::flags`].

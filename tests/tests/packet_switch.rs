@@ -18,6 +18,7 @@ use splice_proxy::dataplane::packet::{
     repair,
     rewrite::{Hop, rewrites},
 };
+use splice_proxy::kernel::socket_cookie;
 use splice_proxy_tests::{
     netns::{LineTopology, NetNs, in_netns},
     positional::{PositionalPayload, StreamChecker},
@@ -129,9 +130,10 @@ fn exchange(stream: TcpStream, payload: PositionalPayload, expect: PositionalPay
 /// upstream talk through the proxy's namespace (client — proxy — upstream
 /// over veths), first through the proxy's sockets, then, after the switch,
 /// through the program alone: 8 MiB each way at once arrive exact, both
-/// FINs go through, and the flows count every byte. Timestamps are off in
-/// the end namespaces (mapping them needs each peer's last TSval, which the
-/// switch does not read yet).
+/// FINs go through, and the flows count every byte; what the proxy's
+/// sockets still send (a window probe each) is dropped on its way out.
+/// Timestamps are off in the end namespaces, so no peer TSval is needed
+/// (the plane learns it while it holds the flows: tests/packet_plane).
 #[test]
 fn a_switched_connection_carries_both_directions_through_the_program_alone() -> Result<()> {
     let topology = LineTopology::create()?;
@@ -177,11 +179,21 @@ fn a_switched_connection_carries_both_directions_through_the_program_alone() -> 
     };
     let to_client = hop("to-client", &topology.client)?;
     let to_upstream = hop("to-upstream", &topology.upstream)?;
-    let flows = rewrites(&client_side, &upstream_side, to_client, to_upstream)
+    let mut flows = rewrites(&client_side, &upstream_side, to_client, to_upstream)
         .map_err(|why| anyhow::anyhow!("not spliced: {}", why.label()))?;
+    flows[0].1.socket_cookie = socket_cookie(&sc)?;
+    flows[1].1.socket_cookie = socket_cookie(&su)?;
     for (key, rewrite) in &flows {
         program.set_flow(key, rewrite)?;
     }
+    // What a spliced socket still sends is dropped on its way out: a window
+    // probe (which leaves repair mode, so back in).
+    for socket in [&sc, &su] {
+        repair::probe(socket)?;
+        repair::enter(socket)?;
+    }
+    let silenced = program.silenced()?;
+    ensure!(silenced >= 2, "the proxy sockets' probes were not dropped: {silenced} silenced");
 
     // Both ends now talk through the program.
     let up = PositionalPayload { key: 1, len: SPLICED_BYTES };

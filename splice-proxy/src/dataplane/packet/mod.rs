@@ -168,6 +168,7 @@ impl PacketPlane {
         let c = &self.counters;
         tracing::info!(
             spliced = c.spliced.load(Ordering::Relaxed),
+            silenced = self.program().silenced().unwrap_or(0),
             ended = c.ended.load(Ordering::Relaxed),
             fallbacks = %self.counters.fallbacks_line(),
             "packet plane totals"
@@ -186,6 +187,11 @@ impl PacketPlane {
                 c.spliced.load(Ordering::Relaxed),
             ),
             ("packet_ended", "Spliced connections that ended", c.ended.load(Ordering::Relaxed)),
+            (
+                "packet_silenced",
+                "Packets the proxy's own spliced sockets sent, dropped on their way out",
+                self.program().silenced().unwrap_or(0),
+            ),
         ]
     }
 }

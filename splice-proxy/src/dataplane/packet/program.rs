@@ -1,9 +1,10 @@
-//! The `packet_splice` tc program and its flow map, loaded from the embedded
-//! object on their own (the sockmap maps get one entry each).
+//! The `packet_splice` (ingress) and `packet_silence` (egress) tc programs
+//! and their flow map, loaded from the embedded object on their own (the
+//! sockmap maps get one entry each).
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, tc::SchedClassifierLink},
 };
 use proxy_common::{PacketFlowKey, PacketRewrite, map, program};
@@ -13,12 +14,13 @@ use crate::kernel::{self, KernelError};
 /// Longest frame [`PacketProgram::test_run`] returns.
 const MAX_FRAME: usize = 2048;
 
-/// The loaded program, its map of flows, and the interfaces it is attached
-/// to (detached when this is dropped, or when the process exits).
+/// The loaded programs, their map of flows, and the interfaces they are
+/// attached to (detached when this is dropped, or when the process exits).
 pub struct PacketProgram {
-    /// Declared first: dropped (detached) before the program is unloaded.
+    /// Declared first: dropped (detached) before the programs are unloaded.
     links: Vec<(SchedClassifierLink, String)>,
     flows: HashMap<MapData, PacketFlowKey, PacketRewrite>,
+    silenced: PerCpuArray<MapData, u64>,
     ebpf: Ebpf,
 }
 
@@ -35,45 +37,57 @@ impl PacketProgram {
         let entries = u32::try_from(max_connections.saturating_mul(2)).unwrap_or(u32::MAX);
         let mut ebpf = kernel::load_for_packets(entries)?;
         let flows = kernel::take_map(&mut ebpf, map::PACKET_FLOWS)?;
-        let mut loaded = Self { links: Vec::new(), flows, ebpf };
-        let name = program::PACKET_SPLICE;
-        loaded.program_mut()?.load().map_err(|source| KernelError::Program { name, source })?;
+        let silenced = kernel::take_map(&mut ebpf, map::PACKET_SILENCED)?;
+        let mut loaded = Self { links: Vec::new(), flows, silenced, ebpf };
+        for name in [program::PACKET_SPLICE, program::PACKET_SILENCE] {
+            loaded.program_mut(name)?.load().map_err(|source| KernelError::Program { name, source })?;
+        }
         Ok(loaded)
     }
 
-    fn program_mut(&mut self) -> Result<&mut SchedClassifier, KernelError> {
-        kernel::program_mut(&mut self.ebpf, program::PACKET_SPLICE)
+    fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier, KernelError> {
+        kernel::program_mut(&mut self.ebpf, name)
     }
 
-    fn program(&self) -> Result<&SchedClassifier, KernelError> {
-        kernel::program(&self.ebpf, program::PACKET_SPLICE)
-    }
-
-    /// Attaches the program at the ingress of `interface` (in the calling
-    /// thread's network namespace). On Linux 6.6 and later that is a TCX
-    /// link, which goes away with this value or the process; on older
-    /// kernels a tc filter under a `clsact` qdisc, added here when missing.
+    /// Attaches `packet_splice` at the ingress of `interface` and
+    /// `packet_silence` at its egress (in the calling thread's network
+    /// namespace). On Linux 6.6 and later those are TCX links, which go away
+    /// with this value or the process; on older kernels tc filters under a
+    /// `clsact` qdisc, added here when missing.
     pub fn attach(&mut self, interface: &str) -> Result<(), KernelError> {
-        let name = program::PACKET_SPLICE;
-        let classifier = self.program_mut()?;
-        let id = match classifier.attach(interface, TcAttachType::Ingress) {
-            Ok(id) => id,
-            Err(_) => {
-                // Before TCX: the filter needs the qdisc (an existing one is fine).
-                let _ = aya::programs::tc::qdisc_add_clsact(interface);
-                classifier
-                    .attach(interface, TcAttachType::Ingress)
-                    .map_err(|source| KernelError::Program { name, source })?
-            }
-        };
-        let link = classifier.take_link(id).map_err(|source| KernelError::Program { name, source })?;
-        self.links.push((link, interface.to_owned()));
+        for (name, direction) in
+            [(program::PACKET_SPLICE, TcAttachType::Ingress), (program::PACKET_SILENCE, TcAttachType::Egress)]
+        {
+            let classifier = self.program_mut(name)?;
+            let id = match classifier.attach(interface, direction) {
+                Ok(id) => id,
+                Err(_) => {
+                    // Before TCX: the filter needs the qdisc (an existing one is fine).
+                    let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                    classifier
+                        .attach(interface, direction)
+                        .map_err(|source| KernelError::Program { name, source })?
+                }
+            };
+            let link = classifier.take_link(id).map_err(|source| KernelError::Program { name, source })?;
+            self.links.push((link, interface.to_owned()));
+        }
         Ok(())
     }
 
-    /// The interfaces the program is attached to, in the order attached.
+    /// Packets of the proxy's own spliced sockets dropped on their way out.
+    pub fn silenced(&self) -> Result<u64, KernelError> {
+        let per_cpu = self
+            .silenced
+            .get(&0, 0)
+            .map_err(|source| KernelError::Map { name: map::PACKET_SILENCED, source })?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// The interfaces the programs are attached to, in the order attached.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|(_, interface)| interface.as_str())
+        // Two links per interface, one each way.
+        self.links.iter().step_by(2).map(|(_, interface)| interface.as_str())
     }
 
     /// Packets arriving with `key` are rewritten by `rewrite` from now on.
@@ -109,8 +123,9 @@ impl PacketProgram {
         let mut out = vec![0u8; MAX_FRAME];
         let opts =
             TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() };
-        let result =
-            self.program()?.test_run(opts).map_err(|source| KernelError::Program { name, source })?;
+        let result = kernel::program::<SchedClassifier>(&self.ebpf, name)?
+            .test_run(opts)
+            .map_err(|source| KernelError::Program { name, source })?;
         out.truncate(usize::try_from(result.data_size_out).unwrap_or(MAX_FRAME));
         Ok((result.return_value, out))
     }

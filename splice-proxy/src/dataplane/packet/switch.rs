@@ -11,7 +11,9 @@
 //! 3. Both sockets go into repair mode and are read: quiescent again, still
 //!    established. Their keepalive is off first, since repair mode does not
 //!    stop it.
-//! 4. Each direction's rewrite replaces its hold.
+//! 4. Each direction's rewrite replaces its hold, with the cookie of the
+//!    proxy's socket there: what that socket still sends is dropped on its
+//!    way out (`packet_silence`).
 //!
 //! Anything else gives up: holds removed, repair mode left, keepalive as it
 //! was; the packets dropped meanwhile come again to the sockets.
@@ -35,6 +37,7 @@ use super::{
 };
 use crate::{
     dataplane::transfer::{ByteProgress, Sockets},
+    kernel::socket_cookie,
     sockopt,
 };
 
@@ -106,9 +109,13 @@ async fn join(
         repair::read(&sockets.client, held[0].peer_tsval).map_err(failed("reading the client socket"))?;
     let upstream =
         repair::read(&sockets.upstream, held[1].peer_tsval).map_err(failed("reading the upstream socket"))?;
-    let [up, down] = rewrites(&client, &upstream, hop(&held[0]), hop(&held[1]))?;
+    let [(up_key, up), (down_key, down)] = rewrites(&client, &upstream, hop(&held[0]), hop(&held[1]))?;
+    // What the sockets still send is dropped on its way out from now on.
+    let up = PacketRewrite { socket_cookie: socket_cookie(&sockets.client).map_err(failed("cookie"))?, ..up };
+    let down =
+        PacketRewrite { socket_cookie: socket_cookie(&sockets.upstream).map_err(failed("cookie"))?, ..down };
     let mut program = plane.program();
-    for (key, rewrite) in [up, down] {
+    for (key, rewrite) in [(up_key, up), (down_key, down)] {
         program.set_flow(&key, &rewrite).map_err(failed("installing a rewrite"))?;
     }
     Ok(())
