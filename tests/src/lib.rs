@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod bpf_maps;
 pub mod busy;
+pub mod capabilities;
 pub mod dns;
 pub mod e2e;
 pub mod echo_stream;

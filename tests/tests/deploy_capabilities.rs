@@ -13,62 +13,17 @@ use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
-    path::Path,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use splice_proxy_tests::{
+    capabilities::{
+        DAEMONSET, UNIT, as_unprivileged_with, daemonset_capabilities, repo_file, unit_capabilities,
+    },
     netns::NetNs,
     process::{ProxyProcess, message},
 };
-
-const UNIT: &str = "deploy/systemd/splice-proxy.service";
-const DAEMONSET: &str = "deploy/kubernetes/daemonset.yaml";
-/// An unprivileged user (Debian's `nobody`), as the unit's dynamic user is.
-const UNPRIVILEGED: &str = "65534";
-
-fn repo_file(path: &str) -> Result<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::read_to_string(root.join(path)).with_context(|| format!("reading {path}"))
-}
-
-/// The capabilities a unit setting lists, without the `CAP_` prefix.
-fn unit_capabilities(unit: &str, key: &str) -> Result<BTreeSet<String>> {
-    let line = unit
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .with_context(|| format!("{UNIT} has no {key}="))?;
-    line.split_whitespace()
-        .map(|cap| cap.strip_prefix("CAP_").map(str::to_owned).with_context(|| format!("{key}: {cap}")))
-        .collect()
-}
-
-/// The DaemonSet's `add: [...]` capabilities.
-fn daemonset_capabilities(manifest: &str) -> Result<BTreeSet<String>> {
-    let list = manifest
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("add: ["))
-        .with_context(|| format!("{DAEMONSET} adds no capabilities"))?;
-    Ok(list.trim_end_matches(']').split(',').map(|c| c.trim().trim_matches('"').to_owned()).collect())
-}
-
-/// `setpriv` giving the unprivileged user exactly `caps` (names without `CAP_`).
-fn as_unprivileged_with(caps: &BTreeSet<String>) -> Vec<String> {
-    let set: String = caps.iter().map(|c| format!(",+{}", c.to_lowercase())).collect();
-    let set = format!("-all{set}");
-    vec![
-        "setpriv".into(),
-        format!("--reuid={UNPRIVILEGED}"),
-        format!("--regid={UNPRIVILEGED}"),
-        "--clear-groups".into(),
-        "--no-new-privs".into(),
-        format!("--inh-caps={set}"),
-        format!("--ambient-caps={set}"),
-        format!("--bounding-set={set}"),
-        "--".into(),
-    ]
-}
 
 /// The proxy on port 443 as the unprivileged user with `caps`, on `plane`
 /// (`auto` when None, the default).

@@ -6,7 +6,9 @@
 //! connection spliced). A connection that cannot be spliced stays on splice,
 //! exact, with its reason counted. Stress runs (readers alternating slow and
 //! fast) on an idle and on a busy host, and a lossy link each way with SACK
-//! and timestamps on and off, every run exact and spliced. Runs as root.
+//! and timestamps on and off, every run exact and spliced. The deployed
+//! capabilities run it as an unprivileged user, and it cannot start without
+//! each of the BPF ones. Runs as root.
 //!
 //! Knobs: `SPLICE_PROXY_PACKET_STRESS_RUNS` (per host state, default 50),
 //! `SPLICE_PROXY_PACKET_LOSSY_RUNS` (per variant, default 3).
@@ -18,6 +20,7 @@ use serde_json::Value;
 use splice_proxy::kernel::LossyLink;
 use splice_proxy_tests::{
     busy::BusyLoops,
+    capabilities::{UNIT, as_unprivileged_with, repo_file, unit_capabilities},
     netns::{LineTopology, in_netns},
     process::ProxyProcess,
     transfer::{Order, Pace, TransferServer, run_paced_transfer_on, run_transfer_on},
@@ -222,6 +225,42 @@ fn a_lossy_link_each_way_with_sack_and_timestamps_on_and_off_stays_exact() -> Re
         exact_runs(&runtime, &topology, &proxy, &server, (runs, 16, &what))?;
         for (link, side) in lossy.iter().zip(["from the client", "from the upstream"]) {
             ensure!(link.drops()? > 0, "{what}: nothing dropped {side}, so this proved nothing");
+        }
+    }
+    Ok(())
+}
+
+/// The packet plane needs no capability beyond the four the unit and the
+/// DaemonSet grant (tests/deploy_capabilities checks the files agree): an
+/// unprivileged user holding exactly those splices; without CAP_BPF,
+/// CAP_NET_ADMIN or CAP_PERFMON the plane refuses to start, saying so.
+#[test]
+fn the_deployed_capabilities_run_the_packet_plane_and_each_bpf_one_is_needed() -> Result<()> {
+    let caps = unit_capabilities(&repo_file(UNIT)?, "AmbientCapabilities")?;
+    let topology = LineTopology::create()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _guard = runtime.enter();
+    let server = topology.transfer_server()?;
+    let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
+    let upstream = server.addr.to_string();
+    let args = ["--listen", &listen, "--upstream", &upstream, "--dataplane", "packet", "--no-sni-check"];
+    let start = |caps: &std::collections::BTreeSet<String>| {
+        let mut wrapper = vec!["ip".to_owned(), "netns".into(), "exec".into(), topology.proxy.clone()];
+        wrapper.extend(as_unprivileged_with(caps));
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        ProxyProcess::start_wrapped(&wrapper, &args)
+    };
+    let proxy = start(&caps)?;
+    exact_runs(&runtime, &topology, &proxy, &server, (2, 4, "deployed capabilities"))?;
+    drop(proxy);
+    for missing in ["BPF", "NET_ADMIN", "PERFMON"] {
+        let fewer = caps.iter().filter(|c| *c != missing).cloned().collect();
+        match start(&fewer) {
+            Ok(_) => anyhow::bail!("the packet plane started without CAP_{missing}"),
+            Err(error) => ensure!(
+                error.to_string().contains("the packet data plane could not start"),
+                "without CAP_{missing}: {error:#}"
+            ),
         }
     }
     Ok(())
