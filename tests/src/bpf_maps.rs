@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, SockHash};
-use proxy_common::{Flow, PortFilterStats, SourceFilterStats, map};
+use proxy_common::{Flow, PacketFlowKey, PacketRewrite, PortFilterStats, SourceFilterStats, map};
 
 /// Entries in the proxy's socket map and flow map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +24,28 @@ pub fn splice_entries(pid: i32) -> Result<SpliceEntries> {
     })
 }
 
+/// Entries in the packet plane's flow map of `pid` (the object of the other
+/// planes, loaded too, holds a one-entry map of the same name).
+pub fn packet_flow_entries(pid: i32) -> Result<usize> {
+    let largest = map_ids(pid, map::PACKET_FLOWS)?
+        .into_iter()
+        .max_by_key(|&id| MapInfo::from_id(id).map_or(0, |info| info.max_entries()))
+        .with_context(|| format!("process {pid} holds no map named {}", map::PACKET_FLOWS))?;
+    let flows: HashMap<MapData, PacketFlowKey, PacketRewrite> = open(largest)?;
+    Ok(flows.keys().collect::<Result<Vec<_>, _>>()?.len())
+}
+
 /// The id of the map called `name` among `pid`'s descriptors.
 fn map_id(pid: i32, name: &str) -> Result<u32> {
+    map_ids(pid, name)?
+        .into_iter()
+        .next()
+        .with_context(|| format!("process {pid} holds no BPF map named {name}"))
+}
+
+/// The ids of the maps called `name` among `pid`'s descriptors.
+fn map_ids(pid: i32, name: &str) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
     let dir = format!("/proc/{pid}/fdinfo");
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
         // Descriptors come and go while the proxy runs: skip the ones that vanished.
@@ -35,11 +55,11 @@ fn map_id(pid: i32, name: &str) -> Result<u32> {
         let info = MapInfo::from_id(id).with_context(|| format!("map id {id}"))?;
         // The kernel keeps the first 15 bytes of a map's name.
         let short = &name.as_bytes()[..name.len().min(15)];
-        if info.name() == short {
-            return Ok(id);
+        if info.name() == short && !ids.contains(&id) {
+            ids.push(id);
         }
     }
-    bail!("process {pid} holds no BPF map named {name}")
+    Ok(ids)
 }
 
 /// Every flow in `pid`'s [`map::SPLICE_FLOWS`] with the bytes user space

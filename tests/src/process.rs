@@ -210,9 +210,19 @@ impl ProxyProcess {
         Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"))
     }
 
-    /// `GET path` on the admin endpoint: status code and body.
+    /// `GET path` on the admin endpoint (from the proxy's network namespace
+    /// when it runs in one): status code and body.
     pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        crate::admin::get(self.admin.context("no admin endpoint was logged")?, path).await
+        let addr = self.admin.context("no admin endpoint was logged")?;
+        match &self.netns {
+            None => crate::admin::get(addr, path).await,
+            Some(netns) => {
+                let socket = crate::netns::in_netns(netns, tokio::net::TcpSocket::new_v4)??;
+                let stream =
+                    socket.connect(addr).await.with_context(|| format!("connecting to {addr} in {netns}"))?;
+                crate::admin::get_on(stream, path).await
+            }
+        }
     }
 
     /// `/metrics`, parsed.

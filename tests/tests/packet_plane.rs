@@ -8,10 +8,12 @@
 //! fast) on an idle and on a busy host, and a lossy link each way with SACK
 //! and timestamps on and off, every run exact and spliced. The deployed
 //! capabilities run it as an unprivileged user, and it cannot start without
-//! each of the BPF ones. Runs as root.
+//! each of the BPF ones. A thousand connections, a hundred at a time, leave
+//! no flow entry and no descriptor behind. Runs as root.
 //!
 //! Knobs: `SPLICE_PROXY_PACKET_STRESS_RUNS` (per host state, default 50),
-//! `SPLICE_PROXY_PACKET_LOSSY_RUNS` (per variant, default 3).
+//! `SPLICE_PROXY_PACKET_LOSSY_RUNS` (per variant, default 3),
+//! `SPLICE_PROXY_PACKET_CONNECTIONS` (default 1,000).
 
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
 use splice_proxy::kernel::LossyLink;
 use splice_proxy_tests::{
+    bpf_maps,
     busy::BusyLoops,
     capabilities::{UNIT, as_unprivileged_with, repo_file, unit_capabilities},
     netns::{LineTopology, in_netns},
@@ -263,5 +266,63 @@ fn the_deployed_capabilities_run_the_packet_plane_and_each_bpf_one_is_needed() -
             ),
         }
     }
+    Ok(())
+}
+
+/// After a thousand connections, a hundred at once, every flow entry and
+/// every socket of the proxy's is gone once the entries' linger and quiet
+/// time has passed, and the proxy holds the descriptors it held before.
+#[test]
+fn many_connections_leave_no_flow_entry_and_no_descriptor_behind() -> Result<()> {
+    const AT_ONCE: usize = 100;
+    let connections = knob("SPLICE_PROXY_PACKET_CONNECTIONS", 1000)?;
+    let topology = LineTopology::create()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _guard = runtime.enter();
+    let server = std::sync::Arc::new(topology.transfer_server()?);
+    let mut proxy = packet_proxy(&topology, &server)?;
+    let pid = proxy.pid().as_raw();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(Iterator::count);
+    let fds_before = fds()?;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..connections {
+        let socket = in_netns(&topology.client, tokio::net::TcpSocket::new_v4)??;
+        let (server, limit, addr) =
+            (std::sync::Arc::clone(&server), std::sync::Arc::clone(&limit), proxy.addr());
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await?;
+            let stream = socket.connect(addr).await?;
+            let transfer = run_transfer_on(stream, &server, 256 << 10, 256 << 10, Order::Concurrent);
+            tokio::time::timeout(Duration::from_secs(60), transfer)
+                .await
+                .context("stalled")?
+                .with_context(|| format!("connection {i}"))
+        });
+    }
+    runtime.block_on(async {
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        anyhow::Ok(())
+    })?;
+    let closed = runtime.block_on(proxy.wait_closed(connections, Duration::from_secs(30)))?;
+    let spliced = closed.iter().filter(|c| c["kernel_bytes"].as_u64() > Some(0)).count();
+    ensure!(spliced > 0, "none of {connections} connections was spliced");
+    // Linger (1 s) and quiet (3 s) after the last end, then gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (entries, now) = (bpf_maps::packet_flow_entries(pid)?, fds()?);
+        if entries == 0 && now <= fds_before {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{entries} flow entries and {now} descriptors (was {fds_before}) left after {connections} connections"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let totals = totals(&runtime, &mut proxy)?;
+    eprintln!("{connections} connections, {spliced} spliced: {totals}");
     Ok(())
 }
