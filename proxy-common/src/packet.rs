@@ -61,11 +61,17 @@ pub struct PacketRewrite {
     /// program records it, with the hop back to the peer in `ifindex`,
     /// `src_mac` (the proxy's) and `dst_mac` (the peer's or its router's)).
     pub peer_tsval: u32,
-    pub _pad: u32,
+    /// The sequence number of the FIN, once one went through (its sender's
+    /// numbering).
+    pub fin_seq: u32,
     /// The cookie of the proxy's socket these packets arrived for before the
     /// switch: once the flow is spliced, what that socket still sends is
     /// dropped on its way out (`packet_silence`).
     pub socket_cookie: u64,
+    /// The furthest acknowledgement these packets carried, rewritten (in
+    /// the other direction's sender's numbering), in the low 32 bits: the
+    /// other direction's FIN has reached its peer once this passes it.
+    pub acked: u64,
 }
 
 /// Bits of [`PacketRewrite::flags`].

@@ -152,6 +152,7 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
         return Ok(if moves_sequence { TC_ACT_SHOT } else { TC_ACT_OK });
     }
     let seq: [u8; 4] = load(ctx, tcp + TCP_SEQ)?;
+    let ack: [u8; 4] = load(ctx, tcp + TCP_ACK)?;
     rewrite_addresses(ctx, ip, tcp, &key, &r)?;
     shift(ctx, tcp, tcp + TCP_SEQ, r.seq_delta)?;
     if flags & ACK != 0 {
@@ -163,7 +164,8 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     rewrite_options(ctx, tcp, &r)?;
     store(ctx, 0, &r.dst_mac)?;
     store(ctx, 6, &r.src_mac)?;
-    count(rewrite, u32::from_be_bytes(seq), payload, flags);
+    let acked = (flags & ACK != 0).then(|| u32::from_be_bytes(ack).wrapping_add(r.ack_delta));
+    count(rewrite, u32::from_be_bytes(seq), payload, flags, acked);
     // SAFETY: the helper has no preconditions; an unknown ifindex makes the
     // redirect drop the packet.
     Ok(unsafe { bpf_redirect(r.ifindex, 0) } as i32)
@@ -409,55 +411,74 @@ fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewri
     Ok(())
 }
 
-/// Most tries to move `next_seq` forward against other CPUs doing the same.
+/// Most tries to move a sequence number forward against other CPUs doing
+/// the same.
 const MAX_SEQ_TRIES: usize = 8;
 
 /// Packets, new payload bytes (a retransmission moves `next_seq` no
-/// further), and whether a FIN or a RST went through. Atomic: one flow's
-/// packets may be processed on several CPUs at once (a veth delivers on the
-/// sender's CPU, RPS may spread a queue), and plain read-modify-writes then
-/// count a byte twice. `next_seq` moves forward by compare-and-swap; the
-/// bytes are what this packet moved it by.
-fn count(rewrite: *mut PacketRewrite, seq: u32, payload: u64, flags: u8) {
+/// further), the furthest acknowledgement, and the FIN and RST seen.
+/// Atomic: one flow's packets may be processed on several CPUs at once (a
+/// veth delivers on the sender's CPU, RPS may spread a queue), and plain
+/// read-modify-writes then count a byte twice. The bytes are what this
+/// packet moved `next_seq` by.
+#[inline(always)]
+fn count(rewrite: *mut PacketRewrite, seq: u32, payload: u64, flags: u8, acked: Option<u32>) {
     // SAFETY: the map value is valid and aligned (8) while this program
     // runs; the counters are only ever changed atomically by the program
     // (user space writes them only before the flow carries packets).
-    let (packets, bytes, next_seq) =
-        unsafe { (&raw mut (*rewrite).packets, &raw mut (*rewrite).bytes, &raw mut (*rewrite).next_seq) };
-    // SAFETY: valid, aligned, and changed only atomically (above).
+    let (packets, bytes) = unsafe { (&raw mut (*rewrite).packets, &raw mut (*rewrite).bytes) };
+    // SAFETY: as above.
     unsafe { atomic_xadd::<u64, u64, { Relaxed }>(packets, 1) };
     // A packet without payload moves nothing: after a FIN, its sender's
     // ACKs carry the sequence number after the FIN's.
     if payload > 0 {
-        let end = seq.wrapping_add(payload as u32);
-        // SAFETY: as above. A plain (volatile) load: an aligned 64-bit load
-        // is whole, and the compare-and-swap below checks it.
-        let mut seen = unsafe { next_seq.read_volatile() };
-        for _ in 0..MAX_SEQ_TRIES {
-            let ahead = end.wrapping_sub(seen as u32) as i32;
-            if ahead <= 0 {
-                break;
-            }
+        // SAFETY: as above.
+        let moved = advance(unsafe { &raw mut (*rewrite).next_seq }, seq.wrapping_add(payload as u32));
+        if moved > 0 {
             // SAFETY: as above.
-            let (now, swapped) =
-                unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(next_seq, seen, u64::from(end)) };
-            if swapped {
-                // SAFETY: as above.
-                unsafe { atomic_xadd::<u64, u64, { Relaxed }>(bytes, ahead as u64) };
-                break;
-            }
-            seen = now;
+            unsafe { atomic_xadd::<u64, u64, { Relaxed }>(bytes, u64::from(moved)) };
         }
     }
-    // Idempotent marks: an aligned 32-bit store needs no atomic.
+    if let Some(acked) = acked {
+        // SAFETY: as above.
+        advance(unsafe { &raw mut (*rewrite).acked }, acked);
+    }
+    // Idempotent marks: an aligned 32-bit store needs no atomic (a FIN's
+    // retransmission carries the same sequence number).
     if flags & FIN != 0 {
         // SAFETY: as above.
-        unsafe { (*rewrite).fin_seen = 1 };
+        unsafe {
+            (*rewrite).fin_seq = seq.wrapping_add(payload as u32);
+            (*rewrite).fin_seen = 1;
+        }
     }
     if flags & RST != 0 {
         // SAFETY: as above.
         unsafe { (*rewrite).rst_seen = 1 };
     }
+}
+
+/// Moves the sequence number in the low half of `*field` forward to `to`
+/// (modulo 2³², never back), by compare-and-swap; how far it moved.
+#[inline(always)]
+fn advance(field: *mut u64, to: u32) -> u32 {
+    // SAFETY: the caller's field, valid and aligned, only changed atomically.
+    // A plain (volatile) load: an aligned 64-bit load is whole, and the
+    // compare-and-swap below checks it.
+    let mut seen = unsafe { field.read_volatile() };
+    for _ in 0..MAX_SEQ_TRIES {
+        let ahead = to.wrapping_sub(seen as u32) as i32;
+        if ahead <= 0 {
+            return 0;
+        }
+        // SAFETY: as above.
+        let (now, swapped) = unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(field, seen, u64::from(to)) };
+        if swapped {
+            return ahead as u32;
+        }
+        seen = now;
+    }
+    0
 }
 
 fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Unusable> {

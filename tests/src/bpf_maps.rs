@@ -24,15 +24,25 @@ pub fn splice_entries(pid: i32) -> Result<SpliceEntries> {
     })
 }
 
-/// Entries in the packet plane's flow map of `pid` (the object of the other
-/// planes, loaded too, holds a one-entry map of the same name).
+/// Entries in the packet plane's flow map of `pid`.
 pub fn packet_flow_entries(pid: i32) -> Result<usize> {
+    Ok(packet_flow_map(pid)?.keys().collect::<Result<Vec<_>, _>>()?.len())
+}
+
+/// Every entry of the packet plane's flow map of `pid`, for a failing test
+/// to print.
+pub fn packet_flows(pid: i32) -> Result<Vec<(PacketFlowKey, PacketRewrite)>> {
+    Ok(packet_flow_map(pid)?.iter().collect::<Result<_, _>>()?)
+}
+
+/// The packet plane's flow map of `pid` (the object of the other planes,
+/// loaded too, holds a one-entry map of the same name).
+fn packet_flow_map(pid: i32) -> Result<HashMap<MapData, PacketFlowKey, PacketRewrite>> {
     let largest = map_ids(pid, map::PACKET_FLOWS)?
         .into_iter()
         .max_by_key(|&id| MapInfo::from_id(id).map_or(0, |info| info.max_entries()))
         .with_context(|| format!("process {pid} holds no map named {}", map::PACKET_FLOWS))?;
-    let flows: HashMap<MapData, PacketFlowKey, PacketRewrite> = open(largest)?;
-    Ok(flows.keys().collect::<Result<Vec<_>, _>>()?.len())
+    open(largest)
 }
 
 /// The id of the map called `name` among `pid`'s descriptors.

@@ -9,10 +9,14 @@
 //! and timestamps on and off, every run exact and spliced. The deployed
 //! capabilities run it as an unprivileged user, and it cannot start without
 //! each of the BPF ones. A thousand connections, a hundred at a time, leave
-//! no flow entry and no descriptor behind. Runs as root.
+//! no flow entry and no descriptor behind. A reset each way, once spliced,
+//! reaches the other end; a PROXY v2 header in front is absorbed by the
+//! offset. Runs as root.
 //!
 //! Knobs: `SPLICE_PROXY_PACKET_STRESS_RUNS` (per host state, default 50),
 //! `SPLICE_PROXY_PACKET_LOSSY_RUNS` (per variant, default 3),
+//! `SPLICE_PROXY_PACKET_LOSSY_ONLY` (one variant: `11`, `01`, `10` or `00`,
+//! SACK then timestamps),
 //! `SPLICE_PROXY_PACKET_CONNECTIONS` (default 1,000).
 
 use std::time::Duration;
@@ -25,7 +29,7 @@ use splice_proxy_tests::{
     busy::BusyLoops,
     capabilities::{UNIT, as_unprivileged_with, repo_file, unit_capabilities},
     netns::{LineTopology, in_netns},
-    process::ProxyProcess,
+    process::{ProxyProcess, tcp_sockets},
     transfer::{Order, Pace, TransferServer, run_paced_transfer_on, run_transfer_on},
 };
 
@@ -88,6 +92,7 @@ fn exact_runs(
                     run_paced_transfer_on(stream, server, mib * MIB, mib * MIB, Order::Concurrent, pace);
                 tokio::time::timeout(Duration::from_secs(120), transfer).await.context("stalled")?
             })
+            .inspect_err(|_| eprintln!("{}", stall_report(topology, proxy, server)))
             .with_context(|| format!("{what}: run {} of {runs} ({pace:?})", run + 1))?;
     }
     let closed = runtime.block_on(proxy.wait_closed(closed_before + runs, Duration::from_secs(10)))?;
@@ -97,6 +102,27 @@ fn exact_runs(
     }
     eprintln!("{what}: {runs} runs exact, every one spliced");
     Ok(())
+}
+
+/// What a failed run leaves: the sockets of all three namespaces and every
+/// flow entry.
+fn stall_report(topology: &LineTopology, proxy: &ProxyProcess, server: &TransferServer) -> String {
+    let ports = [proxy.addr().port(), server.addr.port()];
+    let mut report = String::new();
+    for (side, netns) in
+        [("client", &topology.client), ("proxy", &topology.proxy), ("upstream", &topology.upstream)]
+    {
+        report.push_str(&format!("{side} namespace:\n{}", tcp_sockets(Some(netns), &ports)));
+    }
+    match bpf_maps::packet_flows(proxy.pid().as_raw()) {
+        Ok(flows) => {
+            for (key, flow) in flows {
+                report.push_str(&format!("flow {key:?}: {flow:?}\n"));
+            }
+        }
+        Err(error) => report.push_str(&format!("flows: {error:#}\n")),
+    }
+    report
 }
 
 /// Runs each of `transfers` through `proxy` from the client namespace.
@@ -210,7 +236,11 @@ fn stress_runs_are_exact_on_an_idle_and_on_a_busy_host() -> Result<()> {
 #[test]
 fn a_lossy_link_each_way_with_sack_and_timestamps_on_and_off_stays_exact() -> Result<()> {
     let runs = knob("SPLICE_PROXY_PACKET_LOSSY_RUNS", 3)?;
+    let only = std::env::var("SPLICE_PROXY_PACKET_LOSSY_ONLY").ok();
     for (sack, timestamps) in [(1, 1), (0, 1), (1, 0), (0, 0)] {
+        if only.as_ref().is_some_and(|only| *only != format!("{sack}{timestamps}")) {
+            continue;
+        }
         let what = format!("tcp_sack={sack} tcp_timestamps={timestamps}");
         let topology = LineTopology::create()?;
         for ns in [&topology.client, &topology.upstream] {
@@ -309,7 +339,7 @@ fn many_connections_leave_no_flow_entry_and_no_descriptor_behind() -> Result<()>
     let closed = runtime.block_on(proxy.wait_closed(connections, Duration::from_secs(30)))?;
     let spliced = closed.iter().filter(|c| c["kernel_bytes"].as_u64() > Some(0)).count();
     ensure!(spliced > 0, "none of {connections} connections was spliced");
-    // Linger (1 s) and quiet (3 s) after the last end, then gone.
+    // Linger (2 s) and quiet (3 s) after the last end, then gone.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let (entries, now) = (bpf_maps::packet_flow_entries(pid)?, fds()?);
@@ -324,5 +354,158 @@ fn many_connections_leave_no_flow_entry_and_no_descriptor_behind() -> Result<()>
     }
     let totals = totals(&runtime, &mut proxy)?;
     eprintln!("{connections} connections, {spliced} spliced: {totals}");
+    Ok(())
+}
+
+/// Waits until the proxy has spliced `n` connections in all (its metrics).
+async fn spliced(proxy: &ProxyProcess, n: f64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let spliced = proxy.metrics().await?.count("splice_proxy_packet_spliced_total", &[]);
+        if spliced >= n {
+            return Ok(());
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{spliced} spliced, waited for {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Once a connection is spliced, a reset from either end reaches the other
+/// as a reset (not an EOF), and the access line says which side reset.
+#[test]
+fn a_reset_each_way_reaches_the_other_end_once_spliced() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topology = LineTopology::create()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _guard = runtime.enter();
+    let upstream = in_netns(&topology.upstream, || {
+        std::net::TcpListener::bind((LineTopology::UPSTREAM_ADDR, 0)).and_then(|l| {
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+    })??;
+    let upstream = tokio::net::TcpListener::from_std(upstream)?;
+    let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
+    let upstream_addr = upstream.local_addr()?.to_string();
+    let args = ["--listen", &listen, "--upstream", &upstream_addr, "--dataplane", "packet", "--no-sni-check"];
+    let proxy = ProxyProcess::start_in_netns(&topology.proxy, &args)?;
+    for (n, client_resets) in [(1.0, true), (2.0, false)] {
+        let socket = in_netns(&topology.client, tokio::net::TcpSocket::new_v4)??;
+        runtime
+            .block_on(async {
+                let mut client = socket.connect(proxy.addr()).await?;
+                client.write_all(b"hello").await?;
+                let mut accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
+                accepted.read_exact(&mut [0; 5]).await?;
+                spliced(&proxy, n).await?;
+                // Bytes both ways through the program first.
+                accepted.write_all(b"spliced").await?;
+                client.read_exact(&mut [0; 7]).await?;
+                client.write_all(b"too").await?;
+                accepted.read_exact(&mut [0; 3]).await?;
+                let (resetting, other) = if client_resets { (client, accepted) } else { (accepted, client) };
+                resetting.set_zero_linger()?;
+                drop(resetting);
+                let mut other = other;
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), other.read_to_end(&mut Vec::new())).await?;
+                let error = read.expect_err("a clean EOF instead of the reset");
+                ensure!(error.kind() == std::io::ErrorKind::ConnectionReset, "the other end saw {error}");
+                anyhow::Ok(())
+            })
+            .with_context(|| format!("the {} resets", if client_resets { "client" } else { "upstream" }))?;
+    }
+    let closed = runtime.block_on(proxy.wait_closed(2, Duration::from_secs(10)))?;
+    let reasons: Vec<_> = closed.iter().map(|c| c["reason"].as_str().unwrap_or_default()).collect();
+    ensure!(reasons == ["client_reset", "upstream_reset"], "reasons {reasons:?}");
+    Ok(())
+}
+
+/// A PROXY v2 header the proxy reads before forwarding is not part of the
+/// client's stream to the upstream: the sequence offset absorbs it.
+#[test]
+fn a_proxy_v2_header_in_front_is_absorbed_by_the_offset() -> Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let topology = LineTopology::create()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _guard = runtime.enter();
+    let server = topology.transfer_server()?;
+    let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
+    let upstream = server.addr.to_string();
+    let args = [
+        "--listen",
+        &listen,
+        "--upstream",
+        &upstream,
+        "--dataplane",
+        "packet",
+        "--no-sni-check",
+        "--proxy-protocol",
+        "required",
+    ];
+    let proxy = ProxyProcess::start_in_netns(&topology.proxy, &args)?;
+    let header = splice_proxy_tests::edge::v2_proxy(
+        "203.0.113.9:40000".parse()?,
+        proxy.addr(),
+        &[splice_proxy_tests::edge::vpce_tlv("vpce-0123456789abcdef0")],
+    );
+    for (up, down) in [(MIB, 4 * MIB), (8 * MIB, MIB)] {
+        let socket = in_netns(&topology.client, tokio::net::TcpSocket::new_v4)??;
+        runtime.block_on(async {
+            let mut stream = socket.connect(proxy.addr()).await?;
+            stream.write_all(&header).await?;
+            run_transfer_on(stream, &server, up, down, Order::Concurrent).await
+        })?;
+    }
+    let closed = runtime.block_on(proxy.wait_closed(2, Duration::from_secs(10)))?;
+    for line in &closed {
+        ensure!(line["reason"] == "completed" && line["kernel_bytes"].as_u64() > Some(0), "{line}");
+        let up = line["bytes_up"].as_u64().unwrap_or(0);
+        ensure!(
+            up == MIB + HEADER || up == 8 * MIB + HEADER,
+            "the PROXY header was counted upstream: {line}"
+        );
+    }
+    Ok(())
+}
+
+/// The proxy killed mid-flow (SIGKILL): its links go with it, so each end's
+/// next packet meets no socket in the proxy's namespace and draws a RST
+/// from its stack. Both ends see the connection fail; nothing hangs.
+#[test]
+fn a_proxy_killed_mid_flow_leaves_both_ends_reset_not_hanging() -> Result<()> {
+    let topology = LineTopology::create()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _guard = runtime.enter();
+    let server = topology.transfer_server()?;
+    let proxy = packet_proxy(&topology, &server)?;
+    let socket = in_netns(&topology.client, tokio::net::TcpSocket::new_v4)??;
+    let outcome = runtime.block_on(async {
+        let stream = socket.connect(proxy.addr()).await?;
+        // Paced, so the transfer is still running when the proxy dies.
+        let transfer = run_paced_transfer_on(
+            stream,
+            &server,
+            256 * MIB,
+            256 * MIB,
+            Order::Concurrent,
+            Pace::Alternating,
+        );
+        let mut transfer = std::pin::pin!(transfer);
+        tokio::select! {
+            done = &mut transfer => anyhow::bail!("the transfer ended before the kill: {done:?}"),
+            spliced = spliced(&proxy, 1.0) => spliced?,
+        }
+        proxy.signal(nix::sys::signal::Signal::SIGKILL)?;
+        anyhow::Ok(tokio::time::timeout(Duration::from_secs(20), transfer).await)
+    })?;
+    let result = outcome.context("the transfer hung after the proxy was killed")?;
+    let error = result.err().context("the transfer completed although the proxy was killed")?;
+    let reset = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+    });
+    ensure!(reset, "the client's end failed otherwise than by a reset: {error:#}");
     Ok(())
 }

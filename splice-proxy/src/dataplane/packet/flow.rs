@@ -5,8 +5,8 @@
 //! [`FOLLOW_POLL`]. The connection ends when a FIN went each way (a
 //! half-close carries on in the meantime, end to end) or a RST either way;
 //! its access line, metrics and byte counts are then written as on every
-//! plane. The entries stay for [`LINGER`] (the last ACKs and any
-//! retransmitted FIN still go through), then drop the flow's late packets
+//! plane. The entries stay for [`LINGER`] (a FIN retransmitted because
+//! its acknowledgement was lost further on still goes through), then drop the flow's late packets
 //! for [`QUIET`], so they neither reach a peer nor draw a RST from the
 //! proxy's stack; then they go, with the proxy's two sockets, which repair
 //! mode closes silently. Holding the sockets that long keeps their ports
@@ -28,7 +28,7 @@ use crate::dataplane::transfer::{ByteProgress, Ending, LiveBytes, Side, Sockets,
 /// How often a spliced connection's counters are read.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
 /// How long the entries keep rewriting after the end.
-const LINGER: Duration = Duration::from_secs(1);
+const LINGER: Duration = Duration::from_secs(2);
 /// How long the entries then drop the flow's packets.
 const QUIET: Duration = Duration::from_secs(3);
 
@@ -86,19 +86,31 @@ pub(super) async fn follow(
     transfer
 }
 
-/// How the connection ended, if it did: a RST either way, or a FIN each
-/// way. An entry that is gone (it should not be) ends it as an error.
+/// How the connection ended, if it did: a FIN each way, each acknowledged
+/// by its receiver (so every byte before it arrived: a FIN seen while an
+/// earlier segment is still to be retransmitted is not the end), or a RST
+/// either way. The FINs win over a RST seen in the same poll: both ends had
+/// everything, and a RST then (an end answering a late segment after it
+/// closed) loses nothing, as on the other planes, whose sockets are done by
+/// then. An entry that is gone (it should not be) ends it as an error.
 fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
     let [Some(up), Some(down)] = flows else { return Some(Ending::Error(Side::Downstream)) };
-    if up.rst_seen != 0 {
+    if fin_arrived(up, down) && fin_arrived(down, up) {
+        Some(Ending::Completed)
+    } else if up.rst_seen != 0 {
         Some(Ending::Reset(Side::Downstream))
     } else if down.rst_seen != 0 {
         Some(Ending::Reset(Side::Upstream))
-    } else if up.fin_seen != 0 && down.fin_seen != 0 {
-        Some(Ending::Completed)
     } else {
         None
     }
+}
+
+/// Whether the FIN of `direction` went through and the other direction's
+/// acknowledgements have passed it.
+fn fin_arrived(direction: &PacketRewrite, other: &PacketRewrite) -> bool {
+    let after_fin = direction.fin_seq.wrapping_add(1);
+    direction.fin_seen != 0 && (other.acked as u32).wrapping_sub(after_fin) as i32 >= 0
 }
 
 /// After the end: the entries linger, then drop, then go with the sockets.
@@ -133,8 +145,16 @@ fn remove(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) {
 mod tests {
     use super::*;
 
+    /// A direction whose FIN (at sequence 100, when `fin`) went through and
+    /// whose packets acknowledged the other direction up to 101.
     fn flow(fin: u32, rst: u32) -> Option<PacketRewrite> {
-        Some(PacketRewrite { fin_seen: fin, rst_seen: rst, ..PacketRewrite::default() })
+        Some(PacketRewrite {
+            fin_seen: fin,
+            rst_seen: rst,
+            fin_seq: 100,
+            acked: 101,
+            ..PacketRewrite::default()
+        })
     }
 
     #[test]
@@ -145,8 +165,20 @@ mod tests {
             ([flow(0, 0), flow(1, 0)], None),
             ([flow(1, 0), flow(1, 0)], Some(Ending::Completed)),
             ([flow(0, 1), flow(1, 0)], Some(Ending::Reset(Side::Downstream))),
+            ([flow(1, 1), flow(1, 0)], Some(Ending::Completed)),
             ([flow(1, 0), flow(0, 1)], Some(Ending::Reset(Side::Upstream))),
             ([None, flow(0, 0)], Some(Ending::Error(Side::Downstream))),
+        ];
+        for (flows, want) in table {
+            assert_eq!(ending_of(&flows), want, "{flows:?}");
+        }
+        // A FIN each way, but one not yet acknowledged: a segment before it
+        // may still be on its way again.
+        let not_acked = Some(PacketRewrite { acked: 100, ..flow(1, 0).unwrap() });
+        let table = [
+            ([flow(1, 0), not_acked], None),
+            ([not_acked, flow(1, 0)], None),
+            ([not_acked, flow(1, 1)], Some(Ending::Reset(Side::Upstream))),
         ];
         for (flows, want) in table {
             assert_eq!(ending_of(&flows), want, "{flows:?}");

@@ -92,6 +92,8 @@ pub fn rewrites(
         receiver_wscale: u.own_wscale,
         flags,
         next_seq: u64::from(client.rcv_nxt),
+        // The client has acknowledged all Sc sent: all Su received.
+        acked: u64::from(upstream.rcv_nxt),
         ..towards(upstream, to_upstream)
     };
     let down = PacketRewrite {
@@ -103,6 +105,7 @@ pub fn rewrites(
         receiver_wscale: c.own_wscale,
         flags,
         next_seq: u64::from(upstream.rcv_nxt),
+        acked: u64::from(client.rcv_nxt),
         ..towards(client, to_client)
     };
     Ok([(arriving(client.local, client.remote), up), (arriving(upstream.local, upstream.remote), down)])

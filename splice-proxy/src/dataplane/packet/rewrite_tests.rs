@@ -50,6 +50,9 @@ fn the_next_byte_of_each_peer_becomes_the_next_byte_of_the_other_socket() {
     assert_eq!(u.snd_nxt.wrapping_add(down.ack_delta), c.rcv_nxt);
     // Bytes are counted from each peer's next byte.
     assert_eq!((up.next_seq, down.next_seq), (u64::from(c.rcv_nxt), u64::from(u.rcv_nxt)));
+    // Each direction's acknowledgements, rewritten, start where the other
+    // direction's bytes are.
+    assert_eq!((up.acked, down.acked), (down.next_seq, up.next_seq));
     // Keys are the packets as they arrive; the rewrite sends as the other socket.
     assert_eq!(up_key, arriving(c.local, c.remote));
     assert_eq!((up.src_addr, up.dst_addr), (u.local.ip().octets(), u.remote.ip().octets()));
