@@ -9,7 +9,9 @@
 //! and timestamps on and off, every run exact and spliced. The deployed
 //! capabilities run it as an unprivileged user, and it cannot start without
 //! each of the BPF ones. A thousand connections, a hundred at a time, leave
-//! no flow entry and no descriptor behind. A reset each way, once spliced,
+//! no flow entry and no descriptor behind. Connections negotiated
+//! differently (window scales, MSS, SACK on one side) are either exact on
+//! the program or fall back with their reason. A reset each way, once spliced,
 //! reaches the other end; a PROXY v2 header in front is absorbed by the
 //! offset. Runs as root.
 //!
@@ -507,5 +509,76 @@ fn a_proxy_killed_mid_flow_leaves_both_ends_reset_not_hanging() -> Result<()> {
             .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
     });
     ensure!(reset, "the client's end failed otherwise than by a reset: {error:#}");
+    Ok(())
+}
+
+/// How a connection negotiated differently on its two sides must come out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Spliced,
+    FallsBack(&'static str),
+}
+
+/// The two connections negotiated differently: window scales (different
+/// `tcp_rmem` in the end namespaces), MSS (a smaller MTU on the client's
+/// side), SACK on one side only (over a lossy link, so SACK blocks flow).
+/// Each is exact; it is spliced, or falls back with the reason asserted.
+#[test]
+fn connections_negotiated_differently_are_exact_spliced_or_fall_back_with_their_reason() -> Result<()> {
+    use splice_proxy_tests::netns::ip;
+    type Setup = fn(&LineTopology) -> Result<()>;
+    let cases: [(&str, Setup, bool, Expect); 3] = [
+        (
+            "window scales differ",
+            |t| {
+                LineTopology::sysctl(&t.client, "net.ipv4.tcp_rmem=4096 65536 131072")?;
+                LineTopology::sysctl(&t.upstream, "net.ipv4.tcp_rmem=4096 131072 33554432")
+            },
+            false,
+            Expect::Spliced,
+        ),
+        (
+            "a smaller MTU on the client's side",
+            |t| {
+                ip(&["-n", &t.client, "link", "set", "to-proxy", "mtu", "1400"])?;
+                ip(&["-n", &t.proxy, "link", "set", "to-client", "mtu", "1400"])
+            },
+            false,
+            Expect::FallsBack("mss_differs"),
+        ),
+        (
+            "SACK on the client's side only",
+            |t| LineTopology::sysctl(&t.upstream, "net.ipv4.tcp_sack=0"),
+            true,
+            Expect::Spliced,
+        ),
+    ];
+    for (what, setup, lossy, expect) in cases {
+        let topology = LineTopology::create()?;
+        setup(&topology).with_context(|| format!("{what}: setting up"))?;
+        let _lossy = if lossy {
+            vec![
+                in_netns(&topology.proxy, || LossyLink::attach("to-client"))??,
+                in_netns(&topology.proxy, || LossyLink::attach("to-upstream"))??,
+            ]
+        } else {
+            Vec::new()
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let _guard = runtime.enter();
+        let server = topology.transfer_server()?;
+        let mut proxy = packet_proxy(&topology, &server)?;
+        match expect {
+            Expect::Spliced => exact_runs(&runtime, &topology, &proxy, &server, (2, 16, what))?,
+            Expect::FallsBack(reason) => {
+                run_all(&runtime, &topology, &proxy, &server, &[(16 * MIB, 16 * MIB, Order::Concurrent)])?;
+                let totals = totals(&runtime, &mut proxy)?;
+                ensure!(
+                    totals["spliced"] == 0 && totals["fallbacks"] == format!("{reason}=1"),
+                    "{what}: not {reason}: {totals}"
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -128,9 +128,9 @@ pub struct Options {
 
     /// How the bytes of an established connection are moved: `auto` runs
     /// splice and logs why (sockmap was seen to forward data twice on a busy
-    /// host); `sockmap` needs the kernel programs (root, or CAP_BPF,
-    /// CAP_NET_ADMIN and CAP_PERFMON; a kernel with BTF) and refuses to start
-    /// without them.
+    /// host); `sockmap` and `packet` need the kernel programs (root, or
+    /// CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; a kernel with BTF) and refuse
+    /// to start without them.
     #[arg(long, value_enum, value_name = "PLANE")]
     pub dataplane: Option<DataPlaneChoice>,
 

@@ -23,6 +23,9 @@ pub enum Fallback {
     /// One connection negotiated timestamps and the other did not: the
     /// option cannot be added to or removed from a packet in place.
     TimestampsOnOneSide,
+    /// A segment one peer may send (the MSS the proxy advertised to it) is
+    /// larger than the other side's path takes (a smaller MTU there).
+    MssDiffers,
     /// A side uses microsecond timestamps: no offset maps them onto a
     /// millisecond clock.
     MicrosecondTimestamps,
@@ -32,7 +35,7 @@ pub enum Fallback {
 
 impl Fallback {
     /// Every reason, in the order the metrics list them.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::NotIpv4,
         Self::Loopback,
         Self::FlowTableFull,
@@ -40,6 +43,7 @@ impl Fallback {
         Self::NotQuiescent,
         Self::PeerClosed,
         Self::TimestampsOnOneSide,
+        Self::MssDiffers,
         Self::MicrosecondTimestamps,
         Self::SwitchFailed,
     ];
@@ -55,6 +59,7 @@ impl Fallback {
             Self::NotQuiescent => "not_quiescent",
             Self::PeerClosed => "peer_closed",
             Self::TimestampsOnOneSide => "timestamps_on_one_side",
+            Self::MssDiffers => "mss_differs",
             Self::MicrosecondTimestamps => "microsecond_timestamps",
             Self::SwitchFailed => "switch_failed",
         }

@@ -31,13 +31,16 @@ const REPAIR_OFF: libc::c_int = 0;
 const REPAIR_OFF_NO_WINDOW_PROBE: libc::c_int = -1;
 const RECV_QUEUE: libc::c_int = 1;
 const SEND_QUEUE: libc::c_int = 2;
-/// `struct tcp_info`: the state, `tcpi_options` and the two window scales
-/// (low nibble the peer's, high nibble ours), stable since Linux 2.6.
+/// `struct tcp_info`: the state, `tcpi_options`, the two window scales (low
+/// nibble the peer's, high nibble ours), the MSSes; stable since Linux 2.6.
 const TCPI_OPTIONS: usize = 5;
 /// `tcpi_state`: a `TCP_*` state of `include/net/tcp_states.h`.
 const TCPI_STATE: usize = 0;
 const TCP_ESTABLISHED: u8 = 1;
 const TCPI_WSCALES: usize = 6;
+/// `tcpi_snd_mss` and `tcpi_advmss` (`u32`s).
+const TCPI_SND_MSS: usize = 16;
+const TCPI_ADVMSS: usize = 84;
 /// `tcpi_options` bits.
 const TCPI_OPT_TIMESTAMPS: u8 = 1;
 const TCPI_OPT_SACK: u8 = 2;
@@ -103,8 +106,10 @@ pub fn read<F: AsFd>(socket: &F, peer_tsval: u32) -> Result<SocketState, RepairE
 /// The options `socket` negotiated, and whether it is still established
 /// (no FIN or RST received); readable outside repair mode too.
 pub fn negotiated<F: AsFd>(socket: &F) -> Result<(Negotiated, bool), RepairError> {
-    // The first bytes of `struct tcp_info`: the state, the options, the scales.
-    let info: [u8; 8] = tcp_get(socket, libc::TCP_INFO, "TCP_INFO")?;
+    // The first fields of `struct tcp_info`: the state, the options, the
+    // scales, the MSSes.
+    let info: [u8; TCPI_ADVMSS + 4] = tcp_get(socket, libc::TCP_INFO, "TCP_INFO")?;
+    let u32_at = |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
     let options = info[TCPI_OPTIONS];
     let scales = if options & TCPI_OPT_WSCALE != 0 { info[TCPI_WSCALES] } else { 0 };
     let negotiated = Negotiated {
@@ -113,6 +118,8 @@ pub fn negotiated<F: AsFd>(socket: &F) -> Result<(Negotiated, bool), RepairError
         sack: options & TCPI_OPT_SACK != 0,
         peer_wscale: scales & 0x0f,
         own_wscale: scales >> 4,
+        send_mss: u32_at(TCPI_SND_MSS),
+        advertised_mss: u32_at(TCPI_ADVMSS),
     };
     Ok((negotiated, info[TCPI_STATE] == TCP_ESTABLISHED))
 }

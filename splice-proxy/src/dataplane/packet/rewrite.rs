@@ -49,6 +49,11 @@ pub struct Negotiated {
     /// it applies to the windows this socket advertises.
     pub peer_wscale: u8,
     pub own_wscale: u8,
+    /// The largest segment payload this socket sends now (its options
+    /// taken off), and the MSS it advertised to its peer (what the peer may
+    /// send, options included).
+    pub send_mss: u32,
+    pub advertised_mss: u32,
 }
 
 /// Where a rewritten packet leaves: the interface and the Ethernet
@@ -111,14 +116,26 @@ pub fn rewrites(
     Ok([(arriving(client.local, client.remote), up), (arriving(upstream.local, upstream.remote), down)])
 }
 
+/// Bytes the timestamp option takes in every segment (with its padding):
+/// what a socket's sending MSS leaves out of the MSS it was advertised.
+const TIMESTAMP_OPTION_LEN: u32 = 12;
+
 /// Whether connections that negotiated `client` and `upstream` can be
-/// joined: timestamps on both or on neither, and on a millisecond clock.
+/// joined: timestamps on both or on neither, on a millisecond clock, and
+/// no segment too large for the other side.
 pub fn compatible(client: &Negotiated, upstream: &Negotiated) -> Result<(), Fallback> {
     if client.timestamps != upstream.timestamps {
         return Err(Fallback::TimestampsOnOneSide);
     }
     if client.usec_timestamps || upstream.usec_timestamps {
         return Err(Fallback::MicrosecondTimestamps);
+    }
+    // A segment the peer of one side may send must fit the other side's
+    // path: nothing in the program splits a packet.
+    let options = if client.timestamps { TIMESTAMP_OPTION_LEN } else { 0 };
+    let fits = |advertised: u32, send_mss: u32| advertised <= send_mss + options;
+    if !fits(client.advertised_mss, upstream.send_mss) || !fits(upstream.advertised_mss, client.send_mss) {
+        return Err(Fallback::MssDiffers);
     }
     Ok(())
 }

@@ -1,7 +1,14 @@
 use super::*;
 
-const OPTIONS: Negotiated =
-    Negotiated { timestamps: true, usec_timestamps: false, sack: true, peer_wscale: 7, own_wscale: 10 };
+const OPTIONS: Negotiated = Negotiated {
+    timestamps: true,
+    usec_timestamps: false,
+    sack: true,
+    peer_wscale: 7,
+    own_wscale: 10,
+    send_mss: 1448,
+    advertised_mss: 1460,
+};
 
 fn client() -> SocketState {
     SocketState {
@@ -111,8 +118,11 @@ fn connections_whose_timestamps_cannot_be_mapped_are_not_spliced() {
     c.options.usec_timestamps = true;
     assert_eq!(rewrites(&c, &upstream(), TO_CLIENT, TO_UPSTREAM), Err(Fallback::MicrosecondTimestamps));
     let (mut c, mut u) = (client(), upstream());
-    c.options.timestamps = false;
-    u.options.timestamps = false;
+    for o in [&mut c.options, &mut u.options] {
+        // Without the option, segments carry 12 bytes more.
+        o.timestamps = false;
+        o.send_mss = 1460;
+    }
     let [(_, up), _] = rewrites(&c, &u, TO_CLIENT, TO_UPSTREAM).unwrap();
     assert_eq!(up.flags & rewrite_flags::TIMESTAMPS, 0);
 }
@@ -128,4 +138,26 @@ fn a_connection_a_peer_closed_before_the_switch_is_not_spliced() {
         }
         assert_eq!(rewrites(&c, &u, TO_CLIENT, TO_UPSTREAM), Err(Fallback::PeerClosed));
     }
+}
+
+#[test]
+fn a_segment_too_large_for_the_other_side_is_not_spliced() {
+    // The client's side has a 1400-byte MTU: the upstream may send 1460-byte
+    // segments, which would not fit.
+    let mut c = client();
+    c.options.send_mss = 1348;
+    c.options.advertised_mss = 1360;
+    assert_eq!(rewrites(&c, &upstream(), TO_CLIENT, TO_UPSTREAM), Err(Fallback::MssDiffers));
+    // The other way round: the upstream's side is the smaller one.
+    let mut u = upstream();
+    u.options.send_mss = 1348;
+    u.options.advertised_mss = 1360;
+    assert_eq!(rewrites(&client(), &u, TO_CLIENT, TO_UPSTREAM), Err(Fallback::MssDiffers));
+    // Without timestamps the sending MSS is the advertised one.
+    let (mut c, mut u) = (client(), upstream());
+    for o in [&mut c.options, &mut u.options] {
+        o.timestamps = false;
+        o.send_mss = 1460;
+    }
+    assert!(rewrites(&c, &u, TO_CLIENT, TO_UPSTREAM).is_ok());
 }
