@@ -582,3 +582,54 @@ fn connections_negotiated_differently_are_exact_spliced_or_fall_back_with_their_
     }
     Ok(())
 }
+
+/// The upstream vanishes mid-flow (its interface goes down, as when an ENI
+/// is detached): the client's bytes wait for an acknowledgement that does
+/// not come; after `--tcp-user-timeout` the proxy ends the connection as
+/// the upstream's error and lets go of it, so the client's next
+/// retransmission draws a RST. Nothing hangs.
+#[test]
+fn an_upstream_that_vanishes_mid_flow_ends_as_its_error_and_the_client_is_reset() -> Result<()> {
+    let topology = LineTopology::create()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _guard = runtime.enter();
+    let server = topology.transfer_server()?;
+    let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
+    let upstream = server.addr.to_string();
+    let args = [
+        "--listen",
+        &listen,
+        "--upstream",
+        &upstream,
+        "--dataplane",
+        "packet",
+        "--no-sni-check",
+        "--tcp-user-timeout",
+        "2s",
+    ];
+    let proxy = ProxyProcess::start_in_netns(&topology.proxy, &args)?;
+    let socket = in_netns(&topology.client, tokio::net::TcpSocket::new_v4)??;
+    let outcome = runtime.block_on(async {
+        let stream = socket.connect(proxy.addr()).await?;
+        let transfer =
+            run_paced_transfer_on(stream, &server, 256 * MIB, 256 * MIB, Order::Concurrent, Pace::Alternating);
+        let mut transfer = std::pin::pin!(transfer);
+        tokio::select! {
+            done = &mut transfer => anyhow::bail!("the transfer ended before the upstream vanished: {done:?}"),
+            spliced = spliced(&proxy, 1.0) => spliced?,
+        }
+        splice_proxy_tests::netns::ip(&["-n", &topology.upstream, "link", "set", "to-proxy", "down"])?;
+        anyhow::Ok(tokio::time::timeout(Duration::from_secs(30), transfer).await)
+    })?;
+    let result = outcome.context("the client hung after the upstream vanished")?;
+    let error = result.err().context("the transfer completed although the upstream vanished")?;
+    let reset = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+    });
+    ensure!(reset, "the client's end failed otherwise than by a reset: {error:#}");
+    let closed = runtime.block_on(proxy.wait_closed(1, Duration::from_secs(10)))?;
+    ensure!(closed[0]["reason"] == "upstream_error", "{}", closed[0]);
+    Ok(())
+}

@@ -167,6 +167,7 @@ impl Server {
             plane::PacketSetup {
                 max_connections: config.max_connections,
                 interfaces: config.packet_interfaces.as_deref(),
+                user_timeout: config.tcp.user_timeout,
             },
         )?;
         let sockmap_capacity = matches!(plane, Plane::Sockmap(_)).then_some(config.max_connections);

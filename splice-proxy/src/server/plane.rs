@@ -25,6 +25,9 @@ pub struct PacketSetup<'a> {
     pub max_connections: usize,
     /// Where its program is attached (`None`: every routed interface).
     pub interfaces: Option<&'a [String]>,
+    /// `--tcp-user-timeout`: how long a spliced connection's bytes may wait
+    /// for an acknowledgement.
+    pub user_timeout: std::time::Duration,
 }
 
 /// Starts `chosen.plane`, or its fallback when it needs the kernel programs
@@ -39,7 +42,12 @@ pub fn start(
     match (chosen.plane, kernel) {
         (DataPlane::Packet { fallback_pipe_size }, Ok(kernel)) => {
             // Its own program and map; the sockmap programs stay loaded for their logs.
-            let plane = PacketPlane::start(packet.max_connections, packet.interfaces, fallback_pipe_size)?;
+            let plane = PacketPlane::start(
+                packet.max_connections,
+                packet.interfaces,
+                fallback_pipe_size,
+                packet.user_timeout,
+            )?;
             Ok(started(Plane::Packet(plane), chosen.reason.into(), Some(kernel)))
         }
         (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
@@ -81,7 +89,8 @@ mod tests {
     use super::*;
     use crate::dataplane::DataPlaneChoice;
 
-    const NO_PACKET: PacketSetup<'static> = PacketSetup { max_connections: 1, interfaces: None };
+    const NO_PACKET: PacketSetup<'static> =
+        PacketSetup { max_connections: 1, interfaces: None, user_timeout: std::time::Duration::ZERO };
 
     fn no_kernel() -> Result<KernelPrograms, KernelError> {
         Err(KernelError::Missing { kind: "program", name: "splice_verdict" })

@@ -12,12 +12,18 @@
 //! mode closes silently. Holding the sockets that long keeps their ports
 //! from being reused under a tuple the program still rewrites.
 //!
-//! A stop (the drain timeout, or an immediate stop) removes the entries and
-//! closes the sockets at once: each peer's next packet then meets no socket
+//! Bytes that wait for an acknowledgement longer than the stall timeout
+//! (`--tcp-user-timeout`, as on the other planes) mean that side is gone (an
+//! upstream ENI that disappeared): the connection ends as that side's error.
+//! That, or a stop (the drain timeout, or an immediate stop), removes the
+//! entries and closes the sockets at once: each peer's next packet then meets no socket
 //! and draws a RST from the stack, in that peer's own sequence space, so
 //! both ends are reset as they next send.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
 use tokio_util::sync::CancellationToken;
@@ -57,6 +63,7 @@ pub(super) async fn follow(
 ) -> Transfer {
     progress.attach(Box::new(LiveFlow { plane: Arc::clone(plane), keys }));
     let mut poll = tokio::time::interval(FOLLOW_POLL);
+    let mut stalls = [Stall::default(), Stall::default()];
     let ending = loop {
         tokio::select! {
             _ = poll.tick() => {}
@@ -69,6 +76,17 @@ pub(super) async fn follow(
         if let Some(ending) = ending_of(&flows) {
             break ending;
         }
+        if let [Some(up), Some(down)] = &flows {
+            let now = Instant::now();
+            // A direction whose receiver stopped acknowledging: the
+            // upstream's side for bytes going up, the client's going down.
+            if stalls[0].stalled(up, down, now, plane.stall_timeout) {
+                break Ending::Error(Side::Upstream);
+            }
+            if stalls[1].stalled(down, up, now, plane.stall_timeout) {
+                break Ending::Error(Side::Downstream);
+            }
+        }
     };
     let kernel_bytes = progress.settle(|| {
         let program = plane.program();
@@ -77,7 +95,7 @@ pub(super) async fn follow(
     });
     let mut transfer = Transfer::counted(progress, ending);
     transfer.kernel_bytes = kernel_bytes;
-    if ending == Ending::Stopped {
+    if matches!(ending, Ending::Stopped | Ending::Error(_)) {
         remove(plane, &keys);
         drop(sockets);
     } else {
@@ -103,6 +121,38 @@ fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
         Some(Ending::Reset(Side::Upstream))
     } else {
         None
+    }
+}
+
+/// How long the bytes of one direction have waited for an acknowledgement
+/// that does not come.
+#[derive(Debug, Default)]
+struct Stall {
+    /// The acknowledgement last seen, and since when it has not moved while
+    /// bytes were outstanding.
+    acked: u32,
+    since: Option<Instant>,
+}
+
+impl Stall {
+    /// Whether the bytes `direction` carried have waited for `other`'s
+    /// acknowledgement longer than `timeout` without it moving.
+    fn stalled(
+        &mut self,
+        direction: &PacketRewrite,
+        other: &PacketRewrite,
+        now: Instant,
+        timeout: Duration,
+    ) -> bool {
+        let acked = other.acked as u32;
+        let outstanding = (direction.next_seq as u32).wrapping_sub(acked) as i32 > 0;
+        if !outstanding || acked != self.acked {
+            self.acked = acked;
+            self.since = outstanding.then_some(now);
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        now.duration_since(since) >= timeout
     }
 }
 
@@ -183,5 +233,28 @@ mod tests {
         for (flows, want) in table {
             assert_eq!(ending_of(&flows), want, "{flows:?}");
         }
+    }
+
+    #[test]
+    fn bytes_unacknowledged_for_the_timeout_are_a_stall_and_progress_restarts_the_clock() {
+        let timeout = Duration::from_secs(3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let sent = |next_seq: u64| PacketRewrite { next_seq, ..PacketRewrite::default() };
+        let acks = |acked: u64| PacketRewrite { acked, ..PacketRewrite::default() };
+        let mut stall = Stall::default();
+        // Nothing outstanding: never a stall.
+        assert!(!stall.stalled(&sent(100), &acks(100), at(0), timeout));
+        assert!(!stall.stalled(&sent(100), &acks(100), at(10), timeout));
+        // Outstanding, acknowledgements moving: no stall.
+        assert!(!stall.stalled(&sent(200), &acks(120), at(11), timeout));
+        assert!(!stall.stalled(&sent(300), &acks(150), at(13), timeout));
+        assert!(!stall.stalled(&sent(300), &acks(150), at(15), timeout));
+        // Stuck at 150 since 13 s: a stall from 16 s.
+        assert!(stall.stalled(&sent(300), &acks(150), at(16), timeout));
+        // Sequence numbers wrap.
+        let mut stall = Stall::default();
+        assert!(!stall.stalled(&sent(5), &acks(u64::from(u32::MAX - 5)), at(0), timeout));
+        assert!(stall.stalled(&sent(5), &acks(u64::from(u32::MAX - 5)), at(3), timeout));
     }
 }

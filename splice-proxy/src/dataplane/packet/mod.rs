@@ -24,9 +24,12 @@ pub mod repair;
 pub mod rewrite;
 mod switch;
 
-use std::sync::{
-    Arc, Mutex, MutexGuard, PoisonError,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use tokio_util::sync::CancellationToken;
@@ -34,6 +37,10 @@ use tokio_util::sync::CancellationToken;
 use self::{fallback::Fallback, program::PacketProgram};
 use super::transfer::{ByteProgress, Sockets, Step};
 use crate::kernel::KernelError;
+
+/// The stall timeout with `--tcp-user-timeout 0` (the kernel's default):
+/// about as long as the kernel retransmits before it gives a connection up.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Why the plane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +97,9 @@ impl PacketCounters {
 pub struct PacketPlane {
     program: Mutex<PacketProgram>,
     fallback_pipe_size: usize,
+    /// How long a spliced connection's bytes may wait for an
+    /// acknowledgement before that side counts as gone.
+    stall_timeout: Duration,
     pub counters: PacketCounters,
 }
 
@@ -97,10 +107,14 @@ impl PacketPlane {
     /// Loads the program with room for `max_connections` (and as many
     /// ended ones lingering), and attaches it to `interfaces`, or to every
     /// routed interface.
+    /// `user_timeout` (`--tcp-user-timeout`) is how long a spliced
+    /// connection's bytes may wait for an acknowledgement; zero takes
+    /// [`DEFAULT_STALL_TIMEOUT`].
     pub fn start(
         max_connections: usize,
         interfaces: Option<&[String]>,
         fallback_pipe_size: usize,
+        user_timeout: Duration,
     ) -> Result<Arc<Self>, PacketStartError> {
         let names = match interfaces {
             Some(names) => names.to_vec(),
@@ -117,9 +131,11 @@ impl PacketPlane {
             })?;
         }
         tracing::info!(interfaces = ?names, "packet-splicing program attached");
+        let stall_timeout = if user_timeout.is_zero() { DEFAULT_STALL_TIMEOUT } else { user_timeout };
         Ok(Arc::new(Self {
             program: Mutex::new(program),
             fallback_pipe_size,
+            stall_timeout,
             counters: PacketCounters::default(),
         }))
     }
