@@ -72,6 +72,10 @@ pub struct PacketRewrite {
     /// the other direction's sender's numbering), in the low 32 bits: the
     /// other direction's FIN has reached its peer once this passes it.
     pub acked: u64,
+    /// Packets that repeat what was already sent: retransmissions, and the
+    /// window and keepalive probes (one byte before `next_seq`, no data).
+    /// Their sender is waiting for an answer.
+    pub repeats: u64,
 }
 
 /// Bits of [`PacketRewrite::flags`].
@@ -91,5 +95,6 @@ pub mod rewrite_flags {
 }
 
 /// Compiled-in capacity of [`super::map::PACKET_FLOWS`] (two entries per
-/// connection); user space resizes it at load to twice `--max-connections`.
+/// connection); user space resizes it at load to four times
+/// `--max-connections` (spliced flows and those retiring).
 pub const PACKET_FLOWS_CAPACITY: u32 = 65_536;

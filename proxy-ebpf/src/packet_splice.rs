@@ -24,7 +24,7 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::{bpf_get_socket_cookie, bpf_redirect, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{HashMap, PerCpuArray},
@@ -38,10 +38,14 @@ use proxy_common::{
 use crate::packet::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP};
 
 /// One [`PacketRewrite`] per direction of a spliced connection, keyed by the
-/// four-tuple its packets arrive with.
+/// four-tuple its packets arrive with. Not preallocated: user space replaces
+/// entries (hold → rewrite → ended) while the program may be writing to the
+/// old one; a preallocated element is recycled at once, so such a write
+/// could land in another flow's entry, while a replaced element of a map
+/// without preallocation is freed only after the program is done with it.
 #[map]
 static PACKET_FLOWS: HashMap<PacketFlowKey, PacketRewrite> =
-    HashMap::with_max_entries(PACKET_FLOWS_CAPACITY, 0);
+    HashMap::with_max_entries(PACKET_FLOWS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Packets the proxy's own spliced sockets sent that `packet_silence`
 /// dropped (one slot; user space sums the CPUs).
@@ -138,8 +142,9 @@ pub fn packet_silence(ctx: TcContext) -> i32 {
 fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     let Some((ip, tcp, key)) = parse(ctx) else { return Ok(TC_ACT_OK) };
     let Some(rewrite) = PACKET_FLOWS.get_ptr_mut(key) else { return Ok(TC_ACT_OK) };
-    // SAFETY: a value of the map, valid while this program runs; user space
-    // writes only the settings, and only before the flow carries packets.
+    // SAFETY: a value of the map, valid while this program runs (the map is
+    // not preallocated: an entry user space replaces meanwhile is freed only
+    // after this run); read by value once.
     let r = unsafe { *rewrite };
     if r.flags & rewrite_flags::ENDED != 0 {
         return Ok(TC_ACT_SHOT);
@@ -273,7 +278,9 @@ fn learn(ctx: &TcContext, tcp: usize, rewrite: *mut PacketRewrite, r: &PacketRew
     // SAFETY: the context's socket buffer, valid while this program runs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: as in `try_packet_splice`; while the flow is held user space
-    // only reads the entry, and a flow's packets arrive on one CPU at a time.
+    // only reads the entry. Two CPUs learning at once write values of the
+    // same hop; the TSval may then be the older of two close ones, which the
+    // mapping tolerates (it anchors at any TSval the peer sent).
     let entry = unsafe { &mut *rewrite };
     entry.ifindex = ifindex;
     entry.src_mac = [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]];
@@ -431,13 +438,24 @@ fn count(rewrite: *mut PacketRewrite, seq: u32, payload: u64, flags: u8, acked: 
     unsafe { atomic_xadd::<u64, u64, { Relaxed }>(packets, 1) };
     // A packet without payload moves nothing: after a FIN, its sender's
     // ACKs carry the sequence number after the FIN's.
-    if payload > 0 {
-        // SAFETY: as above.
-        let moved = advance(unsafe { &raw mut (*rewrite).next_seq }, seq.wrapping_add(payload as u32));
+    // SAFETY: as above.
+    let next_seq = unsafe { &raw mut (*rewrite).next_seq };
+    // SAFETY: as above (a whole aligned load).
+    let expected = unsafe { next_seq.read_volatile() } as u32;
+    let repeat = if payload > 0 {
+        let moved = advance(next_seq, seq.wrapping_add(payload as u32));
         if moved > 0 {
             // SAFETY: as above.
             unsafe { atomic_xadd::<u64, u64, { Relaxed }>(bytes, u64::from(moved)) };
         }
+        moved == 0
+    } else {
+        // A probe: one sequence number before the next byte.
+        flags & (FIN | RST) == 0 && seq == expected.wrapping_sub(1)
+    };
+    if repeat {
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*rewrite).repeats, 1) };
     }
     if let Some(acked) = acked {
         // SAFETY: as above.

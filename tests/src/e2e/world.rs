@@ -287,10 +287,12 @@ pub fn host_name(host: usize) -> &'static str {
 /// The configuration the CloudFormation stack's user data writes to
 /// `/etc/splice-proxy/config.toml`, its parameters filled in (ports at
 /// their defaults, the API host name), plus `allowed_vpce_ids` with the
-/// endpoint's ID as the cross-cloud page's step 3 says.
+/// endpoint's ID as the cross-cloud page's step 3 says; and the data plane
+/// `SPLICE_PROXY_E2E_DATAPLANE` names, when it is set (the file's otherwise).
 pub fn deployed_config() -> Result<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cloudformation/splice-proxy.yaml");
     let template = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let plane = std::env::var("SPLICE_PROXY_E2E_DATAPLANE").ok();
     let start = "cat > /etc/splice-proxy/config.toml <<'CONFIG'\n";
     let body = template.split_once(start).with_context(|| format!("no config heredoc in {path}"))?.1;
     let mut config = String::new();
@@ -303,6 +305,17 @@ pub fn deployed_config() -> Result<String> {
                 .replace("${ApiServerHostName}", API_HOST)
                 .replace("${AWS::StackName}", "splice-proxy-e2e");
             anyhow::ensure!(!config.contains("${"), "a parameter left in the configuration:\n{config}");
+            let mut config = config
+                .lines()
+                .filter(|l| !(plane.is_some() && l.starts_with("dataplane")))
+                .fold(String::new(), |mut kept, line| {
+                    kept.push_str(line);
+                    kept.push('\n');
+                    kept
+                });
+            if let Some(plane) = &plane {
+                config.push_str(&format!("dataplane = \"{plane}\"\n"));
+            }
             return Ok(format!("{config}allowed_vpce_ids = [\"{VPCE_ALLOWED}\"]\n"));
         }
         config.push_str(line);

@@ -12,9 +12,10 @@
 //! mode closes silently. Holding the sockets that long keeps their ports
 //! from being reused under a tuple the program still rewrites.
 //!
-//! Bytes that wait for an acknowledgement longer than the stall timeout
-//! (`--tcp-user-timeout`, as on the other planes) mean that side is gone (an
-//! upstream ENI that disappeared): the connection ends as that side's error.
+//! A side that answers nothing for the stall timeout (`--tcp-user-timeout`,
+//! as on the other planes) while the other repeats itself (retransmissions,
+//! window or keepalive probes) is gone (an upstream ENI that disappeared):
+//! the connection ends as that side's error.
 //! That, or a stop (the drain timeout, or an immediate stop), removes the
 //! entries and closes the sockets at once: each peer's next packet then meets no socket
 //! and draws a RST from the stack, in that peer's own sequence space, so
@@ -124,19 +125,23 @@ fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
     }
 }
 
-/// How long the bytes of one direction have waited for an acknowledgement
-/// that does not come.
+/// Whether the receiver of one direction still answers: its sender
+/// repeating itself (retransmissions, window or keepalive probes) while
+/// nothing at all comes back from the receiver for the timeout means the
+/// receiver is gone. A quiet connection repeats nothing, so it never
+/// stalls; a receiver that answers anything restarts the clock.
 #[derive(Debug, Default)]
 struct Stall {
-    /// The acknowledgement last seen, and since when it has not moved while
-    /// bytes were outstanding.
-    acked: u32,
+    /// The receiver's packets last counted, when that count last moved,
+    /// and the sender's repeats then.
+    heard: u64,
     since: Option<Instant>,
+    repeats: u64,
 }
 
 impl Stall {
-    /// Whether the bytes `direction` carried have waited for `other`'s
-    /// acknowledgement longer than `timeout` without it moving.
+    /// Whether `direction`'s receiver (the sender of `other`) has been
+    /// silent for `timeout` while `direction`'s sender repeated itself.
     fn stalled(
         &mut self,
         direction: &PacketRewrite,
@@ -144,15 +149,12 @@ impl Stall {
         now: Instant,
         timeout: Duration,
     ) -> bool {
-        let acked = other.acked as u32;
-        let outstanding = (direction.next_seq as u32).wrapping_sub(acked) as i32 > 0;
-        if !outstanding || acked != self.acked {
-            self.acked = acked;
-            self.since = outstanding.then_some(now);
+        if self.since.is_none() || other.packets != self.heard {
+            *self = Self { heard: other.packets, since: Some(now), repeats: direction.repeats };
             return false;
         }
-        let since = *self.since.get_or_insert(now);
-        now.duration_since(since) >= timeout
+        let since = self.since.unwrap_or(now);
+        direction.repeats > self.repeats && now.duration_since(since) >= timeout
     }
 }
 
@@ -236,25 +238,25 @@ mod tests {
     }
 
     #[test]
-    fn bytes_unacknowledged_for_the_timeout_are_a_stall_and_progress_restarts_the_clock() {
+    fn a_sender_repeating_itself_to_a_silent_receiver_for_the_timeout_is_a_stall() {
         let timeout = Duration::from_secs(3);
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let sent = |next_seq: u64| PacketRewrite { next_seq, ..PacketRewrite::default() };
-        let acks = |acked: u64| PacketRewrite { acked, ..PacketRewrite::default() };
+        let sender = |repeats: u64| PacketRewrite { repeats, ..PacketRewrite::default() };
+        let receiver = |packets: u64| PacketRewrite { packets, ..PacketRewrite::default() };
         let mut stall = Stall::default();
-        // Nothing outstanding: never a stall.
-        assert!(!stall.stalled(&sent(100), &acks(100), at(0), timeout));
-        assert!(!stall.stalled(&sent(100), &acks(100), at(10), timeout));
-        // Outstanding, acknowledgements moving: no stall.
-        assert!(!stall.stalled(&sent(200), &acks(120), at(11), timeout));
-        assert!(!stall.stalled(&sent(300), &acks(150), at(13), timeout));
-        assert!(!stall.stalled(&sent(300), &acks(150), at(15), timeout));
-        // Stuck at 150 since 13 s: a stall from 16 s.
-        assert!(stall.stalled(&sent(300), &acks(150), at(16), timeout));
-        // Sequence numbers wrap.
+        // A quiet connection: nothing repeated, never a stall.
+        assert!(!stall.stalled(&sender(0), &receiver(10), at(0), timeout));
+        assert!(!stall.stalled(&sender(0), &receiver(10), at(100), timeout));
+        // Repeats answered by the receiver: no stall.
+        assert!(!stall.stalled(&sender(2), &receiver(11), at(101), timeout));
+        assert!(!stall.stalled(&sender(3), &receiver(12), at(103), timeout));
+        // Repeats, the receiver silent since 103 s: a stall from 106 s.
+        assert!(!stall.stalled(&sender(5), &receiver(12), at(105), timeout));
+        assert!(stall.stalled(&sender(6), &receiver(12), at(106), timeout));
+        // The receiver silent, but its sender repeating nothing: no stall.
         let mut stall = Stall::default();
-        assert!(!stall.stalled(&sent(5), &acks(u64::from(u32::MAX - 5)), at(0), timeout));
-        assert!(stall.stalled(&sent(5), &acks(u64::from(u32::MAX - 5)), at(3), timeout));
+        assert!(!stall.stalled(&sender(4), &receiver(1), at(0), timeout));
+        assert!(!stall.stalled(&sender(4), &receiver(1), at(50), timeout));
     }
 }

@@ -5,8 +5,11 @@
 //!    number forward is dropped (its sender retransmits it later, into the
 //!    spliced flow), pure ACKs still reach the sockets, and each packet
 //!    teaches the entry the hop back to its sender and its newest TSval.
-//! 2. What the sockets still hold unread is relayed by hand; what they sent
-//!    is waited for until acknowledged. A side whose peer sent nothing yet
+//! 2. What the sockets still hold unread is relayed by hand, without
+//!    blocking (what the other socket does not take now waits for the next
+//!    look); what they sent is waited for until acknowledged. A peer that
+//!    closed or reset meanwhile ends the switch, its FIN or error left for
+//!    the next plane. A side whose peer sent nothing yet
 //!    is probed once (a window probe draws an ACK), so the hop is learned.
 //! 3. Both sockets go into repair mode and are read: quiescent again, still
 //!    established. Their keepalive is off first, since repair mode does not
@@ -20,12 +23,18 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::AsFd,
-    sync::Arc,
+    os::fd::{AsFd, AsRawFd as _},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use nix::sys::socket::{MsgFlags, recv};
+use nix::{
+    errno::Errno,
+    sys::socket::{MsgFlags, recv, send},
+};
 use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
 use tokio::net::TcpStream;
 
@@ -38,7 +47,7 @@ use super::{
 use crate::{
     dataplane::transfer::{ByteProgress, Sockets},
     kernel::socket_cookie,
-    sockopt,
+    sockopt, tcpstat,
 };
 
 /// How long the switch waits for both sockets to become quiescent and both
@@ -133,8 +142,15 @@ async fn settle(
     let mut probed = [false; 2];
     let mut buffer = vec![0; RELAY_BUFFER];
     loop {
-        relay(&sockets.client, &sockets.upstream, &progress.client_to_upstream, &mut buffer).await?;
-        relay(&sockets.upstream, &sockets.client, &progress.upstream_to_client, &mut buffer).await?;
+        relay(&sockets.client, &sockets.upstream, &progress.client_to_upstream, &mut buffer)?;
+        relay(&sockets.upstream, &sockets.client, &progress.upstream_to_client, &mut buffer)?;
+        // A FIN or RST that arrived before the hold: the next plane sees it
+        // (nothing here read the end or the error).
+        for socket in [&sockets.client, &sockets.upstream] {
+            if !repair::negotiated(socket).map_err(failed("TCP_INFO"))?.1 {
+                return Err(Fallback::PeerClosed);
+            }
+        }
         let held = {
             let program = plane.program();
             let read = |key| program.flow(key).ok().flatten().ok_or(Fallback::SwitchFailed);
@@ -161,39 +177,40 @@ async fn settle(
     }
 }
 
-/// Moves what `from` holds unread to `to`, counting it in `moved`. A peer
-/// that closed (EOF) or failed ends the switch: the next plane sees it too.
-async fn relay(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &std::sync::atomic::AtomicU64,
-    buffer: &mut [u8],
-) -> Result<(), Fallback> {
+/// Moves what `from` holds unread to `to`, as far as `to` takes it now,
+/// counting it in `moved`; the rest waits for the next call. Never blocks,
+/// and never reads past the bytes `SIOCINQ` counts, so an end of stream or
+/// a pending error stays on the socket for the next plane to see; bytes
+/// are peeked and consumed only once written, so none is lost when `to`
+/// is full or fails.
+fn relay(from: &TcpStream, to: &TcpStream, moved: &AtomicU64, buffer: &mut [u8]) -> Result<(), Fallback> {
+    let (from_fd, to_fd) = (from.as_fd().as_raw_fd(), to.as_fd().as_raw_fd());
     loop {
-        // Not through tokio: its readiness may not know yet what is there.
-        match recv(std::os::fd::AsRawFd::as_raw_fd(&from.as_fd()), buffer, MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => return Err(Fallback::PeerClosed),
-            Ok(n) => {
-                write_all(to, &buffer[..n]).await?;
-                moved.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            Err(nix::errno::Errno::EAGAIN) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => {}
+        let unread = tcpstat::readable_bytes(from).map_err(failed("SIOCINQ"))?;
+        let want = usize::try_from(unread).unwrap_or(usize::MAX).min(buffer.len());
+        if want == 0 {
+            return Ok(());
+        }
+        let peeked = match recv(from_fd, &mut buffer[..want], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
             Err(_) => return Err(Fallback::PeerClosed),
+        };
+        let written = match send(to_fd, &buffer[..peeked], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
+            Err(_) => return Err(Fallback::PeerClosed),
+        };
+        // Consume exactly what was written: it is there (peeked above).
+        match recv(from_fd, &mut buffer[..written], MsgFlags::MSG_DONTWAIT) {
+            Ok(n) if n == written => {}
+            _ => return Err(Fallback::SwitchFailed),
+        }
+        moved.fetch_add(written as u64, Ordering::Relaxed);
+        if written < peeked {
+            return Ok(());
         }
     }
-}
-
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> Result<(), Fallback> {
-    while !bytes.is_empty() {
-        to.writable().await.map_err(|_| Fallback::PeerClosed)?;
-        match to.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(Fallback::PeerClosed),
-        }
-    }
-    Ok(())
 }
 
 /// Both keys held (a fresh entry each, so nothing learned before counts).
