@@ -246,7 +246,36 @@ fn shift(ctx: &TcContext, tcp: usize, offset: usize, delta: u32) -> Result<(), U
     }
     let old: [u8; 4] = load(ctx, offset)?;
     let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
-    l4_replace(ctx, tcp, u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(new)), 4)?;
+    replace_bytes(ctx, tcp, offset, old, new)
+}
+
+/// Writes `new` over `old` at `offset` of the TCP header at `tcp`, with its
+/// checksum. The checksum helper sums 16-bit words as if the field started
+/// on one; an option field may start at an odd offset (a layout Linux does
+/// not send, others may), where each of its bytes sits in the other half of
+/// its word: the values are then given to the helper with each byte pair
+/// swapped, whose sum is the one the field adds where it is. Chosen without
+/// a branch: one more branch here doubles the states the verifier walks
+/// through the option loop, past its limit.
+#[inline(always)]
+fn replace_bytes<const N: usize>(
+    ctx: &TcContext,
+    tcp: usize,
+    offset: usize,
+    old: [u8; N],
+    new: [u8; N],
+) -> Result<(), Unusable> {
+    let odd = core::hint::black_box(((offset - tcp) & 1) as u32);
+    let keep = odd.wrapping_sub(1); // all ones when even, zero when odd
+    let as_summed = |bytes: [u8; N]| {
+        let word = match N {
+            2 => u32::from(u16::from_ne_bytes([bytes[0], bytes[1]])),
+            _ => u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        };
+        let swapped = ((word & 0x00ff_00ff) << 8) | ((word >> 8) & 0x00ff_00ff);
+        u64::from((word & keep) | (swapped & !keep))
+    };
+    l4_replace(ctx, tcp, as_summed(old), as_summed(new), N as u64)?;
     store(ctx, offset, &new)
 }
 
@@ -401,9 +430,7 @@ fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewri
         let offset = tcp + at + 2 + edge * 4;
         if r.flags & rewrite_flags::STRIP_SACK != 0 {
             let old: [u8; 4] = load(ctx, offset)?;
-            let nops = [OPT_NOP; 4];
-            l4_replace(ctx, tcp, u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(nops)), 4)?;
-            store(ctx, offset, &nops)?;
+            replace_bytes(ctx, tcp, offset, old, [OPT_NOP; 4])?;
         } else {
             shift(ctx, tcp, offset, r.ack_delta)?;
         }
@@ -411,9 +438,7 @@ fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewri
     if r.flags & rewrite_flags::STRIP_SACK != 0 {
         // Kind and length too: the option becomes NOPs.
         let old: [u8; 2] = load(ctx, tcp + at)?;
-        let nops = [OPT_NOP; 2];
-        l4_replace(ctx, tcp, u64::from(u16::from_ne_bytes(old)), u64::from(u16::from_ne_bytes(nops)), 2)?;
-        store(ctx, tcp + at, &nops)?;
+        replace_bytes(ctx, tcp, tcp + at, old, [OPT_NOP; 2])?;
     }
     Ok(())
 }

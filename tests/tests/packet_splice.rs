@@ -135,6 +135,36 @@ fn cases() -> Vec<Case> {
         expect: Some(expect),
     });
 
+    // The timestamp option at an odd offset (NOP, timestamps, NOP): each
+    // byte of its fields sits in the other half of its checksum word.
+    let odd_timestamps = |tsval: u32, tsecr: u32| {
+        let mut options = vec![1, 8, 10];
+        options.extend(tsval.to_be_bytes());
+        options.extend(tsecr.to_be_bytes());
+        options.push(1);
+        options
+    };
+    let mut input = from_client(100, 200, b"odd");
+    input.options = odd_timestamps(0x0102_0304, 0xa0b0_c0d0);
+    let out = odd_timestamps(0x0102_0304 + 12_345, 0xa0b0_c0d0u32.wrapping_sub(777));
+    let expect = expected(&input, &plain, out, input.window);
+    cases.push(Case { name: "timestamps at an odd offset", input, rewrite: plain, expect: Some(expect) });
+
+    // SACK at an odd offset (NOP, SACK, NOP NOP NOP), blanked.
+    let mut input = from_client(100, 200, b"");
+    let mut options = vec![1];
+    options.extend(sack_option(&[(1000, 2000)]));
+    options.extend([1, 1, 1]);
+    input.options = options;
+    let no_ts_strip = rewrite(rewrite_flags::STRIP_SACK, 7, 7);
+    let expect = expected(&input, &no_ts_strip, vec![1; 16], input.window);
+    cases.push(Case {
+        name: "SACK at an odd offset blanked",
+        input,
+        rewrite: no_ts_strip,
+        expect: Some(expect),
+    });
+
     let input = from_client(1, 2, b"abc");
     let down = rewrite(0, 7, 10);
     let expect = expected(&input, &down, Vec::new(), 502 >> 3);
