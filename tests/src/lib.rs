@@ -14,6 +14,7 @@ pub mod echo_stream;
 pub mod edge;
 pub mod frames;
 pub mod netns;
+pub mod packet_lab;
 pub mod positional;
 pub mod process;
 pub mod segments;

@@ -1,0 +1,204 @@
+//! The packet plane's test bench: client, proxy and upstream namespaces over
+//! veths ([`LineTopology`]), a [`TransferServer`] in the upstream's, and the
+//! proxy run there with `--dataplane packet` (its programs attached to the
+//! interfaces of its routes); transfers from the client's namespace, and
+//! what a failed one leaves behind.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
+use tokio::runtime::Runtime;
+
+use crate::{
+    bpf_maps,
+    netns::{LineTopology, in_netns},
+    process::{ProxyProcess, tcp_sockets},
+    transfer::{Order, Pace, TransferServer, run_paced_transfer_on, run_transfer_on},
+};
+
+pub const MIB: u64 = 1 << 20;
+/// The transfer protocol's request header, counted in the upload.
+pub const HEADER: u64 = 24;
+/// A transfer that takes this long has stalled.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A number from the environment variable `name`, or `default`.
+pub fn knob(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(value) => value.parse().with_context(|| format!("{name}={value} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// The three namespaces, a runtime, and the transfer server (dropped in
+/// that order: the namespaces last).
+pub struct Lab {
+    pub server: TransferServer,
+    pub runtime: Runtime,
+    pub topology: LineTopology,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        Self::with(|_| Ok(()))
+    }
+
+    /// A lab whose namespaces `setup` changes (sysctls, MTUs) before any
+    /// socket is made.
+    pub fn with(setup: impl FnOnce(&LineTopology) -> Result<()>) -> Result<Self> {
+        let topology = LineTopology::create()?;
+        setup(&topology).context("setting the namespaces up")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let server = {
+            let _guard = runtime.enter();
+            topology.transfer_server()?
+        };
+        Ok(Self { server, runtime, topology })
+    }
+
+    /// The proxy on the packet plane, forwarding to the server, with `extra`
+    /// flags.
+    pub fn proxy(&self, extra: &[&str]) -> Result<ProxyProcess> {
+        let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
+        let upstream = self.server.addr.to_string();
+        let mut args =
+            vec!["--listen", &listen, "--upstream", &upstream, "--dataplane", "packet", "--no-sni-check"];
+        args.extend_from_slice(extra);
+        ProxyProcess::start_in_netns(&self.topology.proxy, &args)
+    }
+
+    /// A socket in the client's namespace.
+    pub fn client_socket(&self) -> Result<tokio::net::TcpSocket> {
+        Ok(in_netns(&self.topology.client, tokio::net::TcpSocket::new_v4)??)
+    }
+
+    /// Runs each of `transfers` (up, down, order) through `proxy`.
+    pub fn run_all(&self, proxy: &ProxyProcess, transfers: &[(u64, u64, Order)]) -> Result<()> {
+        for (i, &(up, down, order)) in transfers.iter().enumerate() {
+            let socket = self.client_socket()?;
+            self.runtime
+                .block_on(async {
+                    let stream = socket.connect(proxy.addr()).await?;
+                    let transfer = run_transfer_on(stream, &self.server, up, down, order);
+                    tokio::time::timeout(TRANSFER_TIMEOUT, transfer).await.context("stalled")?
+                })
+                .with_context(|| format!("transfer {i}: {up} up, {down} down, {order:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `runs` transfers of `mib` MiB each way at once through `proxy`,
+    /// every other one with both readers alternating slow and fast; each
+    /// must be exact and carried by the program.
+    pub fn exact_runs(&self, proxy: &ProxyProcess, (runs, mib, what): (usize, u64, &str)) -> Result<()> {
+        let closed_before = proxy.closed_connections().len();
+        for run in 0..runs {
+            let pace = if run % 2 == 1 { Pace::Alternating } else { Pace::Fast };
+            let socket = self.client_socket()?;
+            self.runtime
+                .block_on(async {
+                    let stream = socket.connect(proxy.addr()).await?;
+                    let transfer = run_paced_transfer_on(
+                        stream,
+                        &self.server,
+                        mib * MIB,
+                        mib * MIB,
+                        Order::Concurrent,
+                        pace,
+                    );
+                    tokio::time::timeout(TRANSFER_TIMEOUT, transfer).await.context("stalled")?
+                })
+                .inspect_err(|_| eprintln!("{}", self.stall_report(proxy)))
+                .with_context(|| format!("{what}: run {} of {runs} ({pace:?})", run + 1))?;
+        }
+        let closed =
+            self.runtime.block_on(proxy.wait_closed(closed_before + runs, Duration::from_secs(10)))?;
+        for line in &closed[closed_before..] {
+            ensure!(line["reason"] == "completed", "{what}: not completed: {line}");
+            ensure!(line["kernel_bytes"].as_u64() > Some(0), "{what}: not spliced: {line}");
+        }
+        eprintln!("{what}: {runs} runs exact, every one spliced");
+        Ok(())
+    }
+
+    /// What a failed run leaves: the sockets of all three namespaces and
+    /// every flow entry.
+    pub fn stall_report(&self, proxy: &ProxyProcess) -> String {
+        let ports = [proxy.addr().port(), self.server.addr.port()];
+        let t = &self.topology;
+        let mut report = String::new();
+        for (side, netns) in [("client", &t.client), ("proxy", &t.proxy), ("upstream", &t.upstream)] {
+            report.push_str(&format!("{side} namespace:\n{}", tcp_sockets(Some(netns), &ports)));
+        }
+        match bpf_maps::packet_flows(proxy.pid().as_raw()) {
+            Ok(flows) => {
+                for (key, flow) in flows {
+                    report.push_str(&format!("flow {key:?}: {flow:?}\n"));
+                }
+            }
+            Err(error) => report.push_str(&format!("flows: {error:#}\n")),
+        }
+        report
+    }
+
+    /// Stops the proxy and returns its `packet plane totals` line.
+    pub fn totals(&self, proxy: &mut ProxyProcess) -> Result<Value> {
+        proxy.signal(nix::sys::signal::Signal::SIGTERM)?;
+        self.runtime.block_on(proxy.wait_exit(Duration::from_secs(40)))?;
+        self.runtime.block_on(proxy.wait_message("packet plane totals", Duration::from_secs(1)))
+    }
+
+    /// Starts a long paced transfer through `proxy`, waits until it is
+    /// spliced, does `fault`, and requires the client's end to fail by a
+    /// reset within `limit` (not to hang, not to complete).
+    pub fn client_reset_after(
+        &self,
+        proxy: &ProxyProcess,
+        fault: impl FnOnce() -> Result<()>,
+        limit: Duration,
+    ) -> Result<()> {
+        let socket = self.client_socket()?;
+        let outcome = self.runtime.block_on(async {
+            let stream = socket.connect(proxy.addr()).await?;
+            // Paced, so that it is still running when the fault comes.
+            let transfer = run_paced_transfer_on(
+                stream,
+                &self.server,
+                256 * MIB,
+                256 * MIB,
+                Order::Concurrent,
+                Pace::Alternating,
+            );
+            let mut transfer = std::pin::pin!(transfer);
+            tokio::select! {
+                done = &mut transfer => anyhow::bail!("the transfer ended before the fault: {done:?}"),
+                spliced = spliced(proxy, 1.0) => spliced?,
+            }
+            fault()?;
+            anyhow::Ok(tokio::time::timeout(limit, transfer).await)
+        })?;
+        let result = outcome.context("the client's end hung after the fault")?;
+        let error = result.err().context("the transfer completed in spite of the fault")?;
+        let reset = error.chain().any(|cause| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+        });
+        ensure!(reset, "the client's end failed otherwise than by a reset: {error:#}");
+        Ok(())
+    }
+}
+
+/// Waits until `proxy` has spliced `n` connections in all (its metrics).
+pub async fn spliced(proxy: &ProxyProcess, n: f64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let spliced = proxy.metrics().await?.count("splice_proxy_packet_spliced_total", &[]);
+        if spliced >= n {
+            return Ok(());
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{spliced} spliced, waited for {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
