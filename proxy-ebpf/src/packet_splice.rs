@@ -121,7 +121,7 @@ pub fn packet_silence(ctx: TcContext) -> i32 {
         local_port: arriving.remote_port,
     };
     // SAFETY: read by value; user space writes whole entries.
-    let Some(flow) = (unsafe { PACKET_FLOWS.get(&key) }) else { return TC_ACT_OK };
+    let Some(flow) = (unsafe { PACKET_FLOWS.get(key) }) else { return TC_ACT_OK };
     if flow.flags & rewrite_flags::HOLD != 0 || flow.socket_cookie == 0 {
         return TC_ACT_OK;
     }
@@ -293,7 +293,12 @@ fn rescale_window(ctx: &TcContext, tcp: usize, sender: u8, receiver: u8) -> Resu
 /// A held flow's packet: the hop back to its sender (the interface it came
 /// in by, its Ethernet addresses swapped) and the sender's newest TSval.
 #[inline(always)]
-fn learn(ctx: &TcContext, tcp: usize, rewrite: *mut PacketRewrite, r: &PacketRewrite) -> Result<(), Unusable> {
+fn learn(
+    ctx: &TcContext,
+    tcp: usize,
+    rewrite: *mut PacketRewrite,
+    r: &PacketRewrite,
+) -> Result<(), Unusable> {
     let macs: [u8; 12] = load(ctx, 0)?;
     let mut options = [0u8; OPTION_BUFFER];
     let tsval = read_options(ctx, tcp, &mut options)?.timestamp.map(|at| {
@@ -328,11 +333,7 @@ fn learn(ctx: &TcContext, tcp: usize, rewrite: *mut PacketRewrite, r: &PacketRew
 /// Read once and walked there: a walk with a helper call per byte is more
 /// than the verifier will follow.
 #[inline(always)]
-fn read_options(
-    ctx: &TcContext,
-    tcp: usize,
-    options: &mut [u8; OPTION_BUFFER],
-) -> Result<Found, Unusable> {
+fn read_options(ctx: &TcContext, tcp: usize, options: &mut [u8; OPTION_BUFFER]) -> Result<Found, Unusable> {
     let data_offset: u8 = load(ctx, tcp + TCP_DATA_OFFSET)?;
     let words = u32::from(data_offset >> 4);
     if words <= 5 {
@@ -515,7 +516,8 @@ fn advance(field: *mut u64, to: u32) -> u32 {
             return 0;
         }
         // SAFETY: as above.
-        let (now, swapped) = unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(field, seen, u64::from(to)) };
+        let (now, swapped) =
+            unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(field, seen, u64::from(to)) };
         if swapped {
             return ahead as u32;
         }
