@@ -145,12 +145,6 @@ impl DataPlane {
             Self::Packet { .. } => "packet",
         }
     }
-
-    /// Whether the plane needs the kernel programs.
-    #[must_use]
-    pub fn in_kernel(self) -> bool {
-        matches!(self, Self::Sockmap { .. } | Self::Packet { .. })
-    }
 }
 
 /// A plane ready to forward connections: its settings and what it holds of

@@ -2,7 +2,7 @@
 //!
 //! The program's per-flow counters say how far each direction went and
 //! whether a FIN or a RST went through; they are read every
-//! [`FOLLOW_POLL`]. The connection ends when a FIN went each way (a
+//! [`FOLLOW_POLL`] while packets move, at most once a second while none do. The connection ends when a FIN went each way (a
 //! half-close carries on in the meantime, end to end) or a RST either way;
 //! its access line, metrics and byte counts are then written as on every
 //! plane. The entries stay for [`LINGER`] (a FIN retransmitted because
@@ -32,8 +32,11 @@ use tokio_util::sync::CancellationToken;
 use super::PacketPlane;
 use crate::dataplane::transfer::{ByteProgress, Ending, LiveBytes, Side, Sockets, Transfer};
 
-/// How often a spliced connection's counters are read.
+/// How often a spliced connection's counters are read while packets move;
+/// while none do, the wait doubles up to [`FOLLOW_POLL_QUIET`], so that the
+/// many quiet connections (watches) cost few map reads.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
+const FOLLOW_POLL_QUIET: Duration = Duration::from_secs(1);
 /// How long the entries keep rewriting after the end.
 const LINGER: Duration = Duration::from_secs(2);
 /// How long the entries then drop the flow's packets.
@@ -63,17 +66,20 @@ pub(super) async fn follow(
     progress: &ByteProgress,
 ) -> Transfer {
     progress.attach(Box::new(LiveFlow { plane: Arc::clone(plane), keys }));
-    let mut poll = tokio::time::interval(FOLLOW_POLL);
     let mut stalls = [Stall::default(), Stall::default()];
+    let (mut wait, mut packets_seen) = (FOLLOW_POLL, 0);
     let ending = loop {
         tokio::select! {
-            _ = poll.tick() => {}
+            () = tokio::time::sleep(wait) => {}
             () = stop.cancelled() => break Ending::Stopped,
         }
         let flows = {
             let program = plane.program();
             keys.map(|key| program.flow(&key).ok().flatten())
         };
+        let packets = flows.iter().flatten().map(|f| f.packets).sum();
+        wait = if packets == packets_seen { (wait * 2).min(FOLLOW_POLL_QUIET) } else { FOLLOW_POLL };
+        packets_seen = packets;
         if let Some(ending) = ending_of(&flows) {
             break ending;
         }

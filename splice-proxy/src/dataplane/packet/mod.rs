@@ -64,7 +64,7 @@ pub struct PacketCounters {
     pub spliced: AtomicU64,
     /// Connections left on the next plane, by [`Fallback::index`].
     pub fallbacks: [AtomicU64; Fallback::ALL.len()],
-    /// Spliced connections that ended, and their bytes each way.
+    /// Spliced connections that ended.
     pub ended: AtomicU64,
 }
 
@@ -144,12 +144,6 @@ impl PacketPlane {
     #[must_use]
     pub fn fallback_pipe_size(&self) -> usize {
         self.fallback_pipe_size
-    }
-
-    /// The interfaces the program is attached to.
-    #[must_use]
-    pub fn interfaces(&self) -> Vec<String> {
-        self.program().attached().map(str::to_owned).collect()
     }
 
     fn program(&self) -> MutexGuard<'_, PacketProgram> {
