@@ -34,7 +34,14 @@ pub struct Cli {
 pub enum Command {
     /// Validate the configuration (config file plus any flags) and exit: 0 when
     /// valid, 2 with the bad field named otherwise. Binds nothing.
-    CheckConfig(Options),
+    CheckConfig(Box<Options>),
+    /// Internal: the packet plane's reset helper, which the proxy starts
+    /// itself (see `dataplane::packet::reset_helper`).
+    #[command(name = "packet-reset-helper", hide = true)]
+    PacketResetHelper {
+        #[arg(long, value_enum, default_value_t)]
+        log_format: crate::config::LogFormat,
+    },
 }
 
 impl Cli {

@@ -13,6 +13,7 @@ pub mod connections;
 pub mod dataplane;
 pub mod dns;
 pub mod edge;
+pub mod fd_passing;
 pub mod health;
 pub mod health_port;
 pub mod kernel;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use splice_proxy::{
     cli::{Cli, Command},
     config::{Config, Options},
+    dataplane::packet::reset_helper,
     exit,
     kernel::{KernelError, KernelPrograms},
     logging,
@@ -14,7 +15,8 @@ use splice_proxy::{
 fn main() -> ExitCode {
     let cli = Cli::from_args();
     let (options, check_only) = match cli.command {
-        Some(Command::CheckConfig(options)) => (options, true),
+        Some(Command::CheckConfig(options)) => (*options, true),
+        Some(Command::PacketResetHelper { log_format }) => return reset_helper::run(log_format),
         None => (cli.options, false),
     };
     let config = match Config::load(&options) {

@@ -60,12 +60,53 @@ impl Lab {
     /// The proxy on the packet plane, forwarding to the server, with `extra`
     /// flags.
     pub fn proxy(&self, extra: &[&str]) -> Result<ProxyProcess> {
+        self.proxy_to(&self.server.addr.to_string(), extra)
+    }
+
+    /// The proxy on the packet plane, forwarding to `upstream`, with `extra`
+    /// flags.
+    pub fn proxy_to(&self, upstream: &str, extra: &[&str]) -> Result<ProxyProcess> {
         let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
-        let upstream = self.server.addr.to_string();
         let mut args =
-            vec!["--listen", &listen, "--upstream", &upstream, "--dataplane", "packet", "--no-sni-check"];
+            vec!["--listen", &listen, "--upstream", upstream, "--dataplane", "packet", "--no-sni-check"];
         args.extend_from_slice(extra);
         ProxyProcess::start_in_netns(&self.topology.proxy, &args)
+    }
+
+    /// A plain listener in the upstream's namespace, for connections a test
+    /// drives itself ([`Lab::spliced_pair`]).
+    pub fn plain_upstream(&self) -> Result<tokio::net::TcpListener> {
+        let listener = in_netns(&self.topology.upstream, || {
+            std::net::TcpListener::bind((LineTopology::UPSTREAM_ADDR, 0)).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+        })??;
+        let _guard = self.runtime.enter();
+        Ok(tokio::net::TcpListener::from_std(listener)?)
+    }
+
+    /// One connection through `proxy` to `upstream` (a [`Lab::plain_upstream`]):
+    /// `hello` up before the switch, then, once it is the `n`-th spliced,
+    /// bytes each way through the program. Returns the client's end and the
+    /// upstream's.
+    pub async fn spliced_pair(
+        &self,
+        proxy: &ProxyProcess,
+        upstream: &tokio::net::TcpListener,
+        n: f64,
+    ) -> Result<(tokio::net::TcpStream, tokio::net::TcpStream)> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut client = self.client_socket()?.connect(proxy.addr()).await?;
+        client.write_all(b"hello").await?;
+        let mut accepted = crate::accept_with_data(upstream).await?;
+        accepted.read_exact(&mut [0; 5]).await?;
+        spliced(proxy, n).await?;
+        accepted.write_all(b"spliced").await?;
+        client.read_exact(&mut [0; 7]).await?;
+        client.write_all(b"too").await?;
+        accepted.read_exact(&mut [0; 3]).await?;
+        Ok((client, accepted))
     }
 
     /// A socket in the client's namespace.
@@ -200,5 +241,18 @@ pub async fn spliced(proxy: &ProxyProcess, n: f64) -> Result<()> {
         }
         ensure!(tokio::time::Instant::now() < deadline, "{spliced} spliced, waited for {n}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Requires `stream`'s end to be reset within `limit`: not a clean EOF, not
+/// bytes, not silence.
+pub async fn reset_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let read = tokio::time::timeout(limit, stream.read(&mut [0; 64]))
+        .await
+        .with_context(|| format!("no reset within {limit:?}"))?;
+    match read {
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        other => anyhow::bail!("a reset expected, got {other:?}"),
     }
 }

@@ -1,7 +1,9 @@
 //! The packet plane's faults, end to end (the bench:
 //! `splice_proxy_tests::packet_lab`): a reset each way, once spliced,
 //! reaches the other end; the proxy killed mid-flow, and an upstream that
-//! vanishes mid-flow, leave the client reset, not hanging; the deployed
+//! vanishes mid-flow, leave the client reset, not hanging; a proxy killed,
+//! or reaching its drain timeout, resets both ends of quiet spliced
+//! connections at once; the deployed
 //! capabilities run the plane as an unprivileged user, and it cannot start
 //! without each of the BPF ones. Runs as root.
 
@@ -10,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use splice_proxy_tests::{
     capabilities::{UNIT, as_unprivileged_with, repo_file, unit_capabilities},
-    netns::{LineTopology, in_netns, ip},
-    packet_lab::{Lab, spliced},
+    netns::{LineTopology, ip},
+    packet_lab::{Lab, reset_within},
     process::ProxyProcess,
 };
 
@@ -19,49 +21,22 @@ use splice_proxy_tests::{
 /// as a reset (not an EOF), and the access line says which side reset.
 #[test]
 fn a_reset_each_way_reaches_the_other_end_once_spliced() -> Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let lab = Lab::new()?;
-    let upstream = in_netns(&lab.topology.upstream, || {
-        std::net::TcpListener::bind((LineTopology::UPSTREAM_ADDR, 0)).and_then(|l| {
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-    })??;
-    let upstream = {
-        let _guard = lab.runtime.enter();
-        tokio::net::TcpListener::from_std(upstream)?
-    };
-    let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
-    let upstream_addr = upstream.local_addr()?.to_string();
-    let args = ["--listen", &listen, "--upstream", &upstream_addr, "--dataplane", "packet", "--no-sni-check"];
-    let proxy = ProxyProcess::start_in_netns(&lab.topology.proxy, &args)?;
+    let upstream = lab.plain_upstream()?;
+    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &[])?;
     // Each connection's client address, with the reason its line must give.
     let mut expected = Vec::new();
     for (n, client_resets) in [(1.0, true), (2.0, false)] {
-        let socket = lab.client_socket()?;
         let reason = if client_resets { "client_reset" } else { "upstream_reset" };
         lab.runtime
             .block_on(async {
-                let mut client = socket.connect(proxy.addr()).await?;
+                let (client, accepted) = lab.spliced_pair(&proxy, &upstream, n).await?;
                 expected.push((client.local_addr()?.to_string(), reason));
-                client.write_all(b"hello").await?;
-                let mut accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
-                accepted.read_exact(&mut [0; 5]).await?;
-                spliced(&proxy, n).await?;
-                // Bytes both ways through the program first.
-                accepted.write_all(b"spliced").await?;
-                client.read_exact(&mut [0; 7]).await?;
-                client.write_all(b"too").await?;
-                accepted.read_exact(&mut [0; 3]).await?;
                 let (resetting, mut other) =
                     if client_resets { (client, accepted) } else { (accepted, client) };
                 resetting.set_zero_linger()?;
                 drop(resetting);
-                let read =
-                    tokio::time::timeout(Duration::from_secs(10), other.read_to_end(&mut Vec::new())).await?;
-                let error = read.expect_err("a clean EOF instead of the reset");
-                ensure!(error.kind() == std::io::ErrorKind::ConnectionReset, "the other end saw {error}");
-                anyhow::Ok(())
+                reset_within(&mut other, Duration::from_secs(10)).await
             })
             .with_context(|| format!("the {} resets", if client_resets { "client" } else { "upstream" }))?;
     }
@@ -86,7 +61,59 @@ fn a_proxy_killed_mid_flow_leaves_the_client_reset_not_hanging() -> Result<()> {
     let lab = Lab::new()?;
     let proxy = lab.proxy(&[])?;
     let kill = || proxy.signal(nix::sys::signal::Signal::SIGKILL);
-    lab.client_reset_after(&proxy, kill, Duration::from_secs(20))
+    lab.client_reset_after(&proxy, kill, Duration::from_secs(5))
+}
+
+/// How soon both ends of a quiet spliced connection must be reset once the
+/// proxy lets go of it: at once, not when they next send (a watch may not
+/// for minutes).
+const QUIET_ENDS_RESET_WITHIN: Duration = Duration::from_secs(2);
+
+/// Quiet spliced connections (watches) through a proxy that is SIGKILLed:
+/// its reset helper resets both ends of each at once.
+#[test]
+fn a_proxy_killed_resets_both_ends_of_its_quiet_spliced_connections_at_once() -> Result<()> {
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &[])?;
+    lab.runtime.block_on(async {
+        let mut pairs = Vec::new();
+        for n in 1..=3 {
+            pairs.push(lab.spliced_pair(&proxy, &upstream, f64::from(n)).await?);
+        }
+        proxy.signal(nix::sys::signal::Signal::SIGKILL)?;
+        for (i, (client, accepted)) in pairs.iter_mut().enumerate() {
+            reset_within(client, QUIET_ENDS_RESET_WITHIN).await.with_context(|| format!("client {i}"))?;
+            reset_within(accepted, QUIET_ENDS_RESET_WITHIN).await.with_context(|| format!("upstream {i}"))?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// A quiet spliced connection still open at the drain timeout: the proxy
+/// cuts it as on every plane (access line `stopped`), and both ends are
+/// reset then, not before and not later; the proxy exits 0.
+#[test]
+fn a_drain_timeout_resets_both_ends_of_a_quiet_spliced_connection() -> Result<()> {
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let drain_timeout = Duration::from_secs(2);
+    let timeout = format!("{}s", drain_timeout.as_secs());
+    let args = ["--drain-delay", "0s", "--drain-timeout", &timeout];
+    let mut proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &args)?;
+    lab.runtime.block_on(async {
+        let (mut client, mut accepted) = lab.spliced_pair(&proxy, &upstream, 1.0).await?;
+        proxy.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let term = std::time::Instant::now();
+        reset_within(&mut client, drain_timeout + QUIET_ENDS_RESET_WITHIN).await.context("the client")?;
+        ensure!(term.elapsed() >= drain_timeout, "the client was reset {:?} after SIGTERM", term.elapsed());
+        reset_within(&mut accepted, QUIET_ENDS_RESET_WITHIN).await.context("the upstream")?;
+        let status = proxy.wait_exit(Duration::from_secs(10)).await?;
+        ensure!(status.success(), "the proxy exited with {status}");
+        let closed = proxy.wait_closed(1, Duration::from_secs(1)).await?;
+        ensure!(closed[0]["reason"] == "stopped", "{}", closed[0]);
+        anyhow::Ok(())
+    })
 }
 
 /// The upstream vanishes mid-flow (its interface goes down, as when an ENI

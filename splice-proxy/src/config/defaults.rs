@@ -44,7 +44,7 @@ pub const COPY_BUFFER_SIZE: usize = 128 << 10;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 
 /// The name a value of a `ValueEnum` has on the command line and in the file.
-fn value<T: clap::ValueEnum>(v: &T) -> String {
+pub fn value_name<T: clap::ValueEnum>(v: &T) -> String {
     v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
 }
 
@@ -53,8 +53,8 @@ fn value<T: clap::ValueEnum>(v: &T) -> String {
 pub fn shown_in_help() -> Vec<(&'static str, String)> {
     let duration = |d: Duration| humantime::format_duration(d).to_string();
     vec![
-        ("proxy_protocol", value(&PROXY_PROTOCOL)),
-        ("chained_proxy_headers", value(&CHAINED_PROXY_HEADERS)),
+        ("proxy_protocol", value_name(&PROXY_PROTOCOL)),
+        ("chained_proxy_headers", value_name(&CHAINED_PROXY_HEADERS)),
         ("proxy_header_timeout", duration(PROXY_HEADER_TIMEOUT)),
         ("client_hello_timeout", duration(CLIENT_HELLO_TIMEOUT)),
         ("dns_max_ttl", duration(DNS_MAX_TTL)),
@@ -69,11 +69,11 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("tcp_keepalive_interval", duration(TCP_KEEPALIVE_INTERVAL)),
         ("tcp_keepalive_count", TCP_KEEPALIVE_COUNT.to_string()),
         ("tcp_user_timeout", duration(TCP_USER_TIMEOUT)),
-        ("dataplane", value(&DATAPLANE)),
+        ("dataplane", value_name(&DATAPLANE)),
         ("splice_pipe_size", SPLICE_PIPE_SIZE.to_string()),
         ("max_connections", MAX_CONNECTIONS.to_string()),
         ("max_inflight", MAX_INFLIGHT.to_string()),
         ("copy_buffer_size", COPY_BUFFER_SIZE.to_string()),
-        ("log_format", value(&LOG_FORMAT)),
+        ("log_format", value_name(&LOG_FORMAT)),
     ]
 }

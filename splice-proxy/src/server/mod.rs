@@ -168,6 +168,7 @@ impl Server {
                 max_connections: config.max_connections,
                 interfaces: config.packet_interfaces.as_deref(),
                 user_timeout: config.tcp.user_timeout,
+                log_format: config.log_format,
             },
         )?;
         let sockmap_capacity = matches!(plane, Plane::Sockmap(_)).then_some(config.max_connections);

@@ -28,6 +28,8 @@ pub struct PacketSetup<'a> {
     /// `--tcp-user-timeout`: how long a spliced connection's bytes may wait
     /// for an acknowledgement.
     pub user_timeout: std::time::Duration,
+    /// How its reset helper logs.
+    pub log_format: crate::config::LogFormat,
 }
 
 /// Starts `chosen.plane`, or its fallback when it needs the kernel programs
@@ -47,6 +49,7 @@ pub fn start(
                 packet.interfaces,
                 fallback_pipe_size,
                 packet.user_timeout,
+                packet.log_format,
             )?;
             Ok(started(Plane::Packet(plane), chosen.reason.into(), Some(kernel)))
         }
@@ -89,8 +92,12 @@ mod tests {
     use super::*;
     use crate::dataplane::DataPlaneChoice;
 
-    const NO_PACKET: PacketSetup<'static> =
-        PacketSetup { max_connections: 1, interfaces: None, user_timeout: std::time::Duration::ZERO };
+    const NO_PACKET: PacketSetup<'static> = PacketSetup {
+        max_connections: 1,
+        interfaces: None,
+        user_timeout: std::time::Duration::ZERO,
+        log_format: crate::config::LogFormat::Text,
+    };
 
     fn no_kernel() -> Result<KernelPrograms, KernelError> {
         Err(KernelError::Missing { kind: "program", name: "splice_verdict" })

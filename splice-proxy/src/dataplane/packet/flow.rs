@@ -16,10 +16,9 @@
 //! as on the other planes) while the other repeats itself (retransmissions,
 //! window or keepalive probes) is gone (an upstream ENI that disappeared):
 //! the connection ends as that side's error.
-//! That, or a stop (the drain timeout, or an immediate stop), removes the
-//! entries and closes the sockets at once: each peer's next packet then meets no socket
-//! and draws a RST from the stack, in that peer's own sequence space, so
-//! both ends are reset as they next send.
+//! That, or a stop (the drain timeout, or an immediate stop), lets go of
+//! the connection at once: the entries go with the sockets, and both ends
+//! are reset ([`super::reset`]), so none is left waiting.
 
 use std::{
     sync::Arc,
@@ -29,7 +28,7 @@ use std::{
 use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
 use tokio_util::sync::CancellationToken;
 
-use super::PacketPlane;
+use super::{PacketPlane, reset::End};
 use crate::dataplane::transfer::{ByteProgress, Ending, LiveBytes, Side, Sockets, Transfer};
 
 /// How often a spliced connection's counters are read while packets move;
@@ -103,8 +102,7 @@ pub(super) async fn follow(
     let mut transfer = Transfer::counted(progress, ending);
     transfer.kernel_bytes = kernel_bytes;
     if matches!(ending, Ending::Stopped | Ending::Error(_)) {
-        remove(plane, &keys);
-        drop(sockets);
+        let_go(plane, &keys, sockets);
     } else {
         tokio::spawn(retire(Arc::clone(plane), keys, sockets));
     }
@@ -118,7 +116,7 @@ pub(super) async fn follow(
 /// everything, and a RST then (an end answering a late segment after it
 /// closed) loses nothing, as on the other planes, whose sockets are done by
 /// then. An entry that is gone (it should not be) ends it as an error.
-fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
+pub(super) fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
     let [Some(up), Some(down)] = flows else { return Some(Ending::Error(Side::Downstream)) };
     if fin_arrived(up, down) && fin_arrived(down, up) {
         Some(Ending::Completed)
@@ -188,6 +186,31 @@ async fn retire(plane: Arc<PacketPlane>, keys: [PacketFlowKey; 2], sockets: Sock
     tokio::time::sleep(QUIET).await;
     remove(&plane, &keys);
     drop(sockets);
+}
+
+/// Lets go of a connection that has not ended (a stop, a stalled side):
+/// its entries drop its packets from now on, so the numbers read next are
+/// the last; the proxy's sockets close (silently); the entries go; and each
+/// end is reset at once ([`End::reset`]), a quiet one included.
+fn let_go(plane: &PacketPlane, keys: &[PacketFlowKey; 2], sockets: Sockets) {
+    let flows = {
+        let mut program = plane.program();
+        keys.map(|key| {
+            let flow = program.flow(&key).ok().flatten()?;
+            let ended = PacketRewrite { flags: flow.flags | rewrite_flags::ENDED, ..flow };
+            if let Err(error) = program.set_flow(&key, &ended) {
+                tracing::warn!(%error, "marking a spliced flow ended");
+            }
+            program.flow(&key).ok().flatten()
+        })
+    };
+    drop(sockets);
+    remove(plane, keys);
+    for flow in flows.iter().flatten() {
+        if let Err(error) = End::receiving(flow).reset() {
+            tracing::warn!(%error, "an end of a spliced connection could not be reset; it will be as it next sends");
+        }
+    }
 }
 
 fn remove(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) {

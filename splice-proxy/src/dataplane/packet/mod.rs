@@ -21,6 +21,8 @@ mod flow;
 pub mod interfaces;
 pub mod program;
 pub mod repair;
+pub mod reset;
+pub mod reset_helper;
 pub mod rewrite;
 mod switch;
 
@@ -55,6 +57,8 @@ pub enum PacketStartError {
     NoInterface,
     #[error("attaching the packet-splicing program to {interface}: {source}")]
     Attach { interface: String, source: Box<KernelError> },
+    #[error(transparent)]
+    ResetHelper(#[from] reset_helper::HelperError),
 }
 
 /// What the plane did, for logs and metrics.
@@ -101,6 +105,8 @@ pub struct PacketPlane {
     /// acknowledgement before that side counts as gone.
     stall_timeout: Duration,
     pub counters: PacketCounters,
+    /// Resets the ends of what is still spliced if this process dies.
+    _reset_helper: reset_helper::ResetHelper,
 }
 
 impl PacketPlane {
@@ -115,6 +121,7 @@ impl PacketPlane {
         interfaces: Option<&[String]>,
         fallback_pipe_size: usize,
         user_timeout: Duration,
+        log_format: crate::config::LogFormat,
     ) -> Result<Arc<Self>, PacketStartError> {
         let names = match interfaces {
             Some(names) => names.to_vec(),
@@ -130,6 +137,7 @@ impl PacketPlane {
                 source: Box::new(source),
             })?;
         }
+        let reset_helper = reset_helper::ResetHelper::start(program.flows_fd(), log_format)?;
         tracing::info!(interfaces = ?names, "packet-splicing program attached");
         let stall_timeout = if user_timeout.is_zero() { DEFAULT_STALL_TIMEOUT } else { user_timeout };
         Ok(Arc::new(Self {
@@ -137,6 +145,7 @@ impl PacketPlane {
             fallback_pipe_size,
             stall_timeout,
             counters: PacketCounters::default(),
+            _reset_helper: reset_helper,
         }))
     }
 

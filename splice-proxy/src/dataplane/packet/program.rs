@@ -97,6 +97,14 @@ impl PacketProgram {
             .map_err(|source| KernelError::Map { name: map::PACKET_FLOWS, source })
     }
 
+    /// The flow map's descriptor, for the reset helper.
+    #[must_use]
+    pub fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        self.flows.map().fd().as_fd()
+    }
+
     /// The flow of `key` with its counters, if there is one.
     pub fn flow(&self, key: &PacketFlowKey) -> Result<Option<PacketRewrite>, KernelError> {
         match self.flows.get(key, 0) {

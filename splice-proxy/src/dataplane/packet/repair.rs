@@ -24,13 +24,13 @@ use crate::{
 };
 
 /// `TCP_REPAIR` values and `TCP_REPAIR_QUEUE` queues (uapi `linux/tcp.h`).
-const REPAIR_ON: libc::c_int = 1;
+pub(super) const REPAIR_ON: libc::c_int = 1;
 /// Leaves repair mode with a window probe: the peer answers it with an ACK.
 const REPAIR_OFF: libc::c_int = 0;
 /// Leaves repair mode without the window probe that `0` sends.
-const REPAIR_OFF_NO_WINDOW_PROBE: libc::c_int = -1;
-const RECV_QUEUE: libc::c_int = 1;
-const SEND_QUEUE: libc::c_int = 2;
+pub(super) const REPAIR_OFF_NO_WINDOW_PROBE: libc::c_int = -1;
+pub(super) const RECV_QUEUE: libc::c_int = 1;
+pub(super) const SEND_QUEUE: libc::c_int = 2;
 /// `struct tcp_info`: the state, `tcpi_options`, the two window scales (low
 /// nibble the peer's, high nibble ours), the MSSes; stable since Linux 2.6.
 const TCPI_OPTIONS: usize = 5;
@@ -136,7 +136,7 @@ fn addresses<F: AsFd>(socket: &F) -> Result<(SocketAddrV4, SocketAddrV4), Repair
     }
 }
 
-fn tcp_set<F: AsFd>(
+pub(super) fn tcp_set<F: AsFd>(
     socket: &F,
     name: libc::c_int,
     value: libc::c_int,

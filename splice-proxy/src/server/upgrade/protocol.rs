@@ -29,22 +29,18 @@
 //! old one goes on serving as if nothing happened.
 
 use std::{
-    io::{IoSlice, IoSliceMut, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::SocketAddr,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsFd as _, OwnedFd},
         unix::net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use crate::{addr::ListenAddr, fd_passing};
 
-use crate::addr::ListenAddr;
-
-/// The most sockets one hand-over carries (64 guarded listen ports and the admin endpoint).
-pub const MAX_SOCKETS: usize = 80;
 /// How long the new process waits for the old one's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const TAKE: &[u8] = b"take\n";
@@ -99,24 +95,15 @@ pub fn take_over(path: &Path) -> Result<Option<Handover>, UpgradeError> {
     stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("setting a timeout"))?;
     stream.write_all(TAKE).map_err(io("asking for the sockets"))?;
     let mut text = vec![0u8; 64 * 1024];
-    let mut iov = [IoSliceMut::new(&mut text)];
-    let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
-    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| io("receiving the sockets")(e.into()))?;
-    let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(|e| io("reading the sockets")(e.into()))? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            fds.extend(received.into_iter().map(own));
-        }
-    }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+    let received = fd_passing::receive(&stream, &mut text).map_err(io("receiving the sockets"))?;
+    if received.truncated {
         return Err(UpgradeError::Protocol {
             path: path.into(),
             answer: String::new(),
             why: "more sockets than one hand-over carries (80)",
         });
     }
-    let len = msg.bytes;
+    let (len, fds) = (received.len, received.fds);
     let answer = String::from_utf8_lossy(&text[..len]).into_owned();
     let bad = |why| UpgradeError::Protocol { path: path.into(), answer: answer.clone(), why };
     let mut fds = fds.into_iter();
@@ -143,14 +130,6 @@ pub fn take_over(path: &Path) -> Result<Option<Handover>, UpgradeError> {
     Ok(Some(Handover { listeners, admin, stream }))
 }
 
-/// A descriptor received with SCM_RIGHTS, owned (closed when dropped).
-#[allow(unsafe_code)] // nix hands received descriptors over as raw ones.
-fn own(fd: RawFd) -> OwnedFd {
-    // SAFETY: the kernel installed `fd` in this process for the message just
-    // received; nothing else refers to it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 /// The old process's side: sends `listeners` and `admin` (configured,
 /// bound, socket) on `stream` once the new process asked, then waits for its
 /// `ready`. Blocking; returns whether the new process took over.
@@ -169,14 +148,13 @@ pub fn hand_over(
     let mut fds = Vec::new();
     for (configured, bound, fd) in listeners {
         text.push_str(&format!("listen {configured} {bound}\n"));
-        fds.push(fd.as_raw_fd());
+        fds.push(fd.as_fd());
     }
     if let Some((configured, bound, fd)) = admin {
         text.push_str(&format!("admin {configured} {bound}\n"));
-        fds.push(fd.as_raw_fd());
+        fds.push(fd.as_fd());
     }
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(text.as_bytes())], &cmsg, MsgFlags::empty(), None)?;
+    fd_passing::send(&stream, text.as_bytes(), &fds)?;
     // The new process has to start (kernel programs, resolver, binding the
     // rest) before it is ready: no timeout here; a failed start closes the stream.
     stream.set_read_timeout(None)?;
