@@ -60,6 +60,11 @@ enum Task {
         /// The longer soak: the load scenario runs 300 s instead of 20 s.
         #[arg(long)]
         long: bool,
+        /// The data plane the proxies run (the deployed configuration's
+        /// otherwise); `cargo xtask test` runs the suite on the default and
+        /// on `packet`.
+        #[arg(long, value_name = "PLANE")]
+        dataplane: Option<String>,
         /// Scenario names to run (test name filters); all when none.
         scenarios: Vec<String>,
     },
@@ -109,13 +114,13 @@ fn main() -> Result<()> {
         }
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
-        Task::E2e { long, scenarios } => {
+        Task::E2e { long, dataplane, scenarios } => {
             // splice-proxy's build embeds the kernel object (`test` has just built it).
             if !ebpf_object(&root).is_file() {
                 build_ebpf(&root)?;
             }
             run(cargo(&root).args(["build", "--bin", "splice-proxy"]))?;
-            e2e(&root, long, &scenarios)
+            e2e(&root, long, &scenarios, dataplane.as_deref())
         }
         Task::CheckDeploy => check_deploy(&root),
         Task::Package => {
@@ -183,8 +188,10 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     run(cargo(root).args(["build", "--workspace", "--bins"]))?;
     deploy::check(root, &root.join("target/debug/splice-proxy"))?;
     run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(cargo_test_args))?;
-    // Last, once everything it builds on has passed: the short version.
-    e2e(root, false, &[])
+    // Last, once everything it builds on has passed: the short version, on
+    // the deployed plane and on the packet plane (its gate includes the suite).
+    e2e(root, false, &[], None)?;
+    e2e(root, false, &[], Some("packet"))
 }
 
 /// The tests crate's feature that enables the end-to-end test target
@@ -192,11 +199,16 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
 const E2E_FEATURE: &str = "splice-proxy-tests/e2e";
 
 /// Runs the end-to-end suite against the built debug `splice-proxy`.
-fn e2e(root: &Path, long: bool, scenarios: &[String]) -> Result<()> {
+/// `dataplane`: the plane the proxies run instead of the deployed one.
+fn e2e(root: &Path, long: bool, scenarios: &[String], dataplane: Option<&str>) -> Result<()> {
     prereq::ensure_e2e()?;
     let mut cmd = cargo(root);
     cmd.args(["test", "-p", "splice-proxy-tests", "--features", E2E_FEATURE, "--test", "e2e", "--"]);
     cmd.args(scenarios).env("SPLICE_PROXY_E2E_LONG", if long { "1" } else { "0" });
+    if let Some(plane) = dataplane {
+        eprintln!("end-to-end suite on the {plane} data plane");
+        cmd.env("SPLICE_PROXY_E2E_DATAPLANE", plane);
+    }
     run(&mut cmd)
 }
 

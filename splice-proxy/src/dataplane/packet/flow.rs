@@ -21,7 +21,7 @@
 //! are reset ([`super::reset`]), so none is left waiting.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -186,6 +186,7 @@ async fn retire(plane: Arc<PacketPlane>, keys: [PacketFlowKey; 2], sockets: Sock
     tokio::time::sleep(QUIET).await;
     remove(&plane, &keys);
     drop(sockets);
+    plane.counters.retired.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Lets go of a connection that has not ended (a stop, a stalled side):
@@ -206,6 +207,7 @@ fn let_go(plane: &PacketPlane, keys: &[PacketFlowKey; 2], sockets: Sockets) {
     };
     drop(sockets);
     remove(plane, keys);
+    plane.counters.retired.fetch_add(1, Ordering::Relaxed);
     for flow in flows.iter().flatten() {
         if let Err(error) = End::receiving(flow).reset() {
             tracing::warn!(%error, "an end of a spliced connection could not be reset; it will be as it next sends");

@@ -70,6 +70,10 @@ pub struct PacketCounters {
     pub fallbacks: [AtomicU64; Fallback::ALL.len()],
     /// Spliced connections that ended.
     pub ended: AtomicU64,
+    /// Ended ones whose flow entries and sockets are gone (after the
+    /// linger, or at once when the proxy let go of them): equal to
+    /// [`Self::ended`] when nothing of an ended connection is held.
+    pub retired: AtomicU64,
 }
 
 impl PacketCounters {
@@ -189,6 +193,7 @@ impl PacketPlane {
             spliced = c.spliced.load(Ordering::Relaxed),
             silenced = self.program().silenced().unwrap_or(0),
             ended = c.ended.load(Ordering::Relaxed),
+            retired = c.retired.load(Ordering::Relaxed),
             fallbacks = %self.counters.fallbacks_line(),
             "packet plane totals"
         );
@@ -206,6 +211,11 @@ impl PacketPlane {
                 c.spliced.load(Ordering::Relaxed),
             ),
             ("packet_ended", "Spliced connections that ended", c.ended.load(Ordering::Relaxed)),
+            (
+                "packet_retired",
+                "Ended spliced connections whose flow entries and sockets are gone",
+                c.retired.load(Ordering::Relaxed),
+            ),
             (
                 "packet_silenced",
                 "Packets the proxy's own spliced sockets sent, dropped on their way out",
