@@ -49,7 +49,8 @@ pub struct PacketRewrite {
     pub packets: u64,
     /// Payload bytes carried, each once: how far `next_seq` moved.
     pub bytes: u64,
-    /// Nonzero once a FIN, or a RST, went through (the program sets).
+    /// Nonzero once a FIN went through, or a RST numbered from what its
+    /// receiver acknowledged to the sender's next byte (the program sets).
     pub fin_seen: u32,
     pub rst_seen: u32,
     /// The sender's sequence number after the furthest payload byte seen,

@@ -170,7 +170,12 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     store(ctx, 0, &r.dst_mac)?;
     store(ctx, 6, &r.src_mac)?;
     let acked = (flags & ACK != 0).then(|| u32::from_be_bytes(ack).wrapping_add(r.ack_delta));
-    count(rewrite, u32::from_be_bytes(seq), payload, flags, acked);
+    let seq = u32::from_be_bytes(seq);
+    count(rewrite, seq, payload, flags, acked);
+    if flags & RST != 0 && plausible_reset(&r, seq) {
+        // SAFETY: as in `count`; an idempotent mark.
+        unsafe { (*rewrite).rst_seen = 1 };
+    }
     // SAFETY: the helper has no preconditions; an unknown ifindex makes the
     // redirect drop the packet.
     Ok(unsafe { bpf_redirect(r.ifindex, 0) } as i32)
@@ -449,7 +454,7 @@ fn rewrite_sack(ctx: &TcContext, tcp: usize, at: usize, len: u8, r: &PacketRewri
 const MAX_SEQ_TRIES: usize = 8;
 
 /// Packets, new payload bytes (a retransmission moves `next_seq` no
-/// further), the furthest acknowledgement, and the FIN and RST seen.
+/// further), the furthest acknowledgement, and the FIN seen.
 /// Atomic: one flow's packets may be processed on several CPUs at once (a
 /// veth delivers on the sender's CPU, RPS may spread a queue), and plain
 /// read-modify-writes then count a byte twice. The bytes are what this
@@ -496,10 +501,33 @@ fn count(rewrite: *mut PacketRewrite, seq: u32, payload: u64, flags: u8, acked: 
             (*rewrite).fin_seen = 1;
         }
     }
-    if flags & RST != 0 {
-        // SAFETY: as above.
-        unsafe { (*rewrite).rst_seen = 1 };
-    }
+}
+
+/// Whether a RST numbered `seq` could come from its sender's stack: no
+/// further back than its receiver has acknowledged (the other direction's
+/// furthest ACK, in this sender's numbering) and no further on than the
+/// sender's next byte (`r`, before this packet), or the number after its
+/// FIN once it sent one (a socket that closes after its FIN resets at that
+/// number; a FIN moves `next_seq` by nothing). Only such a RST ends the
+/// flow; one with the four-tuple and another number (a blind RST) is still
+/// sent on, and its receiver's own checks (RFC 5961) decide: it answers one
+/// inside its window with a challenge ACK, whose reply from the sender's
+/// stack is then exactly numbered.
+#[inline(always)]
+fn plausible_reset(r: &PacketRewrite, seq: u32) -> bool {
+    let next = if r.fin_seen != 0 { r.fin_seq.wrapping_add(1) } else { r.next_seq as u32 };
+    let other = PacketFlowKey {
+        remote_addr: r.dst_addr,
+        local_addr: r.src_addr,
+        remote_port: r.dst_port,
+        local_port: r.src_port,
+    };
+    // SAFETY: read by value; user space writes whole entries.
+    let lowest = match unsafe { PACKET_FLOWS.get(other) } {
+        Some(other) => other.acked as u32,
+        None => next,
+    };
+    seq.wrapping_sub(lowest) <= next.wrapping_sub(lowest)
 }
 
 /// Moves the sequence number in the low half of `*field` forward to `to`

@@ -329,3 +329,57 @@ fn a_held_flow_learns_its_hop_and_passes_only_acks_and_an_ended_one_drops_all() 
     }
     Ok(())
 }
+
+/// A RST ends the flow only when its number could come from its sender's
+/// stack: from what the other side acknowledged (the other direction's
+/// `acked`) to the sender's next byte (one past its FIN, after one); any other (a blind RST with the
+/// four-tuple) is still sent on, for its receiver to judge, but does not
+/// end the flow. Without the other direction's entry, only the next byte.
+#[test]
+fn only_a_reset_numbered_within_what_was_sent_and_acknowledged_ends_the_flow() -> Result<()> {
+    let _netns = NetNs::enter()?;
+    let mut program = PacketProgram::load(16).context("loading packet_splice")?;
+    let key = client_to_upstream_key();
+    let next: u32 = 5; // wraps: acknowledged from 2³² − 995 on
+    let acked = next.wrapping_sub(1000);
+    let upstream_to_client = PacketFlowKey {
+        remote_addr: UPSTREAM.0.octets(),
+        local_addr: PROXY_BACK.0.octets(),
+        remote_port: UPSTREAM.1.to_be_bytes(),
+        local_port: PROXY_BACK.1.to_be_bytes(),
+    };
+    let other = PacketRewrite { acked: u64::from(acked), ..PacketRewrite::default() };
+    let table: [(&str, u32, bool, bool); 9] = [
+        ("at the next byte", next, true, true),
+        ("after the FIN (see below)", next.wrapping_add(1), true, true),
+        ("at the acknowledged edge", acked, true, true),
+        ("in between", next.wrapping_sub(500), true, true),
+        ("before the acknowledged edge", acked.wrapping_sub(1), true, false),
+        ("past the next byte", next.wrapping_add(1), true, false),
+        ("half the number space away", next.wrapping_add(1 << 31), true, false),
+        ("at the next byte, the other direction unknown", next, false, true),
+        ("in between, the other direction unknown", next.wrapping_sub(500), false, false),
+    ];
+    for (name, seq, other_known, ends) in table {
+        let plain = PacketRewrite { next_seq: u64::from(next), ..rewrite(0, 7, 7) };
+        // The sender's FIN went through, at its next byte: one more number.
+        let plain = if name.starts_with("after the FIN") {
+            PacketRewrite { fin_seen: 1, fin_seq: next, ..plain }
+        } else {
+            plain
+        };
+        program.set_flow(&key, &plain)?;
+        if other_known {
+            program.set_flow(&upstream_to_client, &other)?;
+        } else {
+            program.remove_flow(&upstream_to_client)?;
+        }
+        let mut input = from_client(seq, 0, b"");
+        input.flags = RST;
+        let (verdict, _) = program.test_run(&input.frame())?;
+        ensure!(verdict == TC_ACT_REDIRECT, "{name}: verdict {verdict}, not sent on");
+        let flow = program.flow(&key)?.context("the flow is gone")?;
+        ensure!((flow.rst_seen != 0) == ends, "{name}: rst_seen {}", flow.rst_seen);
+    }
+    Ok(())
+}

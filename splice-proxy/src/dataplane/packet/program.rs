@@ -118,6 +118,12 @@ impl PacketProgram {
     pub fn remove_flow(&mut self, key: &PacketFlowKey) -> Result<(), KernelError> {
         match self.flows.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // aya 0.14 reports a missing key as the syscall's ENOENT.
+            Err(aya::maps::MapError::SyscallError(error))
+                if error.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
             Err(source) => Err(KernelError::Map { name: map::PACKET_FLOWS, source }),
         }
     }
