@@ -43,6 +43,10 @@ pub mod map {
     /// Per-CPU `u64`: packets of the proxy's own spliced sockets that
     /// [`super::program::PACKET_SILENCE`] dropped.
     pub const PACKET_SILENCED: &str = "PACKET_SILENCED";
+    /// Hash of `u8` by socket cookie: the proxy's spliced sockets whose
+    /// keepalive probe, being sent, [`super::program::PACKET_SILENCE`] lets
+    /// out (written only by user space).
+    pub const PACKET_PROBES: &str = "PACKET_PROBES";
     /// Ring buffer of [`super::FlowEvent`]s for user space.
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
     /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.

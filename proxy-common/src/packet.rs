@@ -99,3 +99,7 @@ pub mod rewrite_flags {
 /// connection); user space resizes it at load to four times
 /// `--max-connections` (spliced flows and those retiring).
 pub const PACKET_FLOWS_CAPACITY: u32 = 65_536;
+
+/// Capacity of [`super::map::PACKET_PROBES`]: user space sends one probe at
+/// a time.
+pub const PACKET_PROBES_CAPACITY: u32 = 16;

@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     PacketFlowKey, PacketRewrite,
-    packet::{PACKET_FLOWS_CAPACITY, rewrite_flags},
+    packet::{PACKET_FLOWS_CAPACITY, PACKET_PROBES_CAPACITY, rewrite_flags},
 };
 
 use crate::packet::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP};
@@ -51,6 +51,12 @@ static PACKET_FLOWS: HashMap<PacketFlowKey, PacketRewrite> =
 /// dropped (one slot; user space sums the CPUs).
 #[map]
 static PACKET_SILENCED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The cookies of the proxy's spliced sockets whose keepalive probe user
+/// space is sending (one at a time): `packet_silence` lets their pure ACKs
+/// out.
+#[map]
+static PACKET_PROBES: HashMap<u64, u8> = HashMap::with_max_entries(PACKET_PROBES_CAPACITY, 0);
 
 /// Offsets in the IPv4 header.
 const IP_CHECKSUM: usize = 10;
@@ -108,11 +114,13 @@ pub fn packet_splice(ctx: TcContext) -> i32 {
 /// `packet_silence` (tc, clsact egress): a packet leaving the proxy with the
 /// four-tuple of a spliced (not held) flow, sent by the proxy's own socket of
 /// that connection (its cookie), is dropped: a stale ACK, window update or
-/// probe from it would contradict the spliced flow. The rewritten packets
+/// probe from it would contradict the spliced flow; except the keepalive
+/// probe user space sends on a quiet flow (the cookie in `PACKET_PROBES`, a
+/// pure ACK), whose answer keeps the path's state (an NLB's) alive. The rewritten packets
 /// with the same four-tuple come from another socket, or none, and pass.
 #[classifier]
 pub fn packet_silence(ctx: TcContext) -> i32 {
-    let Some((_, _, arriving)) = parse(&ctx) else { return TC_ACT_OK };
+    let Some((ip, tcp, arriving)) = parse(&ctx) else { return TC_ACT_OK };
     // Leaving: the reverse of the key its connection's packets arrive with.
     let key = PacketFlowKey {
         remote_addr: arriving.local_addr,
@@ -128,6 +136,10 @@ pub fn packet_silence(ctx: TcContext) -> i32 {
     // SAFETY: the helper reads the packet's socket, if any (0 for none).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if cookie != flow.socket_cookie {
+        return TC_ACT_OK;
+    }
+    // SAFETY: read by value.
+    if unsafe { PACKET_PROBES.get(cookie) }.is_some() && pure_ack(&ctx, ip, tcp) {
         return TC_ACT_OK;
     }
     if let Some(silenced) = PACKET_SILENCED.get_ptr_mut(0) {
@@ -208,6 +220,14 @@ fn parse(ctx: &TcContext) -> Option<(usize, usize, PacketFlowKey)> {
         local_port: [ports[2], ports[3]],
     };
     Some((ip, tcp, key))
+}
+
+/// Whether the packet is a keepalive or window probe: only the ACK flag,
+/// no payload.
+#[inline(always)]
+fn pure_ack(ctx: &TcContext, ip: usize, tcp: usize) -> bool {
+    let flags: Result<u8, _> = load(ctx, tcp + TCP_FLAGS);
+    matches!(flags, Ok(ACK)) && matches!(payload_len(ctx, ip, tcp), Ok(0))
 }
 
 /// TCP payload bytes: the IP total length less both headers.

@@ -116,6 +116,55 @@ fn a_drain_timeout_resets_both_ends_of_a_quiet_spliced_connection() -> Result<()
     })
 }
 
+/// A quiet spliced connection (a watch): the proxy's sockets are silent,
+/// so its keepalive probes each end itself once that end has been quiet for
+/// `--tcp-keepalive-idle`, and each end answers (its packets are counted
+/// in its flow entry); the connection is still exact afterwards. When the
+/// upstream stops answering (its interface down), it is gone after
+/// `--tcp-keepalive-count` probes: the connection ends as its error and the
+/// client is reset.
+#[test]
+fn quiet_spliced_connections_are_kept_alive_by_probes_and_end_when_an_end_stops_answering() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let keepalive =
+        ["--tcp-keepalive-idle", "1s", "--tcp-keepalive-interval", "1s", "--tcp-keepalive-count", "2"];
+    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &keepalive)?;
+    let pid = proxy.pid().as_raw();
+    let packets = || -> Result<Vec<u64>> {
+        let mut flows = splice_proxy_tests::bpf_maps::packet_flows(pid)?;
+        flows.sort_by_key(|(key, _)| key.remote_port);
+        Ok(flows.iter().map(|(_, flow)| flow.packets).collect())
+    };
+    lab.runtime.block_on(async {
+        let (mut client, mut accepted) = lab.spliced_pair(&proxy, &upstream, 1.0).await?;
+        let before = packets()?;
+        ensure!(before.len() == 2, "{} flow entries", before.len());
+        // Quiet for four idle times: each end probed and answering.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let after = packets()?;
+        ensure!(
+            after.iter().zip(&before).all(|(a, b)| a >= &(b + 2)),
+            "packets of each end before {before:?}, after 4 s quiet {after:?}: not answering probes"
+        );
+        accepted.write_all(b"still").await?;
+        let mut five = [0; 5];
+        client.read_exact(&mut five).await?;
+        client.write_all(b"here").await?;
+        accepted.read_exact(&mut [0; 4]).await?;
+        ensure!(&five == b"still", "the client read {five:?}");
+        // The upstream stops answering: gone after idle + 2 probes.
+        ip(&["-n", &lab.topology.upstream, "link", "set", "to-proxy", "down"])?;
+        reset_within(&mut client, Duration::from_secs(8))
+            .await
+            .context("the client, once the upstream was gone")?;
+        let closed = proxy.wait_closed(1, Duration::from_secs(5)).await?;
+        ensure!(closed[0]["reason"] == "upstream_error", "{}", closed[0]);
+        anyhow::Ok(())
+    })
+}
+
 /// The upstream vanishes mid-flow (its interface goes down, as when an ENI
 /// is detached): the client repeats itself to a silent upstream; after
 /// `--tcp-user-timeout` the proxy ends the connection as the upstream's

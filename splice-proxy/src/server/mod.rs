@@ -167,7 +167,7 @@ impl Server {
             plane::PacketSetup {
                 max_connections: config.max_connections,
                 interfaces: config.packet_interfaces.as_deref(),
-                user_timeout: config.tcp.user_timeout,
+                tcp: config.tcp,
                 log_format: config.log_format,
             },
         )?;

@@ -25,9 +25,9 @@ pub struct PacketSetup<'a> {
     pub max_connections: usize,
     /// Where its program is attached (`None`: every routed interface).
     pub interfaces: Option<&'a [String]>,
-    /// `--tcp-user-timeout`: how long a spliced connection's bytes may wait
-    /// for an acknowledgement.
-    pub user_timeout: std::time::Duration,
+    /// `--tcp-user-timeout` (how long a spliced connection's bytes may wait
+    /// for an acknowledgement) and the keepalive times (its probes).
+    pub tcp: crate::sockopt::TcpConfig,
     /// How its reset helper logs.
     pub log_format: crate::config::LogFormat,
 }
@@ -48,7 +48,7 @@ pub fn start(
                 packet.max_connections,
                 packet.interfaces,
                 fallback_pipe_size,
-                packet.user_timeout,
+                packet.tcp,
                 packet.log_format,
             )?;
             Ok(started(Plane::Packet(plane), chosen.reason.into(), Some(kernel)))
@@ -95,7 +95,12 @@ mod tests {
     const NO_PACKET: PacketSetup<'static> = PacketSetup {
         max_connections: 1,
         interfaces: None,
-        user_timeout: std::time::Duration::ZERO,
+        tcp: crate::sockopt::TcpConfig {
+            keepalive_idle: crate::config::defaults::TCP_KEEPALIVE_IDLE,
+            keepalive_interval: crate::config::defaults::TCP_KEEPALIVE_INTERVAL,
+            keepalive_count: crate::config::defaults::TCP_KEEPALIVE_COUNT,
+            user_timeout: std::time::Duration::ZERO,
+        },
         log_format: crate::config::LogFormat::Text,
     };
 

@@ -12,6 +12,8 @@
 //! mode closes silently. Holding the sockets that long keeps their ports
 //! from being reused under a tuple the program still rewrites.
 //!
+//! A quiet end is probed ([`super::keepalive`]); one that answers no
+//! probe is gone, and the connection ends as its error.
 //! A side that answers nothing for the stall timeout (`--tcp-user-timeout`,
 //! as on the other planes) while the other repeats itself (retransmissions,
 //! window or keepalive probes) is gone (an upstream ENI that disappeared):
@@ -28,7 +30,11 @@ use std::{
 use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
 use tokio_util::sync::CancellationToken;
 
-use super::{PacketPlane, reset::End};
+use super::{
+    PacketPlane,
+    keepalive::{Keepalive, keep_alive},
+    reset::End,
+};
 use crate::dataplane::transfer::{ByteProgress, Ending, LiveBytes, Side, Sockets, Transfer};
 
 /// How often a spliced connection's counters are read while packets move;
@@ -66,6 +72,8 @@ pub(super) async fn follow(
 ) -> Transfer {
     progress.attach(Box::new(LiveFlow { plane: Arc::clone(plane), keys }));
     let mut stalls = [Stall::default(), Stall::default()];
+    // The client's end (its packets arrive with keys[0]), the upstream's.
+    let mut keepalives = [Keepalive::new(Instant::now()), Keepalive::new(Instant::now())];
     let (mut wait, mut packets_seen) = (FOLLOW_POLL, 0);
     let ending = loop {
         tokio::select! {
@@ -91,6 +99,12 @@ pub(super) async fn follow(
             }
             if stalls[1].stalled(down, up, now, plane.stall_timeout) {
                 break Ending::Error(Side::Downstream);
+            }
+            match keep_alive(plane, &mut keepalives, [up, down], &sockets, now) {
+                // Soon again: the answer restarts the end's quiet time.
+                Ok(true) => wait = FOLLOW_POLL,
+                Ok(false) => {}
+                Err(gone) => break Ending::Error(gone),
             }
         }
     };

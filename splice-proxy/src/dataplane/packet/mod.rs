@@ -19,6 +19,7 @@
 pub mod fallback;
 mod flow;
 pub mod interfaces;
+mod keepalive;
 pub mod program;
 pub mod repair;
 pub mod reset;
@@ -108,6 +109,9 @@ pub struct PacketPlane {
     /// How long a spliced connection's bytes may wait for an
     /// acknowledgement before that side counts as gone.
     stall_timeout: Duration,
+    /// When a quiet end of a spliced connection is probed, and how many
+    /// unanswered probes make it gone (`--tcp-keepalive-*`).
+    keepalive: keepalive::KeepaliveTimes,
     pub counters: PacketCounters,
     /// Resets the ends of what is still spliced if this process dies.
     _reset_helper: reset_helper::ResetHelper,
@@ -117,14 +121,15 @@ impl PacketPlane {
     /// Loads the program with room for `max_connections` (and as many
     /// ended ones lingering), and attaches it to `interfaces`, or to every
     /// routed interface.
-    /// `user_timeout` (`--tcp-user-timeout`) is how long a spliced
-    /// connection's bytes may wait for an acknowledgement; zero takes
-    /// [`DEFAULT_STALL_TIMEOUT`].
+    /// `tcp`: its `user_timeout` (`--tcp-user-timeout`) is how long a
+    /// spliced connection's bytes may wait for an acknowledgement (zero
+    /// takes [`DEFAULT_STALL_TIMEOUT`]); its keepalive times are those of
+    /// the probes on quiet spliced connections.
     pub fn start(
         max_connections: usize,
         interfaces: Option<&[String]>,
         fallback_pipe_size: usize,
-        user_timeout: Duration,
+        tcp: crate::sockopt::TcpConfig,
         log_format: crate::config::LogFormat,
     ) -> Result<Arc<Self>, PacketStartError> {
         let names = match interfaces {
@@ -143,11 +148,12 @@ impl PacketPlane {
         }
         let reset_helper = reset_helper::ResetHelper::start(program.flows_fd(), log_format)?;
         tracing::info!(interfaces = ?names, "packet-splicing program attached");
-        let stall_timeout = if user_timeout.is_zero() { DEFAULT_STALL_TIMEOUT } else { user_timeout };
+        let stall_timeout = if tcp.user_timeout.is_zero() { DEFAULT_STALL_TIMEOUT } else { tcp.user_timeout };
         Ok(Arc::new(Self {
             program: Mutex::new(program),
             fallback_pipe_size,
             stall_timeout,
+            keepalive: keepalive::KeepaliveTimes::from(&tcp),
             counters: PacketCounters::default(),
             _reset_helper: reset_helper,
         }))

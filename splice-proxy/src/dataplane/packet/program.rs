@@ -21,6 +21,7 @@ pub struct PacketProgram {
     links: Vec<(SchedClassifierLink, String)>,
     flows: HashMap<MapData, PacketFlowKey, PacketRewrite>,
     silenced: PerCpuArray<MapData, u64>,
+    probes: HashMap<MapData, u64, u8>,
     ebpf: Ebpf,
 }
 
@@ -38,7 +39,8 @@ impl PacketProgram {
         let mut ebpf = kernel::load_for_packets(entries)?;
         let flows = kernel::take_map(&mut ebpf, map::PACKET_FLOWS)?;
         let silenced = kernel::take_map(&mut ebpf, map::PACKET_SILENCED)?;
-        let mut loaded = Self { links: Vec::new(), flows, silenced, ebpf };
+        let probes = kernel::take_map(&mut ebpf, map::PACKET_PROBES)?;
+        let mut loaded = Self { links: Vec::new(), flows, silenced, probes, ebpf };
         for name in [program::PACKET_SPLICE, program::PACKET_SILENCE] {
             loaded.program_mut(name)?.load().map_err(|source| KernelError::Program { name, source })?;
         }
@@ -95,6 +97,22 @@ impl PacketProgram {
         self.flows
             .insert(key, rewrite, 0)
             .map_err(|source| KernelError::Map { name: map::PACKET_FLOWS, source })
+    }
+
+    /// Lets out what `send` makes the spliced socket of `cookie` send, if it
+    /// is a pure ACK (a keepalive probe): `packet_silence` drops everything
+    /// else it sends. The egress program runs within the send, so the
+    /// permission ends with `send`.
+    pub fn let_probe_out<E>(
+        &mut self,
+        cookie: u64,
+        send: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Result<(), E>, KernelError> {
+        let map_error = |source| KernelError::Map { name: map::PACKET_PROBES, source };
+        self.probes.insert(cookie, 1, 0).map_err(map_error)?;
+        let sent = send();
+        self.probes.remove(&cookie).map_err(map_error)?;
+        Ok(sent)
     }
 
     /// The flow map's descriptor, for the reset helper.

@@ -90,6 +90,14 @@ pub fn probe<F: AsFd>(socket: &F) -> Result<(), RepairError> {
     tcp_set(socket, libc::TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off with a window probe")
 }
 
+/// A keepalive probe from `socket`, which is in repair mode and stays so:
+/// out of repair mode with a window probe (an old sequence number, no
+/// data, which the peer answers with an ACK) and straight back in.
+pub fn keepalive_probe<F: AsFd>(socket: &F) -> Result<(), RepairError> {
+    tcp_set(socket, libc::TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off with a window probe")?;
+    enter(socket)
+}
+
 /// The state of `socket`, which is in repair mode; `peer_tsval`: the last
 /// timestamp its peer sent (not readable from a socket option).
 pub fn read<F: AsFd>(socket: &F, peer_tsval: u32) -> Result<SocketState, RepairError> {
