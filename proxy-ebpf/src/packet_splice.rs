@@ -162,10 +162,18 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
         return Ok(TC_ACT_SHOT);
     }
     let flags: u8 = load(ctx, tcp + TCP_FLAGS)?;
+    // A spliced flow's handshake is over: a SYN with its four-tuple opens a
+    // new connection (a client reusing the port of one that just ended,
+    // while its entries linger). Rewritten, it would reach the old
+    // upstream past the proxy; dropped, it is sent again, and reaches the
+    // proxy's listener once the entries are gone.
+    if flags & SYN != 0 {
+        return Ok(TC_ACT_SHOT);
+    }
     let payload = payload_len(ctx, ip, tcp)?;
     if r.flags & rewrite_flags::HOLD != 0 {
         learn(ctx, tcp, rewrite, &r)?;
-        let moves_sequence = payload > 0 || flags & (FIN | SYN) != 0;
+        let moves_sequence = payload > 0 || flags & FIN != 0;
         return Ok(if moves_sequence { TC_ACT_SHOT } else { TC_ACT_OK });
     }
     let seq: [u8; 4] = load(ctx, tcp + TCP_SEQ)?;

@@ -96,11 +96,25 @@ impl Lab {
         upstream: &tokio::net::TcpListener,
         n: f64,
     ) -> Result<(tokio::net::TcpStream, tokio::net::TcpStream)> {
+        self.spliced_pair_opening_with(proxy, upstream, n, b"hello").await
+    }
+
+    /// [`Lab::spliced_pair`] whose client opens with `first` (a
+    /// ClientHello, say), which the upstream must receive whole.
+    pub async fn spliced_pair_opening_with(
+        &self,
+        proxy: &ProxyProcess,
+        upstream: &tokio::net::TcpListener,
+        n: f64,
+        first: &[u8],
+    ) -> Result<(tokio::net::TcpStream, tokio::net::TcpStream)> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let mut client = self.client_socket()?.connect(proxy.addr()).await?;
-        client.write_all(b"hello").await?;
+        client.write_all(first).await?;
         let mut accepted = crate::accept_with_data(upstream).await?;
-        accepted.read_exact(&mut [0; 5]).await?;
+        let mut received = vec![0; first.len()];
+        accepted.read_exact(&mut received).await?;
+        ensure!(received == first, "the upstream received other first bytes than the client sent");
         spliced(proxy, n).await?;
         accepted.write_all(b"spliced").await?;
         client.read_exact(&mut [0; 7]).await?;

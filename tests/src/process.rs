@@ -374,3 +374,10 @@ pub fn refusal_count(totals: &Value, label: &str) -> Option<u64> {
         (name == label).then(|| count.parse().ok()).flatten()
     })
 }
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: i32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("no VmRSS line")?;
+    line.trim().trim_end_matches("kB").trim().parse().with_context(|| format!("VmRSS {line:?}"))
+}

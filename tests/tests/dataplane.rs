@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use splice_proxy_tests::{
-    process::ProxyProcess,
+    process::{ProxyProcess, rss_kib},
     transfer::{HEADER_LEN, Order, TransferServer, run_ordered_transfer},
 };
 use tokio::{
@@ -288,13 +288,6 @@ async fn open_idle(
         pairs.push((client, server));
     }
     Ok(())
-}
-
-/// Resident memory of `pid` in KiB (`VmRSS` in /proc/<pid>/status).
-fn rss_kib(pid: i32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("no VmRSS line")?;
-    line.trim().trim_end_matches("kB").trim().parse().with_context(|| format!("VmRSS {line:?}"))
 }
 
 /// A first write the size of a ClientHello, sent before the proxy has set up

@@ -12,7 +12,7 @@ use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
 use splice_proxy::dataplane::packet::program::PacketProgram;
 use splice_proxy_tests::{
     netns::NetNs,
-    segments::{ACK, FIN, RST, Segment, sack_blocks, sack_option, timestamp_option, timestamps},
+    segments::{ACK, FIN, RST, SYN, Segment, sack_blocks, sack_option, timestamp_option, timestamps},
 };
 
 /// tc verdicts (uapi `TC_ACT_*`).
@@ -285,7 +285,8 @@ fn a_flow_packet_whose_options_cannot_be_walked_is_dropped_not_passed() -> Resul
 /// TSval (a reordered older one does not move it back). An ended flow drops
 /// everything.
 #[test]
-fn a_held_flow_learns_its_hop_and_passes_only_acks_and_an_ended_one_drops_all() -> Result<()> {
+fn a_held_flow_learns_its_hop_and_passes_only_acks_an_ended_one_drops_all_and_a_syn_is_never_rewritten()
+-> Result<()> {
     let _netns = NetNs::enter()?;
     let mut program = PacketProgram::load(16).context("loading packet_splice")?;
     let key = client_to_upstream_key();
@@ -327,6 +328,15 @@ fn a_held_flow_learns_its_hop_and_passes_only_acks_and_an_ended_one_drops_all() 
         let (verdict, _) = program.test_run(&input.frame())?;
         ensure!(verdict == TC_ACT_SHOT, "an ended flow's packet: verdict {verdict}, not TC_ACT_SHOT");
     }
+    // A SYN with a spliced flow's four-tuple (a client reusing the port of
+    // a connection whose entries still linger) is a new connection: dropped,
+    // never rewritten to the old upstream, nor counted.
+    let spliced = rewrite(rewrite_flags::TIMESTAMPS, 7, 7);
+    program.set_flow(&key, &spliced)?;
+    let (verdict, _) = program.test_run(&segment(SYN, b"", 4).frame())?;
+    ensure!(verdict == TC_ACT_SHOT, "a SYN on a spliced flow: verdict {verdict}, not TC_ACT_SHOT");
+    let flow = program.flow(&key)?.context("the flow is gone")?;
+    ensure!(flow.packets == 0, "a SYN on a spliced flow was counted");
     Ok(())
 }
 
