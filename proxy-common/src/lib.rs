@@ -345,7 +345,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<PacketFlowKey>(), 4 + 4 + 2 + 2);
         // 12 tuple bytes, 5 u32s, 12 MAC bytes, 2 scales, flags: 48; 2 u64s;
         // 2 u32s; a u64; 2 u32s; 3 u64s.
-        assert_eq!(core::mem::size_of::<PacketRewrite>(), 48 + 2 * 8 + 2 * 4 + 8 + 2 * 4 + 3 * 8);
+        assert_eq!(core::mem::size_of::<PacketRewrite>(), 48 + 2 * 8 + 2 * 4 + 8 + 2 * 4 + 4 * 8);
         assert_eq!(core::mem::size_of::<SourceKeyV6>(), 2 + 16);
         assert_eq!(core::mem::align_of::<SourceKeyV6>(), 1);
     }

@@ -77,6 +77,9 @@ pub struct PacketRewrite {
     /// window and keepalive probes (one byte before `next_seq`, no data).
     /// Their sender is waiting for an answer.
     pub repeats: u64,
+    /// RSTs among `packets`, whatever their number: a keepalive probe to an
+    /// end whose socket is gone draws one, which is no sign of life.
+    pub resets: u64,
 }
 
 /// Bits of [`PacketRewrite::flags`].

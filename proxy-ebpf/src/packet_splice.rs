@@ -192,9 +192,13 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     let acked = (flags & ACK != 0).then(|| u32::from_be_bytes(ack).wrapping_add(r.ack_delta));
     let seq = u32::from_be_bytes(seq);
     count(rewrite, seq, payload, flags, acked);
-    if flags & RST != 0 && plausible_reset(&r, seq) {
-        // SAFETY: as in `count`; an idempotent mark.
-        unsafe { (*rewrite).rst_seen = 1 };
+    if flags & RST != 0 {
+        // SAFETY: as in `count`.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*rewrite).resets, 1) };
+        if plausible_reset(&r, seq) {
+            // SAFETY: as in `count`; an idempotent mark.
+            unsafe { (*rewrite).rst_seen = 1 };
+        }
     }
     // SAFETY: the helper has no preconditions; an unknown ifindex makes the
     // redirect drop the packet.

@@ -165,6 +165,42 @@ fn quiet_spliced_connections_are_kept_alive_by_probes_and_end_when_an_end_stops_
     })
 }
 
+/// The upstream's socket of a quiet spliced connection goes without a word
+/// (closed in repair mode): once the ends are probed, the upstream's stack
+/// answers the client's answer (passed on to it) with an exactly numbered
+/// RST, and its own probe with a RST numbered for the old socket, which is
+/// no sign of life; either way the connection ends as the upstream's
+/// (`upstream_reset`, or `upstream_error` after `--tcp-keepalive-count`
+/// probes) within the keepalive times, and the client is reset.
+#[test]
+fn an_end_whose_socket_is_gone_answers_probes_with_resets_and_is_gone() -> Result<()> {
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let keepalive =
+        ["--tcp-keepalive-idle", "1s", "--tcp-keepalive-interval", "1s", "--tcp-keepalive-count", "2"];
+    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &keepalive)?;
+    lab.runtime.block_on(async {
+        let (mut client, accepted) = lab.spliced_pair(&proxy, &upstream, 1.0).await?;
+        // Everything the client sent acknowledged first: a retransmission
+        // would draw an exactly numbered RST, a reset of its own.
+        while splice_proxy::tcpstat::unsent_bytes(&client)? > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        splice_proxy::dataplane::packet::repair::enter(&accepted)?;
+        drop(accepted);
+        reset_within(&mut client, Duration::from_secs(8))
+            .await
+            .context("the client, once the upstream was gone")?;
+        let closed = proxy.wait_closed(1, Duration::from_secs(5)).await?;
+        ensure!(
+            closed[0]["reason"] == "upstream_reset" || closed[0]["reason"] == "upstream_error",
+            "{}",
+            closed[0]
+        );
+        anyhow::Ok(())
+    })
+}
+
 /// The upstream vanishes mid-flow (its interface goes down, as when an ENI
 /// is detached): the client repeats itself to a silent upstream; after
 /// `--tcp-user-timeout` the proxy ends the connection as the upstream's

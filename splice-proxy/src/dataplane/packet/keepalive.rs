@@ -6,7 +6,7 @@
 //! and the end answers; the answer is rewritten on to the other end like
 //! any packet, a duplicate ACK to it), again every
 //! `--tcp-keepalive-interval`, and is gone after `--tcp-keepalive-count`
-//! unanswered probes. The probes and their answers keep a quiet
+//! probes unanswered, or answered only by RSTs (its socket is gone). The probes and their answers keep a quiet
 //! connection's state alive on the path (an NLB forgets a flow idle for
 //! 350 s), as the proxy's keepalive does on the other planes, and find an
 //! end that vanished without a word.
@@ -92,7 +92,8 @@ pub(super) fn keep_alive(
     let mut probed = false;
     let ends = [(Side::Downstream, &sockets.client), (Side::Upstream, &sockets.upstream)];
     for ((keepalive, flow), (side, socket)) in keepalives.iter_mut().zip(flows).zip(ends) {
-        match keepalive.due(flow.packets, now, plane.keepalive) {
+        // A RST is what a stack with no socket answers a probe with.
+        match keepalive.due(flow.packets.wrapping_sub(flow.resets), now, plane.keepalive) {
             Due::Nothing => {}
             Due::Gone => return Err(side),
             Due::Probe => {
