@@ -116,6 +116,11 @@ fn a_drain_timeout_resets_both_ends_of_a_quiet_spliced_connection() -> Result<()
     })
 }
 
+/// Keepalive in seconds, for the tests of quiet spliced connections: a
+/// quiet end probed after 1 s, every second, gone after 2 probes.
+const FAST_KEEPALIVE: [&str; 6] =
+    ["--tcp-keepalive-idle", "1s", "--tcp-keepalive-interval", "1s", "--tcp-keepalive-count", "2"];
+
 /// A quiet spliced connection (a watch): the proxy's sockets are silent,
 /// so its keepalive probes each end itself once that end has been quiet for
 /// `--tcp-keepalive-idle`, and each end answers (its packets are counted
@@ -128,9 +133,7 @@ fn quiet_spliced_connections_are_kept_alive_by_probes_and_end_when_an_end_stops_
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let lab = Lab::new()?;
     let upstream = lab.plain_upstream()?;
-    let keepalive =
-        ["--tcp-keepalive-idle", "1s", "--tcp-keepalive-interval", "1s", "--tcp-keepalive-count", "2"];
-    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &keepalive)?;
+    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &FAST_KEEPALIVE)?;
     let pid = proxy.pid().as_raw();
     let packets = || -> Result<Vec<u64>> {
         let mut flows = splice_proxy_tests::bpf_maps::packet_flows(pid)?;
@@ -176,9 +179,7 @@ fn quiet_spliced_connections_are_kept_alive_by_probes_and_end_when_an_end_stops_
 fn an_end_whose_socket_is_gone_answers_probes_with_resets_and_is_gone() -> Result<()> {
     let lab = Lab::new()?;
     let upstream = lab.plain_upstream()?;
-    let keepalive =
-        ["--tcp-keepalive-idle", "1s", "--tcp-keepalive-interval", "1s", "--tcp-keepalive-count", "2"];
-    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &keepalive)?;
+    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &FAST_KEEPALIVE)?;
     lab.runtime.block_on(async {
         let (mut client, accepted) = lab.spliced_pair(&proxy, &upstream, 1.0).await?;
         // Everything the client sent acknowledged first: a retransmission
