@@ -328,8 +328,6 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// The `message` field of a JSON log event.
-#[must_use]
 /// `ss` of every TCP socket in `netns` (None: the test's own) with one of
 /// `ports` as either end, with memory and timer details.
 pub fn tcp_sockets(netns: Option<&str>, ports: &[u16]) -> String {
@@ -361,6 +359,8 @@ pub fn tcp_sockets(netns: Option<&str>, ports: &[u16]) -> String {
     out
 }
 
+/// The `message` field of a JSON log event.
+#[must_use]
 pub fn message(event: &Value) -> &str {
     event["message"].as_str().unwrap_or_default()
 }

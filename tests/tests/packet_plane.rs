@@ -8,7 +8,8 @@
 //! off, every run exact and spliced. Connections negotiated differently
 //! (window scales, MSS, SACK on one side) are exact on the program or fall
 //! back with their reason. A PROXY v2 header in front is absorbed by the
-//! offset; an SNI route to a second upstream is spliced there. A thousand connections (a hundred at once), and 100,000 short
+//! offset; an SNI route to a second upstream is spliced there. A slow
+//! reader queues nothing in the proxy. A thousand connections (a hundred at once), and 100,000 short
 //! ones, leave no flow entry, no descriptor and no memory behind. Its faults:
 //! `packet_plane_faults.rs`. Runs as root.
 //!
@@ -281,6 +282,88 @@ fn an_sni_route_to_a_second_upstream_is_spliced_there() -> Result<()> {
             .with_context(|| format!("the ClientHello for {name}"))?;
     }
     Ok(())
+}
+
+/// A slow reader: the upstream reads 1 KiB every 5 ms for 4 s, then fast,
+/// while the client sends 64 MiB. Flow control is end to end, so nothing
+/// queues in the proxy: its sockets hold no byte at any sample (`ss` in its
+/// namespace), its resident memory does not grow, and every byte arrives.
+#[test]
+fn a_slow_reader_queues_nothing_in_the_proxy() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const TOTAL: usize = 64 << 20;
+    const SLOW_FOR: Duration = Duration::from_secs(4);
+    /// Allowed growth of the proxy's resident memory meanwhile.
+    const RSS_SLACK_KIB: u64 = 4 * 1024;
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &[])?;
+    let pid = proxy.pid().as_raw();
+    let rss_before = rss_kib(pid)?;
+    let (received, held) = lab.runtime.block_on(async {
+        let (mut client, mut accepted) = lab.spliced_pair(&proxy, &upstream, 1.0).await?;
+        let sender = tokio::spawn(async move {
+            let block = vec![7u8; 1 << 16];
+            for _ in 0..TOTAL / block.len() {
+                client.write_all(&block).await?;
+            }
+            client.shutdown().await?;
+            anyhow::Ok(client)
+        });
+        let (mut received, mut held, started) = (0usize, 0u64, tokio::time::Instant::now());
+        let mut buffer = vec![0u8; 1 << 16];
+        let mut next_sample = started;
+        loop {
+            let slow = started.elapsed() < SLOW_FOR;
+            let want = if slow { 1024 } else { buffer.len() };
+            let n = accepted.read(&mut buffer[..want]).await?;
+            if n == 0 {
+                break;
+            }
+            ensure!(buffer[..n].iter().all(|b| *b == 7), "a byte changed at {received}");
+            received += n;
+            if slow {
+                if tokio::time::Instant::now() >= next_sample {
+                    held = held.max(queued_in(&lab.topology.proxy, proxy.addr().port())?);
+                    next_sample += Duration::from_millis(200);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        sender.await??;
+        anyhow::Ok((received, held))
+    })?;
+    let rss_after = rss_kib(pid)?;
+    ensure!(received == TOTAL, "{received} of {TOTAL} bytes arrived");
+    ensure!(held == 0, "the proxy's sockets held {held} bytes while the reader was slow");
+    ensure!(
+        rss_after <= rss_before + RSS_SLACK_KIB,
+        "the proxy's memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    Ok(())
+}
+
+/// Bytes queued (received or to send) in the TCP sockets of the proxy's
+/// namespace `netns` whose local port is `port` (its listener's accepted
+/// sockets) or that lead elsewhere from it: every socket there but the
+/// listeners and the admin endpoint's.
+fn queued_in(netns: &str, port: u16) -> Result<u64> {
+    let ss = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "ss", "-tnH", "state", "established"])
+        .output()?;
+    ensure!(ss.status.success(), "ss in {netns}: {}", String::from_utf8_lossy(&ss.stderr));
+    let mut queued = 0;
+    let text = String::from_utf8_lossy(&ss.stdout);
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [recv_q, send_q, local, ..] = fields[..] else { continue };
+        // The admin endpoint's connections (the test's metrics reads) are not the proxy's flow.
+        if !local.ends_with(&format!(":{port}")) && local.starts_with("127.") {
+            continue;
+        }
+        queued += recv_q.parse::<u64>()? + send_q.parse::<u64>()?;
+    }
+    Ok(queued)
 }
 
 /// A thousand connections, a hundred at once, each 256 KiB each way: every
