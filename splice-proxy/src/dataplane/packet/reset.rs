@@ -19,13 +19,13 @@
 //! comes of it.
 //!
 //! The tuple must be free: the proxy's socket on it is closed first (repair
-//! mode closes it silently).
+//! mode closes it silently); the reset helper, which may find a dying
+//! process's socket still on it, tries again for a moment.
 
 use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::OwnedFd,
-    time::Duration,
+    os::fd::AsRawFd as _,
 };
 
 use nix::{
@@ -38,10 +38,6 @@ use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
 use super::repair::{self, RECV_QUEUE, REPAIR_OFF_NO_WINDOW_PROBE, REPAIR_ON, RepairError, SEND_QUEUE};
 use crate::sockopt;
 
-/// How long a tuple may still be held by the socket being closed (the
-/// proxy's, as its process exits) before the reset is given up.
-const TUPLE_FREE_WITHIN: Duration = Duration::from_millis(500);
-
 /// Why one end could not be reset.
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {
@@ -51,6 +47,16 @@ pub enum ResetError {
     Repair { local: SocketAddrV4, remote: SocketAddrV4, source: RepairError },
     #[error("resetting {remote} from {local}: {source}")]
     Option { local: SocketAddrV4, remote: SocketAddrV4, source: sockopt::SockoptError },
+}
+
+impl ResetError {
+    /// Whether the tuple was still held by another socket (one being
+    /// closed, as a dying process's are): trying again may succeed.
+    #[must_use]
+    pub fn tuple_busy(&self) -> bool {
+        matches!(self, Self::Socket { what: "connect", source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)))
+    }
 }
 
 /// One end to reset: the tuple its packets carry from the proxy, and the
@@ -78,7 +84,8 @@ impl End {
         }
     }
 
-    /// Sends this end a RST from a socket rebuilt in repair mode.
+    /// Sends this end a RST from a socket rebuilt in repair mode, once; a
+    /// tuple still held by another socket fails ([`ResetError::tuple_busy`]).
     pub fn reset(&self) -> Result<(), ResetError> {
         let socket_error = |what, source: Errno| ResetError::Socket {
             local: self.local,
@@ -98,7 +105,9 @@ impl End {
             repair::tcp_set(&socket, libc::TCP_QUEUE_SEQ, seq, what).map_err(repair_error)?;
         }
         // Repair mode binds a port that is in use (the listener's).
-        bind_and_connect(&socket, self.local, self.remote).map_err(|(what, e)| socket_error(what, e))?;
+        bind(socket.as_raw_fd(), &SockaddrIn::from(self.local)).map_err(|e| socket_error("bind", e))?;
+        connect(socket.as_raw_fd(), &SockaddrIn::from(self.remote))
+            .map_err(|e| socket_error("connect", e))?;
         repair::tcp_set(&socket, libc::TCP_REPAIR, REPAIR_OFF_NO_WINDOW_PROBE, "TCP_REPAIR off")
             .map_err(repair_error)?;
         sockopt::reset_on_close(&socket).map_err(|source| ResetError::Option {
@@ -108,27 +117,6 @@ impl End {
         })?;
         drop(socket);
         Ok(())
-    }
-}
-
-/// Binds `socket` to `local` and connects it (in repair mode: no handshake)
-/// to `remote`, waiting up to [`TUPLE_FREE_WITHIN`] for a socket that is
-/// going away to free the tuple.
-fn bind_and_connect(
-    socket: &OwnedFd,
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
-) -> Result<(), (&'static str, Errno)> {
-    use std::os::fd::AsRawFd as _;
-    bind(socket.as_raw_fd(), &SockaddrIn::from(local)).map_err(|e| ("bind", e))?;
-    let deadline = std::time::Instant::now() + TUPLE_FREE_WITHIN;
-    loop {
-        match connect(socket.as_raw_fd(), &SockaddrIn::from(remote)) {
-            Err(Errno::EADDRNOTAVAIL | Errno::EADDRINUSE) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            other => return other.map_err(|e| ("connect", e)),
-        }
     }
 }
 

@@ -38,7 +38,7 @@ use nix::{
 };
 use proxy_common::{PacketFlowKey, PacketRewrite};
 
-use super::reset::live_ends;
+use super::reset::{End, ResetError, live_ends};
 use crate::config::LogFormat;
 
 /// The hidden subcommand that runs the helper.
@@ -46,6 +46,9 @@ pub const SUBCOMMAND: &str = "packet-reset-helper";
 /// How long the helper waits, after its socket's end, for its parent to be
 /// gone; a parent still there let go of the helper on purpose.
 const PARENT_GONE_WITHIN: Duration = Duration::from_secs(5);
+/// How long a tuple may still be held by a socket of the exited proxy
+/// before the reset of that end is given up.
+const TUPLE_FREE_WITHIN: Duration = Duration::from_millis(500);
 
 /// Why the helper could not start or do its work.
 #[derive(Debug, thiserror::Error)]
@@ -139,8 +142,11 @@ fn reset_what_is_left() -> Result<(), HelperError> {
         HashMap::<MapData, PacketFlowKey, PacketRewrite>::try_from(Map::HashMap(MapData::from_fd(flows)?))?;
     let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
     let ends = live_ends(&entries);
-    let failed =
-        ends.iter().filter_map(|end| end.reset().err()).inspect(|error| tracing::warn!(%error)).count();
+    let failed = ends
+        .iter()
+        .filter_map(|end| reset_when_free(end).err())
+        .inspect(|error| tracing::warn!(%error))
+        .count();
     if !ends.is_empty() {
         tracing::warn!(
             reset = ends.len() - failed,
@@ -149,4 +155,18 @@ fn reset_what_is_left() -> Result<(), HelperError> {
         );
     }
     Ok(())
+}
+
+/// Resets `end`, trying again for up to [`TUPLE_FREE_WITHIN`] while its
+/// tuple is still held (a socket of the exited proxy not yet released).
+fn reset_when_free(end: &End) -> Result<(), ResetError> {
+    let deadline = Instant::now() + TUPLE_FREE_WITHIN;
+    loop {
+        match end.reset() {
+            Err(error) if error.tuple_busy() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => return other,
+        }
+    }
 }
