@@ -4,15 +4,25 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::topology::TopologyKind;
+
 pub const USAGE: &str = "\
-bench [--workload throughput|latency|connect|idle]... [--only SUBSTRING]
-      [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced|paced8]...
+bench [--workload throughput|latency|connect|idle]... [--topology loopback|routed]...
+      [--only SUBSTRING] [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced|paced8]...
       [--round-trips N (20000)] [--idle N,N (10000,50000)] [--results DIR (bench/results)]
       [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
 
-Measures, over loopback, direct, splice-proxy (sockmap, splice, copy), HAProxy
-(splice-auto; splice-request+response with tune.pipesize 1 MiB; no splice with
-tune.bufsize 256 KiB), nginx stream and socat:
+Measures splice-proxy (packet, sockmap, splice, copy), HAProxy (splice-auto;
+splice-request+response with tune.pipesize 1 MiB; no splice with tune.bufsize
+256 KiB), nginx stream and socat against a reference, in two topologies
+(--topology picks one; repeatable; default both, loopback first):
+  loopback    everything on 127.0.0.1; reference: direct; packet left out (it
+              attaches to interfaces)
+  routed      client, proxy and upstream namespaces over veth pairs with GRO
+              on; reference: routed (the middle namespace forwards); socat
+              and the idle workload left out; the report ends with the packet
+              plane's targets
+Workloads:
   throughput  1, 8 and 64 streams at full speed, 1 stream paced at 3 Gbit/s,
               8 streams paced at 0.5 Gbit/s each (paced8):
               Gbit/s, machine busy %, core-s per GB, the proxy's own core-s per GB
@@ -27,9 +37,11 @@ tune.bufsize 256 KiB), nginx stream and socat:
 --workload picks some (repeatable; default all). --rounds applies to throughput,
 latency and connect; rounds alternate across peers and each figure is the median
 (min-max). --only keeps the peers whose name contains SUBSTRING (any case);
-direct, the reference, is always measured. Results: DIR/<time>.json, .md and
-.svg plots. Run as root: the sockmap plane loads BPF programs, the idle workload
-raises file limits and widens ip_local_port_range while it runs.";
+the reference is always measured. Results: DIR/<time>.json, .md and .svg plots,
+DIR/<time>-routed.* for the routed topology. Run as root: the kernel planes
+load BPF programs, the routed topology makes network namespaces (deleted when
+it ends), the idle workload raises file limits and widens ip_local_port_range
+while it runs.";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Workload {
@@ -41,6 +53,7 @@ pub enum Workload {
 
 pub struct Args {
     pub workloads: Vec<Workload>,
+    pub topologies: Vec<TopologyKind>,
     pub seconds: f64,
     pub rounds: usize,
     pub only: Option<String>,
@@ -62,6 +75,7 @@ impl Args {
 pub fn parse() -> Result<Args> {
     let mut args = Args {
         workloads: Vec::new(),
+        topologies: Vec::new(),
         seconds: 3.0,
         rounds: 3,
         only: None,
@@ -86,6 +100,15 @@ pub fn parse() -> Result<Args> {
                 };
                 if !args.workloads.contains(&workload) {
                     args.workloads.push(workload);
+                }
+            }
+            "--topology" => {
+                let name = value()?;
+                let Some(topology) = TopologyKind::ALL.into_iter().find(|t| t.name() == name) else {
+                    bail!("--topology {name}: expected loopback or routed");
+                };
+                if !args.topologies.contains(&topology) {
+                    args.topologies.push(topology);
                 }
             }
             "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
@@ -122,6 +145,9 @@ pub fn parse() -> Result<Args> {
     }
     if args.workloads.is_empty() {
         args.workloads = vec![Workload::Throughput, Workload::Latency, Workload::Connect, Workload::Idle];
+    }
+    if args.topologies.is_empty() {
+        args.topologies = TopologyKind::ALL.to_vec();
     }
     if args.scenarios.is_empty() {
         args.scenarios = (0..crate::throughput::Scenario::ALL.len()).collect();

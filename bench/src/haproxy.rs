@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::process::{Process, TempDir, find_program, free_loopback_addr};
+use crate::{
+    process::{Process, TempDir, find_program},
+    topology::Topology,
+};
 
 /// Pipes HAProxy may hold for splicing (64 streams need 128).
 const HAPROXY_PIPES: u64 = 1024;
@@ -57,15 +60,17 @@ impl Haproxy {
         tuning: HaproxyTuning,
         upstream: SocketAddr,
         open_files: u64,
+        topology: &Topology,
     ) -> Result<(Process, SocketAddr, TempDir)> {
-        let addr = free_loopback_addr()?;
+        let addr = topology.proxy_addr()?;
         let dir = TempDir::create()?;
         let config = dir.path.join("haproxy.cfg");
         std::fs::write(&config, haproxy_config(name, tuning, addr, upstream, open_files))
             .with_context(|| format!("writing {}", config.display()))?;
         let log_path = dir.path.join("haproxy.log");
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&self.binary)
+        let child = topology
+            .proxy_command(&self.binary)
             .arg("-f")
             .arg(&config)
             .arg("-db")

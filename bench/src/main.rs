@@ -1,5 +1,7 @@
-//! Benchmark over loopback, all on one machine in one run: a direct
-//! connection, splice-proxy in each data plane, HAProxy in three
+//! Benchmark, all on one machine in one run, in two topologies: over
+//! loopback, and routed through three network namespaces (client — proxy —
+//! upstream over veths). Peers: the reference (direct, or the middle
+//! namespace routing), splice-proxy in each data plane, HAProxy in three
 //! configurations, nginx stream and socat. Workloads: throughput and CPU at
 //! 1, 8 and 64 streams and paced; request/response latency; connection
 //! set-up with a DNS lookup; memory of idle connections. Every value is the
@@ -26,7 +28,9 @@ mod servers;
 mod socat;
 mod splice_proxy;
 mod stats;
+mod targets;
 mod throughput;
+mod topology;
 mod workloads;
 
 use std::time::Duration;
@@ -36,29 +40,30 @@ use anyhow::{Context as _, Result, bail};
 use args::Workload;
 use peers::{PeerKind, Tools};
 use results::{Machine, Results};
+use topology::{Topology, TopologyKind};
 
 /// How long the machine's background load is measured before and after the run.
 const BACKGROUND_WINDOW: Duration = Duration::from_secs(1);
 
 fn main() -> Result<()> {
     let mut args = args::parse()?;
+    let selected = |kind: &PeerKind| {
+        kind.is_reference() || args.only.as_ref().is_none_or(|only| kind.name().to_lowercase().contains(only))
+    };
     let kinds: Vec<PeerKind> = PeerKind::ALL
         .into_iter()
-        .filter(|kind| {
-            *kind == PeerKind::Direct
-                || args.only.as_ref().is_none_or(|only| kind.name().to_lowercase().contains(only))
-        })
+        .filter(|kind| args.topologies.iter().any(|topology| kind.runs_in(*topology)))
+        .filter(selected)
         .collect();
-    if kinds.len() == 1 && args.only.is_some() {
+    if kinds.iter().all(|kind| kind.is_reference()) && args.only.is_some() {
         let names: Vec<String> = PeerKind::ALL.iter().map(|kind| format!("`{}`", kind.name())).collect();
-        bail!("--only matches no peer besides direct; peer names: {}", names.join(", "));
+        bail!("--only matches no peer besides the reference; peer names: {}", names.join(", "));
     }
     let files = limits::raise_open_files()?;
     if args.runs(Workload::Idle) {
         args.idle_counts = limits::idle_counts_within(&args.idle_counts, files);
     }
     let tools = Tools::find(&kinds, args.proxy_bin.clone(), &args.haproxy_bin, files)?;
-    let started_utc = results::now_utc();
     let machine = Machine {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
         cpus: cpu::ncpu(),
@@ -67,41 +72,77 @@ fn main() -> Result<()> {
         nginx: tools.nginx.as_ref().and_then(|path| results::version_of(path, "-v")),
         socat: tools.socat.as_ref().and_then(|path| socat_version(path)),
     };
+    for &topology_kind in &args.topologies {
+        let topology = Topology::create(topology_kind)?;
+        let kinds: Vec<PeerKind> = kinds.iter().copied().filter(|kind| kind.runs_in(topology_kind)).collect();
+        let results = topology
+            .as_client(|| measure(&args, &kinds, &tools, &topology, machine.clone()))?
+            .with_context(|| format!("the {} topology", topology_kind.name()))?;
+        write(&args, &results)?;
+    }
+    Ok(())
+}
 
+/// Every workload of `args` in one topology, with the calling thread where
+/// the clients run.
+fn measure(
+    args: &args::Args,
+    kinds: &[PeerKind],
+    tools: &Tools,
+    topology: &Topology,
+    machine: Machine,
+) -> Result<Results> {
+    let started_utc = results::now_utc();
     let busy_before = cpu::background_busy_percent(BACKGROUND_WINDOW)?;
-    let throughput = if args.runs(Workload::Throughput) {
-        workloads::throughput(&args, &kinds, &tools)?
+    let runs = |workload| args.runs(workload);
+    let throughput = if runs(Workload::Throughput) {
+        workloads::throughput(args, kinds, tools, topology)?
     } else {
         Vec::new()
     };
     let latency =
-        if args.runs(Workload::Latency) { workloads::latency(&args, &kinds, &tools)? } else { Vec::new() };
+        if runs(Workload::Latency) { workloads::latency(args, kinds, tools, topology)? } else { Vec::new() };
     let connect =
-        if args.runs(Workload::Connect) { workloads::connect(&args, &kinds, &tools)? } else { Vec::new() };
-    let idle = if args.runs(Workload::Idle) { workloads::idle(&args, &kinds, &tools)? } else { Vec::new() };
+        if runs(Workload::Connect) { workloads::connect(args, kinds, tools, topology)? } else { Vec::new() };
+    // Memory per connection does not depend on the path, and the routed
+    // namespaces would need their own port range and limits for it.
+    let idle = if runs(Workload::Idle) && topology.kind() == TopologyKind::Loopback {
+        workloads::idle(args, kinds, tools, topology)?
+    } else {
+        Vec::new()
+    };
     let busy_after = cpu::background_busy_percent(BACKGROUND_WINDOW)?;
-
-    let results = Results {
+    Ok(Results {
         started_utc,
+        topology: topology.kind().name(),
         machine,
-        settings: settings_summary(&args),
+        settings: settings_summary(args),
         background_busy_percent: [busy_before, busy_after],
         throughput,
         latency,
         connect,
         idle,
-    };
-    let markdown = report::markdown(&results);
+    })
+}
+
+/// Prints the report and writes it with the JSON and the plots:
+/// `<time>.*` for loopback, `<time>-routed.*` for the routed topology.
+fn write(args: &args::Args, results: &Results) -> Result<()> {
+    let markdown = report::markdown(results);
     println!("{markdown}");
     std::fs::create_dir_all(&args.results_dir)
         .with_context(|| format!("creating {}", args.results_dir.display()))?;
-    let stem = args.results_dir.join(results.started_utc.replace(':', ""));
+    let mut name = results.started_utc.replace(':', "");
+    if results.topology != TopologyKind::Loopback.name() {
+        name = format!("{name}-{}", results.topology);
+    }
+    let stem = args.results_dir.join(name);
     let json = stem.with_extension("json");
-    std::fs::write(&json, serde_json::to_string_pretty(&results)?)
+    std::fs::write(&json, serde_json::to_string_pretty(results)?)
         .with_context(|| format!("writing {}", json.display()))?;
     let md = stem.with_extension("md");
     std::fs::write(&md, &markdown).with_context(|| format!("writing {}", md.display()))?;
-    let plots = plots::write(&results, &stem)?;
+    let plots = plots::write(results, &stem)?;
     eprintln!("results: {}, {}", json.display(), md.display());
     for plot in plots {
         eprintln!("plot: {}", plot.display());

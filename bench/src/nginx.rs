@@ -1,23 +1,26 @@
 //! nginx stream (Debian's 1.22 with libnginx-mod-stream): started in the
 //! foreground with a config, prefix and logs in a fresh temporary directory.
 
-use std::{
-    fs::File,
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{fs::File, net::SocketAddr, path::Path, process::Stdio};
 
 use anyhow::{Context as _, Result};
 
-use crate::process::{Process, TempDir, free_loopback_addr};
+use crate::{
+    process::{Process, TempDir},
+    topology::Topology,
+};
 
 /// Debian's dynamic stream module (package libnginx-mod-stream).
 const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 /// `open_files`: the file limit nginx inherits; each worker may use it all
 /// (accepts may all land on one worker; a proxied connection takes two).
-pub fn start(binary: &Path, upstream: SocketAddr, open_files: u64) -> Result<(Process, SocketAddr, TempDir)> {
-    let addr = free_loopback_addr()?;
+pub fn start(
+    binary: &Path,
+    upstream: SocketAddr,
+    open_files: u64,
+    topology: &Topology,
+) -> Result<(Process, SocketAddr, TempDir)> {
+    let addr = topology.proxy_addr()?;
     let dir = TempDir::create()?;
     let config = dir.path.join("nginx.conf");
     let text = format!(
@@ -39,7 +42,8 @@ pub fn start(binary: &Path, upstream: SocketAddr, open_files: u64) -> Result<(Pr
     std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
     let log_path = dir.path.join("stderr.log");
     let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let child = Command::new(binary)
+    let child = topology
+        .proxy_command(binary)
         .arg("-c")
         .arg(&config)
         .arg("-p")

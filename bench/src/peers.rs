@@ -1,6 +1,8 @@
-//! What the bench sends through: nothing (direct), splice-proxy in each data
+//! What the bench sends through: nothing (direct on loopback; in the routed
+//! topology the middle namespace forwarding), splice-proxy in each data
 //! plane, HAProxy in three configurations, nginx stream, socat. The proxies
-//! are child processes on loopback, each killed by its PID on drop.
+//! are child processes where the topology runs proxies, each killed by its
+//! PID on drop.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -9,11 +11,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     haproxy::{Haproxy, HaproxyTuning},
     process::{Process, TempDir, find_program},
+    topology::{Topology, TopologyKind},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PeerKind {
     Direct,
+    Routed,
+    SpliceProxyPacket,
     SpliceProxySockmap,
     SpliceProxySplice,
     SpliceProxyCopy,
@@ -26,8 +31,10 @@ pub enum PeerKind {
 
 impl PeerKind {
     /// In the order they are measured within a round and listed in the tables.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::Direct,
+        Self::Routed,
+        Self::SpliceProxyPacket,
         Self::SpliceProxySockmap,
         Self::SpliceProxySplice,
         Self::SpliceProxyCopy,
@@ -41,6 +48,8 @@ impl PeerKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::Routed => "routed",
+            Self::SpliceProxyPacket => "splice-proxy packet",
             Self::SpliceProxySockmap => "splice-proxy sockmap",
             Self::SpliceProxySplice => "splice-proxy splice",
             Self::SpliceProxyCopy => "splice-proxy copy",
@@ -56,6 +65,8 @@ impl PeerKind {
     pub fn short_name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::Routed => "routed",
+            Self::SpliceProxyPacket => "sp packet",
             Self::SpliceProxySockmap => "sp sockmap",
             Self::SpliceProxySplice => "sp splice",
             Self::SpliceProxyCopy => "sp copy",
@@ -64,6 +75,23 @@ impl PeerKind {
             Self::HaproxyNoSpliceBuf256K => "HAP buf 256K",
             Self::NginxStream => "nginx",
             Self::Socat => "socat",
+        }
+    }
+
+    /// The peer every ratio "÷ reference" divides by: direct on loopback,
+    /// routed in the routed topology. Always measured.
+    pub fn is_reference(self) -> bool {
+        matches!(self, Self::Direct | Self::Routed)
+    }
+
+    /// Whether this peer is measured in `topology`. The packet plane needs
+    /// interfaces to attach to, which loopback is not; the reference differs;
+    /// socat (a process per connection) is measured on loopback only.
+    pub fn runs_in(self, topology: TopologyKind) -> bool {
+        match self {
+            Self::Direct | Self::Socat => topology == TopologyKind::Loopback,
+            Self::Routed | Self::SpliceProxyPacket => topology == TopologyKind::Routed,
+            _ => true,
         }
     }
 
@@ -77,6 +105,7 @@ impl PeerKind {
 
     fn dataplane(self) -> Option<&'static str> {
         match self {
+            Self::SpliceProxyPacket => Some("packet"),
             Self::SpliceProxySockmap => Some("sockmap"),
             Self::SpliceProxySplice => Some("splice"),
             Self::SpliceProxyCopy => Some("copy"),
@@ -159,7 +188,7 @@ pub struct RunningPeer {
 }
 
 impl RunningPeer {
-    pub fn start(kind: PeerKind, upstream: Upstream, tools: &Tools) -> Result<Self> {
+    pub fn start(kind: PeerKind, upstream: Upstream, tools: &Tools, topology: &Topology) -> Result<Self> {
         let name = match upstream.dns {
             Some((_, DnsCache::Off)) if kind.is_splice_proxy() => {
                 format!("{}, DNS each connection", kind.name())
@@ -172,22 +201,24 @@ impl RunningPeer {
         let mut admin = None;
         let (process, addr, dir) = if let Some(dataplane) = kind.dataplane() {
             let (process, addr, admin_addr) =
-                crate::splice_proxy::start(&tools.proxy_bin, upstream, dataplane)?;
+                crate::splice_proxy::start(&tools.proxy_bin, upstream, dataplane, topology)?;
             admin = Some(admin_addr);
             (Some(process), addr, None)
         } else if let Some(tuning) = kind.haproxy_tuning() {
             let haproxy = tools.haproxy.as_ref().context("HAProxy peer without a HAProxy binary")?;
-            let (process, addr, dir) = haproxy.start(kind.name(), tuning, upstream.addr, tools.open_files)?;
+            let (process, addr, dir) =
+                haproxy.start(kind.name(), tuning, upstream.addr, tools.open_files, topology)?;
             (Some(process), addr, Some(dir))
         } else if kind == PeerKind::NginxStream {
             let binary = tools.nginx.as_ref().context("nginx peer without an nginx binary")?;
-            let (process, addr, dir) = crate::nginx::start(binary, upstream.addr, tools.open_files)?;
+            let (process, addr, dir) =
+                crate::nginx::start(binary, upstream.addr, tools.open_files, topology)?;
             (Some(process), addr, Some(dir))
         } else if kind == PeerKind::Socat {
             let binary = tools.socat.as_ref().context("socat peer without a socat binary")?;
-            let (process, addr) = crate::socat::start(binary, upstream.addr)?;
+            let (process, addr) = crate::socat::start(binary, upstream.addr, topology)?;
             (Some(process), addr, None)
-        } else if kind == PeerKind::Direct {
+        } else if kind.is_reference() {
             (None, upstream.addr, None)
         } else {
             bail!("no way to start {kind:?}")
@@ -200,13 +231,18 @@ impl RunningPeer {
         self.process.as_mut().map_or(Ok(()), Process::check_alive)
     }
 
-    /// The PID of the proxy process (None for direct).
+    /// The PID of the proxy process (None for the reference).
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Process::pid)
     }
 }
 
 /// Starts every peer of `kinds` in front of `upstream`.
-pub fn start_all(kinds: &[PeerKind], upstream: Upstream, tools: &Tools) -> Result<Vec<RunningPeer>> {
-    kinds.iter().map(|kind| RunningPeer::start(*kind, upstream, tools)).collect()
+pub fn start_all(
+    kinds: &[PeerKind],
+    upstream: Upstream,
+    tools: &Tools,
+    topology: &Topology,
+) -> Result<Vec<RunningPeer>> {
+    kinds.iter().map(|kind| RunningPeer::start(*kind, upstream, tools, topology)).collect()
 }

@@ -1,8 +1,8 @@
 //! Child processes the bench starts (killed by their PID and reaped on drop),
-//! their temporary directories, free loopback ports, and program look-up.
+//! their temporary directories, and program look-up.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Child,
     thread,
@@ -92,12 +92,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
-}
-
-/// Reserves a loopback port, frees it, and hands it out.
-pub fn free_loopback_addr() -> Result<SocketAddr> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    Ok(([127, 0, 0, 1], port).into())
 }
 
 /// `name` is a path, or a command looked up on PATH, then in /usr/sbin and

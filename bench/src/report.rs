@@ -1,7 +1,9 @@
 //! The markdown report of one run: one table per throughput scenario (the
 //! tables of issue 10, plus the proxy's own CPU), per latency request size,
 //! connection set-up and idle memory; each with ratios to the best HAProxy
-//! configuration and to direct in the same run.
+//! configuration and to the reference (direct on loopback, routed in the
+//! routed topology) in the same run; in the routed topology, the packet
+//! plane's targets ([`crate::targets`]).
 
 use std::fmt::Write as _;
 
@@ -10,14 +12,16 @@ use crate::{
     stats::{Stat, ratio, ratio_above},
 };
 
-/// Busy points below which CPU added over direct is noise (a saturated or
+/// Busy points below which CPU added over the reference is noise (a saturated or
 /// noisy machine), not a reference to divide by.
 const ADDED_NOISE_FLOOR: f64 = 0.5;
 
 pub fn markdown(results: &Results) -> String {
     let mut out = String::new();
     let m = &results.machine;
-    let _ = writeln!(out, "## splice-proxy bench, {}\n", results.started_utc);
+    let reference = reference_name(results);
+    let _ = writeln!(out, "## splice-proxy bench, {}, {} topology\n", results.started_utc, results.topology);
+    let _ = writeln!(out, "{}\n", topology_line(results.topology));
     let _ = writeln!(out, "Machine: {} CPUs ({}), kernel {}.", m.cpus, m.cpu_model, m.kernel);
     let versions: Vec<String> = [("HAProxy", &m.haproxy), ("nginx", &m.nginx), ("socat", &m.socat)]
         .iter()
@@ -33,8 +37,9 @@ pub fn markdown(results: &Results) -> String {
          {before:.1} % before the run, {after:.1} % after (more than a few % means other work shares the CPUs).",
         results.settings
     );
+    crate::targets::write(&mut out, results);
     for scenario in &results.throughput {
-        throughput_table(&mut out, scenario);
+        throughput_table(&mut out, scenario, reference);
     }
     for result in &results.latency {
         let title = format!(
@@ -45,11 +50,11 @@ pub fn markdown(results: &Results) -> String {
         let stats = |f: fn(&crate::latency::Sample) -> f64| summaries(&result.peers, f);
         let (p50, p99, p999) = (stats(|s| s.p50_us), stats(|s| s.p99_us), stats(|s| s.p999_us));
         let best = best_haproxy(&result.peers, &p99, false);
-        let direct = p99.first().map(|s| s.median);
+        let reference_p99 = p99.first().map(|s| s.median);
         heading(&mut out, &title, &result.peers, best, "lowest p99");
         let _ = writeln!(
             out,
-            "| peer | p50 µs | p99 µs | p99.9 µs | p99 ÷ best HAProxy | p99 ÷ direct |\n|---|---|---|---|---|---|"
+            "| peer | p50 µs | p99 µs | p99.9 µs | p99 ÷ best HAProxy | p99 ÷ {reference} |\n|---|---|---|---|---|---|"
         );
         for (i, peer) in result.peers.iter().enumerate() {
             let _ = writeln!(
@@ -60,7 +65,7 @@ pub fn markdown(results: &Results) -> String {
                 p99[i].show(1),
                 p999[i].show(1),
                 ratio(p99[i].median, best.map(|b| p99[b].median)),
-                ratio(p99[i].median, direct),
+                ratio(p99[i].median, reference_p99),
             );
         }
     }
@@ -78,7 +83,7 @@ pub fn markdown(results: &Results) -> String {
         heading(&mut out, &title, peers, best, "highest rate");
         let _ = writeln!(
             out,
-            "| peer | connections/s | first byte p50 µs | first byte p99 µs | machine CPU µs/conn | proxy's own CPU µs/conn | rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ direct |\n|---|---|---|---|---|---|---|---|---|"
+            "| peer | connections/s | first byte p50 µs | first byte p99 µs | machine CPU µs/conn | proxy's own CPU µs/conn | rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ {reference} |\n|---|---|---|---|---|---|---|---|---|"
         );
         for (i, peer) in peers.iter().enumerate() {
             let _ = writeln!(
@@ -148,7 +153,7 @@ pub fn markdown(results: &Results) -> String {
     out
 }
 
-fn throughput_table(out: &mut String, scenario: &ThroughputResult) {
+fn throughput_table(out: &mut String, scenario: &ThroughputResult, reference: &str) {
     let peers = &scenario.peers;
     let gbit = summaries(peers, |s| s.gbit_per_s);
     let busy = summaries(peers, |s| s.busy_percent);
@@ -163,7 +168,7 @@ fn throughput_table(out: &mut String, scenario: &ThroughputResult) {
     let best = if paced { best_haproxy(peers, &busy, false) } else { best_haproxy(peers, &gbit, true) };
     heading(out, &scenario.scenario, peers, best, if paced { "lowest busy %" } else { "highest Gbit/s" });
     if paced {
-        // Busy points each peer adds to direct, paired round by round.
+        // Busy points each peer adds to the reference, paired round by round.
         let added: Vec<Stat> = peers
             .iter()
             .map(|p| {
@@ -172,8 +177,8 @@ fn throughput_table(out: &mut String, scenario: &ThroughputResult) {
             .collect();
         let _ = writeln!(
             out,
-            "| peer | Gbit/s achieved | busy % | core-s per GB | proxy's own core-s per GB | CPU added over direct (busy points) \
-             | added ÷ best HAProxy's added | busy ÷ best HAProxy | busy ÷ direct |\n|---|---|---|---|---|---|---|---|---|"
+            "| peer | Gbit/s achieved | busy % | core-s per GB | proxy's own core-s per GB | CPU added over {reference} (busy points) \
+             | added ÷ best HAProxy's added | busy ÷ best HAProxy | busy ÷ {reference} |\n|---|---|---|---|---|---|---|---|---|"
         );
         for (i, peer) in peers.iter().enumerate() {
             let _ = writeln!(
@@ -194,7 +199,7 @@ fn throughput_table(out: &mut String, scenario: &ThroughputResult) {
         let _ = writeln!(
             out,
             "| peer | Gbit/s | busy % | core-s per GB | proxy's own core-s per GB | Gbit/s ÷ best HAProxy \
-             | core-s/GB ÷ best HAProxy | Gbit/s ÷ direct | core-s/GB ÷ direct |\n|---|---|---|---|---|---|---|---|---|"
+             | core-s/GB ÷ best HAProxy | Gbit/s ÷ {reference} | core-s/GB ÷ {reference} |\n|---|---|---|---|---|---|---|---|---|"
         );
         for (i, peer) in peers.iter().enumerate() {
             let _ = writeln!(
@@ -227,7 +232,7 @@ fn kernel_share_line(out: &mut String, peers: &[PeerRounds<crate::throughput::Sa
     if !shares.is_empty() {
         let _ = writeln!(
             out,
-            "\nOf the bytes splice-proxy forwarded, the share its sockmap verdict program redirected in the kernel (its counters): {}.",
+            "\nOf the bytes splice-proxy forwarded, the share its kernel programs carried (sockmap's verdict program, packet's tc program; its counters): {}.",
             shares.join("; ")
         );
     }
@@ -243,8 +248,27 @@ fn heading<T>(out: &mut String, title: &str, peers: &[PeerRounds<T>], best: Opti
             let _ = writeln!(out, "No HAProxy configuration was measured, so its ratios are left blank.\n");
         }
     }
-    if !peers.first().is_some_and(PeerRounds::is_direct) {
-        let _ = writeln!(out, "(The first row is not direct: the ratios to direct are to that row.)\n");
+    if !peers.first().is_some_and(PeerRounds::is_reference) {
+        let _ = writeln!(
+            out,
+            "(The first row is not the reference: the ratios to the reference are to that row.)\n"
+        );
+    }
+}
+
+/// What the ratios "÷ reference" divide by, as the tables name it.
+pub fn reference_name(results: &Results) -> &'static str {
+    if results.topology == crate::topology::TopologyKind::Routed.name() { "routed" } else { "direct" }
+}
+
+fn topology_line(topology: &str) -> &'static str {
+    if topology == crate::topology::TopologyKind::Routed.name() {
+        "Routed: the client, every proxy and the upstream servers each in a network namespace of their own, \
+         client — proxy — upstream over two veth pairs with GRO on. The reference, `routed`, is the middle \
+         namespace forwarding the packets itself: the floor any middlebox can reach here."
+    } else {
+        "Loopback: the client, every proxy and the upstream servers on 127.0.0.1 in one namespace. The \
+         reference, `direct`, is the client talking to the upstream server."
     }
 }
 

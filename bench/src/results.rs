@@ -9,6 +9,8 @@ use crate::{connect_rate, idle, latency, peers::PeerKind, throughput};
 pub struct Results {
     /// Start of the run, UTC (`date -u`).
     pub started_utc: String,
+    /// `loopback` or `routed` ([`crate::topology::TopologyKind::name`]).
+    pub topology: &'static str,
     pub machine: Machine,
     pub settings: String,
     /// Whole-machine busy % with nothing sent, before and after the run.
@@ -20,7 +22,7 @@ pub struct Results {
     pub idle: Vec<IdleResult>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Machine {
     pub kernel: String,
     pub cpus: usize,
@@ -44,8 +46,8 @@ impl<T> PeerRounds<T> {
         self.kind.is_some_and(|kind| kind.is_haproxy())
     }
 
-    pub fn is_direct(&self) -> bool {
-        self.kind == Some(PeerKind::Direct)
+    pub fn is_reference(&self) -> bool {
+        self.kind.is_some_and(PeerKind::is_reference)
     }
 }
 

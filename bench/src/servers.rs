@@ -1,9 +1,10 @@
 //! The upstream servers the peers forward to, one kind per workload, each on
-//! its own loopback port with threads of the bench's own process.
+//! its own port (where the topology puts upstreams) with threads of the
+//! bench's own process.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -11,24 +12,17 @@ use std::{
     thread,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
+
+use crate::topology::Topology;
 
 /// Buffer size of the sink's and the echo server's reads.
 const READ_BUFFER: usize = 256 * 1024;
 
-/// A listener on a free loopback port with a backlog of 4,096 (std's is
-/// 128, which overflows when many connections arrive at once).
-fn listen() -> Result<TcpListener> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding an upstream server")?;
-    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(4096)?)
-        .context("raising the listen backlog")?;
-    Ok(listener)
-}
-
 /// Reads each connection to EOF, then writes one byte, so the client's
 /// measurement ends only when every byte has arrived.
-pub fn start_sink() -> Result<SocketAddr> {
-    serve_each(|mut stream| {
+pub fn start_sink(topology: &Topology) -> Result<SocketAddr> {
+    serve_each(topology, |mut stream| {
         let mut buf = vec![0u8; READ_BUFFER];
         while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
         let _ = stream.write_all(&[1]);
@@ -36,8 +30,8 @@ pub fn start_sink() -> Result<SocketAddr> {
 }
 
 /// Writes back every byte it reads, until EOF (TCP_NODELAY on).
-pub fn start_echo() -> Result<SocketAddr> {
-    serve_each(|mut stream| {
+pub fn start_echo(topology: &Topology) -> Result<SocketAddr> {
+    serve_each(topology, |mut stream| {
         let _ = stream.set_nodelay(true);
         let mut buf = vec![0u8; READ_BUFFER];
         while let Ok(n @ 1..) = stream.read(&mut buf) {
@@ -49,8 +43,8 @@ pub fn start_echo() -> Result<SocketAddr> {
 }
 
 /// A thread per connection running `serve`.
-fn serve_each(serve: fn(TcpStream)) -> Result<SocketAddr> {
-    let listener = listen()?;
+fn serve_each(topology: &Topology, serve: fn(TcpStream)) -> Result<SocketAddr> {
+    let listener = topology.upstream_listener()?;
     let addr = listener.local_addr()?;
     thread::spawn(move || {
         for stream in listener.incoming().map_while(Result::ok) {
@@ -63,8 +57,8 @@ fn serve_each(serve: fn(TcpStream)) -> Result<SocketAddr> {
 /// Writes one byte to each connection as soon as it is accepted, then closes
 /// it (the server closes first, so no client port waits in TIME_WAIT). On
 /// the accepting thread: no thread per connection.
-pub fn start_greeter() -> Result<SocketAddr> {
-    let listener = listen()?;
+pub fn start_greeter(topology: &Topology) -> Result<SocketAddr> {
+    let listener = topology.upstream_listener()?;
     let addr = listener.local_addr()?;
     thread::spawn(move || {
         for mut stream in listener.incoming().map_while(Result::ok) {
@@ -82,8 +76,8 @@ pub struct Holder {
 }
 
 impl Holder {
-    pub fn start() -> Result<Self> {
-        let listener = listen()?;
+    pub fn start(topology: &Topology) -> Result<Self> {
+        let listener = topology.upstream_listener()?;
         let addr = listener.local_addr()?;
         let held = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));

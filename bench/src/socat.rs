@@ -2,19 +2,16 @@
 //! on both sides like the other proxies, and 30 s (not 0.5 s) for the other
 //! direction to finish after one side's EOF (the sink answers only after it).
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{net::SocketAddr, path::Path, process::Stdio};
 
 use anyhow::{Context as _, Result};
 
-use crate::process::{Process, free_loopback_addr};
+use crate::{process::Process, topology::Topology};
 
-pub fn start(binary: &Path, upstream: SocketAddr) -> Result<(Process, SocketAddr)> {
-    let addr = free_loopback_addr()?;
-    let child = Command::new(binary)
+pub fn start(binary: &Path, upstream: SocketAddr, topology: &Topology) -> Result<(Process, SocketAddr)> {
+    let addr = topology.proxy_addr()?;
+    let child = topology
+        .proxy_command(binary)
         .args(["-t", "30"])
         .arg(format!("TCP-LISTEN:{},bind={},reuseaddr,fork,backlog=4096,nodelay", addr.port(), addr.ip()))
         .arg(format!("TCP:{upstream},nodelay"))

@@ -2,17 +2,14 @@
 //! (no SNI check), its upstream an address or a name the bench's DNS server
 //! resolves.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{net::SocketAddr, path::Path, process::Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
     peers::{DnsCache, UPSTREAM_NAME, Upstream},
-    process::{Process, free_loopback_addr, is_root},
+    process::{Process, is_root},
+    topology::Topology,
 };
 
 /// Starts the proxy; returns it, its listening address and its admin
@@ -21,16 +18,19 @@ pub fn start(
     binary: &Path,
     upstream: Upstream,
     dataplane: &str,
+    topology: &Topology,
 ) -> Result<(Process, SocketAddr, SocketAddr)> {
     if !binary.is_file() {
         bail!("{} is missing: run `cargo build --release --bin splice-proxy` first", binary.display());
     }
-    if dataplane == "sockmap" && !is_root() {
-        bail!("the sockmap data plane needs root (BPF): run the bench as root, or pick peers with --only");
+    if matches!(dataplane, "sockmap" | "packet") && !is_root() {
+        bail!(
+            "the {dataplane} data plane needs root (BPF): run the bench as root, or pick peers with --only"
+        );
     }
-    let addr = free_loopback_addr()?;
-    let admin = free_loopback_addr()?;
-    let mut command = Command::new(binary);
+    let addr = topology.proxy_addr()?;
+    let admin = topology.proxy_addr()?;
+    let mut command = topology.proxy_command(binary);
     command
         .args(["--listen", &addr.to_string()])
         .args(["--dataplane", dataplane])

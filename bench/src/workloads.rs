@@ -14,6 +14,7 @@ use crate::{
     results::{IdleResult, LatencyResult, PeerRounds, ThroughputResult},
     servers::{self, Holder},
     throughput::{self, Scenario},
+    topology::Topology,
 };
 
 /// Time between two measurements, for the previous one's queues and timers.
@@ -26,9 +27,14 @@ fn rounds_of<T>(peers: &[RunningPeer]) -> Vec<PeerRounds<T>> {
         .collect()
 }
 
-pub fn throughput(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<ThroughputResult>> {
-    let sink = servers::start_sink()?;
-    let mut running = peers::start_all(kinds, Upstream { addr: sink, dns: None }, tools)?;
+pub fn throughput(
+    args: &Args,
+    kinds: &[PeerKind],
+    tools: &Tools,
+    topology: &Topology,
+) -> Result<Vec<ThroughputResult>> {
+    let sink = servers::start_sink(topology)?;
+    let mut running = peers::start_all(kinds, Upstream { addr: sink, dns: None }, tools, topology)?;
     let scenarios: Vec<Scenario> = args.scenarios.iter().map(|&i| Scenario::ALL[i].1).collect();
     let mut results: Vec<ThroughputResult> = scenarios
         .iter()
@@ -67,9 +73,14 @@ pub fn throughput(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<
     Ok(results)
 }
 
-pub fn latency(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<LatencyResult>> {
-    let echo = servers::start_echo()?;
-    let mut running = peers::start_all(kinds, Upstream { addr: echo, dns: None }, tools)?;
+pub fn latency(
+    args: &Args,
+    kinds: &[PeerKind],
+    tools: &Tools,
+    topology: &Topology,
+) -> Result<Vec<LatencyResult>> {
+    let echo = servers::start_echo(topology)?;
+    let mut running = peers::start_all(kinds, Upstream { addr: echo, dns: None }, tools, topology)?;
     let mut results: Vec<LatencyResult> = latency::SIZES
         .iter()
         .map(|&size| LatencyResult {
@@ -109,15 +120,19 @@ pub fn connect(
     args: &Args,
     kinds: &[PeerKind],
     tools: &Tools,
+    topology: &Topology,
 ) -> Result<Vec<PeerRounds<connect_rate::Sample>>> {
-    let greeter = servers::start_greeter()?;
+    let greeter = servers::start_greeter(topology)?;
     // The DNS server runs on a runtime of its own for the workload's length.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the DNS server's runtime")?;
-    let dns = runtime.block_on(splice_proxy_tests::dns::DnsServer::start(Duration::from_secs(300)))?;
+    // Where the proxies run, so that its loopback address is theirs.
+    let dns = topology.as_proxy(|| {
+        runtime.block_on(splice_proxy_tests::dns::DnsServer::start(Duration::from_secs(300)))
+    })??;
     dns.set(UPSTREAM_NAME, splice_proxy_tests::dns::Answer::Addrs(vec![greeter.ip()]));
     let mut running = Vec::new();
     for &kind in kinds {
@@ -127,10 +142,11 @@ pub fn connect(
                     kind,
                     Upstream { addr: greeter, dns: Some((dns.addr, cache)) },
                     tools,
+                    topology,
                 )?);
             }
         } else {
-            running.push(RunningPeer::start(kind, Upstream { addr: greeter, dns: None }, tools)?);
+            running.push(RunningPeer::start(kind, Upstream { addr: greeter, dns: None }, tools, topology)?);
         }
     }
     let mut results = rounds_of(&running);
@@ -156,7 +172,7 @@ pub fn connect(
 
 /// One peer at a time (each holds its connections alone), one round: memory
 /// readings vary little from round to round, unlike the rates above.
-pub fn idle(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<IdleResult>> {
+pub fn idle(args: &Args, kinds: &[PeerKind], tools: &Tools, topology: &Topology) -> Result<Vec<IdleResult>> {
     let most = args.idle_counts.iter().copied().max().unwrap_or(0);
     let _ports = WidePortRange::ensure(most + 4096)?;
     let mut results = Vec::new();
@@ -165,8 +181,8 @@ pub fn idle(args: &Args, kinds: &[PeerKind], tools: &Tools) -> Result<Vec<IdleRe
             eprintln!("idle: socat left out (a process per connection: thousands of processes)");
             continue;
         }
-        let holder = Holder::start()?;
-        let mut peer = RunningPeer::start(kind, Upstream { addr: holder.addr, dns: None }, tools)?;
+        let holder = Holder::start(topology)?;
+        let mut peer = RunningPeer::start(kind, Upstream { addr: holder.addr, dns: None }, tools, topology)?;
         thread::sleep(PAUSE);
         let (points, error) = idle::run(peer.addr, &holder, peer.pid(), &args.idle_counts);
         if let Some(error) = &error {

@@ -32,7 +32,7 @@ enum Task {
     /// rust-src). Idempotent; does nothing when all is present.
     Setup {
         /// Also install what `bench` needs: the Debian packages haproxy, nginx,
-        /// libnginx-mod-stream and socat (no service is started).
+        /// libnginx-mod-stream, socat and ethtool (no service is started).
         #[arg(long)]
         bench: bool,
         /// Also install what `e2e` needs: wireguard-go and wireguard-tools
@@ -80,11 +80,12 @@ enum Task {
     /// 127.0.0.3, the proxy, and a client, while the DNS answer rotates.
     Demo,
     /// Run the benchmark (bench/README.md): throughput, CPU, latency,
-    /// connection rate and idle memory of direct, splice-proxy in each data
-    /// plane, HAProxy in three configurations, nginx stream and socat, over
-    /// loopback. Installs haproxy, nginx, libnginx-mod-stream and socat when
-    /// missing (no service started), builds the kernel object and the release
-    /// binaries first. Needs root for the sockmap plane.
+    /// connection rate and idle memory of splice-proxy in each data plane,
+    /// HAProxy in three configurations, nginx stream and socat, over loopback
+    /// and routed through network namespaces. Installs haproxy, nginx,
+    /// libnginx-mod-stream, socat and ethtool when missing (no service
+    /// started), builds the kernel object and the release binaries first.
+    /// Needs root (BPF, network namespaces).
     Bench {
         /// Arguments passed to the bench, after `--` (see `cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

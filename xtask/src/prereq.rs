@@ -11,7 +11,8 @@
 //!   `kubernetes-client` is another version): its absence is an error;
 //! - for `cargo xtask bench` only: `haproxy` (2.6 on Debian 12), `nginx` with
 //!   `libnginx-mod-stream` (1.22) and `socat`, the proxies it compares against,
-//!   installed with service start-up blocked (see [`ensure_bench`]);
+//!   installed with service start-up blocked (see [`ensure_bench`]), and
+//!   `ethtool` (GRO on in the routed topology's veths);
 //! - for `cargo xtask check-deploy` (part of `test`): `systemd-analyze` (Debian's
 //!   `systemd`), `unshare` (`util-linux`), `mount`, `curl` (the drain
 //!   watcher's test runs the script, which uses it), and `cfn-lint` and
@@ -41,14 +42,15 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// The proxies the benchmark compares against (it starts them itself).
-const BENCH_PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream", "socat"];
+/// The proxies the benchmark compares against (it starts them itself), and
+/// ethtool, which turns GRO on in its routed topology's veths.
+const BENCH_PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream", "socat", "ethtool"];
 /// Debian's hook that `invoke-rc.d` asks before starting a service; exit 101 = "not allowed".
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const POLICY_RC_D_TEXT: &str =
     "#!/bin/sh\n# placed by cargo xtask setup --bench while apt-get runs\nexit 101\n";
 
-/// Makes sure HAProxy, nginx with its stream module and socat are installed.
+/// Makes sure HAProxy, nginx with its stream module, socat and ethtool are installed.
 /// Installing haproxy or nginx would start their system daemons (nginx on
 /// port 80): while apt runs, a `policy-rc.d` that refuses every start is put
 /// in place (unless one exists already) and removed afterwards. Afterwards
@@ -67,7 +69,7 @@ pub fn ensure_bench() -> Result<()> {
         && set_executable(POLICY_RC_D);
     let result = ensure_debian_packages(
         &missing,
-        "HAProxy 2.6, nginx 1.22 with its stream module, socat; or leave peers out with the bench's --only",
+        "HAProxy 2.6, nginx 1.22 with its stream module, socat, ethtool; or leave peers out with the bench's --only",
     );
     if created && std::fs::read_to_string(POLICY_RC_D).is_ok_and(|text| text == POLICY_RC_D_TEXT) {
         std::fs::remove_file(POLICY_RC_D).with_context(|| format!("removing {POLICY_RC_D}"))?;
