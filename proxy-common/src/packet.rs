@@ -96,6 +96,12 @@ pub mod rewrite_flags {
     /// The flow has ended: its late packets are dropped, so they neither
     /// reach a peer nor draw a RST from the proxy's stack.
     pub const ENDED: u16 = 8;
+    /// The switch waits for both sockets to be quiescent: every packet
+    /// reaches the proxy's socket and teaches the entry the hop back to its
+    /// sender and the sender's newest TSval, as under [`HOLD`]. Nothing is
+    /// dropped or rewritten, so the hold, which drops, lasts only for the
+    /// last reads of the sockets.
+    pub const WATCH: u16 = 16;
 }
 
 /// Compiled-in capacity of [`super::map::PACKET_FLOWS`] (two entries per

@@ -9,11 +9,13 @@
 //! which keep CHECKSUM_PARTIAL packets right. Then it redirects the packet
 //! out of the flow's interface. Other packets pass untouched.
 //!
-//! Two more states of an entry: while the switch is under way
-//! ([`rewrite_flags::HOLD`]) the program learns the hop back to the sender
-//! and its newest TSval, passes pure ACKs and RSTs to the proxy's socket and
-//! drops everything that carries a sequence number forward; once the flow
-//! has ended ([`rewrite_flags::ENDED`]) it drops every packet.
+//! Three more states of an entry: while the switch waits for quiescence
+//! ([`rewrite_flags::WATCH`]) the program learns the hop back to the sender
+//! and its newest TSval and passes every packet to the proxy's socket;
+//! while the switch reads the sockets ([`rewrite_flags::HOLD`]) it learns
+//! the same, passes pure ACKs and RSTs and drops everything that carries a
+//! sequence number forward; once the flow has ended
+//! ([`rewrite_flags::ENDED`]) it drops every packet.
 //!
 //! A packet of a flow that cannot be rewritten whole is dropped, never
 //! passed: the proxy's own socket would answer it, and its sender
@@ -169,6 +171,10 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     // proxy's listener once the entries are gone.
     if flags & SYN != 0 {
         return Ok(TC_ACT_SHOT);
+    }
+    if r.flags & rewrite_flags::WATCH != 0 {
+        learn(ctx, tcp, rewrite, &r)?;
+        return Ok(TC_ACT_OK);
     }
     let payload = payload_len(ctx, ip, tcp)?;
     if r.flags & rewrite_flags::HOLD != 0 {
@@ -327,7 +333,7 @@ fn rescale_window(ctx: &TcContext, tcp: usize, sender: u8, receiver: u8) -> Resu
     store(ctx, tcp + TCP_WINDOW, &new)
 }
 
-/// A held flow's packet: the hop back to its sender (the interface it came
+/// A watched or held flow's packet: the hop back to its sender (the interface it came
 /// in by, its Ethernet addresses swapped) and the sender's newest TSval.
 #[inline(always)]
 fn learn(
@@ -348,8 +354,8 @@ fn learn(
     });
     // SAFETY: the context's socket buffer, valid while this program runs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: as in `try_packet_splice`; while the flow is held user space
-    // only reads the entry. Two CPUs learning at once write values of the
+    // SAFETY: as in `try_packet_splice`; while the flow is watched or held
+    // user space only reads the entry (or replaces it whole). Two CPUs learning at once write values of the
     // same hop; the TSval may then be the older of two close ones, which the
     // mapping tolerates (it anchors at any TSval the peer sent).
     let entry = unsafe { &mut *rewrite };

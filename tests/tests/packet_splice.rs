@@ -278,49 +278,54 @@ fn a_flow_packet_whose_options_cannot_be_walked_is_dropped_not_passed() -> Resul
     Ok(())
 }
 
-/// While the switch is under way the program holds the flow: pure ACKs and
-/// RSTs reach the proxy's socket untouched, everything that moves the
-/// sequence forward is dropped (its sender retransmits it), and every packet
-/// teaches the entry the hop back to its sender and the sender's newest
-/// TSval (a reordered older one does not move it back). An ended flow drops
-/// everything.
+/// While the switch waits for quiescence the program watches the flow:
+/// every packet reaches the proxy's socket untouched. While it reads the
+/// sockets it holds the flow: pure ACKs and RSTs reach the socket untouched,
+/// everything that moves the sequence forward is dropped (its sender
+/// retransmits it). In both, every packet teaches the entry the hop back to
+/// its sender and the sender's newest TSval (a reordered older one does not
+/// move it back). An ended flow drops everything.
 #[test]
-fn a_held_flow_learns_its_hop_and_passes_only_acks_an_ended_one_drops_all_and_a_syn_is_never_rewritten()
--> Result<()> {
+fn held_and_watched_flows_learn_their_hop_an_ended_one_drops_all_and_a_syn_is_never_rewritten() -> Result<()>
+{
     let _netns = NetNs::enter()?;
     let mut program = PacketProgram::load(16).context("loading packet_splice")?;
     let key = client_to_upstream_key();
-    let held = PacketRewrite { flags: rewrite_flags::HOLD, ..PacketRewrite::default() };
-    program.set_flow(&key, &held)?;
     let segment = |flags: u8, payload: &[u8], tsval: u32| {
         let mut s = from_client(100, 200, payload);
         s.flags = flags;
         s.options = timestamp_option(tsval, 9);
         s
     };
-    let table: [(&str, Segment, u32, u32); 6] = [
-        ("a pure ACK passes", segment(ACK, b"", 5000), TC_ACT_OK, 5000),
-        ("data is dropped", segment(ACK, b"data", 5003), TC_ACT_SHOT, 5003),
-        ("an older TSval does not move it back", segment(ACK, b"", 4000), TC_ACT_OK, 5003),
-        ("a FIN is dropped", segment(FIN | ACK, b"", 5004), TC_ACT_SHOT, 5004),
-        ("a RST passes", segment(RST, b"", 5005), TC_ACT_OK, 5005),
-        ("a segment without timestamps keeps the last", from_client(1, 2, b""), TC_ACT_OK, 5005),
-    ];
-    for (name, input, verdict_wanted, tsval_wanted) in table {
-        let frame = input.frame();
-        let (verdict, out) = program.test_run(&frame)?;
-        ensure!(verdict == verdict_wanted, "{name}: verdict {verdict}, not {verdict_wanted}");
-        ensure!(out == frame, "{name}: a held packet was changed");
-        let flow = program.flow(&key)?.context("the flow is gone")?;
-        ensure!(flow.peer_tsval == tsval_wanted, "{name}: peer TSval {}", flow.peer_tsval);
-        ensure!(
-            (flow.ifindex != 0, flow.src_mac, flow.dst_mac) == (true, input.dst_mac, input.src_mac),
-            "{name}: hop learned {} {:?} {:?}",
-            flow.ifindex,
-            flow.src_mac,
-            flow.dst_mac
-        );
-        ensure!((flow.packets, flow.bytes) == (0, 0), "{name}: a held packet was counted");
+    // A watched flow passes what a held one drops; both learn alike.
+    for (state, flags, moving) in
+        [("held", rewrite_flags::HOLD, TC_ACT_SHOT), ("watched", rewrite_flags::WATCH, TC_ACT_OK)]
+    {
+        program.set_flow(&key, &PacketRewrite { flags, ..PacketRewrite::default() })?;
+        let table: [(&str, Segment, u32, u32); 6] = [
+            ("a pure ACK passes", segment(ACK, b"", 5000), TC_ACT_OK, 5000),
+            ("data", segment(ACK, b"data", 5003), moving, 5003),
+            ("an older TSval does not move it back", segment(ACK, b"", 4000), TC_ACT_OK, 5003),
+            ("a FIN", segment(FIN | ACK, b"", 5004), moving, 5004),
+            ("a RST passes", segment(RST, b"", 5005), TC_ACT_OK, 5005),
+            ("a segment without timestamps keeps the last", from_client(1, 2, b""), TC_ACT_OK, 5005),
+        ];
+        for (name, input, verdict_wanted, tsval_wanted) in table {
+            let frame = input.frame();
+            let (verdict, out) = program.test_run(&frame)?;
+            ensure!(verdict == verdict_wanted, "{state}, {name}: verdict {verdict}, not {verdict_wanted}");
+            ensure!(out == frame, "{state}, {name}: the packet was changed");
+            let flow = program.flow(&key)?.context("the flow is gone")?;
+            ensure!(flow.peer_tsval == tsval_wanted, "{state}, {name}: peer TSval {}", flow.peer_tsval);
+            ensure!(
+                (flow.ifindex != 0, flow.src_mac, flow.dst_mac) == (true, input.dst_mac, input.src_mac),
+                "{state}, {name}: hop learned {} {:?} {:?}",
+                flow.ifindex,
+                flow.src_mac,
+                flow.dst_mac
+            );
+            ensure!((flow.packets, flow.bytes) == (0, 0), "{state}, {name}: the packet was counted");
+        }
     }
     let ended = PacketRewrite { flags: rewrite_flags::ENDED, ..rewrite(rewrite_flags::TIMESTAMPS, 7, 7) };
     program.set_flow(&key, &ended)?;

@@ -71,11 +71,18 @@ pub(super) async fn follow(
     progress: &ByteProgress,
 ) -> Transfer {
     progress.attach(Box::new(LiveFlow { plane: Arc::clone(plane), keys }));
+    let confirmed = tokio::select! {
+        () = plane.grace_periods.wait() => confirm_switch(plane, &sockets),
+        () = stop.cancelled() => Err(Ending::Stopped),
+    };
     let mut stalls = [Stall::default(), Stall::default()];
     // The client's end (its packets arrive with keys[0]), the upstream's.
     let mut keepalives = [Keepalive::new(Instant::now()), Keepalive::new(Instant::now())];
     let (mut wait, mut packets_seen) = (FOLLOW_POLL, 0);
     let ending = loop {
+        if let Err(ending) = confirmed {
+            break ending;
+        }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stop.cancelled() => break Ending::Stopped,
@@ -121,6 +128,27 @@ pub(super) async fn follow(
         tokio::spawn(retire(Arc::clone(plane), keys, sockets));
     }
     transfer
+}
+
+/// Once every packet that passed the program before the hold has reached
+/// its socket: the sockets must still hold nothing and be established.
+/// Otherwise a packet slipped in during the switch, acknowledged by a socket
+/// that no longer sends: the connection is cut (both ends reset, by
+/// [`let_go`]) rather than continued without its bytes.
+fn confirm_switch(plane: &PacketPlane, sockets: &Sockets) -> Result<(), Ending> {
+    for (socket, side) in [(&sockets.client, Side::Downstream), (&sockets.upstream, Side::Upstream)] {
+        let quiescent = super::repair::queued(socket).is_ok_and(|queued| queued == (0, 0));
+        let established = super::repair::negotiated(socket).is_ok_and(|(_, established)| established);
+        if !(quiescent && established) {
+            plane.counters.switch_races.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                ?side,
+                "a packet reached the proxy's socket during the switch: the connection is cut, both ends reset"
+            );
+            return Err(Ending::Error(side));
+        }
+    }
+    Ok(())
 }
 
 /// How the connection ended, if it did: a FIN each way, each acknowledged

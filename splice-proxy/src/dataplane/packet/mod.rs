@@ -18,6 +18,7 @@
 
 pub mod fallback;
 mod flow;
+pub mod grace;
 pub mod interfaces;
 mod keepalive;
 pub mod program;
@@ -60,6 +61,8 @@ pub enum PacketStartError {
     Attach { interface: String, source: Box<KernelError> },
     #[error(transparent)]
     ResetHelper(#[from] reset_helper::HelperError),
+    #[error(transparent)]
+    GracePeriods(#[from] grace::GraceError),
 }
 
 /// What the plane did, for logs and metrics.
@@ -75,6 +78,10 @@ pub struct PacketCounters {
     /// linger, or at once when the proxy let go of them): equal to
     /// [`Self::ended`] when nothing of an ended connection is held.
     pub retired: AtomicU64,
+    /// Spliced connections cut (both ends reset) because a packet reached
+    /// the proxy's socket during the switch after all: its bytes would
+    /// otherwise be lost.
+    pub switch_races: AtomicU64,
 }
 
 impl PacketCounters {
@@ -113,6 +120,8 @@ pub struct PacketPlane {
     /// unanswered probes make it gone (`--tcp-keepalive-*`).
     keepalive: keepalive::KeepaliveTimes,
     pub counters: PacketCounters,
+    /// Confirms each switch once the packets before its hold are delivered.
+    grace_periods: grace::GracePeriods,
     /// Resets the ends of what is still spliced if this process dies.
     _reset_helper: reset_helper::ResetHelper,
 }
@@ -146,6 +155,7 @@ impl PacketPlane {
                 source: Box::new(source),
             })?;
         }
+        let grace_periods = grace::GracePeriods::start()?;
         let reset_helper = reset_helper::ResetHelper::start(program.flows_fd(), log_format)?;
         tracing::info!(interfaces = ?names, "packet-splicing program attached");
         let stall_timeout = if tcp.user_timeout.is_zero() { DEFAULT_STALL_TIMEOUT } else { tcp.user_timeout };
@@ -155,6 +165,7 @@ impl PacketPlane {
             stall_timeout,
             keepalive: keepalive::KeepaliveTimes::from(&tcp),
             counters: PacketCounters::default(),
+            grace_periods,
             _reset_helper: reset_helper,
         }))
     }
@@ -200,6 +211,7 @@ impl PacketPlane {
             silenced = self.program().silenced().unwrap_or(0),
             ended = c.ended.load(Ordering::Relaxed),
             retired = c.retired.load(Ordering::Relaxed),
+            switch_races = c.switch_races.load(Ordering::Relaxed),
             fallbacks = %self.counters.fallbacks_line(),
             "packet plane totals"
         );
@@ -221,6 +233,11 @@ impl PacketPlane {
                 "packet_retired",
                 "Ended spliced connections whose flow entries and sockets are gone",
                 c.retired.load(Ordering::Relaxed),
+            ),
+            (
+                "packet_switch_races",
+                "Spliced connections cut, both ends reset, because a packet reached the proxy's socket during the switch",
+                c.switch_races.load(Ordering::Relaxed),
             ),
             (
                 "packet_silenced",

@@ -1,25 +1,38 @@
 //! The switch: from the proxy's two sockets to the program.
 //!
 //! 0. The options both handshakes negotiated must allow it.
-//! 1. Both flows are held in the program: whatever would move a sequence
-//!    number forward is dropped (its sender retransmits it later, into the
-//!    spliced flow), pure ACKs still reach the sockets, and each packet
-//!    teaches the entry the hop back to its sender and its newest TSval.
+//! 1. Both flows are watched by the program: every packet still reaches the
+//!    proxy's socket, and each teaches the entry the hop back to its sender
+//!    and its newest TSval.
 //! 2. What the sockets still hold unread is relayed by hand, without
 //!    blocking (what the other socket does not take now waits for the next
 //!    look); what they sent is waited for until acknowledged. A peer that
 //!    closed or reset meanwhile ends the switch, its FIN or error left for
 //!    the next plane. A side whose peer sent nothing yet
 //!    is probed once (a window probe draws an ACK), so the hop is learned.
-//! 3. Both sockets go into repair mode and are read: quiescent again, still
-//!    established. Their keepalive is off first, since repair mode does not
-//!    stop it.
+//!    A connection that keeps streaming is held (step 3) before it is
+//!    quiescent, so that it becomes so: after [`WATCH_BYTES`] relayed, or
+//!    [`WATCH_TIME`].
+//! 3. Both flows are held: whatever would move a sequence number forward is
+//!    dropped (its sender retransmits it later, into the spliced flow), pure
+//!    ACKs still reach the sockets. For a connection that went quiet while
+//!    watched, the hold lasts only for the reads below, so that little is
+//!    dropped (a drop costs its sender a loss probe or a retransmission
+//!    timeout, which would slow every connection's set-up). Both sockets go into repair mode and are
+//!    read: quiescent again, still established. Their keepalive is off
+//!    first, since repair mode does not stop it.
 //! 4. Each direction's rewrite replaces its hold, with the cookie of the
 //!    proxy's socket there: what that socket still sends is dropped on its
 //!    way out (`packet_silence`).
+//! 5. A packet that passed the program just before the hold may still be on
+//!    its way up the stack at step 3. Once every CPU has left the receive
+//!    path it was on (an RCU grace period, [`super::grace`]), the sockets
+//!    are looked at again by the follower ([`super::flow`]): one that
+//!    received anything after all ends the connection with both ends reset,
+//!    never a byte silently lost.
 //!
-//! Anything else gives up: holds removed, repair mode left, keepalive as it
-//! was; the packets dropped meanwhile come again to the sockets.
+//! Anything else gives up: entries removed, repair mode left, keepalive as
+//! it was; the packets dropped meanwhile come again to the sockets.
 
 use std::{
     net::SocketAddr,
@@ -36,7 +49,7 @@ use nix::{
     sys::socket::{MsgFlags, recv, send},
 };
 use proxy_common::{PacketFlowKey, PacketRewrite, packet::rewrite_flags};
-use tokio::net::TcpStream;
+use tokio::{io::Interest, net::TcpStream};
 
 use super::{
     PacketPlane,
@@ -54,9 +67,15 @@ use crate::{
 /// peers to be seen: a few round trips; a connection busy for longer stays
 /// on the next plane.
 const SWITCH_TIMEOUT: Duration = Duration::from_millis(500);
-/// How often the switch looks again while it waits.
+/// While the flows are watched, a connection that relayed this much by hand
+/// is streaming: it is held, so that it becomes quiescent.
+const WATCH_BYTES: u64 = 64 << 10;
+/// A connection not quiescent after this long watched is held too.
+const WATCH_TIME: Duration = Duration::from_millis(20);
+/// How often the switch looks again while it waits, when no socket became
+/// readable.
 const SWITCH_POLL: Duration = Duration::from_millis(1);
-/// Bytes relayed by hand per read while the flows are held.
+/// Bytes relayed by hand per read while the flows are watched.
 const RELAY_BUFFER: usize = 64 << 10;
 
 /// Joins the connection in the program: the flow keys (client → upstream
@@ -67,20 +86,20 @@ pub(super) async fn switch(
     progress: &ByteProgress,
 ) -> Result<[PacketFlowKey; 2], Fallback> {
     let keys = [key_of(&sockets.client)?, key_of(&sockets.upstream)?];
-    // What the handshakes settled is known now: nothing is held for a
+    // What the handshakes settled is known now: nothing is watched for a
     // connection that cannot be joined anyway.
     let (client, _) = repair::negotiated(&sockets.client).map_err(failed("reading the client's options"))?;
     let (upstream, _) =
         repair::negotiated(&sockets.upstream).map_err(failed("reading the upstream's options"))?;
     compatible(&client, &upstream)?;
-    hold(plane, &keys)?;
+    watch(plane, &keys)?;
     let keepalive = [keepalive(&sockets.client), keepalive(&sockets.upstream)];
     let joined = join(plane, sockets, progress, &keys).await;
     if joined.is_err() {
         let mut program = plane.program();
         for key in &keys {
             if let Err(error) = program.remove_flow(key) {
-                tracing::warn!(%error, "removing a held flow");
+                tracing::warn!(%error, "removing a watched or held flow");
             }
         }
         drop(program);
@@ -101,13 +120,14 @@ async fn join(
     progress: &ByteProgress,
     keys: &[PacketFlowKey; 2],
 ) -> Result<(), Fallback> {
-    let held = settle(plane, sockets, progress, keys).await?;
+    settle(plane, sockets, progress, keys).await?;
+    let held = hold(plane, keys)?;
     for socket in [&sockets.client, &sockets.upstream] {
         set_keepalive(socket, false).map_err(failed("keepalive off"))?;
         repair::enter(socket).map_err(failed("repair mode"))?;
     }
-    // Anything that passed the program before the hold has long reached the
-    // sockets (the wait above is at least a round trip): they must still be
+    // What passed the program before the hold has reached the sockets, or
+    // is caught by the look after a grace period: they must still be
     // quiescent, now that repair mode keeps the application out.
     for socket in [&sockets.client, &sockets.upstream] {
         if repair::queued(socket).map_err(failed("queues"))? != (0, 0) {
@@ -131,32 +151,39 @@ async fn join(
 }
 
 /// Relays what the sockets hold and waits until both are quiescent and both
-/// peers were seen; the two held entries (client's, upstream's) then.
+/// peers were seen.
 async fn settle(
     plane: &PacketPlane,
     sockets: &Sockets,
     progress: &ByteProgress,
     keys: &[PacketFlowKey; 2],
-) -> Result<[PacketRewrite; 2], Fallback> {
-    let deadline = Instant::now() + SWITCH_TIMEOUT;
+) -> Result<(), Fallback> {
+    let started = Instant::now();
+    let deadline = started + SWITCH_TIMEOUT;
+    let relayed = || {
+        progress.client_to_upstream.load(Ordering::Relaxed)
+            + progress.upstream_to_client.load(Ordering::Relaxed)
+    };
+    let relayed_before = relayed();
+    let mut held = false;
     let mut probed = [false; 2];
     let mut buffer = vec![0; RELAY_BUFFER];
     loop {
         relay(&sockets.client, &sockets.upstream, &progress.client_to_upstream, &mut buffer)?;
         relay(&sockets.upstream, &sockets.client, &progress.upstream_to_client, &mut buffer)?;
-        // A FIN or RST that arrived before the hold: the next plane sees it
-        // (nothing here read the end or the error).
+        // A FIN or RST that arrived: the next plane sees it (nothing here
+        // read the end or the error).
         for socket in [&sockets.client, &sockets.upstream] {
             if !repair::negotiated(socket).map_err(failed("TCP_INFO"))?.1 {
                 return Err(Fallback::PeerClosed);
             }
         }
-        let held = {
+        let watched = {
             let program = plane.program();
             let read = |key| program.flow(key).ok().flatten().ok_or(Fallback::SwitchFailed);
             [read(&keys[0])?, read(&keys[1])?]
         };
-        let seen = [held[0].ifindex != 0, held[1].ifindex != 0];
+        let seen = [watched[0].ifindex != 0, watched[1].ifindex != 0];
         for ((socket, seen), probed) in
             [&sockets.client, &sockets.upstream].into_iter().zip(seen).zip(&mut probed)
         {
@@ -168,12 +195,27 @@ async fn settle(
         let quiescent = repair::queued(&sockets.client).map_err(failed("queues"))? == (0, 0)
             && repair::queued(&sockets.upstream).map_err(failed("queues"))? == (0, 0);
         if seen == [true, true] && quiescent {
-            return Ok(held);
+            return Ok(());
+        }
+        if !held && (relayed() - relayed_before >= WATCH_BYTES || started.elapsed() >= WATCH_TIME) {
+            hold(plane, keys)?;
+            held = true;
         }
         if Instant::now() >= deadline {
             return Err(if seen == [true, true] { Fallback::NotQuiescent } else { Fallback::PeerNotSeen });
         }
-        tokio::time::sleep(SWITCH_POLL).await;
+        next_look(sockets).await;
+    }
+}
+
+/// Until either socket has something new to read (bytes, an end, an
+/// error), or [`SWITCH_POLL`] for what readiness does not tell: the ACKs
+/// that make a socket quiescent, the hop a probe's answer teaches.
+async fn next_look(sockets: &Sockets) {
+    tokio::select! {
+        _ = sockets.client.readable() => {}
+        _ = sockets.upstream.readable() => {}
+        () = tokio::time::sleep(SWITCH_POLL) => {}
     }
 }
 
@@ -189,6 +231,9 @@ fn relay(from: &TcpStream, to: &TcpStream, moved: &AtomicU64, buffer: &mut [u8])
         let unread = tcpstat::readable_bytes(from).map_err(failed("SIOCINQ"))?;
         let want = usize::try_from(unread).unwrap_or(usize::MAX).min(buffer.len());
         if want == 0 {
+            // Read here past tokio: its readiness is cleared by hand, so the
+            // next look waits for new bytes (an event after this stays).
+            let _ = from.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
             return Ok(());
         }
         let peeked = match recv(from_fd, &mut buffer[..want], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
@@ -213,20 +258,35 @@ fn relay(from: &TcpStream, to: &TcpStream, moved: &AtomicU64, buffer: &mut [u8])
     }
 }
 
-/// Both keys held (a fresh entry each, so nothing learned before counts).
-fn hold(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) -> Result<(), Fallback> {
-    let held = PacketRewrite { flags: rewrite_flags::HOLD, ..PacketRewrite::default() };
+/// Both keys watched (a fresh entry each, so nothing learned before counts).
+fn watch(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) -> Result<(), Fallback> {
+    let watched = PacketRewrite { flags: rewrite_flags::WATCH, ..PacketRewrite::default() };
     let mut program = plane.program();
     for (i, key) in keys.iter().enumerate() {
-        if let Err(error) = program.set_flow(key, &held) {
+        if let Err(error) = program.set_flow(key, &watched) {
             for earlier in &keys[..i] {
                 let _ = program.remove_flow(earlier);
             }
-            tracing::debug!(%error, "holding a flow");
+            tracing::debug!(%error, "watching a flow");
             return Err(Fallback::FlowTableFull);
         }
     }
     Ok(())
+}
+
+/// Both watched entries turned into holds, keeping what they learned; the
+/// held entries (client's, upstream's). A packet learned from between the
+/// read and the write is forgotten: it came by the same hop, and the
+/// mapping anchors at any TSval the peer sent.
+fn hold(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) -> Result<[PacketRewrite; 2], Fallback> {
+    let mut program = plane.program();
+    let mut held = [PacketRewrite::default(); 2];
+    for (key, held) in keys.iter().zip(&mut held) {
+        let watched = program.flow(key).ok().flatten().ok_or(Fallback::SwitchFailed)?;
+        *held = PacketRewrite { flags: rewrite_flags::HOLD, ..watched };
+        program.set_flow(key, held).map_err(failed("holding a flow"))?;
+    }
+    Ok(held)
 }
 
 /// The key of the packets that arrive for `socket`.
@@ -241,9 +301,9 @@ fn key_of(socket: &TcpStream) -> Result<PacketFlowKey, Fallback> {
     }
 }
 
-/// The hop a held entry learned back to its peer.
-fn hop(held: &PacketRewrite) -> Hop {
-    Hop { ifindex: held.ifindex, src_mac: held.src_mac, dst_mac: held.dst_mac }
+/// The hop a watched entry learned back to its peer.
+fn hop(watched: &PacketRewrite) -> Hop {
+    Hop { ifindex: watched.ifindex, src_mac: watched.src_mac, dst_mac: watched.dst_mac }
 }
 
 fn keepalive<F: AsFd>(socket: &F) -> bool {
