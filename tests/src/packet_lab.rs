@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use serde_json::Value;
 use tokio::runtime::Runtime;
 
@@ -150,6 +150,7 @@ impl Lab {
         let closed_before = proxy.closed_connections().len();
         for run in 0..runs {
             let pace = if run % 2 == 1 { Pace::Alternating } else { Pace::Fast };
+            let events_before = proxy.events().len();
             let socket = self.client_socket()?;
             self.runtime
                 .block_on(async {
@@ -162,16 +163,33 @@ impl Lab {
                         Order::Concurrent,
                         pace,
                     );
-                    tokio::time::timeout(TRANSFER_TIMEOUT, transfer).await.context("stalled")?
+                    tokio::pin!(transfer);
+                    tokio::select! {
+                        result = &mut transfer => result,
+                        () = tokio::time::sleep(TRANSFER_TIMEOUT) => {
+                            // Reported while the client's socket is still open.
+                            Err(anyhow!("stalled:\n{}", self.stall_report(proxy)))
+                        }
+                    }
                 })
-                .inspect_err(|_| eprintln!("{}", self.stall_report(proxy)))
-                .with_context(|| format!("{what}: run {} of {runs} ({pace:?})", run + 1))?;
+                .with_context(|| {
+                    let warnings: Vec<String> = proxy.events()[events_before..]
+                        .iter()
+                        .filter(|e| e["level"] == "WARN" || e["level"] == "ERROR")
+                        .map(Value::to_string)
+                        .collect();
+                    format!("{what}: run {} of {runs} ({pace:?}); the proxy warned: {warnings:?}", run + 1)
+                })?;
         }
         let closed =
             self.runtime.block_on(proxy.wait_closed(closed_before + runs, Duration::from_secs(10)))?;
         for line in &closed[closed_before..] {
             ensure!(line["reason"] == "completed", "{what}: not completed: {line}");
-            ensure!(line["kernel_bytes"].as_u64() > Some(0), "{what}: not spliced: {line}");
+            ensure!(
+                line["kernel_bytes"].as_u64() > Some(0),
+                "{what}: not spliced: {line}; the switch said: {}",
+                switch_events(proxy, line)
+            );
         }
         eprintln!("{what}: {runs} runs exact, every one spliced");
         Ok(())
@@ -269,4 +287,16 @@ pub async fn reset_within(stream: &mut tokio::net::TcpStream, limit: Duration) -
         Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
         other => anyhow::bail!("a reset expected, got {other:?}"),
     }
+}
+
+/// What the proxy logged about the switch of the connection `closed` (its
+/// reason for not splicing, a failed step of the switch).
+fn switch_events(proxy: &ProxyProcess, closed: &Value) -> String {
+    let events: Vec<String> = proxy
+        .events()
+        .into_iter()
+        .filter(|e| e["span"]["client"] == closed["span"]["client"] && e["target"] != closed["target"])
+        .map(|e| e.to_string())
+        .collect();
+    if events.is_empty() { "nothing".to_owned() } else { events.join("; ") }
 }

@@ -197,7 +197,7 @@ impl PacketPlane {
             }
             Err(reason) => {
                 self.counters.fell_back(reason);
-                tracing::debug!(reason = reason.label(), "not spliced in the kernel");
+                tracing::info!(reason = reason.label(), "not spliced in the kernel");
                 Step::HandOver(sockets)
             }
         }

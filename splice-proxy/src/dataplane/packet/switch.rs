@@ -12,15 +12,20 @@
 //!    is probed once (a window probe draws an ACK), so the hop is learned.
 //!    A connection that keeps streaming is held (step 3) before it is
 //!    quiescent, so that it becomes so: after [`WATCH_BYTES`] relayed, or
-//!    [`WATCH_TIME`].
+//!    [`WATCH_TIME`]. A held socket still waiting for its peer's
+//!    acknowledgement asks for it ([`ASK_AFTER`]); a hold that has not made
+//!    the connection quiescent within [`HOLD_LIMIT`] is lifted and the
+//!    watch goes on, to be held again, until [`SWITCH_TIMEOUT`].
 //! 3. Both flows are held: whatever would move a sequence number forward is
 //!    dropped (its sender retransmits it later, into the spliced flow), pure
 //!    ACKs still reach the sockets. For a connection that went quiet while
 //!    watched, the hold lasts only for the reads below, so that little is
 //!    dropped (a drop costs its sender a loss probe or a retransmission
-//!    timeout, which would slow every connection's set-up). Both sockets go into repair mode and are
-//!    read: quiescent again, still established. Their keepalive is off
-//!    first, since repair mode does not stop it.
+//!    timeout, which would slow every connection's set-up). Both sockets
+//!    go into repair mode and are read: quiescent again, still
+//!    established (one that received a packet since leaves repair mode,
+//!    and the watch of step 2 goes on). Their keepalive is off first,
+//!    since repair mode does not stop it.
 //! 4. Each direction's rewrite replaces its hold, with the cookie of the
 //!    proxy's socket there: what that socket still sends is dropped on its
 //!    way out (`packet_silence`).
@@ -64,14 +69,24 @@ use crate::{
 };
 
 /// How long the switch waits for both sockets to become quiescent and both
-/// peers to be seen: a few round trips; a connection busy for longer stays
-/// on the next plane.
-const SWITCH_TIMEOUT: Duration = Duration::from_millis(500);
+/// peers to be seen, over several holds; a connection busy for longer
+/// stays on the next plane.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// While the flows are watched, a connection that relayed this much by hand
 /// is streaming: it is held, so that it becomes quiescent.
 const WATCH_BYTES: u64 = 64 << 10;
 /// A connection not quiescent after this long watched is held too.
 const WATCH_TIME: Duration = Duration::from_millis(20);
+/// A held socket still waiting for its peer's acknowledgement after this
+/// long asks for it (a window probe): the peer may have sent it only on
+/// its data, which the hold drops, and would otherwise send it again only
+/// after a retransmission timeout.
+const ASK_AFTER: Duration = Duration::from_millis(2);
+/// A hold that has not made the connection quiescent after this long is
+/// lifted: the flows are watched and relayed again, and held once more
+/// later, rather than the connection stalled (a slow reader's socket, say,
+/// drains meanwhile).
+const HOLD_LIMIT: Duration = Duration::from_millis(100);
 /// How often the switch looks again while it waits, when no socket became
 /// readable.
 const SWITCH_POLL: Duration = Duration::from_millis(1);
@@ -120,20 +135,32 @@ async fn join(
     progress: &ByteProgress,
     keys: &[PacketFlowKey; 2],
 ) -> Result<(), Fallback> {
-    settle(plane, sockets, progress, keys).await?;
-    let held = hold(plane, keys)?;
-    for socket in [&sockets.client, &sockets.upstream] {
-        set_keepalive(socket, false).map_err(failed("keepalive off"))?;
-        repair::enter(socket).map_err(failed("repair mode"))?;
-    }
-    // What passed the program before the hold has reached the sockets, or
-    // is caught by the look after a grace period: they must still be
-    // quiescent, now that repair mode keeps the application out.
-    for socket in [&sockets.client, &sockets.upstream] {
-        if repair::queued(socket).map_err(failed("queues"))? != (0, 0) {
+    let deadline = Instant::now() + SWITCH_TIMEOUT;
+    let held = loop {
+        let held = settle(plane, sockets, progress, keys, deadline).await?;
+        for socket in [&sockets.client, &sockets.upstream] {
+            set_keepalive(socket, false).map_err(failed("keepalive off"))?;
+            repair::enter(socket).map_err(failed("repair mode"))?;
+        }
+        // A packet that passed the program just before the hold may have
+        // reached a socket since it was last looked at: then the watch goes
+        // on. One still on its way up the stack is caught by the look
+        // after a grace period.
+        let mut quiescent = true;
+        for socket in [&sockets.client, &sockets.upstream] {
+            quiescent &= repair::queued(socket).map_err(failed("queues"))? == (0, 0);
+        }
+        if quiescent {
+            break held;
+        }
+        for socket in [&sockets.client, &sockets.upstream] {
+            repair::leave(socket).map_err(failed("leaving repair mode"))?;
+        }
+        mark(plane, keys, rewrite_flags::WATCH)?;
+        if Instant::now() >= deadline {
             return Err(Fallback::NotQuiescent);
         }
-    }
+    };
     let client =
         repair::read(&sockets.client, held[0].peer_tsval).map_err(failed("reading the client socket"))?;
     let upstream =
@@ -151,21 +178,21 @@ async fn join(
 }
 
 /// Relays what the sockets hold and waits until both are quiescent and both
-/// peers were seen.
+/// peers were seen, then holds both flows; the held entries (client's,
+/// upstream's), or why not by `deadline`.
 async fn settle(
     plane: &PacketPlane,
     sockets: &Sockets,
     progress: &ByteProgress,
     keys: &[PacketFlowKey; 2],
-) -> Result<(), Fallback> {
-    let started = Instant::now();
-    let deadline = started + SWITCH_TIMEOUT;
+    deadline: Instant,
+) -> Result<[PacketRewrite; 2], Fallback> {
     let relayed = || {
         progress.client_to_upstream.load(Ordering::Relaxed)
             + progress.upstream_to_client.load(Ordering::Relaxed)
     };
-    let relayed_before = relayed();
-    let mut held = false;
+    let mut watch =
+        Watch { since: Instant::now(), relayed_before: relayed(), held_since: None, asked: [false; 2] };
     let mut probed = [false; 2];
     let mut buffer = vec![0; RELAY_BUFFER];
     loop {
@@ -192,20 +219,62 @@ async fn settle(
                 *probed = true;
             }
         }
-        let quiescent = repair::queued(&sockets.client).map_err(failed("queues"))? == (0, 0)
-            && repair::queued(&sockets.upstream).map_err(failed("queues"))? == (0, 0);
-        if seen == [true, true] && quiescent {
-            return Ok(());
+        let queues = [
+            repair::queued(&sockets.client).map_err(failed("queues"))?,
+            repair::queued(&sockets.upstream).map_err(failed("queues"))?,
+        ];
+        if seen == [true, true] && queues == [(0, 0); 2] {
+            // Quiescent while watched: held now, and looked at once more,
+            // since a packet may have arrived since.
+            let held = mark(plane, keys, rewrite_flags::HOLD)?;
+            if watch.held_since.is_some() || quiet(sockets)? {
+                return Ok(held);
+            }
+            watch.held_since = Some(Instant::now());
+            watch.asked = [false; 2];
+            continue;
         }
-        if !held && (relayed() - relayed_before >= WATCH_BYTES || started.elapsed() >= WATCH_TIME) {
-            hold(plane, keys)?;
-            held = true;
+        match watch.held_since.map(|since| since.elapsed()) {
+            None if relayed() - watch.relayed_before >= WATCH_BYTES
+                || watch.since.elapsed() >= WATCH_TIME =>
+            {
+                mark(plane, keys, rewrite_flags::HOLD)?;
+                watch.held_since = Some(Instant::now());
+                watch.asked = [false; 2];
+            }
+            Some(held) if held >= HOLD_LIMIT => {
+                mark(plane, keys, rewrite_flags::WATCH)?;
+                watch = Watch { since: Instant::now(), relayed_before: relayed(), held_since: None, ..watch };
+            }
+            Some(held) if held >= ASK_AFTER => {
+                for ((socket, (_, unacknowledged)), asked) in
+                    [&sockets.client, &sockets.upstream].into_iter().zip(queues).zip(&mut watch.asked)
+                {
+                    if unacknowledged > 0 && !*asked {
+                        repair::probe(socket).map_err(failed("window probe"))?;
+                        *asked = true;
+                    }
+                }
+            }
+            _ => {}
         }
         if Instant::now() >= deadline {
+            tracing::debug!(
+                ?queues,
+                held = watch.held_since.is_some(),
+                ?seen,
+                "the switch gave up waiting: (unread, unacknowledged) bytes of the client's and the upstream's socket"
+            );
             return Err(if seen == [true, true] { Fallback::NotQuiescent } else { Fallback::PeerNotSeen });
         }
         next_look(sockets).await;
     }
+}
+
+/// Whether both sockets hold nothing unread, unsent or unacknowledged.
+fn quiet(sockets: &Sockets) -> Result<bool, Fallback> {
+    Ok(repair::queued(&sockets.client).map_err(failed("queues"))? == (0, 0)
+        && repair::queued(&sockets.upstream).map_err(failed("queues"))? == (0, 0))
 }
 
 /// Until either socket has something new to read (bytes, an end, an
@@ -219,43 +288,49 @@ async fn next_look(sockets: &Sockets) {
     }
 }
 
-/// Moves what `from` holds unread to `to`, as far as `to` takes it now,
-/// counting it in `moved`; the rest waits for the next call. Never blocks,
+/// Moves what `from` holds unread to `to`, as far as `to` takes it now and
+/// at most one buffer, counting it in `moved`; the rest waits for the next
+/// call (so a connection that streams is held after [`WATCH_BYTES`], not
+/// carried by hand to its end). Never blocks,
 /// and never reads past the bytes `SIOCINQ` counts, so an end of stream or
 /// a pending error stays on the socket for the next plane to see; bytes
 /// are peeked and consumed only once written, so none is lost when `to`
 /// is full or fails.
 fn relay(from: &TcpStream, to: &TcpStream, moved: &AtomicU64, buffer: &mut [u8]) -> Result<(), Fallback> {
     let (from_fd, to_fd) = (from.as_fd().as_raw_fd(), to.as_fd().as_raw_fd());
-    loop {
-        let unread = tcpstat::readable_bytes(from).map_err(failed("SIOCINQ"))?;
-        let want = usize::try_from(unread).unwrap_or(usize::MAX).min(buffer.len());
-        if want == 0 {
-            // Read here past tokio: its readiness is cleared by hand, so the
-            // next look waits for new bytes (an event after this stays).
-            let _ = from.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
-            return Ok(());
-        }
-        let peeked = match recv(from_fd, &mut buffer[..want], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-            Ok(n) => n,
-            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
-            Err(_) => return Err(Fallback::PeerClosed),
-        };
-        let written = match send(to_fd, &buffer[..peeked], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => n,
-            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
-            Err(_) => return Err(Fallback::PeerClosed),
-        };
-        // Consume exactly what was written: it is there (peeked above).
-        match recv(from_fd, &mut buffer[..written], MsgFlags::MSG_DONTWAIT) {
-            Ok(n) if n == written => {}
-            _ => return Err(Fallback::SwitchFailed),
-        }
-        moved.fetch_add(written as u64, Ordering::Relaxed);
-        if written < peeked {
-            return Ok(());
-        }
+    let unread = tcpstat::readable_bytes(from).map_err(failed("SIOCINQ"))?;
+    let want = usize::try_from(unread).unwrap_or(usize::MAX).min(buffer.len());
+    // Read here past tokio: its readiness is cleared by hand when nothing
+    // is left to move now, so the next look waits for new bytes or the
+    // poll rather than spinning (an event after this stays).
+    let wait = || {
+        let _ = from.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+    };
+    if want == 0 {
+        wait();
+        return Ok(());
     }
+    let peeked = match recv(from_fd, &mut buffer[..want], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(n) => n,
+        Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
+        Err(_) => return Err(Fallback::PeerClosed),
+    };
+    let written = match send(to_fd, &buffer[..peeked], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+        Ok(n) => n,
+        Err(Errno::EAGAIN) => {
+            wait();
+            return Ok(());
+        }
+        Err(Errno::EINTR) => return Ok(()),
+        Err(_) => return Err(Fallback::PeerClosed),
+    };
+    // Consume exactly what was written: it is there (peeked above).
+    match recv(from_fd, &mut buffer[..written], MsgFlags::MSG_DONTWAIT) {
+        Ok(n) if n == written => {}
+        _ => return Err(Fallback::SwitchFailed),
+    }
+    moved.fetch_add(written as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Both keys watched (a fresh entry each, so nothing learned before counts).
@@ -274,19 +349,30 @@ fn watch(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) -> Result<(), Fallback>
     Ok(())
 }
 
-/// Both watched entries turned into holds, keeping what they learned; the
-/// held entries (client's, upstream's). A packet learned from between the
-/// read and the write is forgotten: it came by the same hop, and the
-/// mapping anchors at any TSval the peer sent.
-fn hold(plane: &PacketPlane, keys: &[PacketFlowKey; 2]) -> Result<[PacketRewrite; 2], Fallback> {
+/// Where the watch of [`settle`] is: since when the flows are watched (or
+/// watched again after a hold), what had been relayed by hand then, since
+/// when they are held, and which held socket asked its peer for an
+/// acknowledgement.
+struct Watch {
+    since: Instant,
+    relayed_before: u64,
+    held_since: Option<Instant>,
+    asked: [bool; 2],
+}
+
+/// Both entries marked with `flag` (held, or watched again), keeping what
+/// they learned; the marked entries (client's, upstream's). A packet
+/// learned from between the read and the write is forgotten: it came by
+/// the same hop, and the mapping anchors at any TSval the peer sent.
+fn mark(plane: &PacketPlane, keys: &[PacketFlowKey; 2], flag: u16) -> Result<[PacketRewrite; 2], Fallback> {
     let mut program = plane.program();
-    let mut held = [PacketRewrite::default(); 2];
-    for (key, held) in keys.iter().zip(&mut held) {
-        let watched = program.flow(key).ok().flatten().ok_or(Fallback::SwitchFailed)?;
-        *held = PacketRewrite { flags: rewrite_flags::HOLD, ..watched };
-        program.set_flow(key, held).map_err(failed("holding a flow"))?;
+    let mut marked = [PacketRewrite::default(); 2];
+    for (key, marked) in keys.iter().zip(&mut marked) {
+        let learned = program.flow(key).ok().flatten().ok_or(Fallback::SwitchFailed)?;
+        *marked = PacketRewrite { flags: flag, ..learned };
+        program.set_flow(key, marked).map_err(failed("holding or watching a flow"))?;
     }
-    Ok(held)
+    Ok(marked)
 }
 
 /// The key of the packets that arrive for `socket`.
