@@ -145,6 +145,12 @@ impl ProxyProcess {
         if !given("--drain-delay") {
             cmd.args(["--drain-delay", "0s"]);
         }
+        // `auto` runs the packet plane, which attaches to every routed
+        // interface: a proxy started in the host's own namespace must not
+        // touch the host's, so it runs splice unless the test asks.
+        if !given("--dataplane") && !given("--config") && !runs_in_own_namespace(&cmd) {
+            cmd.args(["--dataplane", "splice"]);
+        }
         // `SPLICE_PROXY_TEST_LOG` raises the proxy's log level when chasing a failure.
         let level = std::env::var("SPLICE_PROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
         // A test run started by systemd must not pass its own notify socket on.
@@ -380,4 +386,18 @@ pub fn rss_kib(pid: i32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("no VmRSS line")?;
     line.trim().trim_end_matches("kB").trim().parse().with_context(|| format!("VmRSS {line:?}"))
+}
+
+/// Whether `cmd` runs the proxy in a network namespace of a test's own:
+/// through `ip netns exec`, or from a test thread that entered one (the
+/// test binary's main thread stays in the one it was started in).
+fn runs_in_own_namespace(cmd: &Command) -> bool {
+    if cmd.get_program() == "ip" {
+        return true;
+    }
+    let namespace = |path: &str| std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    match (namespace("/proc/thread-self/ns/net"), namespace("/proc/self/ns/net")) {
+        (Ok(own), Ok(host)) => own != host,
+        _ => false,
+    }
 }

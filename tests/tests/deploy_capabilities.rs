@@ -2,10 +2,11 @@
 //! the systemd unit's ambient set and the DaemonSet's added set are the same
 //! four; an unprivileged user holding exactly those (no_new_privs, as the unit
 //! sets) binds port 443, loads the kernel programs, runs the default
-//! `--dataplane auto` on splice and says why, and with `--dataplane sockmap`
-//! moves bytes in the kernel; without CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON
-//! an explicit `--dataplane sockmap` cannot start while `auto` still runs
-//! on splice, and without
+//! `--dataplane auto` (packet, which has no interface to attach to in a
+//! namespace with only lo: splice) and says why, and with `--dataplane
+//! sockmap` moves bytes in the kernel; without CAP_BPF, CAP_NET_ADMIN or
+//! CAP_PERFMON an explicit `--dataplane sockmap` cannot start while `auto`
+//! still runs on splice, and without
 //! CAP_NET_BIND_SERVICE port 443 cannot be bound.
 //! Runs as root (setpriv) in its own network namespace.
 
@@ -100,8 +101,9 @@ fn the_deployed_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     let upstream_addr = upstream.local_addr()?.to_string();
 
     // Exactly the deployed set: port 443, kernel programs; the default plane
-    // is splice (it says why), and `--dataplane sockmap` moves bytes in the
-    // kernel.
+    // is packet, here (only lo) splice (it says why), and `--dataplane
+    // sockmap` moves bytes in the kernel. The packet plane with this set:
+    // tests/packet_plane_faults.rs.
     let proxy = start(&caps, &upstream_addr, None)?;
     let events = proxy.events();
     ensure!(
@@ -109,7 +111,10 @@ fn the_deployed_capabilities_are_enough_and_each_is_needed() -> Result<()> {
         "kernel programs did not load: {events:?}"
     );
     let (plane, why) = plane_in_use(&proxy)?;
-    ensure!(plane == "splice" && why.starts_with("auto: splice"), "auto chose {plane}: {why}");
+    ensure!(
+        plane == "splice" && why.starts_with("auto: splice, because the packet plane could not start"),
+        "auto chose {plane}: {why}"
+    );
     echo_then_stop(proxy, &upstream, 1 << 20)?;
     let proxy = start(&caps, &upstream_addr, Some("sockmap"))?;
     let (plane, _) = plane_in_use(&proxy)?;

@@ -42,6 +42,7 @@ fn config(upstream: SocketAddr) -> Result<tempfile::NamedTempFile> {
     write!(
         file,
         r#"upstream = "{upstream}"
+dataplane = "splice"
 allowed_sni = ["{NAME}"]
 proxy_header_timeout = "3s"
 

@@ -82,8 +82,8 @@ async fn sighup_applies_a_valid_file_rejects_an_invalid_one_and_drops_no_connect
     dns.set(CLUSTER_B, Answer::Addrs(vec![ECHO_B]));
     let (echo_a, echo_b) = (start_echo(ECHO_A).await?, start_echo(ECHO_B).await?);
     let base = format!(
-        "listen = [\"127.0.0.1:0\"]\nupstream = \"{CLUSTER_A}:{}\"\ndns_servers = [\"{}\"]\n\
-         dns_max_ttl = \"0s\"\n",
+        "dataplane = \"splice\"\nlisten = [\"127.0.0.1:0\"]\nupstream = \"{CLUSTER_A}:{}\"\n\
+         dns_servers = [\"{}\"]\ndns_max_ttl = \"0s\"\n",
         echo_a.port(),
         dns.addr
     );
@@ -102,7 +102,8 @@ async fn sighup_applies_a_valid_file_rejects_an_invalid_one_and_drops_no_connect
 
     // Valid: a route for B and a second listener; a data plane, which only
     // a restart changes, is named and kept.
-    write(&format!("dataplane = \"copy\"\n{base}{route}{added}"))?;
+    let base_on_copy = base.replacen("dataplane = \"splice\"", "dataplane = \"copy\"", 1);
+    write(&format!("{base_on_copy}{route}{added}"))?;
     proxy.signal(Signal::SIGHUP)?;
     let reloaded = nth(&proxy, "SIGHUP: configuration reloaded", 1).await?;
     let kept =

@@ -38,9 +38,10 @@ use self::{both_ways::forward_in_user_space, packet::PacketPlane, sockmap::Sockm
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPlaneChoice {
-    /// splice: the plane that passes the correctness gate on a busy host
-    /// too; the start-up log says why (sockmap only when asked for, see
-    /// docs/kernel-notes.md).
+    /// packet, else splice: the packet plane where its program starts (a
+    /// connection it cannot join goes through splice, its reason counted),
+    /// splice where it cannot; the start-up log says which and why (sockmap
+    /// only when asked for, see docs/kernel-notes.md).
     #[default]
     Auto,
     /// splice(2) through a pipe per direction: the bytes stay in the kernel.
@@ -78,13 +79,16 @@ pub enum DataPlane {
     },
 }
 
-/// Why `auto` starts on splice. Sockmap forwarded one skb twice on a busy
-/// host (both cores taken by other work), so it is offered only when asked
-/// for until its contention gate holds (docs/kernel-notes.md, "Sockmap
-/// duplicate under load").
-const AUTO_REASON: &str = "auto: splice, the plane that passes the correctness gate on an idle \
-     and on a busy host; sockmap runs only with --dataplane sockmap, because under CPU \
-     contention it was seen to forward one skb twice";
+/// Why `auto` starts on packet: its correctness gate (idle and busy hosts,
+/// lossy links, connections negotiated differently, the kubectl suite)
+/// holds, and a spliced connection costs the proxy nothing per byte.
+/// Sockmap forwarded one skb twice on a busy host (both cores taken by
+/// other work), so it is offered only when asked for until its contention
+/// gate holds (docs/kernel-notes.md, "Sockmap duplicate under load").
+const AUTO_REASON: &str = "auto: packet, the plane whose correctness gate holds on an idle and on \
+     a busy host and whose spliced connections cost the proxy nothing per byte; a connection it \
+     cannot join goes through splice, its reason counted; sockmap runs only with --dataplane \
+     sockmap, because under CPU contention it was seen to forward one skb twice";
 
 /// The plane `--dataplane` asks for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -92,8 +96,9 @@ pub struct ChosenPlane {
     pub plane: DataPlane,
     /// `auto` only: what runs instead when `plane` needs the kernel programs
     /// and they did not load (no CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON, no
-    /// BTF, an old kernel). An explicit `--dataplane sockmap` has none: the
-    /// proxy then refuses to start.
+    /// BTF, an old kernel), or the packet plane could not start (no routed
+    /// interface to attach to). An explicit `--dataplane sockmap` or
+    /// `packet` has none: the proxy then refuses to start.
     pub fallback: Option<DataPlane>,
     /// Why `plane` was chosen (logged at start-up).
     pub reason: &'static str,
@@ -123,7 +128,11 @@ impl DataPlane {
         let sockmap = Self::Sockmap { max_inflight, fallback_pipe_size: pipe_size };
         let chosen = |plane, fallback, reason| ChosenPlane { plane, fallback, reason };
         match choice {
-            DataPlaneChoice::Auto => chosen(Self::Splice { pipe_size }, None, AUTO_REASON),
+            DataPlaneChoice::Auto => chosen(
+                Self::Packet { fallback_pipe_size: pipe_size },
+                Some(Self::Splice { pipe_size }),
+                AUTO_REASON,
+            ),
             DataPlaneChoice::Splice => {
                 chosen(Self::Splice { pipe_size }, None, "chosen with --dataplane splice")
             }

@@ -183,7 +183,7 @@ impl Metrics {
         );
         r.register(
             "kernel_bytes",
-            "Of those bytes, the ones the sockmap plane's kernel program redirected",
+            "Of those bytes, the ones the kernel programs carried (the sockmap and packet planes)",
             self.kernel_bytes.clone(),
         );
         r.register(

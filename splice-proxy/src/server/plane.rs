@@ -1,5 +1,5 @@
 //! Which data plane runs: the one configured, or `auto`'s fallback when the
-//! kernel programs did not load.
+//! kernel programs did not load or the packet plane could not start.
 
 use std::borrow::Cow;
 
@@ -44,14 +44,27 @@ pub fn start(
     match (chosen.plane, kernel) {
         (DataPlane::Packet { fallback_pipe_size }, Ok(kernel)) => {
             // Its own program and map; the sockmap programs stay loaded for their logs.
-            let plane = PacketPlane::start(
+            match PacketPlane::start(
                 packet.max_connections,
                 packet.interfaces,
                 fallback_pipe_size,
                 packet.tcp,
                 packet.log_format,
-            )?;
-            Ok(started(Plane::Packet(plane), chosen.reason.into(), Some(kernel)))
+            ) {
+                Ok(plane) => Ok(started(Plane::Packet(plane), chosen.reason.into(), Some(kernel))),
+                Err(error) => match chosen.fallback {
+                    Some(fallback) => Ok(started(
+                        user_space(fallback)?,
+                        format!(
+                            "auto: {}, because the packet plane could not start: {error}",
+                            fallback.label()
+                        )
+                        .into(),
+                        Some(kernel),
+                    )),
+                    None => Err(error.into()),
+                },
+            }
         }
         (DataPlane::Sockmap { max_inflight, fallback_pipe_size }, Ok(kernel)) => {
             let sockmap = SockmapPlane::start(kernel, max_inflight, fallback_pipe_size)?;
@@ -63,7 +76,12 @@ pub fn start(
             }
             None => Err(StartError::NoKernel(error.to_string())),
         },
-        (DataPlane::Packet { .. }, Err(error)) => Err(StartError::PacketPlane(error.into())),
+        (DataPlane::Packet { .. }, Err(error)) => match chosen.fallback {
+            Some(fallback) => {
+                Ok(started(user_space(fallback)?, fallback_reason(fallback, &error).into(), None))
+            }
+            None => Err(StartError::PacketPlane(error.into())),
+        },
         (plane, kernel) => Ok(started(user_space(plane)?, chosen.reason.into(), kernel.ok())),
     }
 }
@@ -81,8 +99,8 @@ fn user_space(plane: DataPlane) -> Result<Plane, StartError> {
 
 fn fallback_reason(fallback: DataPlane, error: &KernelError) -> String {
     format!(
-        "auto: {}, because the kernel programs did not load ({error}); sockmap needs root (or \
-         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) and a kernel with BTF",
+        "auto: {}, because the kernel programs did not load ({error}); the kernel planes need root \
+         (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) and a kernel with BTF",
         fallback.label()
     )
 }
@@ -113,14 +131,19 @@ mod tests {
     }
 
     #[test]
-    fn auto_runs_splice_and_says_why() {
+    fn auto_runs_packet_else_splice_and_says_why() {
         let auto = chosen(DataPlaneChoice::Auto);
-        assert_eq!(auto.plane, DataPlane::Splice { pipe_size: 1 << 20 });
-        assert_eq!(auto.fallback, None);
-        assert!(auto.reason.starts_with("auto: splice") && auto.reason.contains("--dataplane sockmap"));
+        assert_eq!(auto.plane, DataPlane::Packet { fallback_pipe_size: 1 << 20 });
+        assert_eq!(auto.fallback, Some(DataPlane::Splice { pipe_size: 1 << 20 }));
+        assert!(auto.reason.starts_with("auto: packet") && auto.reason.contains("--dataplane sockmap"));
         for kernel in [no_kernel(), Err(KernelError::Missing { kind: "map", name: "x" })] {
             let started = start(auto, kernel, NO_PACKET).expect("auto runs without the kernel programs");
-            assert_eq!((started.plane.settings(), started.reason.as_ref()), (auto.plane, auto.reason));
+            assert_eq!(started.plane.settings(), DataPlane::Splice { pipe_size: 1 << 20 });
+            assert!(
+                started.reason.starts_with("auto: splice, because the kernel programs did not load"),
+                "{}",
+                started.reason
+            );
         }
     }
 
@@ -141,10 +164,12 @@ mod tests {
     }
 
     #[test]
-    fn an_explicit_sockmap_without_the_kernel_programs_is_refused() {
+    fn an_explicit_kernel_plane_without_the_kernel_programs_is_refused() {
         let error = start(chosen(DataPlaneChoice::Sockmap), no_kernel(), NO_PACKET).err().expect("started");
         assert!(matches!(error, StartError::NoKernel(_)), "{error}");
         assert!(error.to_string().contains("no program named splice_verdict"), "{error}");
+        let error = start(chosen(DataPlaneChoice::Packet), no_kernel(), NO_PACKET).err().expect("started");
+        assert!(matches!(error, StartError::PacketPlane(_)), "{error}");
     }
 
     #[test]
