@@ -39,7 +39,8 @@ pub fn start(
         .args(["--admin-listen", &admin.to_string()])
         // The bench moves plain TCP, not TLS.
         .arg("--no-sni-check")
-        .env("RUST_LOG", "warn")
+        // `BENCH_PROXY_LOG` raises the proxies' log level when chasing a figure.
+        .env("RUST_LOG", std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "warn".to_owned()))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     match upstream.dns {

@@ -102,6 +102,11 @@ pub mod rewrite_flags {
     /// dropped or rewritten, so the hold, which drops, lasts only for the
     /// last reads of the sockets.
     pub const WATCH: u16 = 16;
+    /// The connection has ended (the proxy saw it), the entry still
+    /// rewrites: a SYN with its four-tuple is a new connection (a client
+    /// reusing its port), so the program forgets this entry, marks the
+    /// other direction's [`ENDED`] and lets the SYN on to the listener.
+    pub const FINISHED: u16 = 32;
 }
 
 /// Compiled-in capacity of [`super::map::PACKET_FLOWS`] (two entries per

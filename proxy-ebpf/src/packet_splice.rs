@@ -9,13 +9,21 @@
 //! which keep CHECKSUM_PARTIAL packets right. Then it redirects the packet
 //! out of the flow's interface. Other packets pass untouched.
 //!
-//! Three more states of an entry: while the switch waits for quiescence
+//! "Pass" is `TC_ACT_UNSPEC`, never `TC_ACT_OK`: on a TCX hook it means
+//! "next", so the programs after this one (a CNI's, or a second proxy's
+//! during a graceful upgrade, with flows of its own) still see the packet,
+//! and it goes up the stack after the last; `TC_ACT_OK` would end the chain
+//! there.
+//!
+//! Four more states of an entry: while the switch waits for quiescence
 //! ([`rewrite_flags::WATCH`]) the program learns the hop back to the sender
 //! and its newest TSval and passes every packet to the proxy's socket;
 //! while the switch reads the sockets ([`rewrite_flags::HOLD`]) it learns
 //! the same, passes pure ACKs and RSTs and drops everything that carries a
-//! sequence number forward; once the flow has ended
-//! ([`rewrite_flags::ENDED`]) it drops every packet.
+//! sequence number forward; once the proxy has seen the flow end
+//! ([`rewrite_flags::FINISHED`]) it still rewrites, but a SYN with the
+//! flow's four-tuple makes it forget the entry; once the flow has ended
+//! ([`rewrite_flags::ENDED`]) it drops every packet but such a SYN.
 //!
 //! A packet of a flow that cannot be rewritten whole is dropped, never
 //! passed: the proxy's own socket would answer it, and its sender
@@ -26,7 +34,7 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::{bpf_get_socket_cookie, bpf_redirect, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{HashMap, PerCpuArray},
@@ -122,7 +130,7 @@ pub fn packet_splice(ctx: TcContext) -> i32 {
 /// with the same four-tuple come from another socket, or none, and pass.
 #[classifier]
 pub fn packet_silence(ctx: TcContext) -> i32 {
-    let Some((ip, tcp, arriving)) = parse(&ctx) else { return TC_ACT_OK };
+    let Some((ip, tcp, arriving)) = parse(&ctx) else { return TC_ACT_UNSPEC };
     // Leaving: the reverse of the key its connection's packets arrive with.
     let key = PacketFlowKey {
         remote_addr: arriving.local_addr,
@@ -131,18 +139,18 @@ pub fn packet_silence(ctx: TcContext) -> i32 {
         local_port: arriving.remote_port,
     };
     // SAFETY: read by value; user space writes whole entries.
-    let Some(flow) = (unsafe { PACKET_FLOWS.get(key) }) else { return TC_ACT_OK };
+    let Some(flow) = (unsafe { PACKET_FLOWS.get(key) }) else { return TC_ACT_UNSPEC };
     if flow.flags & rewrite_flags::HOLD != 0 || flow.socket_cookie == 0 {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     // SAFETY: the helper reads the packet's socket, if any (0 for none).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if cookie != flow.socket_cookie {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     // SAFETY: read by value.
     if unsafe { PACKET_PROBES.get(cookie) }.is_some() && pure_ack(&ctx, ip, tcp) {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     if let Some(silenced) = PACKET_SILENCED.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, valid while the program runs.
@@ -151,36 +159,48 @@ pub fn packet_silence(ctx: TcContext) -> i32 {
     TC_ACT_SHOT
 }
 
-/// `Ok(TC_ACT_OK)` for a packet of no spliced flow; the redirect's verdict
+/// `Ok(TC_ACT_UNSPEC)` (next) for a packet of no spliced flow; the redirect's verdict
 /// for one that was rewritten.
 fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
-    let Some((ip, tcp, key)) = parse(ctx) else { return Ok(TC_ACT_OK) };
-    let Some(rewrite) = PACKET_FLOWS.get_ptr_mut(key) else { return Ok(TC_ACT_OK) };
+    let Some((ip, tcp, key)) = parse(ctx) else { return Ok(TC_ACT_UNSPEC) };
+    let Some(rewrite) = PACKET_FLOWS.get_ptr_mut(key) else { return Ok(TC_ACT_UNSPEC) };
     // SAFETY: a value of the map, valid while this program runs (the map is
     // not preallocated: an entry user space replaces meanwhile is freed only
     // after this run); read by value once.
     let r = unsafe { *rewrite };
-    if r.flags & rewrite_flags::ENDED != 0 {
+    let flags: u8 = load(ctx, tcp + TCP_FLAGS)?;
+    // A flow's handshake is over: a SYN with its four-tuple opens a new
+    // connection (a client reusing the port of one that ended, or that it
+    // reset while the switch still watches it). While the proxy's sockets
+    // still carry the flow (watched or held), the SYN goes on to the stack,
+    // which sends it to the listener (the old socket gone) or answers it;
+    // it teaches nothing. Once the proxy has seen the flow end (its socket
+    // on this side closed), the entry is forgotten, the other direction's
+    // drops from now on, and the SYN goes on to the listener. In between,
+    // rewritten it would reach the old upstream past the proxy; dropped, it
+    // is sent again, and reaches the listener once the end is seen.
+    if flags & SYN != 0 {
+        if r.flags & (rewrite_flags::WATCH | rewrite_flags::HOLD) != 0 {
+            return Ok(TC_ACT_UNSPEC);
+        }
+        if r.flags & (rewrite_flags::FINISHED | rewrite_flags::ENDED) != 0 {
+            forget(&key, &r);
+            return Ok(TC_ACT_UNSPEC);
+        }
         return Ok(TC_ACT_SHOT);
     }
-    let flags: u8 = load(ctx, tcp + TCP_FLAGS)?;
-    // A spliced flow's handshake is over: a SYN with its four-tuple opens a
-    // new connection (a client reusing the port of one that just ended,
-    // while its entries linger). Rewritten, it would reach the old
-    // upstream past the proxy; dropped, it is sent again, and reaches the
-    // proxy's listener once the entries are gone.
-    if flags & SYN != 0 {
+    if r.flags & rewrite_flags::ENDED != 0 {
         return Ok(TC_ACT_SHOT);
     }
     if r.flags & rewrite_flags::WATCH != 0 {
         learn(ctx, tcp, rewrite, &r)?;
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     let payload = payload_len(ctx, ip, tcp)?;
     if r.flags & rewrite_flags::HOLD != 0 {
         learn(ctx, tcp, rewrite, &r)?;
         let moves_sequence = payload > 0 || flags & FIN != 0;
-        return Ok(if moves_sequence { TC_ACT_SHOT } else { TC_ACT_OK });
+        return Ok(if moves_sequence { TC_ACT_SHOT } else { TC_ACT_UNSPEC });
     }
     let seq: [u8; 4] = load(ctx, tcp + TCP_SEQ)?;
     let ack: [u8; 4] = load(ctx, tcp + TCP_ACK)?;
@@ -209,6 +229,25 @@ fn try_packet_splice(ctx: &TcContext) -> Result<i32, Unusable> {
     // SAFETY: the helper has no preconditions; an unknown ifindex makes the
     // redirect drop the packet.
     Ok(unsafe { bpf_redirect(r.ifindex, 0) } as i32)
+}
+
+/// Forgets the ended flow of `key` for a new connection on its four-tuple:
+/// its entry goes, and the other direction's (whose packets arrive with the
+/// reverse of the tuple `r` rewrites to) drops that flow's late packets, so
+/// none is rewritten into the new connection.
+fn forget(key: &PacketFlowKey, r: &PacketRewrite) {
+    let other_key = PacketFlowKey {
+        remote_addr: r.dst_addr,
+        local_addr: r.src_addr,
+        remote_port: r.dst_port,
+        local_port: r.src_port,
+    };
+    if let Some(other) = PACKET_FLOWS.get_ptr_mut(other_key) {
+        // SAFETY: a value of the map, valid while this program runs; a
+        // plain store of the flags (user space replaces whole entries).
+        unsafe { (*other).flags |= rewrite_flags::ENDED };
+    }
+    let _ = PACKET_FLOWS.remove(key);
 }
 
 /// The IPv4 and TCP header offsets and the four-tuple of an unfragmented

@@ -16,7 +16,9 @@ use splice_proxy_tests::{
 };
 
 /// tc verdicts (uapi `TC_ACT_*`).
-const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1), TCX's "next": the packet goes on to the next
+/// program on the hook, or up the stack when there is none.
+const TC_ACT_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -210,7 +212,7 @@ fn packets_of_a_flow_are_rewritten_into_the_other_connection() -> Result<()> {
         let flow = program.flow(&key)?.context("the flow is gone")?;
         match &case.expect {
             None => {
-                ensure!(verdict == TC_ACT_OK, "{}: verdict {verdict}, not TC_ACT_OK", case.name);
+                ensure!(verdict == TC_ACT_NEXT, "{}: verdict {verdict}, not TC_ACT_NEXT", case.name);
                 ensure!(out == frame, "{}: a packet of no flow was changed", case.name);
                 ensure!(flow.packets == 0, "{}: counted {} packets", case.name, flow.packets);
             }
@@ -299,16 +301,16 @@ fn held_and_watched_flows_learn_their_hop_an_ended_one_drops_all_and_a_syn_is_ne
     };
     // A watched flow passes what a held one drops; both learn alike.
     for (state, flags, moving) in
-        [("held", rewrite_flags::HOLD, TC_ACT_SHOT), ("watched", rewrite_flags::WATCH, TC_ACT_OK)]
+        [("held", rewrite_flags::HOLD, TC_ACT_SHOT), ("watched", rewrite_flags::WATCH, TC_ACT_NEXT)]
     {
         program.set_flow(&key, &PacketRewrite { flags, ..PacketRewrite::default() })?;
         let table: [(&str, Segment, u32, u32); 6] = [
-            ("a pure ACK passes", segment(ACK, b"", 5000), TC_ACT_OK, 5000),
+            ("a pure ACK passes", segment(ACK, b"", 5000), TC_ACT_NEXT, 5000),
             ("data", segment(ACK, b"data", 5003), moving, 5003),
-            ("an older TSval does not move it back", segment(ACK, b"", 4000), TC_ACT_OK, 5003),
+            ("an older TSval does not move it back", segment(ACK, b"", 4000), TC_ACT_NEXT, 5003),
             ("a FIN", segment(FIN | ACK, b"", 5004), moving, 5004),
-            ("a RST passes", segment(RST, b"", 5005), TC_ACT_OK, 5005),
-            ("a segment without timestamps keeps the last", from_client(1, 2, b""), TC_ACT_OK, 5005),
+            ("a RST passes", segment(RST, b"", 5005), TC_ACT_NEXT, 5005),
+            ("a segment without timestamps keeps the last", from_client(1, 2, b""), TC_ACT_NEXT, 5005),
         ];
         for (name, input, verdict_wanted, tsval_wanted) in table {
             let frame = input.frame();
@@ -333,9 +335,42 @@ fn held_and_watched_flows_learn_their_hop_an_ended_one_drops_all_and_a_syn_is_ne
         let (verdict, _) = program.test_run(&input.frame())?;
         ensure!(verdict == TC_ACT_SHOT, "an ended flow's packet: verdict {verdict}, not TC_ACT_SHOT");
     }
+    // A SYN with a watched or held flow's four-tuple (a client that reset
+    // its connection during the switch and reuses the port) goes on to the
+    // stack, and teaches the entry nothing.
+    for state in [rewrite_flags::WATCH, rewrite_flags::HOLD] {
+        program.set_flow(&key, &PacketRewrite { flags: state, ..PacketRewrite::default() })?;
+        let (verdict, _) = program.test_run(&segment(SYN, b"", 9000).frame())?;
+        ensure!(verdict == TC_ACT_NEXT, "a SYN on a switching flow ({state}): verdict {verdict}, not next");
+        let flow = program.flow(&key)?.context("the flow is gone")?;
+        ensure!(flow.ifindex == 0 && flow.peer_tsval == 0, "a SYN taught the entry: {flow:?}");
+    }
+    // A SYN with the four-tuple of a flow the proxy saw end (finished, or
+    // ended) is a client reusing its port: the entry is forgotten, the
+    // other direction's drops from now on, and the SYN goes on.
+    let upstream_key = PacketFlowKey {
+        remote_addr: UPSTREAM.0.octets(),
+        local_addr: PROXY_BACK.0.octets(),
+        remote_port: UPSTREAM.1.to_be_bytes(),
+        local_port: PROXY_BACK.1.to_be_bytes(),
+    };
+    for state in [rewrite_flags::FINISHED, rewrite_flags::ENDED] {
+        program.set_flow(&key, &rewrite(rewrite_flags::TIMESTAMPS | state, 7, 7))?;
+        program.set_flow(
+            &upstream_key,
+            &PacketRewrite { flags: rewrite_flags::FINISHED, ..PacketRewrite::default() },
+        )?;
+        let (verdict, _) = program.test_run(&segment(SYN, b"", 9000).frame())?;
+        ensure!(verdict == TC_ACT_NEXT, "a SYN on a finished flow ({state}): verdict {verdict}, not next");
+        ensure!(program.flow(&key)?.is_none(), "the finished flow ({state}) was not forgotten");
+        let other = program.flow(&upstream_key)?.context("the other direction's entry is gone")?;
+        ensure!(other.flags & rewrite_flags::ENDED != 0, "the other direction still rewrites: {other:?}");
+        program.remove_flow(&upstream_key)?;
+    }
     // A SYN with a spliced flow's four-tuple (a client reusing the port of
-    // a connection whose entries still linger) is a new connection: dropped,
-    // never rewritten to the old upstream, nor counted.
+    // a connection whose end the proxy has not seen yet) is a new
+    // connection: dropped, never rewritten to the old upstream, nor
+    // counted.
     let spliced = rewrite(rewrite_flags::TIMESTAMPS, 7, 7);
     program.set_flow(&key, &spliced)?;
     let (verdict, _) = program.test_run(&segment(SYN, b"", 4).frame())?;

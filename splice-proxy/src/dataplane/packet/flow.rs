@@ -2,15 +2,19 @@
 //!
 //! The program's per-flow counters say how far each direction went and
 //! whether a FIN or a RST went through; they are read every
-//! [`FOLLOW_POLL`] while packets move, at most once a second while none do. The connection ends when a FIN went each way (a
-//! half-close carries on in the meantime, end to end) or a RST either way;
-//! its access line, metrics and byte counts are then written as on every
-//! plane. The entries stay for [`LINGER`] (a FIN retransmitted because
-//! its acknowledgement was lost further on still goes through), then drop the flow's late packets
-//! for [`QUIET`], so they neither reach a peer nor draw a RST from the
-//! proxy's stack; then they go, with the proxy's two sockets, which repair
-//! mode closes silently. Holding the sockets that long keeps their ports
-//! from being reused under a tuple the program still rewrites.
+//! [`FOLLOW_POLL`] while packets move, at most once a second while none
+//! do. The connection ends when a FIN went each way (a half-close carries
+//! on in the meantime, end to end) or a RST either way; its access line,
+//! metrics and byte counts are then written as on every plane. The proxy's
+//! socket on the client's side then closes (repair mode closes silently)
+//! and the entries are marked finished: a client that reuses its port for
+//! a new connection reaches the listener, the program forgetting the old
+//! entry at that SYN. The entries keep rewriting for [`LINGER`] (a FIN
+//! retransmitted because its acknowledgement was lost further on still
+//! goes through), then drop the flow's late packets for [`QUIET`], so they
+//! neither reach a peer nor draw a RST from the proxy's stack; then they
+//! go, with the socket on the upstream's side, whose port the proxy's own
+//! connections must not reuse under a tuple the program still rewrites.
 //!
 //! A quiet end is probed ([`super::keepalive`]); one that answers no
 //! probe is gone, and the connection ends as its error.
@@ -211,24 +215,57 @@ fn fin_arrived(direction: &PacketRewrite, other: &PacketRewrite) -> bool {
     direction.fin_seen != 0 && (other.acked as u32).wrapping_sub(after_fin) as i32 >= 0
 }
 
-/// After the end: the entries linger, then drop, then go with the sockets.
+/// After the end: the proxy's socket on the client's side closes at once
+/// (silently, in repair mode) and the entries are marked finished, so that
+/// a client reusing its port for a new connection reaches the listener
+/// (the program forgets a finished entry at that SYN). The entries keep
+/// rewriting for [`LINGER`], then drop the flow's late packets for
+/// [`QUIET`], then go, with the upstream's socket, whose port stays taken
+/// until then. Each step touches an entry only while it is still this
+/// flow's (its socket's cookie): once forgotten, its key may be a new
+/// connection's.
 async fn retire(plane: Arc<PacketPlane>, keys: [PacketFlowKey; 2], sockets: Sockets) {
+    let Sockets { client, upstream, .. } = sockets;
+    let cookies = {
+        let program = plane.program();
+        keys.map(|key| program.flow(&key).ok().flatten().map_or(0, |flow| flow.socket_cookie))
+    };
+    drop(client);
+    mark_ours(&plane, &keys, cookies, rewrite_flags::FINISHED);
     tokio::time::sleep(LINGER).await;
+    mark_ours(&plane, &keys, cookies, rewrite_flags::ENDED);
+    tokio::time::sleep(QUIET).await;
     {
         let mut program = plane.program();
-        for key in &keys {
-            if let Ok(Some(flow)) = program.flow(key) {
-                let ended = PacketRewrite { flags: flow.flags | rewrite_flags::ENDED, ..flow };
-                if let Err(error) = program.set_flow(key, &ended) {
-                    tracing::warn!(%error, "marking a spliced flow ended");
-                }
+        for (key, cookie) in keys.iter().zip(cookies) {
+            if cookie != 0
+                && program.flow(key).ok().flatten().is_some_and(|flow| flow.socket_cookie == cookie)
+                && let Err(error) = program.remove_flow(key)
+            {
+                tracing::warn!(%error, "removing a spliced flow");
             }
         }
     }
-    tokio::time::sleep(QUIET).await;
-    remove(&plane, &keys);
-    drop(sockets);
+    drop(upstream);
     plane.counters.retired.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `flag` to each entry of `keys` that is still the one with the
+/// socket cookie of `cookies` (0: none was found, a switch's entry has no
+/// cookie yet, so nothing is touched).
+fn mark_ours(plane: &PacketPlane, keys: &[PacketFlowKey; 2], cookies: [u64; 2], flag: u16) {
+    let mut program = plane.program();
+    for (key, cookie) in keys.iter().zip(cookies) {
+        if cookie != 0
+            && let Ok(Some(flow)) = program.flow(key)
+            && flow.socket_cookie == cookie
+        {
+            let marked = PacketRewrite { flags: flow.flags | flag, ..flow };
+            if let Err(error) = program.set_flow(key, &marked) {
+                tracing::warn!(%error, flag, "marking a spliced flow finished or ended");
+            }
+        }
+    }
 }
 
 /// Lets go of a connection that has not ended (a stop, a stalled side):
