@@ -6,6 +6,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -20,6 +21,17 @@ const HAPROXY_PIPES: u64 = 1024;
 
 /// Lines for HAProxy's global section, and for its defaults section.
 pub type HaproxyTuning = (&'static [&'static str], &'static [&'static str]);
+
+/// How HAProxy finds the upstream: given as an address (the cost floor of a
+/// proxy that resolves nothing), or the way HAProxy users follow an address
+/// that changes (EKS rotating its ENIs): `tcp-request content do-resolve`
+/// on each connection through a `resolvers` section, whose `hold valid`
+/// is how long an answer is reused, then `set-dst` to a server at 0.0.0.0.
+#[derive(Clone, Copy, Debug)]
+pub enum HaproxyUpstream {
+    Address(SocketAddr),
+    Resolved { name: &'static str, port: u16, dns: SocketAddr, hold_valid: Duration },
+}
 
 /// The HAProxy binary the bench starts, with its version.
 pub struct Haproxy {
@@ -58,7 +70,7 @@ impl Haproxy {
         &self,
         name: &str,
         tuning: HaproxyTuning,
-        upstream: SocketAddr,
+        upstream: HaproxyUpstream,
         open_files: u64,
         topology: &Topology,
     ) -> Result<(Process, SocketAddr, TempDir)> {
@@ -94,21 +106,49 @@ fn haproxy_config(
     name: &str,
     (global_tuning, defaults_tuning): HaproxyTuning,
     listen: SocketAddr,
-    upstream: SocketAddr,
+    upstream: HaproxyUpstream,
     open_files: u64,
 ) -> String {
-    const TIMEOUTS: [&str; 3] = ["timeout connect 10s", "timeout client 5m", "timeout server 5m"];
     let maxconn = format!("maxconn {}", crate::limits::max_connections(open_files));
-    let files = format!("ulimit-n {open_files}");
-    let pipes = format!("maxpipes {HAPROXY_PIPES}");
-    let bind = format!("bind {listen}");
-    let server = format!("server upstream {upstream}");
-    let sections: [(&str, Vec<&str>); 4] = [
-        ("global", [&[maxconn.as_str(), files.as_str(), pipes.as_str()], global_tuning].concat()),
-        ("defaults", [&["mode tcp", maxconn.as_str()], &TIMEOUTS[..], defaults_tuning].concat()),
-        ("frontend bench", vec![&bind, "default_backend upstream"]),
-        ("backend upstream", vec![&server]),
-    ];
+    let owned = |lines: &[&str]| lines.iter().map(|line| (*line).to_owned()).collect::<Vec<_>>();
+    let mut global =
+        vec![maxconn.clone(), format!("ulimit-n {open_files}"), format!("maxpipes {HAPROXY_PIPES}")];
+    global.extend(owned(global_tuning));
+    let mut defaults = vec!["mode tcp".to_owned(), maxconn];
+    defaults.extend(owned(&["timeout connect 10s", "timeout client 5m", "timeout server 5m"]));
+    defaults.extend(owned(defaults_tuning));
+    let mut frontend = vec![format!("bind {listen}")];
+    let mut sections = vec![("global", global), ("defaults", defaults)];
+    let server = match upstream {
+        HaproxyUpstream::Address(addr) => format!("server upstream {addr}"),
+        HaproxyUpstream::Resolved { name, port, dns, hold_valid } => {
+            sections.push((
+                "resolvers bench",
+                vec![
+                    format!("nameserver bench {dns}"),
+                    // HAProxy takes an answer held 0 ms as stale on arrival
+                    // and asks again until `timeout resolve`: 1 ms is its
+                    // lookup for every connection.
+                    format!("hold valid {}ms", hold_valid.as_millis().max(1)),
+                    "hold obsolete 0s".to_owned(),
+                ],
+            ));
+            // Without an inspect delay the content rules are not waited
+            // for, and the lookup (which yields) would not be either; the
+            // accept then releases the connection as soon as it has its
+            // address, rather than at the end of the delay.
+            frontend.extend([
+                "tcp-request inspect-delay 5s".to_owned(),
+                format!("tcp-request content do-resolve(sess.upstream,bench,ipv4) str({name})"),
+                "tcp-request content set-dst var(sess.upstream)".to_owned(),
+                format!("tcp-request content set-dst-port int({port})"),
+                "tcp-request content accept".to_owned(),
+            ]);
+            "server upstream 0.0.0.0:0".to_owned()
+        }
+    };
+    frontend.push("default_backend upstream".to_owned());
+    sections.extend([("frontend bench", frontend), ("backend upstream", vec![server])]);
     let mut text = format!("# {name}, written by splice-proxy's bench\n");
     for (section, lines) in sections {
         text += &format!("\n{section}\n");

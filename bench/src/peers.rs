@@ -4,12 +4,12 @@
 //! are child processes where the topology runs proxies, each killed by its
 //! PID on drop.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    haproxy::{Haproxy, HaproxyTuning},
+    haproxy::{Haproxy, HaproxyTuning, HaproxyUpstream},
     process::{Process, TempDir, find_program},
     topology::{Topology, TopologyKind},
 };
@@ -126,16 +126,28 @@ impl PeerKind {
     }
 }
 
-/// How splice-proxy finds its upstream in the connection set-up workload: a
-/// name its DNS lookup resolves for every connection (`--dns-max-ttl 0`) or
-/// reuses for at most the default 5 s.
+/// How splice-proxy (and HAProxy's `do-resolve`) finds its upstream in the
+/// connection set-up workload: a name looked up for every connection
+/// (`--dns-max-ttl 0`, `hold valid 0s`) or reused for at most the default
+/// 5 s.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum DnsCache {
     Off,
     Default,
 }
 
-/// The name the bench's DNS server answers with 127.0.0.1.
+impl DnsCache {
+    /// How long an answer is reused: splice-proxy's `--dns-max-ttl` (0, or
+    /// its default 5 s), HAProxy's `hold valid`.
+    pub fn hold(self) -> Duration {
+        match self {
+            Self::Off => Duration::ZERO,
+            Self::Default => Duration::from_secs(5),
+        }
+    }
+}
+
+/// The name the bench's DNS server answers with the upstream's address.
 pub const UPSTREAM_NAME: &str = "upstream.bench.test";
 
 /// Where a peer forwards to: an address, or for splice-proxy a name resolved
@@ -196,6 +208,12 @@ impl RunningPeer {
             Some((_, DnsCache::Default)) if kind.is_splice_proxy() => {
                 format!("{}, DNS cached ≤ 5 s", kind.name())
             }
+            Some((_, DnsCache::Off)) if kind.is_haproxy() => {
+                format!("{}, do-resolve each connection", kind.name())
+            }
+            Some((_, DnsCache::Default)) if kind.is_haproxy() => {
+                format!("{}, do-resolve held 5 s", kind.name())
+            }
             _ => kind.name().to_owned(),
         };
         let mut admin = None;
@@ -206,8 +224,16 @@ impl RunningPeer {
             (Some(process), addr, None)
         } else if let Some(tuning) = kind.haproxy_tuning() {
             let haproxy = tools.haproxy.as_ref().context("HAProxy peer without a HAProxy binary")?;
-            let (process, addr, dir) =
-                haproxy.start(kind.name(), tuning, upstream.addr, tools.open_files, topology)?;
+            let target = match upstream.dns {
+                None => HaproxyUpstream::Address(upstream.addr),
+                Some((dns, cache)) => HaproxyUpstream::Resolved {
+                    name: UPSTREAM_NAME,
+                    port: upstream.addr.port(),
+                    dns,
+                    hold_valid: cache.hold(),
+                },
+            };
+            let (process, addr, dir) = haproxy.start(&name, tuning, target, tools.open_files, topology)?;
             (Some(process), addr, Some(dir))
         } else if kind == PeerKind::NginxStream {
             let binary = tools.nginx.as_ref().context("nginx peer without an nginx binary")?;

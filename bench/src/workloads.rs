@@ -113,9 +113,10 @@ pub fn latency(
     Ok(results)
 }
 
-/// Every peer with the upstream as an address, and splice-proxy in each plane
-/// twice more with the upstream as a name: looked up for every connection
-/// (`--dns-max-ttl 0`) and with the default cache.
+/// Every peer with the upstream as an address but splice-proxy, which with
+/// each HAProxy configuration runs twice more with the upstream as a name
+/// (the same DNS server): looked up for every connection (`--dns-max-ttl
+/// 0`, HAProxy's `hold valid 0s`) and with answers reused for 5 s.
 pub fn connect(
     args: &Args,
     kinds: &[PeerKind],
@@ -136,7 +137,15 @@ pub fn connect(
     dns.set(UPSTREAM_NAME, splice_proxy_tests::dns::Answer::Addrs(vec![greeter.ip()]));
     let mut running = Vec::new();
     for &kind in kinds {
-        if kind.is_splice_proxy() {
+        if kind.is_splice_proxy() || kind.is_haproxy() {
+            if kind.is_haproxy() {
+                running.push(RunningPeer::start(
+                    kind,
+                    Upstream { addr: greeter, dns: None },
+                    tools,
+                    topology,
+                )?);
+            }
             for cache in [DnsCache::Off, DnsCache::Default] {
                 running.push(RunningPeer::start(
                     kind,
