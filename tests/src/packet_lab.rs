@@ -58,14 +58,35 @@ impl Lab {
     }
 
     /// The proxy on the packet plane, forwarding to the server, with `extra`
-    /// flags.
+    /// flags. It joins every connection at once (`--packet-switch-after
+    /// 0s`, unless `extra` sets it), so that the switch meets whatever a
+    /// test sends, a few bytes included; [`Lab::proxy_as_deployed`] keeps
+    /// the default.
     pub fn proxy(&self, extra: &[&str]) -> Result<ProxyProcess> {
         self.proxy_to(&self.server.addr.to_string(), extra)
     }
 
-    /// The proxy on the packet plane, forwarding to `upstream`, with `extra`
-    /// flags.
+    /// The proxy on the packet plane as it is deployed: a connection is
+    /// relayed by hand until it has lived or carried enough for the switch.
+    pub fn proxy_as_deployed(&self, extra: &[&str]) -> Result<ProxyProcess> {
+        self.start_proxy(&self.server.addr.to_string(), extra)
+    }
+
+    /// [`Lab::proxy_as_deployed`] forwarding to `upstream`.
+    pub fn start_proxy_as_deployed_to(&self, upstream: &str) -> Result<ProxyProcess> {
+        self.start_proxy(upstream, &[])
+    }
+
+    /// [`Lab::proxy`] forwarding to `upstream`.
     pub fn proxy_to(&self, upstream: &str, extra: &[&str]) -> Result<ProxyProcess> {
+        let mut args = extra.to_vec();
+        if !extra.contains(&"--packet-switch-after") {
+            args.extend_from_slice(&["--packet-switch-after", "0s"]);
+        }
+        self.start_proxy(upstream, &args)
+    }
+
+    fn start_proxy(&self, upstream: &str, extra: &[&str]) -> Result<ProxyProcess> {
         let listen = format!("{}:0", LineTopology::PROXY_CLIENT_SIDE_ADDR);
         let mut args =
             vec!["--listen", &listen, "--upstream", upstream, "--dataplane", "packet", "--no-sni-check"];

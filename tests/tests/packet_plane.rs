@@ -98,6 +98,10 @@ fn a_connection_with_timestamps_on_one_side_stays_on_splice_with_its_reason_coun
     Ok(())
 }
 
+/// The stress runs, each connection joined at once, on an idle and on a
+/// busy host; then, on the busy host, half as many as deployed: relayed by
+/// hand first and joined in the middle of the stream, once it carried
+/// enough.
 #[test]
 fn stress_runs_are_exact_on_an_idle_and_on_a_busy_host() -> Result<()> {
     let runs = knob("SPLICE_PROXY_PACKET_STRESS_RUNS", 50)?;
@@ -106,7 +110,65 @@ fn stress_runs_are_exact_on_an_idle_and_on_a_busy_host() -> Result<()> {
     lab.exact_runs(&proxy, (runs, 64, "idle host"))?;
     let busy = BusyLoops::on_every_core()?;
     lab.exact_runs(&proxy, (runs, 64, "busy host"))?;
+    let deployed = lab.proxy_as_deployed(&[])?;
+    lab.exact_runs(&deployed, (runs.div_ceil(2), 64, "busy host, relayed by hand first"))?;
     drop(busy);
+    Ok(())
+}
+
+/// As deployed, a connection is relayed by hand until it has lived 1 s or
+/// carried 1 MiB: short ones end there, exact, never switched and counted
+/// `short_lived`; a bulk one is joined in the middle of its stream and one
+/// that goes quiet once it has lived long enough, each exact and carried by
+/// the program from then on.
+#[test]
+fn short_connections_end_relayed_by_hand_and_long_ones_are_joined() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let lab = Lab::new()?;
+    let mut proxy = lab.proxy_as_deployed(&[])?;
+    let short = [(100, 5000, Order::Concurrent), (0, 0, Order::Concurrent), (4000, 100, Order::ClientFirst)];
+    lab.run_all(&proxy, &short)?;
+    let closed = lab.runtime.block_on(proxy.wait_closed(short.len(), Duration::from_secs(10)))?;
+    for line in &closed {
+        ensure!(line["reason"] == "completed" && line["kernel_bytes"] == 0, "relayed by hand: {line}");
+    }
+    let bulk = [(16 * MIB, 16 * MIB, Order::Concurrent), (MIB, 8 * MIB, Order::UpstreamFirst)];
+    lab.run_all(&proxy, &bulk)?;
+    let closed =
+        lab.runtime.block_on(proxy.wait_closed(short.len() + bulk.len(), Duration::from_secs(10)))?;
+    for (line, &(up, down, _)) in closed[short.len()..].iter().zip(&bulk) {
+        ensure!(
+            line["reason"] == "completed"
+                && line["bytes_up"].as_u64() == Some(up + HEADER)
+                && line["bytes_down"].as_u64() == Some(down)
+                && line["kernel_bytes"].as_u64() > Some(0),
+            "exact, and joined once it carried 1 MiB: {line}"
+        );
+    }
+    let totals = lab.totals(&mut proxy)?;
+    ensure!(
+        totals["spliced"] == 2 && totals["fallbacks"] == "short_lived=3",
+        "the short ones relayed by hand, the bulk ones joined: {totals}"
+    );
+    // A quiet connection: its hello relayed by hand, joined after 1 s.
+    let upstream = lab.plain_upstream()?;
+    let mut proxy = lab.start_proxy_as_deployed_to(&upstream.local_addr()?.to_string())?;
+    lab.runtime.block_on(async {
+        let (mut client, mut accepted) = lab.spliced_pair(&proxy, &upstream, 1.0).await?;
+        client.shutdown().await?;
+        accepted.read_to_end(&mut Vec::new()).await?;
+        accepted.shutdown().await?;
+        client.read_to_end(&mut Vec::new()).await?;
+        let closed = proxy.wait_closed(1, Duration::from_secs(10)).await?;
+        ensure!(
+            closed[0]["reason"] == "completed" && closed[0]["kernel_bytes"].as_u64() > Some(0),
+            "joined once it had lived 1 s: {}",
+            closed[0]
+        );
+        anyhow::Ok(())
+    })?;
+    let totals = lab.totals(&mut proxy)?;
+    ensure!(totals["spliced"] == 1 && totals["fallbacks"] == "none", "the quiet one joined: {totals}");
     Ok(())
 }
 

@@ -41,6 +41,13 @@ pub const SPLICE_PIPE_SIZE: usize = 1 << 20;
 pub const MAX_CONNECTIONS: usize = 65_536;
 pub const MAX_INFLIGHT: u64 = 4 << 20;
 pub const COPY_BUFFER_SIZE: usize = 128 << 10;
+/// Longer than a kubectl request's connection (a handshake, a request, an
+/// answer), short for a watch or a stream, whose bytes the program then
+/// carries.
+pub const PACKET_SWITCH_AFTER: Duration = Duration::from_secs(1);
+/// A bulk copy is relayed by hand for this much at most, a few hundred
+/// microseconds of the proxy's CPU, before the program carries it.
+pub const PACKET_SWITCH_AFTER_BYTES: u64 = 1 << 20;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 
 /// The name a value of a `ValueEnum` has on the command line and in the file.
@@ -74,6 +81,8 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("max_connections", MAX_CONNECTIONS.to_string()),
         ("max_inflight", MAX_INFLIGHT.to_string()),
         ("copy_buffer_size", COPY_BUFFER_SIZE.to_string()),
+        ("packet_switch_after", duration(PACKET_SWITCH_AFTER)),
+        ("packet_switch_after_bytes", PACKET_SWITCH_AFTER_BYTES.to_string()),
         ("log_format", value_name(&LOG_FORMAT)),
     ]
 }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::{
     connect::ConnectConfig,
-    dataplane::{ChosenPlane, DataPlane, splice::Pipe},
+    dataplane::{ChosenPlane, DataPlane, packet::SwitchAfter, splice::Pipe},
     dns::DnsConfig,
     sockopt::TcpConfig,
     source_filter::SourceFilterConfig,
@@ -57,6 +57,8 @@ pub struct Config {
     /// Packet plane: the interfaces to attach its program to (`None`: those
     /// of the main routing table).
     pub packet_interfaces: Option<Vec<String>>,
+    /// Packet plane: when a connection relayed by hand is joined.
+    pub packet_switch_after: SwitchAfter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +204,10 @@ impl Config {
             source_filter,
             upgrade_socket: o.upgrade_socket,
             packet_interfaces: packet_interfaces(o.packet_interfaces)?,
+            packet_switch_after: SwitchAfter {
+                time: o.packet_switch_after.unwrap_or(defaults::PACKET_SWITCH_AFTER),
+                bytes: o.packet_switch_after_bytes.unwrap_or(defaults::PACKET_SWITCH_AFTER_BYTES),
+            },
         })
     }
 }

@@ -164,6 +164,21 @@ pub struct Options {
     #[arg(long = "packet-interface", value_name = "IF", value_delimiter = ',')]
     pub packet_interfaces: Option<Vec<String>>,
 
+    /// Packet plane: a connection is relayed by the proxy until it has lived
+    /// this long (or carried --packet-switch-after-bytes), and only then
+    /// joined in the program: a short connection (a kubectl request) ends
+    /// without the switch's cost, a long one (a watch, a stream) is carried
+    /// by the program. 0 joins every connection at once.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub packet_switch_after: Option<Duration>,
+
+    /// Packet plane: bytes (both directions) after which a connection
+    /// relayed by the proxy is joined in the program, if it has not lived
+    /// --packet-switch-after yet. 0 joins every connection at once.
+    #[arg(long, value_name = "BYTES")]
+    pub packet_switch_after_bytes: Option<u64>,
+
     /// Largest buffer per direction for the userspace copy data plane: it is
     /// allocated at the direction's first byte with 16 KiB and doubles each
     /// time a read fills it.

@@ -32,6 +32,8 @@ pub(super) fn overlay(file: Options, flags: Options) -> Options {
         splice_pipe_size: flags.splice_pipe_size.or(file.splice_pipe_size),
         max_inflight: flags.max_inflight.or(file.max_inflight),
         packet_interfaces: flags.packet_interfaces.or(file.packet_interfaces),
+        packet_switch_after: flags.packet_switch_after.or(file.packet_switch_after),
+        packet_switch_after_bytes: flags.packet_switch_after_bytes.or(file.packet_switch_after_bytes),
         max_connections: flags.max_connections.or(file.max_connections),
         log_format: flags.log_format.or(file.log_format),
         upgrade_socket: flags.upgrade_socket.or(file.upgrade_socket),

@@ -43,6 +43,12 @@ impl Config {
         new.dataplane = self.dataplane;
         keep("packet_interfaces", &self.packet_interfaces, &new.packet_interfaces);
         new.packet_interfaces.clone_from(&self.packet_interfaces);
+        keep(
+            "packet_switch_after, packet_switch_after_bytes",
+            &self.packet_switch_after,
+            &new.packet_switch_after,
+        );
+        new.packet_switch_after = self.packet_switch_after;
         keep("admin_listen", &self.admin.listen, &new.admin.listen);
         new.admin.listen = self.admin.listen;
         keep("health_listen", &self.admin.health_listen, &new.admin.health_listen);

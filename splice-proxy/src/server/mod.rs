@@ -168,6 +168,7 @@ impl Server {
                 max_connections: config.max_connections,
                 interfaces: config.packet_interfaces.as_deref(),
                 tcp: config.tcp,
+                switch_after: config.packet_switch_after,
                 log_format: config.log_format,
             },
         )?;

@@ -28,6 +28,8 @@ pub struct PacketSetup<'a> {
     /// `--tcp-user-timeout` (how long a spliced connection's bytes may wait
     /// for an acknowledgement) and the keepalive times (its probes).
     pub tcp: crate::sockopt::TcpConfig,
+    /// When a connection relayed by hand is joined in the program.
+    pub switch_after: crate::dataplane::packet::SwitchAfter,
     /// How its reset helper logs.
     pub log_format: crate::config::LogFormat,
 }
@@ -49,6 +51,7 @@ pub fn start(
                 packet.interfaces,
                 fallback_pipe_size,
                 packet.tcp,
+                packet.switch_after,
                 packet.log_format,
             ) {
                 Ok(plane) => Ok(started(Plane::Packet(plane), chosen.reason.into(), Some(kernel))),
@@ -118,6 +121,10 @@ mod tests {
             keepalive_interval: crate::config::defaults::TCP_KEEPALIVE_INTERVAL,
             keepalive_count: crate::config::defaults::TCP_KEEPALIVE_COUNT,
             user_timeout: std::time::Duration::ZERO,
+        },
+        switch_after: crate::dataplane::packet::SwitchAfter {
+            time: crate::config::defaults::PACKET_SWITCH_AFTER,
+            bytes: crate::config::defaults::PACKET_SWITCH_AFTER_BYTES,
         },
         log_format: crate::config::LogFormat::Text,
     };

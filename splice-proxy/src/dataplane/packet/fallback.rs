@@ -20,6 +20,11 @@ pub enum Fallback {
     NotQuiescent,
     /// A peer had closed or reset its connection before the switch.
     PeerClosed,
+    /// The connection ended (a peer closed or reset it) while it was
+    /// relayed by hand, before it had lived or carried enough to be worth
+    /// the switch (`--packet-switch-after`, `--packet-switch-after-bytes`):
+    /// the next plane carries its end. Most short connections end so.
+    ShortLived,
     /// One connection negotiated timestamps and the other did not: the
     /// option cannot be added to or removed from a packet in place.
     TimestampsOnOneSide,
@@ -35,13 +40,14 @@ pub enum Fallback {
 
 impl Fallback {
     /// Every reason, in the order the metrics list them.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::NotIpv4,
         Self::Loopback,
         Self::FlowTableFull,
         Self::PeerNotSeen,
         Self::NotQuiescent,
         Self::PeerClosed,
+        Self::ShortLived,
         Self::TimestampsOnOneSide,
         Self::MssDiffers,
         Self::MicrosecondTimestamps,
@@ -58,6 +64,7 @@ impl Fallback {
             Self::PeerNotSeen => "peer_not_seen",
             Self::NotQuiescent => "not_quiescent",
             Self::PeerClosed => "peer_closed",
+            Self::ShortLived => "short_lived",
             Self::TimestampsOnOneSide => "timestamps_on_one_side",
             Self::MssDiffers => "mss_differs",
             Self::MicrosecondTimestamps => "microsecond_timestamps",

@@ -2,6 +2,9 @@
 //! rewrites each packet of one connection into the other, so neither of the
 //! proxy's TCP stacks touches the bytes.
 //!
+//! - [`early`]: a connection's first moments, relayed by hand; a short one
+//!   ends there and is never switched, one that lives or carries enough
+//!   ([`SwitchAfter`]) goes on to the switch.
 //! - [`switch`]: holds both flows in the program, relays what the sockets
 //!   still hold, waits until both are quiescent, reads them in repair mode
 //!   and installs each direction's rewrite ([`rewrite`], from the state
@@ -16,6 +19,7 @@
 //! What a live socket gives the switch, and why `TCP_REPAIR` alone does not
 //! silence it: docs/kernel-notes.md, *A live socket, for packet splicing*.
 
+mod early;
 pub mod fallback;
 mod flow;
 pub mod grace;
@@ -38,8 +42,9 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use self::{fallback::Fallback, program::PacketProgram};
-use super::transfer::{ByteProgress, Sockets, Step};
+pub use self::early::SwitchAfter;
+use self::{early::Early, fallback::Fallback, program::PacketProgram};
+use super::transfer::{ByteProgress, Sockets, Step, Transfer};
 use crate::kernel::KernelError;
 
 /// The stall timeout with `--tcp-user-timeout 0` (the kernel's default):
@@ -113,6 +118,8 @@ impl PacketCounters {
 pub struct PacketPlane {
     program: Mutex<PacketProgram>,
     fallback_pipe_size: usize,
+    /// When a connection, relayed by hand until then, is switched.
+    switch_after: SwitchAfter,
     /// How long a spliced connection's bytes may wait for an
     /// acknowledgement before that side counts as gone.
     stall_timeout: Duration,
@@ -129,7 +136,8 @@ pub struct PacketPlane {
 impl PacketPlane {
     /// Loads the program with room for `max_connections` (and as many
     /// ended ones lingering), and attaches it to `interfaces`, or to every
-    /// routed interface.
+    /// routed interface. A connection is relayed by hand until it is worth
+    /// switching by `switch_after`.
     /// `tcp`: its `user_timeout` (`--tcp-user-timeout`) is how long a
     /// spliced connection's bytes may wait for an acknowledgement (zero
     /// takes [`DEFAULT_STALL_TIMEOUT`]); its keepalive times are those of
@@ -139,6 +147,7 @@ impl PacketPlane {
         interfaces: Option<&[String]>,
         fallback_pipe_size: usize,
         tcp: crate::sockopt::TcpConfig,
+        switch_after: SwitchAfter,
         log_format: crate::config::LogFormat,
     ) -> Result<Arc<Self>, PacketStartError> {
         let names = match interfaces {
@@ -162,6 +171,7 @@ impl PacketPlane {
         Ok(Arc::new(Self {
             program: Mutex::new(program),
             fallback_pipe_size,
+            switch_after,
             stall_timeout,
             keepalive: keepalive::KeepaliveTimes::from(&tcp),
             counters: PacketCounters::default(),
@@ -188,19 +198,38 @@ impl PacketPlane {
         stop: &CancellationToken,
         progress: &ByteProgress,
     ) -> Step {
-        match switch::switch(self, &sockets, progress).await {
+        let keys = match switch::joinable(&sockets) {
+            Ok(keys) => keys,
+            Err(reason) => return self.hand_over(sockets, reason),
+        };
+        if !self.switch_after.at_once() {
+            match early::relay_until_worth_switching(&sockets, progress, self.switch_after, stop).await {
+                Early::WorthSwitching => {}
+                Early::Ended => return self.hand_over(sockets, Fallback::ShortLived),
+                Early::Over(ending) => return Step::Finished(Transfer::counted(progress, ending)),
+            }
+        }
+        match switch::switch(self, &sockets, progress, keys).await {
             Ok(keys) => {
                 self.counters.spliced.fetch_add(1, Ordering::Relaxed);
                 let transfer = flow::follow(self, keys, sockets, stop, progress).await;
                 self.counters.ended.fetch_add(1, Ordering::Relaxed);
                 Step::Finished(transfer)
             }
-            Err(reason) => {
-                self.counters.fell_back(reason);
-                tracing::info!(reason = reason.label(), "not spliced in the kernel");
-                Step::HandOver(sockets)
-            }
+            Err(reason) => self.hand_over(sockets, reason),
         }
+    }
+
+    /// Gives the connection to the next plane, the reason counted and
+    /// logged (a short connection's at debug: most are).
+    fn hand_over(&self, sockets: Sockets, reason: Fallback) -> Step {
+        self.counters.fell_back(reason);
+        if reason == Fallback::ShortLived {
+            tracing::debug!(reason = reason.label(), "not spliced in the kernel");
+        } else {
+            tracing::info!(reason = reason.label(), "not spliced in the kernel");
+        }
+        Step::HandOver(sockets)
     }
 
     /// The plane's counters over the whole run, logged at exit.

@@ -93,20 +93,27 @@ const SWITCH_POLL: Duration = Duration::from_millis(1);
 /// Bytes relayed by hand per read while the flows are watched.
 const RELAY_BUFFER: usize = 64 << 10;
 
-/// Joins the connection in the program: the flow keys (client → upstream
-/// first), or why not (nothing of the switch is left behind then).
-pub(super) async fn switch(
-    plane: &Arc<PacketPlane>,
-    sockets: &Sockets,
-    progress: &ByteProgress,
-) -> Result<[PacketFlowKey; 2], Fallback> {
+/// Step 0: whether the connection can be joined at all, from its addresses
+/// and what its handshakes settled: its flow keys (client → upstream
+/// first), or why not. Nothing is relayed or watched for a connection that
+/// cannot be joined anyway.
+pub(super) fn joinable(sockets: &Sockets) -> Result<[PacketFlowKey; 2], Fallback> {
     let keys = [key_of(&sockets.client)?, key_of(&sockets.upstream)?];
-    // What the handshakes settled is known now: nothing is watched for a
-    // connection that cannot be joined anyway.
     let (client, _) = repair::negotiated(&sockets.client).map_err(failed("reading the client's options"))?;
     let (upstream, _) =
         repair::negotiated(&sockets.upstream).map_err(failed("reading the upstream's options"))?;
     compatible(&client, &upstream)?;
+    Ok(keys)
+}
+
+/// Joins the connection of `keys` ([`joinable`]) in the program, or says
+/// why not (nothing of the switch is left behind then).
+pub(super) async fn switch(
+    plane: &Arc<PacketPlane>,
+    sockets: &Sockets,
+    progress: &ByteProgress,
+    keys: [PacketFlowKey; 2],
+) -> Result<[PacketFlowKey; 2], Fallback> {
     watch(plane, &keys)?;
     let keepalive = [keepalive(&sockets.client), keepalive(&sockets.upstream)];
     let joined = join(plane, sockets, progress, &keys).await;
