@@ -40,18 +40,19 @@ fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
-/// TCP_NODELAY, keepalive (idle, interval, count) and TCP_USER_TIMEOUT.
+/// TCP_NODELAY, keepalive (idle, interval, count) and TCP_USER_TIMEOUT (0:
+/// the kernel's default). Set on a listening socket, they are inherited by
+/// every socket it accepts from then on (Linux copies them to the new
+/// socket at the handshake), so the client side of a connection costs no
+/// call of its own (`accepted_sockets_inherit_the_listeners_options`).
 pub fn apply<F: AsFd>(fd: &F, tcp: &TcpConfig) -> Result<(), SockoptError> {
     set(fd, sockopt::TcpNoDelay, &true, "TCP_NODELAY")?;
     set(fd, sockopt::KeepAlive, &true, "SO_KEEPALIVE")?;
     set(fd, sockopt::TcpKeepIdle, &secs(tcp.keepalive_idle), "TCP_KEEPIDLE")?;
     set(fd, sockopt::TcpKeepInterval, &secs(tcp.keepalive_interval), "TCP_KEEPINTVL")?;
     set(fd, sockopt::TcpKeepCount, &tcp.keepalive_count, "TCP_KEEPCNT")?;
-    if !tcp.user_timeout.is_zero() {
-        let millis = u32::try_from(tcp.user_timeout.as_millis()).unwrap_or(u32::MAX);
-        set(fd, sockopt::TcpUserTimeout, &millis, "TCP_USER_TIMEOUT")?;
-    }
-    Ok(())
+    let millis = u32::try_from(tcp.user_timeout.as_millis()).unwrap_or(u32::MAX);
+    set(fd, sockopt::TcpUserTimeout, &millis, "TCP_USER_TIMEOUT")
 }
 
 /// Fixes the receive buffer at `bytes` (the kernel doubles the value for
@@ -200,5 +201,36 @@ mod tests {
         assert!(window_clamp(&accepted).unwrap() >= 4 << 20);
         let linger = getsockopt(&stream, sockopt::Linger).unwrap();
         assert_eq!((linger.l_onoff, linger.l_linger), (1, 0));
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let plain = {
+            let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            listener.accept().unwrap().0
+        };
+        assert!(!getsockopt(&plain, sockopt::TcpNoDelay).unwrap());
+        assert!(!getsockopt(&plain, sockopt::KeepAlive).unwrap());
+        for (idle, user_timeout) in [(31, 45_000), (90, 0)] {
+            let tcp = TcpConfig {
+                keepalive_idle: Duration::from_secs(idle),
+                keepalive_interval: Duration::from_secs(7),
+                keepalive_count: 4,
+                user_timeout: Duration::from_millis(user_timeout),
+            };
+            apply(&listener, &tcp).unwrap();
+            let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            assert!(getsockopt(&accepted, sockopt::TcpNoDelay).unwrap());
+            assert!(getsockopt(&accepted, sockopt::KeepAlive).unwrap());
+            assert_eq!(getsockopt(&accepted, sockopt::TcpKeepIdle).unwrap(), u32::try_from(idle).unwrap());
+            assert_eq!(getsockopt(&accepted, sockopt::TcpKeepInterval).unwrap(), 7);
+            assert_eq!(getsockopt(&accepted, sockopt::TcpKeepCount).unwrap(), 4);
+            assert_eq!(
+                getsockopt(&accepted, sockopt::TcpUserTimeout).unwrap(),
+                u32::try_from(user_timeout).unwrap()
+            );
+        }
     }
 }

@@ -241,10 +241,8 @@ impl Proxy {
         registration: &Registration,
         started: Instant,
     ) -> Option<Established<'e>> {
+        // The client's socket has its TCP options from the listener.
         let path = self.path();
-        if let Err(error) = sockopt::apply(&client, &path.tcp) {
-            tracing::warn!(%error, "client socket options");
-        }
         let mut learned = Learned::default();
         let guarded = tokio::select! {
             guarded = edge::guard(&mut client, edge, &self.edge_stats, &mut learned) => Some(guarded),

@@ -183,7 +183,7 @@ impl Server {
         };
         let proxy = Arc::new(Proxy::new(config, plane, observers)?);
         let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
-        let listeners = ListenerSet::new(bound, &config.listeners)?;
+        let listeners = ListenerSet::new(bound, &config.listeners, &config.tcp)?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
             source_filter::guard_bound(filter, &config.listeners, &listeners.listening())?;

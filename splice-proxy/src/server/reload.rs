@@ -88,7 +88,7 @@ impl Server {
             );
         }
         let path = PathSettings::new(&new, Some(&self.proxy.path()))?;
-        let (added, removed) = self.listeners.reload(&new.listeners, &self.accepting)?;
+        let (added, removed) = self.listeners.reload(&new.listeners, &new.tcp, &self.accepting)?;
         // Nothing below fails: the new configuration is in force from here.
         self.proxy.set_path(path);
         self.limit.set(new.max_connections);

@@ -21,7 +21,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::socket::{BindError, Listener};
 
-use crate::{addr::ListenAddr, config::ListenerConfig, edge::EdgeConfig, proxy::Proxy};
+use crate::{addr::ListenAddr, config::ListenerConfig, edge::EdgeConfig, proxy::Proxy, sockopt::TcpConfig};
 
 /// What every accept loop hands its connections to.
 #[derive(Clone)]
@@ -58,6 +58,12 @@ pub(super) struct ListenerSet {
     stop_accepting: CancellationToken,
 }
 
+/// Sets `tcp` on `listener`: the sockets it accepts inherit the options.
+fn with_options(listener: &Listener, tcp: &TcpConfig) -> Result<(), BindError> {
+    crate::sockopt::apply(listener, tcp)
+        .map_err(|error| BindError { addr: listener.addr, source: std::io::Error::other(error) })
+}
+
 /// For each wanted address, the running listener it keeps, if any: a fixed
 /// port is the listener bound there (whatever it was configured as, so a
 /// file may name the port a port-0 listener got); port 0 is the next
@@ -79,14 +85,16 @@ pub(super) fn keep(running: &[(ListenAddr, ListenAddr)], wanted: &[ListenAddr]) 
 }
 
 impl ListenerSet {
-    /// `bound` in the order of `configs` (not accepting yet).
-    pub fn new(bound: Vec<Bound>, configs: &[ListenerConfig]) -> Result<Self, BindError> {
+    /// `bound` in the order of `configs` (not accepting yet), each with the
+    /// TCP options `tcp`, which the sockets it accepts inherit.
+    pub fn new(bound: Vec<Bound>, configs: &[ListenerConfig], tcp: &TcpConfig) -> Result<Self, BindError> {
         let mut set = Self {
             served: Vec::new(),
             accept_loops: JoinSet::new(),
             stop_accepting: CancellationToken::new(),
         };
         for (b, config) in bound.into_iter().zip(configs) {
+            with_options(&b.listener, tcp)?;
             set.served.push(set.served(b, &config.edge)?);
         }
         Ok(set)
@@ -159,6 +167,7 @@ impl ListenerSet {
     pub fn reload(
         &mut self,
         configs: &[ListenerConfig],
+        tcp: &TcpConfig,
         accepting: &Accepting,
     ) -> Result<(Vec<ListenAddr>, Vec<ListenAddr>), BindError> {
         let running: Vec<_> = self.served.iter().map(|s| (s.configured, s.addr)).collect();
@@ -167,7 +176,16 @@ impl ListenerSet {
         let mut added = Vec::new();
         for (config, _) in configs.iter().zip(&kept).filter(|(_, k)| k.is_none()) {
             let listener = Listener::bind(config.addr)?;
+            with_options(&listener, tcp)?;
             added.push(self.served(Bound { configured: config.addr, listener }, &config.edge)?);
+        }
+        // The kept listeners take the new options past the point where the
+        // reload may still fail: an option a validated value cannot be set
+        // to on a listening socket is logged, the old one stays.
+        for served in &self.served {
+            if let Err(error) = crate::sockopt::apply(&served.fd, tcp) {
+                tracing::warn!(listen = %served.addr, %error, "SIGHUP: the new TCP options on a kept listener");
+            }
         }
         let added_addrs = added.iter().map(|s| s.addr).collect();
         let mut old: Vec<Option<Served>> = self.served.drain(..).map(Some).collect();
