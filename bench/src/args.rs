@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::topology::TopologyKind;
 
 pub const USAGE: &str = "\
-bench [--workload throughput|latency|connect|idle]... [--topology loopback|routed]...
+bench [--workload throughput|latency|connect|tls|idle]... [--topology loopback|routed]...
       [--only SUBSTRING] [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced|paced8]...
       [--round-trips N (20000)] [--idle N,N (10000,50000)] [--results DIR (bench/results)]
       [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
@@ -32,6 +32,10 @@ Workloads:
   connect     new connections/s through the peer with time to first byte
               (--seconds each); splice-proxy with its upstream as a name that a
               local DNS server resolves, with --dns-max-ttl 0 and the default
+  tls         kubectl's pattern: a new TLS connection (certificate verified), one
+              request, its whole answer, the server closing; connections/s
+              with time to the whole answer (--seconds each), every peer given
+              the API server's address
   idle        proxy RSS and kernel socket memory per connection with --idle
               connections held open (one round; socat left out)
 --workload picks some (repeatable; default all). --rounds applies to throughput,
@@ -48,6 +52,7 @@ pub enum Workload {
     Throughput,
     Latency,
     Connect,
+    Tls,
     Idle,
 }
 
@@ -95,8 +100,9 @@ pub fn parse() -> Result<Args> {
                     "throughput" => Workload::Throughput,
                     "latency" => Workload::Latency,
                     "connect" => Workload::Connect,
+                    "tls" => Workload::Tls,
                     "idle" => Workload::Idle,
-                    other => bail!("--workload {other}: expected throughput, latency, connect or idle"),
+                    other => bail!("--workload {other}: expected throughput, latency, connect, tls or idle"),
                 };
                 if !args.workloads.contains(&workload) {
                     args.workloads.push(workload);
@@ -144,7 +150,8 @@ pub fn parse() -> Result<Args> {
         }
     }
     if args.workloads.is_empty() {
-        args.workloads = vec![Workload::Throughput, Workload::Latency, Workload::Connect, Workload::Idle];
+        args.workloads =
+            vec![Workload::Throughput, Workload::Latency, Workload::Connect, Workload::Tls, Workload::Idle];
     }
     if args.topologies.is_empty() {
         args.topologies = TopologyKind::ALL.to_vec();

@@ -20,7 +20,7 @@ use crate::{
 /// Client threads opening connections one after the other, each.
 pub const CLIENTS: usize = 4;
 /// How long one connection may take to bring its first byte.
-const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Sample {
@@ -39,12 +39,25 @@ pub struct Sample {
 /// [`CLIENTS`] threads connect to `addr` again and again for `duration`;
 /// `proxy`: the PID of the peer's process, whose CPU is read.
 pub fn run(addr: SocketAddr, proxy: Option<u32>, duration: Duration) -> Result<Sample> {
+    run_with(addr, proxy, duration, first_byte)
+}
+
+/// [`run`] with `connection`: one whole connection to `addr`, returning the
+/// time to what it measures (the first byte, the first answer).
+pub fn run_with(
+    addr: SocketAddr,
+    proxy: Option<u32>,
+    duration: Duration,
+    connection: impl Fn(SocketAddr) -> Result<Duration> + Sync,
+) -> Result<Sample> {
     let idle_before = idle_seconds()?;
     let ticks_before = proxy.map(tree_ticks);
     let started = Instant::now();
+    let connection = &connection;
     let per_client: Vec<Vec<u64>> = thread::scope(|scope| {
-        let clients: Vec<_> =
-            (0..CLIENTS).map(|_| scope.spawn(move || connect_repeatedly(addr, started, duration))).collect();
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| scope.spawn(move || connect_repeatedly(addr, started, duration, connection)))
+            .collect();
         clients.into_iter().map(|client| client.join().expect("client thread panicked")).collect::<Vec<_>>()
     })
     .into_iter()
@@ -67,19 +80,32 @@ pub fn run(addr: SocketAddr, proxy: Option<u32>, duration: Duration) -> Result<S
     })
 }
 
-/// Times to first byte, in nanoseconds, of every connection made.
-fn connect_repeatedly(addr: SocketAddr, started: Instant, duration: Duration) -> Result<Vec<u64>> {
+/// The times `connection` measured, in nanoseconds, of every connection
+/// made.
+fn connect_repeatedly(
+    addr: SocketAddr,
+    started: Instant,
+    duration: Duration,
+    connection: &impl Fn(SocketAddr) -> Result<Duration>,
+) -> Result<Vec<u64>> {
     let mut ttfb_ns = Vec::new();
     while started.elapsed() < duration {
-        let opened = Instant::now();
-        let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-        stream.set_read_timeout(Some(STALL_TIMEOUT))?;
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).with_context(|| format!("waiting for the first byte through {addr}"))?;
-        ttfb_ns.push(u64::try_from(opened.elapsed().as_nanos()).unwrap_or(u64::MAX));
-        // The upstream closes first: wait for its FIN, so this side does not
-        // hold the port in TIME_WAIT.
-        let _ = stream.read(&mut byte);
+        let took = connection(addr)?;
+        ttfb_ns.push(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
     }
     Ok(ttfb_ns)
+}
+
+/// One connection to the greeter: the time from connect() to its byte.
+fn first_byte(addr: SocketAddr) -> Result<Duration> {
+    let opened = Instant::now();
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(STALL_TIMEOUT))?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).with_context(|| format!("waiting for the first byte through {addr}"))?;
+    let took = opened.elapsed();
+    // The upstream closes first: wait for its FIN, so this side does not
+    // hold the port in TIME_WAIT.
+    let _ = stream.read(&mut byte);
+    Ok(took)
 }

@@ -25,11 +25,14 @@ mod proxy_counters;
 mod report;
 mod results;
 mod servers;
+mod setup_report;
+mod setup_targets;
 mod socat;
 mod splice_proxy;
 mod stats;
 mod targets;
 mod throughput;
+mod tls_request;
 mod topology;
 mod workloads;
 
@@ -104,6 +107,7 @@ fn measure(
         if runs(Workload::Latency) { workloads::latency(args, kinds, tools, topology)? } else { Vec::new() };
     let connect =
         if runs(Workload::Connect) { workloads::connect(args, kinds, tools, topology)? } else { Vec::new() };
+    let tls = if runs(Workload::Tls) { workloads::tls(args, kinds, tools, topology)? } else { Vec::new() };
     // Memory per connection does not depend on the path, and the routed
     // namespaces would need their own port range and limits for it.
     let idle = if runs(Workload::Idle) && topology.kind() == TopologyKind::Loopback {
@@ -121,6 +125,7 @@ fn measure(
         throughput,
         latency,
         connect,
+        tls,
         idle,
     })
 }

@@ -192,6 +192,8 @@ pub struct RunningPeer {
     pub kind: PeerKind,
     pub name: String,
     pub addr: SocketAddr,
+    /// How it finds its upstream by name, if it does.
+    pub dns: Option<DnsCache>,
     /// splice-proxy's admin endpoint (its byte counters).
     pub admin: Option<SocketAddr>,
     // Declared before the config directory so the process dies first.
@@ -249,7 +251,8 @@ impl RunningPeer {
         } else {
             bail!("no way to start {kind:?}")
         };
-        Ok(Self { kind, name, addr, admin, process, _config_dir: dir })
+        let dns = upstream.dns.map(|(_, cache)| cache);
+        Ok(Self { kind, name, addr, dns, admin, process, _config_dir: dir })
     }
 
     /// Fails if the proxy behind this peer has exited.

@@ -38,6 +38,7 @@ pub fn markdown(results: &Results) -> String {
         results.settings
     );
     crate::targets::write(&mut out, results);
+    crate::setup_targets::write(&mut out, results);
     for scenario in &results.throughput {
         throughput_table(&mut out, scenario, reference);
     }
@@ -70,36 +71,19 @@ pub fn markdown(results: &Results) -> String {
         }
     }
     if !results.connect.is_empty() {
-        let peers = &results.connect;
-        let rate = summaries(peers, |s| s.connections_per_s);
-        let (p50, p99) = (summaries(peers, |s| s.ttfb_p50_us), summaries(peers, |s| s.ttfb_p99_us));
-        let machine_cpu = summaries(peers, |s| s.machine_cpu_us_per_connection);
-        let proxy_cpu = summaries(peers, |s| s.proxy_cpu_us_per_connection.unwrap_or(f64::NAN));
-        let best = best_haproxy(peers, &rate, true);
         let title = format!(
             "Connection set-up, {} clients each connecting one after the other",
             crate::connect_rate::CLIENTS
         );
-        heading(&mut out, &title, peers, best, "highest rate");
-        let _ = writeln!(
-            out,
-            "| peer | connections/s | first byte p50 µs | first byte p99 µs | machine CPU µs/conn | proxy's own CPU µs/conn | rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ {reference} |\n|---|---|---|---|---|---|---|---|---|"
+        crate::setup_report::write(&mut out, &title, &results.connect, reference, "first byte");
+    }
+    if !results.tls.is_empty() {
+        let title = format!(
+            "TLS connection, one request and its answer (kubectl's pattern), {} clients each \
+             connecting one after the other",
+            crate::connect_rate::CLIENTS
         );
-        for (i, peer) in peers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                peer.peer,
-                rate[i].show(0),
-                p50[i].show(0),
-                p99[i].show(0),
-                machine_cpu[i].show(0),
-                if proxy_cpu[i].median.is_nan() { "—".to_owned() } else { proxy_cpu[i].show(0) },
-                ratio(rate[i].median, best.map(|b| rate[b].median)),
-                ratio(p99[i].median, best.map(|b| p99[b].median)),
-                ratio(rate[i].median, rate.first().map(|s| s.median)),
-            );
-        }
+        crate::setup_report::write(&mut out, &title, &results.tls, reference, "whole answer");
     }
     if !results.idle.is_empty() {
         let _ = writeln!(
@@ -238,7 +222,13 @@ fn kernel_share_line(out: &mut String, peers: &[PeerRounds<crate::throughput::Sa
     }
 }
 
-fn heading<T>(out: &mut String, title: &str, peers: &[PeerRounds<T>], best: Option<usize>, by: &str) {
+pub(crate) fn heading<T>(
+    out: &mut String,
+    title: &str,
+    peers: &[PeerRounds<T>],
+    best: Option<usize>,
+    by: &str,
+) {
     let _ = writeln!(out, "\n### {title}\n");
     match best {
         Some(best) => {
@@ -274,6 +264,18 @@ fn topology_line(topology: &str) -> &'static str {
 
 pub fn summaries<T>(peers: &[PeerRounds<T>], value: fn(&T) -> f64) -> Vec<Stat> {
     peers.iter().map(|p| Stat::of(p.rounds.iter().map(value))).collect()
+}
+
+/// The HAProxy configuration with the highest median among those that find
+/// the upstream as `dns` says (`None`: given the address).
+pub fn best_haproxy_resolving<T>(
+    peers: &[PeerRounds<T>],
+    stats: &[Stat],
+    dns: Option<crate::peers::DnsCache>,
+) -> Option<usize> {
+    (0..peers.len())
+        .filter(|&i| peers[i].is_haproxy() && peers[i].dns == dns)
+        .max_by(|&a, &b| stats[a].median.total_cmp(&stats[b].median))
 }
 
 /// The HAProxy configuration with the highest (or lowest) median.

@@ -3,7 +3,11 @@
 
 use serde::Serialize;
 
-use crate::{connect_rate, idle, latency, peers::PeerKind, throughput};
+use crate::{
+    connect_rate, idle, latency,
+    peers::{DnsCache, PeerKind},
+    throughput,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Results {
@@ -19,6 +23,8 @@ pub struct Results {
     pub latency: Vec<LatencyResult>,
     /// Connection set-up; empty when not measured.
     pub connect: Vec<PeerRounds<connect_rate::Sample>>,
+    /// TLS connections, one request each; empty when not measured.
+    pub tls: Vec<PeerRounds<connect_rate::Sample>>,
     pub idle: Vec<IdleResult>,
 }
 
@@ -38,6 +44,10 @@ pub struct PeerRounds<T> {
     pub peer: String,
     #[serde(skip)]
     pub kind: Option<PeerKind>,
+    /// How a splice-proxy or HAProxy peer of the connection set-up found
+    /// its upstream by name (`None`: given the address).
+    #[serde(skip)]
+    pub dns: Option<DnsCache>,
     pub rounds: Vec<T>,
 }
 

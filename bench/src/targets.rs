@@ -13,14 +13,14 @@ use crate::{
 };
 
 /// One target: a ratio, and the bound it must stay at or within.
-struct Target {
-    what: String,
-    ratio: Option<f64>,
-    bound: Bound,
+pub(crate) struct Target {
+    pub what: String,
+    pub ratio: Option<f64>,
+    pub bound: Bound,
 }
 
 #[derive(Clone, Copy)]
-enum Bound {
+pub(crate) enum Bound {
     AtLeast(f64),
     AtMost(f64),
 }
@@ -46,15 +46,20 @@ pub fn write(out: &mut String, results: &Results) {
             .into_iter()
             .flatten()
             .collect();
+    write_table(out, "The packet plane's targets", &targets);
+}
+
+/// A table of `targets` under `title`, if there are any.
+pub(crate) fn write_table(out: &mut String, title: &str, targets: &[Target]) {
     if targets.is_empty() {
         return;
     }
     let _ = writeln!(
         out,
-        "\n### The packet plane's targets\n\nEach a ratio of medians of this run. \"Not measured\" means a \
+        "\n### {title}\n\nEach a ratio of medians of this run. \"Not measured\" means a \
          peer it needs was left out.\n\n| target | ratio | required | met |\n|---|---|---|---|"
     );
-    for target in &targets {
+    for target in targets {
         let required = match target.bound {
             Bound::AtLeast(bound) => format!("≥ {bound}"),
             Bound::AtMost(bound) => format!("≤ {bound}"),
@@ -68,7 +73,7 @@ fn position<T>(peers: &[PeerRounds<T>], kind: PeerKind) -> Option<usize> {
     peers.iter().position(|p| p.kind == Some(kind))
 }
 
-fn divide(value: Option<f64>, by: Option<f64>) -> Option<f64> {
+pub(crate) fn divide(value: Option<f64>, by: Option<f64>) -> Option<f64> {
     value.zip(by).filter(|(_, by)| *by > 0.0).map(|(value, by)| value / by)
 }
 

@@ -5,6 +5,7 @@
 use std::{thread, time::Duration};
 
 use anyhow::{Context as _, Result};
+use splice_proxy_tests::api::{ApiServer, Pki};
 
 use crate::{
     args::Args,
@@ -14,6 +15,7 @@ use crate::{
     results::{IdleResult, LatencyResult, PeerRounds, ThroughputResult},
     servers::{self, Holder},
     throughput::{self, Scenario},
+    tls_request::{self, TlsClient},
     topology::Topology,
 };
 
@@ -23,7 +25,12 @@ const PAUSE: Duration = Duration::from_millis(200);
 fn rounds_of<T>(peers: &[RunningPeer]) -> Vec<PeerRounds<T>> {
     peers
         .iter()
-        .map(|peer| PeerRounds { peer: peer.name.clone(), kind: Some(peer.kind), rounds: Vec::new() })
+        .map(|peer| PeerRounds {
+            peer: peer.name.clone(),
+            kind: Some(peer.kind),
+            dns: peer.dns,
+            rounds: Vec::new(),
+        })
         .collect()
 }
 
@@ -176,6 +183,46 @@ pub fn connect(
     eprintln!("connect: the DNS server answered {} queries", dns.queries());
     drop(running);
     runtime.block_on(dns.stop());
+    Ok(results)
+}
+
+/// kubectl's pattern through every peer given the API server's address: a
+/// new TLS connection, one request, its whole answer
+/// ([`tls_request::TlsClient`]), the server closing. The server is the
+/// tests' fake API server, on a runtime of its own for the workload's
+/// length.
+pub fn tls(
+    args: &Args,
+    kinds: &[PeerKind],
+    tools: &Tools,
+    topology: &Topology,
+) -> Result<Vec<PeerRounds<connect_rate::Sample>>> {
+    let pki = Pki::new(tls_request::HOSTNAME)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let server = {
+        let _guard = runtime.enter();
+        ApiServer::start_on(&pki, topology.upstream_listener()?)?
+    };
+    let client = TlsClient::new(&pki)?;
+    let mut running = peers::start_all(kinds, Upstream { addr: server.addr, dns: None }, tools, topology)?;
+    let mut results = rounds_of(&running);
+    let duration = Duration::from_secs_f64(args.seconds);
+    for round in 1..=args.rounds {
+        for (peer, rounds) in running.iter_mut().zip(&mut results) {
+            peer.check_alive()?;
+            thread::sleep(PAUSE);
+            let sample = connect_rate::run_with(peer.addr, peer.pid(), duration, |addr| client.request(addr))
+                .with_context(|| format!("round {round}, TLS, {}", peer.name))?;
+            eprintln!(
+                "tls round {round}/{}: {}: {:.0} connections/s, whole answer p99 {:.0} µs",
+                args.rounds, peer.name, sample.connections_per_s, sample.ttfb_p99_us
+            );
+            rounds.rounds.push(sample);
+        }
+    }
+    eprintln!("tls: the API server answered {} requests", server.requests());
+    drop(running);
+    runtime.block_on(server.stop());
     Ok(results)
 }
 

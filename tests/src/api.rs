@@ -67,16 +67,21 @@ impl Pki {
 
     /// A client that trusts only this CA.
     pub fn client(&self, hostname: &str) -> Result<ApiClient> {
+        Ok(ApiClient {
+            connector: TlsConnector::from(self.client_config()?),
+            server_name: ServerName::try_from(hostname.to_owned())?,
+        })
+    }
+
+    /// The client side: trusts only this CA.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca_der.clone())?;
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(ApiClient {
-            connector: TlsConnector::from(Arc::new(config)),
-            server_name: ServerName::try_from(hostname.to_owned())?,
-        })
+        Ok(Arc::new(config))
     }
 }
 
@@ -96,6 +101,17 @@ impl ApiServer {
     /// Serves on `ip:port` (port 0 = any).
     pub async fn start(pki: &Pki, ip: IpAddr, port: u16) -> Result<Self> {
         let listener = TcpListener::bind((ip, port)).await.with_context(|| format!("binding {ip}:{port}"))?;
+        Self::serve(pki, listener)
+    }
+
+    /// Serves on a listening socket made elsewhere (in another network
+    /// namespace, say); called within a runtime.
+    pub fn start_on(pki: &Pki, listener: std::net::TcpListener) -> Result<Self> {
+        listener.set_nonblocking(true)?;
+        Self::serve(pki, TcpListener::from_std(listener)?)
+    }
+
+    fn serve(pki: &Pki, listener: TcpListener) -> Result<Self> {
         let addr = listener.local_addr()?;
         let acceptor = TlsAcceptor::from(pki.server_config()?);
         let stop = CancellationToken::new();
@@ -166,11 +182,13 @@ async fn serve_http(
             return Ok(());
         }
         let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let mut close = false;
         loop {
             let mut header = String::new();
             if read.read_line(&mut header).await? == 0 || header == "\r\n" {
                 break;
             }
+            close |= header.eq_ignore_ascii_case("connection: close\r\n");
         }
         requests.fetch_add(1, Ordering::Relaxed);
         let body = format!("{{\"eni\":\"{eni}\",\"path\":\"{path}\"}}");
@@ -180,6 +198,11 @@ async fn serve_http(
         );
         write.write_all(response.as_bytes()).await?;
         write.flush().await?;
+        if close {
+            // The server closes first, as an API server does when asked.
+            write.shutdown().await?;
+            return Ok(());
+        }
     }
 }
 
