@@ -36,14 +36,10 @@ pub struct Sample {
     pub proxy_cpu_us_per_connection: Option<f64>,
 }
 
-/// [`CLIENTS`] threads connect to `addr` again and again for `duration`;
-/// `proxy`: the PID of the peer's process, whose CPU is read.
-pub fn run(addr: SocketAddr, proxy: Option<u32>, duration: Duration) -> Result<Sample> {
-    run_with(addr, proxy, duration, first_byte)
-}
-
-/// [`run`] with `connection`: one whole connection to `addr`, returning the
-/// time to what it measures (the first byte, the first answer).
+/// [`CLIENTS`] threads make connections to `addr` with `connection` again
+/// and again for `duration` (one whole connection, returning the time to
+/// what it measures: [`first_byte`], a whole answer); `proxy`: the PID of
+/// the peer's process, whose CPU is read.
 pub fn run_with(
     addr: SocketAddr,
     proxy: Option<u32>,
@@ -97,7 +93,7 @@ fn connect_repeatedly(
 }
 
 /// One connection to the greeter: the time from connect() to its byte.
-fn first_byte(addr: SocketAddr) -> Result<Duration> {
+pub fn first_byte(addr: SocketAddr) -> Result<Duration> {
     let opened = Instant::now();
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(STALL_TIMEOUT))?;

@@ -2,7 +2,7 @@
 //! them round after round (rounds alternate across peers, 200 ms apart), and
 //! stop them (killed by PID when dropped).
 
-use std::{thread, time::Duration};
+use std::{net::SocketAddr, thread, time::Duration};
 
 use anyhow::{Context as _, Result};
 use splice_proxy_tests::api::{ApiServer, Pki};
@@ -165,24 +165,38 @@ pub fn connect(
             running.push(RunningPeer::start(kind, Upstream { addr: greeter, dns: None }, tools, topology)?);
         }
     }
-    let mut results = rounds_of(&running);
+    let results = set_up_rounds(args, &mut running, "connect", "first byte", connect_rate::first_byte)?;
+    eprintln!("connect: the DNS server answered {} queries", dns.queries());
+    drop(running);
+    runtime.block_on(dns.stop());
+    Ok(results)
+}
+
+/// The rounds of a connection set-up workload (`what`): every peer of
+/// `running` opening connections with `connection` (which measures the time
+/// to `measured`).
+fn set_up_rounds(
+    args: &Args,
+    running: &mut [RunningPeer],
+    what: &str,
+    measured: &str,
+    connection: impl Fn(SocketAddr) -> Result<Duration> + Sync,
+) -> Result<Vec<PeerRounds<connect_rate::Sample>>> {
+    let mut results = rounds_of(running);
     let duration = Duration::from_secs_f64(args.seconds);
     for round in 1..=args.rounds {
         for (peer, rounds) in running.iter_mut().zip(&mut results) {
             peer.check_alive()?;
             thread::sleep(PAUSE);
-            let sample = connect_rate::run(peer.addr, peer.pid(), duration)
-                .with_context(|| format!("round {round}, connection set-up, {}", peer.name))?;
+            let sample = connect_rate::run_with(peer.addr, peer.pid(), duration, &connection)
+                .with_context(|| format!("round {round}, {what}, {}", peer.name))?;
             eprintln!(
-                "connect round {round}/{}: {}: {:.0} connections/s, first byte p99 {:.0} µs",
+                "{what} round {round}/{}: {}: {:.0} connections/s, {measured} p99 {:.0} µs",
                 args.rounds, peer.name, sample.connections_per_s, sample.ttfb_p99_us
             );
             rounds.rounds.push(sample);
         }
     }
-    eprintln!("connect: the DNS server answered {} queries", dns.queries());
-    drop(running);
-    runtime.block_on(dns.stop());
     Ok(results)
 }
 
@@ -205,21 +219,7 @@ pub fn tls(
     };
     let client = TlsClient::new(&pki)?;
     let mut running = peers::start_all(kinds, Upstream { addr: server.addr, dns: None }, tools, topology)?;
-    let mut results = rounds_of(&running);
-    let duration = Duration::from_secs_f64(args.seconds);
-    for round in 1..=args.rounds {
-        for (peer, rounds) in running.iter_mut().zip(&mut results) {
-            peer.check_alive()?;
-            thread::sleep(PAUSE);
-            let sample = connect_rate::run_with(peer.addr, peer.pid(), duration, |addr| client.request(addr))
-                .with_context(|| format!("round {round}, TLS, {}", peer.name))?;
-            eprintln!(
-                "tls round {round}/{}: {}: {:.0} connections/s, whole answer p99 {:.0} µs",
-                args.rounds, peer.name, sample.connections_per_s, sample.ttfb_p99_us
-            );
-            rounds.rounds.push(sample);
-        }
-    }
+    let results = set_up_rounds(args, &mut running, "tls", "whole answer", |addr| client.request(addr))?;
     eprintln!("tls: the API server answered {} requests", server.requests());
     drop(running);
     runtime.block_on(server.stop());
