@@ -8,36 +8,33 @@
 //! [`SwitchAfter::time`] or carried [`SwitchAfter::bytes`], whichever comes
 //! first, and only then switched: a short connection ends here (its end is
 //! handed to the next plane, which carries it as it carries every end) at
-//! a few calls per message, and a long one (a watch, a log stream, a bulk
+//! two calls per message, and a long one (a watch, a log stream, a bulk
 //! copy) is moved to the program, where its bytes cost the proxy nothing.
 //!
-//! Bytes are peeked, written to the other socket and only then consumed, so
-//! none is held here when the relay stops; a reader's end or error is never
-//! read here (only the bytes `SIOCINQ` counts are), so the next plane sees
-//! it as it came.
+//! Each direction reads into a small buffer and writes it on before it
+//! reads again; the relay stops only with both buffers empty, so none is
+//! held here when the switch or the next plane takes over. An end (EOF)
+//! read is read again by the next plane (it stays); an error read or
+//! written ends the connection here, both sides reset, as on the copy
+//! plane.
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd as _},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
-use nix::sys::socket::{MsgFlags, recv, send};
-use tokio::{io::Interest, net::TcpStream, time::Instant};
+use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::repair;
-use crate::{
-    dataplane::{
-        both_ways,
-        transfer::{ByteProgress, Ending, Side, Sockets},
-    },
-    tcpstat,
+use crate::dataplane::{
+    both_ways,
+    transfer::{ByteProgress, Ending, Side, Sockets},
 };
 
-/// Most bytes moved per look at one direction.
-const RELAY_BUFFER: usize = 64 << 10;
+/// Each direction's buffer, allocated at its first byte: small, since many
+/// short connections may be here at once.
+const RELAY_BUFFER: usize = 16 << 10;
 
 /// When a connection is worth the switch: once it has lived `time` or
 /// carried `bytes` (both directions), whichever comes first; zero in either
@@ -69,20 +66,6 @@ pub(super) enum Early {
     Over(Ending),
 }
 
-/// What one look at one direction found.
-enum Look {
-    /// Everything readable was moved, or nothing was there.
-    Drained,
-    /// More is readable than one buffer took.
-    More,
-    /// The other socket takes nothing now.
-    Full,
-    /// The reader's end or error is next on the socket.
-    End,
-    /// A read or write failed on this side.
-    Failed(Side, io::Error),
-}
-
 /// Relays `sockets` by hand until the connection is worth the switch by
 /// `after`, it ends, or `stop`.
 pub(super) async fn relay_until_worth_switching(
@@ -97,45 +80,40 @@ pub(super) async fn relay_until_worth_switching(
             + progress.upstream_to_client.load(Ordering::Relaxed)
     };
     let relayed_before = relayed();
-    // Allocated at the first byte: a quiet connection holds none.
-    let mut buffer = Vec::new();
     let (client, upstream) = (&sockets.client, &sockets.upstream);
-    // Per direction (up, down): its writer took nothing at the last look.
-    let mut full = [false; 2];
+    let mut up =
+        Direction::new(client, upstream, &progress.client_to_upstream, [Side::Downstream, Side::Upstream]);
+    let mut down =
+        Direction::new(upstream, client, &progress.upstream_to_client, [Side::Upstream, Side::Downstream]);
+    // Once it is due (worth the switch, or a side ended), nothing more is
+    // read: what is pending is written on, then the relay stops.
+    let (mut worth, mut ended) = (false, false);
     loop {
-        if relayed() - relayed_before >= after.bytes {
-            return Early::WorthSwitching;
+        worth |= relayed() - relayed_before >= after.bytes;
+        if (worth || ended) && !up.pending() && !down.pending() {
+            return if ended { Early::Ended } else { Early::WorthSwitching };
         }
+        let reading = !(worth || ended);
         tokio::select! {
             biased;
             () = stop.cancelled() => return over(sockets, Ending::Stopped),
-            () = tokio::time::sleep_until(deadline) => return Early::WorthSwitching,
-            _ = client.readable(), if !full[0] => {}
-            _ = upstream.writable(), if full[0] => full[0] = false,
-            _ = upstream.readable(), if !full[1] => {}
-            _ = client.writable(), if full[1] => full[1] = false,
+            () = tokio::time::sleep_until(deadline), if !worth => worth = true,
+            _ = upstream.writable(), if up.pending() => {}
+            _ = client.writable(), if down.pending() => {}
+            _ = client.readable(), if reading && !up.pending() => {}
+            _ = upstream.readable(), if reading && !down.pending() => {}
         }
-        let directions = [
-            (client, upstream, &progress.client_to_upstream, [Side::Downstream, Side::Upstream]),
-            (upstream, client, &progress.upstream_to_client, [Side::Upstream, Side::Downstream]),
-        ];
-        for ((from, to, moved, sides), full) in directions.into_iter().zip(&mut full) {
-            if *full {
-                continue;
-            }
-            match look(from, to, moved, &mut buffer, sides) {
-                Look::Drained | Look::More => {}
-                Look::Full => *full = true,
-                Look::End => return Early::Ended,
-                Look::Failed(side, error) => {
-                    let ending = if error.kind() == io::ErrorKind::ConnectionReset {
-                        Ending::Reset(side)
-                    } else {
-                        Ending::Error(side)
-                    };
-                    tracing::debug!(%error, ?side, "relaying a connection before the switch");
-                    return over(sockets, ending);
-                }
+        for direction in [&mut up, &mut down] {
+            let step = if direction.pending() {
+                direction.flush().map(|()| false)
+            } else if !(worth || ended) {
+                direction.read()
+            } else {
+                Ok(false)
+            };
+            match step {
+                Ok(eof) => ended |= eof,
+                Err(ending) => return over(sockets, ending),
             }
         }
     }
@@ -146,69 +124,61 @@ fn over(sockets: &Sockets, ending: Ending) -> Early {
     Early::Over(ending)
 }
 
-/// Moves at most one buffer of what `from` holds to `to`. Everything runs
-/// inside tokio's `try_io`, so that the readiness it clears (when all that
-/// was readable moved, or `to` is full) is the readiness it had before the
-/// first call: an event after that stays, and no wake-up is lost.
-/// `sides`: the sides `from` and `to` are.
-fn look(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &AtomicU64,
-    buffer: &mut Vec<u8>,
-    [reads, writes]: [Side; 2],
-) -> Look {
-    let mut found = Look::Drained;
-    let result = from.try_io(Interest::READABLE, || {
-        let unread = tcpstat::readable_bytes(from)?;
-        if unread == 0 {
-            // Nothing counted: an end or an error (left on the socket), or
-            // a readiness that is stale.
-            let established = repair::negotiated(from).map_err(io::Error::other)?.1;
-            if established {
-                return Err(io::ErrorKind::WouldBlock.into());
+/// One direction: what it read and has not written on yet.
+struct Direction<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    moved: &'a AtomicU64,
+    /// The sides `from` and `to` are.
+    sides: [Side; 2],
+    buffer: Vec<u8>,
+    filled: usize,
+    written: usize,
+}
+
+impl<'a> Direction<'a> {
+    fn new(from: &'a TcpStream, to: &'a TcpStream, moved: &'a AtomicU64, sides: [Side; 2]) -> Self {
+        Self { from, to, moved, sides, buffer: Vec::new(), filled: 0, written: 0 }
+    }
+
+    fn pending(&self) -> bool {
+        self.written < self.filled
+    }
+
+    /// Writes what is pending, as far as `to` takes it now.
+    fn flush(&mut self) -> Result<(), Ending> {
+        while self.pending() {
+            match self.to.try_write(&self.buffer[self.written..self.filled]) {
+                Ok(n) => {
+                    self.written += n;
+                    self.moved.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(error) => return Err(failed(self.sides[1], &error)),
             }
-            found = Look::End;
-            return Ok(());
         }
-        let want = usize::try_from(unread).unwrap_or(usize::MAX).min(RELAY_BUFFER);
-        if buffer.len() < want {
-            buffer.resize(want, 0);
-        }
-        let peeked = recv(fd(from), &mut buffer[..want], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)?;
-        let sent = to.try_io(Interest::WRITABLE, || {
-            Ok(send(fd(to), &buffer[..peeked], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL)?)
-        });
-        let written = match sent {
-            Ok(written) => written,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                found = Look::Full;
-                return Ok(());
-            }
-            Err(error) => {
-                found = Look::Failed(writes, error);
-                return Ok(());
-            }
-        };
-        // Consume exactly what was written: it is there (peeked above).
-        let consumed = recv(fd(from), &mut buffer[..written], MsgFlags::MSG_DONTWAIT)?;
-        if consumed != written {
-            return Err(io::Error::other(format!("consumed {consumed} of the {written} bytes written on")));
-        }
-        moved.fetch_add(written as u64, Ordering::Relaxed);
-        if written as u64 == unread {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        found = Look::More;
         Ok(())
-    });
-    match result {
-        Ok(()) => found,
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => found,
-        Err(error) => Look::Failed(reads, error),
+    }
+
+    /// Reads once (nothing pending), and writes it on: whether `from` has
+    /// ended (EOF, left for the next plane to read again).
+    fn read(&mut self) -> Result<bool, Ending> {
+        if self.buffer.is_empty() {
+            self.buffer = vec![0; RELAY_BUFFER];
+        }
+        match self.from.try_read(&mut self.buffer) {
+            Ok(0) => Ok(true),
+            Ok(n) => {
+                (self.filled, self.written) = (n, 0);
+                self.flush().map(|()| false)
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(error) => Err(failed(self.sides[0], &error)),
+        }
     }
 }
 
-fn fd(socket: &TcpStream) -> std::os::fd::RawFd {
-    socket.as_fd().as_raw_fd()
+fn failed(side: Side, error: &io::Error) -> Ending {
+    tracing::debug!(%error, ?side, "relaying a connection before the switch");
+    if error.kind() == io::ErrorKind::ConnectionReset { Ending::Reset(side) } else { Ending::Error(side) }
 }

@@ -198,10 +198,8 @@ impl PacketPlane {
         stop: &CancellationToken,
         progress: &ByteProgress,
     ) -> Step {
-        let keys = match switch::joinable(&sockets) {
-            Ok(keys) => keys,
-            Err(reason) => return self.hand_over(sockets, reason),
-        };
+        // A short connection ends relayed by hand, before anything of the
+        // switch (its checks included) has cost it a system call.
         if !self.switch_after.at_once() {
             match early::relay_until_worth_switching(&sockets, progress, self.switch_after, stop).await {
                 Early::WorthSwitching => {}
@@ -209,6 +207,10 @@ impl PacketPlane {
                 Early::Over(ending) => return Step::Finished(Transfer::counted(progress, ending)),
             }
         }
+        let keys = match switch::joinable(&sockets) {
+            Ok(keys) => keys,
+            Err(reason) => return self.hand_over(sockets, reason),
+        };
         match switch::switch(self, &sockets, progress, keys).await {
             Ok(keys) => {
                 self.counters.spliced.fetch_add(1, Ordering::Relaxed);
