@@ -51,6 +51,9 @@ pub mod map {
     pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
     /// Per-CPU `u64`: packets [`super::program::LOSSY_LINK`] dropped.
     pub const LOSSY_DROPS: &str = "LOSSY_DROPS";
+    /// Array of one `u32`: the share of data packets
+    /// [`super::program::LOSSY_LINK`] drops, in 1/1000 (0: its default).
+    pub const LOSSY_PER_MILLE: &str = "LOSSY_PER_MILLE";
     /// LPM trie of allowed IPv4 sources per listen port (key: [`super::SourceKeyV4`],
     /// the port and address in network order; value: `u8`, unused).
     pub const SOURCE_ALLOW_V4: &str = "SOURCE_ALLOW_V4";

@@ -254,9 +254,20 @@ pub struct LossyLink {
 }
 
 impl LossyLink {
+    /// About 1 % of the data packets arriving at `interface` dropped.
     pub fn attach(interface: &str) -> Result<Self, KernelError> {
+        Self::dropping(interface, 0)
+    }
+
+    /// `per_mille` of the data packets arriving at `interface` dropped (1000:
+    /// all; 0: about 1 %).
+    pub fn dropping(interface: &str, per_mille: u32) -> Result<Self, KernelError> {
         let mut ebpf = load_for_xdp()?;
         let drops: PerCpuArray<MapData, u64> = take_map(&mut ebpf, map::LOSSY_DROPS)?;
+        let mut share: aya::maps::Array<MapData, u32> = take_map(&mut ebpf, map::LOSSY_PER_MILLE)?;
+        share
+            .set(0, per_mille, 0)
+            .map_err(|source| KernelError::Map { name: map::LOSSY_PER_MILLE, source })?;
         let name = program::LOSSY_LINK;
         let xdp: &mut aya::programs::Xdp = program_mut(&mut ebpf, name)?;
         xdp.load().map_err(|source| KernelError::Program { name, source })?;

@@ -10,9 +10,10 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
+use splice_proxy::kernel::LossyLink;
 use splice_proxy_tests::{
     capabilities::{UNIT, as_unprivileged_with, repo_file, unit_capabilities},
-    netns::{LineTopology, ip},
+    netns::{LineTopology, in_netns, ip},
     packet_lab::{Lab, reset_within},
     process::ProxyProcess,
 };
@@ -214,6 +215,32 @@ fn an_upstream_that_vanishes_mid_flow_ends_as_its_error_and_the_client_is_reset(
     lab.client_reset_after(&proxy, vanish, Duration::from_secs(30))?;
     let closed = lab.runtime.block_on(proxy.wait_closed(1, Duration::from_secs(10)))?;
     ensure!(closed[0]["reason"] == "upstream_error", "{}", closed[0]);
+    Ok(())
+}
+
+/// A client that answers but takes nothing (every segment with data on its
+/// way to it dropped at its interface, its own upload and ACKs going out): the upstream repeats itself and the client's packets
+/// acknowledge nothing new. The proxy no longer counts the client's upload
+/// as a sign of life: after `--tcp-user-timeout` it ends the connection as
+/// the client's error and resets both ends, rather than let the flow hang.
+#[test]
+fn a_client_that_answers_but_acknowledges_nothing_new_is_reset_after_the_user_timeout() -> Result<()> {
+    let lab = Lab::new()?;
+    let proxy = lab.proxy(&["--tcp-user-timeout", "2s"])?;
+    // Every data segment arriving at the client is dropped (an XDP
+    // program on its interface); its ACKs and its own upload go out.
+    let mut blackhole = None;
+    let stuck = || {
+        blackhole = Some(in_netns(&lab.topology.client, || LossyLink::dropping("to-proxy", 1000))??);
+        Ok(())
+    };
+    // Within 4 s: the user timeout and a poll. The client's own packets
+    // thin out as its retransmission timer backs off, and the first gap of
+    // 2 s (after about 3 s) would let the rule for a silent end fire too,
+    // but not before 5 s: the limit tells the two rules apart.
+    lab.client_reset_after(&proxy, stuck, Duration::from_secs(4))?;
+    let closed = lab.runtime.block_on(proxy.wait_closed(1, Duration::from_secs(10)))?;
+    ensure!(closed[0]["reason"] == "client_error", "{}", closed[0]);
     Ok(())
 }
 

@@ -20,8 +20,10 @@
 //! probe is gone, and the connection ends as its error.
 //! A side that answers nothing for the stall timeout (`--tcp-user-timeout`,
 //! as on the other planes) while the other repeats itself (retransmissions,
-//! window or keepalive probes) is gone (an upstream ENI that disappeared):
-//! the connection ends as that side's error.
+//! window or keepalive probes) is gone (an upstream ENI that disappeared);
+//! one that answers but acknowledges nothing new of what the other repeats
+//! for that long is stuck: either way the connection ends as that side's
+//! error.
 //! That, or a stop (the drain timeout, or an immediate stop), lets go of
 //! the connection at once: the entries go with the sockets, and both ends
 //! are reset ([`super::reset`]), so none is left waiting.
@@ -175,11 +177,15 @@ pub(super) fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
     }
 }
 
-/// Whether the receiver of one direction still answers: its sender
-/// repeating itself (retransmissions, window or keepalive probes) while
-/// nothing at all comes back from the receiver for the timeout means the
-/// receiver is gone. A quiet connection repeats nothing, so it never
-/// stalls; a receiver that answers anything restarts the clock.
+/// Whether the receiver of one direction still takes the sender's bytes:
+/// its sender repeating itself (retransmissions, window or keepalive
+/// probes) while, for the timeout, nothing at all comes back from the
+/// receiver (it is gone), or what comes back acknowledges none of the
+/// bytes the sender waits on (it is stuck: TCP_USER_TIMEOUT's rule, end
+/// to end, so that no spliced flow hangs for ever). A quiet connection
+/// repeats nothing, so it never stalls; a receiver that answers restarts
+/// the first clock, one that acknowledges something new, or everything
+/// (a zero window answering its probes, say), the second.
 #[derive(Debug, Default)]
 struct Stall {
     /// The receiver's packets last counted, when that count last moved,
@@ -187,11 +193,17 @@ struct Stall {
     heard: u64,
     since: Option<Instant>,
     repeats: u64,
+    /// The receiver's acknowledgement last seen, when it last moved (or
+    /// left nothing outstanding), and the sender's repeats then.
+    acked: u64,
+    acked_since: Option<Instant>,
+    acked_repeats: u64,
 }
 
 impl Stall {
     /// Whether `direction`'s receiver (the sender of `other`) has been
-    /// silent for `timeout` while `direction`'s sender repeated itself.
+    /// silent, or has acknowledged nothing new of what is outstanding, for
+    /// `timeout` while `direction`'s sender repeated itself.
     fn stalled(
         &mut self,
         direction: &PacketRewrite,
@@ -199,12 +211,48 @@ impl Stall {
         now: Instant,
         timeout: Duration,
     ) -> bool {
+        let silent = self.silent(direction, other, now, timeout);
+        let stuck = self.stuck(direction, other, now, timeout);
+        if stuck && !silent {
+            tracing::warn!(
+                unacknowledged = (direction.next_seq as u32).wrapping_sub(other.acked as u32),
+                ?timeout,
+                "a spliced flow's receiver answers but has acknowledged nothing new for the stall timeout"
+            );
+        }
+        silent || stuck
+    }
+
+    fn silent(
+        &mut self,
+        direction: &PacketRewrite,
+        other: &PacketRewrite,
+        now: Instant,
+        timeout: Duration,
+    ) -> bool {
         if self.since.is_none() || other.packets != self.heard {
-            *self = Self { heard: other.packets, since: Some(now), repeats: direction.repeats };
+            (self.heard, self.since, self.repeats) = (other.packets, Some(now), direction.repeats);
             return false;
         }
         let since = self.since.unwrap_or(now);
         direction.repeats > self.repeats && now.duration_since(since) >= timeout
+    }
+
+    fn stuck(
+        &mut self,
+        direction: &PacketRewrite,
+        other: &PacketRewrite,
+        now: Instant,
+        timeout: Duration,
+    ) -> bool {
+        // Both in the sender's numbering, low 32 bits.
+        let outstanding = (direction.next_seq as u32).wrapping_sub(other.acked as u32) as i32 > 0;
+        if self.acked_since.is_none() || other.acked != self.acked || !outstanding {
+            (self.acked, self.acked_since, self.acked_repeats) = (other.acked, Some(now), direction.repeats);
+            return false;
+        }
+        let since = self.acked_since.unwrap_or(now);
+        direction.repeats > self.acked_repeats && now.duration_since(since) >= timeout
     }
 }
 
@@ -368,5 +416,39 @@ mod tests {
         let mut stall = Stall::default();
         assert!(!stall.stalled(&sender(4), &receiver(1), at(0), timeout));
         assert!(!stall.stalled(&sender(4), &receiver(1), at(50), timeout));
+    }
+
+    #[test]
+    fn a_receiver_that_answers_but_acknowledges_nothing_outstanding_for_the_timeout_is_a_stall() {
+        let timeout = Duration::from_secs(3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // The sender has sent up to 1,000, repeating itself `repeats` times.
+        let sender = |repeats: u64| PacketRewrite { next_seq: 1_000, repeats, ..PacketRewrite::default() };
+        // The receiver answers (`packets` moves), acknowledging up to `acked`.
+        let receiver =
+            |packets: u64, acked: u64| PacketRewrite { packets, acked, ..PacketRewrite::default() };
+        let mut stall = Stall::default();
+        assert!(!stall.stalled(&sender(0), &receiver(1, 500), at(0), timeout));
+        // New acknowledgements: no stall, however long it takes.
+        assert!(!stall.stalled(&sender(2), &receiver(2, 600), at(2), timeout));
+        assert!(!stall.stalled(&sender(3), &receiver(3, 700), at(4), timeout));
+        // Answers acknowledging nothing new while the sender repeats: a
+        // stall once the timeout has passed since the last new one.
+        assert!(!stall.stalled(&sender(5), &receiver(4, 700), at(6), timeout));
+        assert!(stall.stalled(&sender(6), &receiver(5, 700), at(7), timeout));
+        // Everything acknowledged (a zero window answering probes): the
+        // receiver is not stuck, whatever the sender repeats.
+        let mut stall = Stall::default();
+        for s in 0..10 {
+            assert!(!stall.stalled(&sender(s), &receiver(s, 1_000), at(s * 2), timeout));
+        }
+        // The numbers wrap: acknowledged up to 2^32 - 100 of a sender at 50.
+        let wrapped = PacketRewrite { next_seq: 50, repeats: 1, ..PacketRewrite::default() };
+        let behind = |packets| receiver(packets, u64::from(u32::MAX - 100));
+        let mut stall = Stall::default();
+        assert!(!stall.stalled(&wrapped, &behind(1), at(0), timeout));
+        let wrapped = PacketRewrite { repeats: 2, ..wrapped };
+        assert!(stall.stalled(&wrapped, &behind(2), at(3), timeout));
     }
 }
