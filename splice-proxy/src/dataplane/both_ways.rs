@@ -75,13 +75,15 @@ pub(crate) fn finish<F: AsFd>(ending: Ending, client: &F, upstream: &F) {
     }
 }
 
-/// Waits until `from` has a byte to read or its EOF. Readiness alone is not
-/// enough: an accepted socket can be reported readable with nothing to read
-/// (seen on every idle connection of the bench), and the copy and splice
-/// planes allocate their buffer or pipe only once this returns, so an idle
-/// connection holds neither.
-pub(crate) async fn data_or_eof(from: &TcpStream) -> io::Result<()> {
-    from.peek(&mut [0u8; 1]).await.map(drop)
+/// Waits until `from` has a byte to read or its EOF: whether it has a byte.
+/// Readiness alone is not enough: an accepted socket can be reported
+/// readable with nothing to read (seen on every idle connection of the
+/// bench), and the copy and splice planes allocate their buffer or pipe
+/// only once this says there is a byte, so an idle connection holds
+/// neither, and a direction that only ends (most short connections' other
+/// half) never makes one.
+pub(crate) async fn data_or_eof(from: &TcpStream) -> io::Result<bool> {
+    from.peek(&mut [0u8; 1]).await.map(|n| n > 0)
 }
 
 /// `shutdown(SHUT_WR)`: the peer reads EOF once it has read everything before.
@@ -95,7 +97,7 @@ pub(crate) fn shutdown_write<F: AsFd>(socket: &F) -> io::Result<()> {
 /// with splice(2)).
 pub(crate) trait Pump: Copy {
     /// Moves `from` → `to` until EOF, then shuts `to`'s write side; adds
-    /// every byte moved to `moved`. Called once `from` has a byte or its EOF.
+    /// every byte moved to `moved`. Called once `from` has a byte.
     fn run<'a>(
         self,
         from: &'a TcpStream,
@@ -121,15 +123,18 @@ pub(crate) async fn forward_in_user_space(
     Transfer::counted(progress, ending)
 }
 
-/// One direction: waits for a first byte (or the EOF), then pumps. The pump
-/// is boxed: an idle connection holds only the wait, and the buffer or pipe
-/// is allocated once there is something to move.
+/// One direction: waits for a first byte, then pumps; an EOF first is
+/// carried across at once, with no pump. The pump is boxed: an idle
+/// connection holds only the wait, and the buffer or pipe is allocated once
+/// there is something to move.
 async fn one_way(
     pump: impl Pump,
     from: &TcpStream,
     to: &TcpStream,
     moved: &AtomicU64,
 ) -> Result<(), PumpError> {
-    data_or_eof(from).await.map_err(PumpError::Read)?;
+    if !data_or_eof(from).await.map_err(PumpError::Read)? {
+        return shutdown_write(to).map_err(PumpError::Write);
+    }
     Box::pin(pump.run(from, to, moved)).await
 }

@@ -28,7 +28,7 @@ pub struct CopyPump {
 
 impl Pump for CopyPump {
     /// Copies one direction until EOF, then shuts the destination's write side.
-    /// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
+    /// Called once the source has a byte ([`super::both_ways::data_or_eof`]).
     async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
         let mut buf = vec![0u8; self.buffer_size.min(FIRST_BUFFER)];
         loop {

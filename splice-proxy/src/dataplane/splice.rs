@@ -67,7 +67,7 @@ pub struct SplicePump {
 
 impl Pump for SplicePump {
     /// Moves one direction until EOF, then shuts the destination's write side.
-    /// Called once the source has a byte or its EOF ([`super::both_ways::data_or_eof`]).
+    /// Called once the source has a byte ([`super::both_ways::data_or_eof`]).
     async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
         let mut pipe = Pipe::new(self.pipe_size.min(FIRST_PIPE)).map_err(PumpError::Read)?;
         let mut largest = self.pipe_size;

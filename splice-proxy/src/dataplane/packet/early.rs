@@ -32,8 +32,11 @@ use crate::dataplane::{
     transfer::{ByteProgress, Ending, Side, Sockets},
 };
 
-/// Each direction's buffer, allocated at its first byte: small, since many
-/// short connections may be here at once.
+/// Each direction's buffer: this much at its first read (a socket reported
+/// readable with nothing to read costs little), doubled each time a read
+/// fills it up to [`RELAY_BUFFER`]; small, since many short connections may
+/// be here at once.
+const FIRST_BUFFER: usize = 2 << 10;
 const RELAY_BUFFER: usize = 16 << 10;
 
 /// When a connection is worth the switch: once it has lived `time` or
@@ -61,8 +64,8 @@ pub(super) enum Early {
     WorthSwitching,
     /// A peer closed or reset it: the next plane carries the end.
     Ended,
-    /// A write failed or the proxy stops: the connection is over, both
-    /// sockets set to reset on close.
+    /// A read or a write failed, or the proxy stops: the connection is
+    /// over, both sockets set to reset on close.
     Over(Ending),
 }
 
@@ -164,7 +167,9 @@ impl<'a> Direction<'a> {
     /// ended (EOF, left for the next plane to read again).
     fn read(&mut self) -> Result<bool, Ending> {
         if self.buffer.is_empty() {
-            self.buffer = vec![0; RELAY_BUFFER];
+            self.buffer = vec![0; FIRST_BUFFER];
+        } else if self.filled == self.buffer.len() && self.buffer.len() < RELAY_BUFFER {
+            self.buffer.resize(self.buffer.len() * 2, 0);
         }
         match self.from.try_read(&mut self.buffer) {
             Ok(0) => Ok(true),
