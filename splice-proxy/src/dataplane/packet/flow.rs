@@ -188,16 +188,10 @@ pub(super) fn ending_of(flows: &[Option<PacketRewrite>; 2]) -> Option<Ending> {
 /// (a zero window answering its probes, say), the second.
 #[derive(Debug, Default)]
 struct Stall {
-    /// The receiver's packets last counted, when that count last moved,
-    /// and the sender's repeats then.
-    heard: u64,
-    since: Option<Instant>,
-    repeats: u64,
-    /// The receiver's acknowledgement last seen, when it last moved (or
-    /// left nothing outstanding), and the sender's repeats then.
-    acked: u64,
-    acked_since: Option<Instant>,
-    acked_repeats: u64,
+    /// The receiver's packets: it answers at all.
+    heard: StandingStill,
+    /// The receiver's acknowledgement: it takes what is outstanding.
+    acked: StandingStill,
 }
 
 impl Stall {
@@ -211,48 +205,47 @@ impl Stall {
         now: Instant,
         timeout: Duration,
     ) -> bool {
-        let silent = self.silent(direction, other, now, timeout);
-        let stuck = self.stuck(direction, other, now, timeout);
+        let silent = self.heard.for_long(other.packets, false, direction.repeats, (now, timeout));
+        // Both in the sender's numbering, low 32 bits.
+        let unacknowledged = (direction.next_seq as u32).wrapping_sub(other.acked as u32);
+        let all_taken = unacknowledged as i32 <= 0;
+        let stuck = self.acked.for_long(other.acked, all_taken, direction.repeats, (now, timeout));
         if stuck && !silent {
             tracing::warn!(
-                unacknowledged = (direction.next_seq as u32).wrapping_sub(other.acked as u32),
+                unacknowledged,
                 ?timeout,
                 "a spliced flow's receiver answers but has acknowledged nothing new for the stall timeout"
             );
         }
         silent || stuck
     }
+}
 
-    fn silent(
+/// A value of a receiver that has not moved since `since`, with its
+/// sender's repeats then.
+#[derive(Debug, Default)]
+struct StandingStill {
+    value: u64,
+    since: Option<Instant>,
+    repeats: u64,
+}
+
+impl StandingStill {
+    /// Whether `value` has stood still for the timeout while the sender's
+    /// `repeats` grew; a new value, or `restart`, starts the clock again.
+    fn for_long(
         &mut self,
-        direction: &PacketRewrite,
-        other: &PacketRewrite,
-        now: Instant,
-        timeout: Duration,
+        value: u64,
+        restart: bool,
+        repeats: u64,
+        (now, timeout): (Instant, Duration),
     ) -> bool {
-        if self.since.is_none() || other.packets != self.heard {
-            (self.heard, self.since, self.repeats) = (other.packets, Some(now), direction.repeats);
+        if restart || self.since.is_none() || value != self.value {
+            *self = Self { value, since: Some(now), repeats };
             return false;
         }
         let since = self.since.unwrap_or(now);
-        direction.repeats > self.repeats && now.duration_since(since) >= timeout
-    }
-
-    fn stuck(
-        &mut self,
-        direction: &PacketRewrite,
-        other: &PacketRewrite,
-        now: Instant,
-        timeout: Duration,
-    ) -> bool {
-        // Both in the sender's numbering, low 32 bits.
-        let outstanding = (direction.next_seq as u32).wrapping_sub(other.acked as u32) as i32 > 0;
-        if self.acked_since.is_none() || other.acked != self.acked || !outstanding {
-            (self.acked, self.acked_since, self.acked_repeats) = (other.acked, Some(now), direction.repeats);
-            return false;
-        }
-        let since = self.acked_since.unwrap_or(now);
-        direction.repeats > self.acked_repeats && now.duration_since(since) >= timeout
+        repeats > self.repeats && now.duration_since(since) >= timeout
     }
 }
 
