@@ -56,10 +56,7 @@ pub(crate) async fn drive(
             () = stop.cancelled() => return Ending::Stopped,
         };
         match result {
-            Err((side, error)) if error.kind() == io::ErrorKind::ConnectionReset => {
-                return Ending::Reset(side);
-            }
-            Err((side, _)) => return Ending::Error(side),
+            Err((side, error)) => return Ending::of_error(side, &error),
             Ok(()) if up_done && down_done => return Ending::Completed,
             Ok(()) => {}
         }

@@ -34,6 +34,17 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// How an I/O error on `side` ends a connection: a reset is carried as
+    /// one, anything else ends it as that side's error.
+    #[must_use]
+    pub fn of_error(side: Side, error: &std::io::Error) -> Self {
+        if error.kind() == std::io::ErrorKind::ConnectionReset {
+            Self::Reset(side)
+        } else {
+            Self::Error(side)
+        }
+    }
+
     /// The access log's reason.
     #[must_use]
     pub fn reason(self) -> CloseReason {

@@ -1,8 +1,8 @@
 //! A connection's first moments, relayed by the proxy by hand, before the
 //! switch.
 //!
-//! The switch costs a connection some thirty system calls and a few map
-//! writes whether or not it joins it, and most connections kubectl and the
+//! The switch costs a connection about twenty system calls (four of them
+//! map writes) even when it then leaves it to the next plane, and most connections kubectl and the
 //! controllers open are short: a TLS handshake, a request, an answer, a
 //! close. So a connection is relayed here until it has lived
 //! [`SwitchAfter::time`] or carried [`SwitchAfter::bytes`], whichever comes
@@ -185,5 +185,5 @@ impl<'a> Direction<'a> {
 
 fn failed(side: Side, error: &io::Error) -> Ending {
     tracing::debug!(%error, ?side, "relaying a connection before the switch");
-    if error.kind() == io::ErrorKind::ConnectionReset { Ending::Reset(side) } else { Ending::Error(side) }
+    Ending::of_error(side, error)
 }

@@ -95,8 +95,8 @@ const RELAY_BUFFER: usize = 64 << 10;
 
 /// Step 0: whether the connection can be joined at all, from its addresses
 /// and what its handshakes settled: its flow keys (client → upstream
-/// first), or why not. Nothing is relayed or watched for a connection that
-/// cannot be joined anyway.
+/// first), or why not. Nothing is watched for a connection that cannot be
+/// joined anyway.
 pub(super) fn joinable(sockets: &Sockets) -> Result<[PacketFlowKey; 2], Fallback> {
     let keys = [key_of(&sockets.client)?, key_of(&sockets.upstream)?];
     let (client, _) = repair::negotiated(&sockets.client).map_err(failed("reading the client's options"))?;
@@ -226,15 +226,16 @@ async fn settle(
                 *probed = true;
             }
         }
-        let queues = [
-            repair::queued(&sockets.client).map_err(failed("queues"))?,
-            repair::queued(&sockets.upstream).map_err(failed("queues"))?,
-        ];
-        if seen == [true, true] && queues == [(0, 0); 2] {
-            // Quiescent while watched: held now, and looked at once more,
-            // since a packet may have arrived since.
+        let queued = queues(sockets)?;
+        if seen == [true, true] && queued == [(0, 0); 2] {
+            // Quiescent while held: what the entries learned is all the
+            // switch needs. Quiescent while watched: held now, and looked
+            // at once more, since a packet may have arrived since.
+            if watch.held_since.is_some() {
+                return Ok(watched);
+            }
             let held = mark(plane, keys, rewrite_flags::HOLD)?;
-            if watch.held_since.is_some() || quiet(sockets)? {
+            if queues(sockets)? == [(0, 0); 2] {
                 return Ok(held);
             }
             watch.held_since = Some(Instant::now());
@@ -255,7 +256,7 @@ async fn settle(
             }
             Some(held) if held >= ASK_AFTER => {
                 for ((socket, (_, unacknowledged)), asked) in
-                    [&sockets.client, &sockets.upstream].into_iter().zip(queues).zip(&mut watch.asked)
+                    [&sockets.client, &sockets.upstream].into_iter().zip(queued).zip(&mut watch.asked)
                 {
                     if unacknowledged > 0 && !*asked {
                         repair::probe(socket).map_err(failed("window probe"))?;
@@ -267,7 +268,7 @@ async fn settle(
         }
         if Instant::now() >= deadline {
             tracing::debug!(
-                ?queues,
+                ?queued,
                 held = watch.held_since.is_some(),
                 ?seen,
                 "the switch gave up waiting: (unread, unacknowledged) bytes of the client's and the upstream's socket"
@@ -278,10 +279,13 @@ async fn settle(
     }
 }
 
-/// Whether both sockets hold nothing unread, unsent or unacknowledged.
-fn quiet(sockets: &Sockets) -> Result<bool, Fallback> {
-    Ok(repair::queued(&sockets.client).map_err(failed("queues"))? == (0, 0)
-        && repair::queued(&sockets.upstream).map_err(failed("queues"))? == (0, 0))
+/// What each socket (the client's, the upstream's) holds unread, and sent
+/// or queued but not acknowledged.
+fn queues(sockets: &Sockets) -> Result<[(u64, u64); 2], Fallback> {
+    Ok([
+        repair::queued(&sockets.client).map_err(failed("queues"))?,
+        repair::queued(&sockets.upstream).map_err(failed("queues"))?,
+    ])
 }
 
 /// Until either socket has something new to read (bytes, an end, an
