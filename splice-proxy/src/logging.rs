@@ -27,6 +27,8 @@ pub fn init(format: LogFormat) {
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
+                    // Which worker served a connection (`worker-N`).
+                    .with_thread_names(true)
                     .with_writer(std::io::stderr),
             )
             .try_init(),

@@ -499,3 +499,44 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
     .context("the waiting connection was not served after a slot freed")??;
     echo_once(&mut second, 4).await
 }
+
+/// `--workers 3`: three worker threads, and every connection of 600 (100 at
+/// once, exact) is served on one of them (its access line written there),
+/// none on the main runtime's threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_served_on_the_worker_threads() -> Result<()> {
+    const CONNECTIONS: u64 = 600;
+    let server = Arc::new(TransferServer::start(UPSTREAM_IP).await?);
+    let proxy = proxy_with("copy", server.addr, &["--workers", "3"]).await?;
+    let tasks_dir = format!("/proc/{}/task", proxy.pid());
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(&tasks_dir).with_context(|| tasks_dir.clone())? {
+        let comm = std::fs::read_to_string(task?.path().join("comm"))?;
+        threads.push(comm.trim().to_owned());
+    }
+    let mut workers: Vec<_> = threads.iter().filter(|name| name.starts_with("worker-")).cloned().collect();
+    workers.sort();
+    ensure!(workers == ["worker-0", "worker-1", "worker-2"], "worker threads: {threads:?}");
+    let batch = tokio::sync::Semaphore::new(100);
+    let batch = Arc::new(batch);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CONNECTIONS {
+        let (server, addr, batch) = (Arc::clone(&server), proxy.addr(), Arc::clone(&batch));
+        tasks.spawn(async move {
+            let _slot = batch.acquire_owned().await?;
+            run_ordered_transfer(addr, &server, 100 + i, 4096 + i, Order::Concurrent).await
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let closed = proxy.wait_closed(CONNECTIONS as usize, Duration::from_secs(30)).await?;
+    let mut served_by = std::collections::BTreeMap::<String, usize>::new();
+    for line in &closed {
+        ensure!(line["reason"] == "completed", "not completed: {line}");
+        *served_by.entry(line["threadName"].as_str().unwrap_or("(none)").to_owned()).or_default() += 1;
+    }
+    ensure!(served_by.keys().all(|name| workers.contains(name)), "access lines by thread: {served_by:?}");
+    eprintln!("connections by worker: {served_by:?}");
+    Ok(())
+}

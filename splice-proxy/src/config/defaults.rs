@@ -4,6 +4,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    num::NonZeroUsize,
     time::Duration,
 };
 
@@ -50,6 +51,13 @@ pub const PACKET_SWITCH_AFTER: Duration = Duration::from_secs(1);
 pub const PACKET_SWITCH_AFTER_BYTES: u64 = 1 << 20;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 
+/// One worker per CPU this process may use (its affinity and its cgroup's
+/// CPU quota), as nginx's `worker_processes auto` and HAProxy's `nbthread`.
+#[must_use]
+pub fn workers() -> NonZeroUsize {
+    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
 /// The name a value of a `ValueEnum` has on the command line and in the file.
 pub fn value_name<T: clap::ValueEnum>(v: &T) -> String {
     v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
@@ -79,6 +87,7 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("dataplane", value_name(&DATAPLANE)),
         ("splice_pipe_size", SPLICE_PIPE_SIZE.to_string()),
         ("max_connections", MAX_CONNECTIONS.to_string()),
+        ("workers", "one per CPU".to_owned()),
         ("max_inflight", MAX_INFLIGHT.to_string()),
         ("copy_buffer_size", COPY_BUFFER_SIZE.to_string()),
         ("packet_switch_after", duration(PACKET_SWITCH_AFTER)),

@@ -21,7 +21,7 @@ pub use reload::NeedsRestart;
 #[cfg(test)]
 pub(crate) use source_filter::three_listeners;
 
-use std::{fmt::Display, path::PathBuf, str::FromStr, time::Duration};
+use std::{fmt::Display, num::NonZeroUsize, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer};
 
@@ -45,6 +45,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Connections served at once; the sockmap maps are sized for it.
     pub max_connections: usize,
+    /// Threads that accept and serve connections.
+    pub workers: NonZeroUsize,
     /// The plane asked for, what runs when it cannot start, and why.
     pub dataplane: ChosenPlane,
     pub log_format: LogFormat,
@@ -92,6 +94,8 @@ const MIN_INFLIGHT: u64 = 256 * 1024;
 
 /// Two sockets per connection must fit the u32 size of a BPF map.
 const MAX_CONNECTIONS: usize = 1 << 24;
+/// More threads than any host has CPUs for.
+const MAX_WORKERS: usize = 1024;
 
 impl Config {
     /// Reads the config file named by `--config` (if any), lays the flags over
@@ -165,6 +169,12 @@ impl Config {
                 format!("{max_connections} is not from 1 to {MAX_CONNECTIONS}"),
             ));
         }
+        let workers = match o.workers {
+            None => defaults::workers(),
+            Some(n) => NonZeroUsize::new(n).filter(|n| n.get() <= MAX_WORKERS).ok_or_else(|| {
+                invalid("workers", "workers", format!("{n} is not from 1 to {MAX_WORKERS}"))
+            })?,
+        };
         let max_inflight = o.max_inflight.unwrap_or(defaults::MAX_INFLIGHT);
         if !(MIN_INFLIGHT..=1 << 30).contains(&max_inflight) {
             return Err(invalid(
@@ -199,6 +209,7 @@ impl Config {
             drain_timeout: o.drain_timeout.unwrap_or(defaults::DRAIN_TIMEOUT),
             admin,
             max_connections,
+            workers,
             dataplane,
             log_format: o.log_format.unwrap_or(defaults::LOG_FORMAT),
             source_filter,

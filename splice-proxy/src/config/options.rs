@@ -147,6 +147,13 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Threads that accept and serve connections, each with an event loop of
+    /// its own: a connection is served to its end on the thread that
+    /// accepted it, never handed between threads. By default one per CPU
+    /// the process may use (its affinity and cgroup CPU quota). From 1 to 1024.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
     /// Sockmap plane: bytes one direction may have redirected but not yet in the
     /// peer's send queue (the kernel queues them without limit); beyond it, or
     /// beyond what the peer's send queue has room for, the direction is paused:

@@ -13,6 +13,7 @@ mod reload;
 mod source_filter;
 mod stopping;
 pub mod upgrade;
+mod workers;
 
 use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
 
@@ -24,6 +25,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use upgrade::{Handover, UpgradeError, UpgradeEvent, Upgrades, next_upgrade};
+use workers::{WorkerError, Workers};
 
 use crate::{
     admin::{AdminEndpoint, AdminError, AdminState},
@@ -67,6 +69,8 @@ pub enum StartError {
     SourceFilter(#[from] SourceFilterError),
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
 }
 
 impl StartError {
@@ -97,6 +101,9 @@ pub struct Server {
     /// The configuration in force (the last reload's, fixed settings as started).
     config: Config,
     listeners: ListenerSet,
+    /// The threads that accept and serve connections (after `listeners`,
+    /// which hold their handles).
+    _workers: Workers,
     /// Loaded kernel programs not used by the data plane, kept for their logs.
     _kernel: Option<KernelPrograms>,
     /// Why the data plane in use was chosen (logged once serving).
@@ -183,7 +190,8 @@ impl Server {
         };
         let proxy = Arc::new(Proxy::new(config, plane, observers)?);
         let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
-        let listeners = ListenerSet::new(bound, &config.listeners, &config.tcp)?;
+        let workers = Workers::start(config.workers)?;
+        let listeners = ListenerSet::new(bound, &config.listeners, &config.tcp, workers.handles())?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
             source_filter::guard_bound(filter, &config.listeners, &listeners.listening())?;
@@ -244,6 +252,7 @@ impl Server {
             flags: flags.clone(),
             config: config.clone(),
             listeners,
+            _workers: workers,
             probes: Probes::new(Arc::clone(&proxy)),
             proxy,
             health,

@@ -14,7 +14,8 @@ use std::{
 };
 
 use tokio::{
-    sync::{Semaphore, watch},
+    runtime::Handle,
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinSet,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -47,13 +48,15 @@ struct Served {
     stop: CancellationToken,
     /// A second descriptor of the listening socket, for a graceful upgrade.
     fd: OwnedFd,
-    /// Until the accept loop starts.
-    waiting: Option<Listener>,
+    /// A descriptor per worker, registered with it, until the accept loops start.
+    waiting: Vec<Listener>,
 }
 
 /// Every listener of the server.
 pub(super) struct ListenerSet {
     served: Vec<Served>,
+    /// Where the accept loops run (each serves what it accepts).
+    workers: Vec<Handle>,
     accept_loops: JoinSet<()>,
     stop_accepting: CancellationToken,
 }
@@ -86,10 +89,17 @@ pub(super) fn keep(running: &[(ListenAddr, ListenAddr)], wanted: &[ListenAddr]) 
 
 impl ListenerSet {
     /// `bound` in the order of `configs` (not accepting yet), each with the
-    /// TCP options `tcp`, which the sockets it accepts inherit.
-    pub fn new(bound: Vec<Bound>, configs: &[ListenerConfig], tcp: &TcpConfig) -> Result<Self, BindError> {
+    /// TCP options `tcp`, which the sockets it accepts inherit, to be
+    /// accepted on by each of `workers`.
+    pub fn new(
+        bound: Vec<Bound>,
+        configs: &[ListenerConfig],
+        tcp: &TcpConfig,
+        workers: &[Handle],
+    ) -> Result<Self, BindError> {
         let mut set = Self {
             served: Vec::new(),
+            workers: workers.to_vec(),
             accept_loops: JoinSet::new(),
             stop_accepting: CancellationToken::new(),
         };
@@ -102,14 +112,21 @@ impl ListenerSet {
 
     fn served(&self, b: Bound, edge: &Arc<EdgeConfig>) -> Result<Served, BindError> {
         let addr = b.listener.addr;
-        let fd = b.listener.as_fd().try_clone_to_owned().map_err(|source| BindError { addr, source })?;
+        let error = |source| BindError { addr, source };
+        let fd = b.listener.as_fd().try_clone_to_owned().map_err(error)?;
+        let waiting = self
+            .workers
+            .iter()
+            .map(|worker| b.listener.on_worker(worker))
+            .collect::<Result<_, _>>()
+            .map_err(error)?;
         Ok(Served {
             configured: b.configured,
             addr,
             edge: watch::Sender::new(Arc::clone(edge)),
             stop: self.stop_accepting.child_token(),
             fd,
-            waiting: Some(b.listener),
+            waiting,
         })
     }
 
@@ -130,33 +147,47 @@ impl ListenerSet {
         self.served.iter().map(|s| Ok((s.configured, s.addr, s.fd.try_clone()?))).collect()
     }
 
-    /// Starts the accept loop of every listener not accepting yet.
+    /// Starts the accept loops of every listener not accepting yet, one on
+    /// each worker; once all of a listener's have ended, it logs that it
+    /// closed.
     pub fn start(&mut self, accepting: &Accepting) {
         for served in &mut self.served {
-            let Some(listener) = served.waiting.take() else { continue };
+            let waiting = std::mem::take(&mut served.waiting);
+            if waiting.is_empty() {
+                continue;
+            }
             let edge = served.edge.borrow().clone();
             tracing::info!(
-                listen = %listener.addr,
+                listen = %served.addr,
                 upstream = edge.upstreams.describe(),
                 proxy_protocol = ?edge.proxy_protocol.mode,
                 allowed_vpce_ids = ?edge.proxy_protocol.allowed_vpce_ids,
+                workers = waiting.len(),
                 "listening"
             );
-            let edges = served.edge.subscribe();
-            let accepting = accepting.clone();
-            self.accept_loops.spawn(listener.accept_loop(
-                served.stop.clone(),
-                Arc::clone(&accepting.slots),
-                move |stream, peer, listen, permit| {
+            let mut loops = JoinSet::new();
+            for (listener, worker) in waiting.into_iter().zip(&self.workers) {
+                let edges = served.edge.subscribe();
+                let accepting = accepting.clone();
+                let serve = move |stream, peer, listen, permit: OwnedSemaphorePermit| {
                     let proxy = Arc::clone(&accepting.proxy);
                     let edge = Arc::clone(&edges.borrow());
                     let stop = accepting.stop_connections.clone();
+                    // On the worker that accepted it (the loop's runtime).
                     accepting.connections.spawn(async move {
                         proxy.serve(stream, peer, listen, edge, stop).await;
                         drop(permit);
                     });
-                },
-            ));
+                };
+                let accept_loop =
+                    listener.accept_loop(served.stop.clone(), Arc::clone(&accepting.slots), serve);
+                loops.spawn_on(accept_loop, worker);
+            }
+            let addr = served.addr;
+            self.accept_loops.spawn(async move {
+                while loops.join_next().await.is_some() {}
+                tracing::info!(listen = %addr, "listener closed");
+            });
         }
     }
 

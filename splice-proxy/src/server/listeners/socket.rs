@@ -56,6 +56,14 @@ impl Listener {
         Ok(Self { addr, inner })
     }
 
+    /// Another descriptor of this listening socket, registered with the
+    /// event loop of `worker`, for that worker's accept loop.
+    pub fn on_worker(&self, worker: &tokio::runtime::Handle) -> io::Result<Self> {
+        let std = std::net::TcpListener::from(self.inner.as_fd().try_clone_to_owned()?);
+        let _registers_with_worker = worker.enter();
+        Ok(Self { addr: self.addr, inner: TcpListener::from_std(std)? })
+    }
+
     /// The tokio listener, for a caller with an accept loop of its own.
     #[must_use]
     pub fn into_inner(self) -> TcpListener {
@@ -102,7 +110,6 @@ impl Listener {
                 }
             }
         }
-        tracing::info!(listen = %self.addr, "listener closed");
     }
 }
 

@@ -1,0 +1,102 @@
+//! The worker threads that accept and serve connections, each a
+//! single-threaded tokio runtime: every worker accepts on every listener
+//! (through a descriptor of the listening socket registered with its own
+//! event loop) and serves each connection it accepted to its end, so a
+//! connection never crosses threads. A work-stealing runtime hands a freshly
+//! accepted connection to whichever thread is idle, and the wake-ups that
+//! takes (an `eventfd` write and a thread woken, several times per
+//! connection) cost more than the connection's own system calls; a worker
+//! that is busy simply does not accept, so the kernel's listen queue
+//! balances the workers. Control work (signals, reloads, probes, the data
+//! planes' event readers) stays on the main runtime.
+
+use std::{io, num::NonZeroUsize, time::Duration};
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+/// How far ahead each worker's timer wheel is always armed. tokio's timer
+/// wakes its own event loop (an `eventfd` write, even from the loop's own
+/// thread) whenever a timer is armed earlier than the loop's next wake; a
+/// connection arms several (handshake, connect, the packet plane's switch),
+/// all seconds away, so a tick this short keeps every one of them later
+/// than the next wake, at the cost of a few wakes a second when idle.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start worker thread {index} of {count}: {source}")]
+pub struct WorkerError {
+    index: usize,
+    count: usize,
+    source: io::Error,
+}
+
+/// The running workers; dropping this ends them (and the tasks still on them).
+pub struct Workers {
+    handles: Vec<Handle>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `count` worker threads, named `worker-N`.
+    pub fn start(count: NonZeroUsize) -> Result<Self, WorkerError> {
+        let count = count.get();
+        let stop = CancellationToken::new();
+        let mut workers = Self { handles: Vec::with_capacity(count), stop };
+        for index in 0..count {
+            let error = |source| WorkerError { index, count, source };
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(error)?;
+            workers.handles.push(runtime.handle().clone());
+            let stop = workers.stop.clone();
+            runtime.spawn(async {
+                loop {
+                    tokio::time::sleep(TIMER_TICK).await;
+                }
+            });
+            // The runtime is dropped on its own thread (dropping one inside
+            // another runtime's task would panic); the thread is not joined.
+            std::thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || runtime.block_on(stop.cancelled()))
+                .map_err(error)?;
+        }
+        Ok(workers)
+    }
+
+    /// One handle per worker, to spawn onto and to register sockets with.
+    #[must_use]
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+}
+
+impl Drop for Workers {
+    /// Tells every worker to end; their threads finish on their own (not
+    /// joined: this may run inside the main runtime, which must not block).
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_runs_what_is_spawned_on_it_on_its_own_thread() {
+        let workers = Workers::start(NonZeroUsize::new(2).unwrap()).unwrap();
+        let names: Vec<String> = workers
+            .handles()
+            .iter()
+            .map(|handle| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                handle.spawn(async move {
+                    tx.send(std::thread::current().name().unwrap_or_default().to_owned()).unwrap();
+                });
+                rx.recv().unwrap()
+            })
+            .collect();
+        assert_eq!(names, ["worker-0", "worker-1"]);
+    }
+}
