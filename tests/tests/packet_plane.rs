@@ -136,13 +136,15 @@ fn short_connections_end_relayed_by_hand_and_long_ones_are_joined() -> Result<()
     lab.run_all(&proxy, &bulk)?;
     let closed =
         lab.runtime.block_on(proxy.wait_closed(short.len() + bulk.len(), Duration::from_secs(10)))?;
-    for (line, &(up, down, _)) in closed[short.len()..].iter().zip(&bulk) {
+    // Run at once, so their lines come in either order.
+    let bulk_lines = &closed[short.len()..];
+    for &(up, down, _) in &bulk {
         ensure!(
-            line["reason"] == "completed"
+            bulk_lines.iter().any(|line| line["reason"] == "completed"
                 && line["bytes_up"].as_u64() == Some(up + HEADER)
                 && line["bytes_down"].as_u64() == Some(down)
-                && line["kernel_bytes"].as_u64() > Some(0),
-            "exact, and joined once it carried 1 MiB: {line}"
+                && line["kernel_bytes"].as_u64() > Some(0)),
+            "{up} B up and {down} down exact, and joined once it carried 1 MiB: {bulk_lines:?}"
         );
     }
     let totals = lab.totals(&mut proxy)?;
@@ -169,6 +171,53 @@ fn short_connections_end_relayed_by_hand_and_long_ones_are_joined() -> Result<()
     })?;
     let totals = lab.totals(&mut proxy)?;
     ensure!(totals["spliced"] == 1 && totals["fallbacks"] == "none", "the quiet one joined: {totals}");
+    a_chatty_connection_is_joined_after_its_reads(&lab)
+}
+
+/// 200 round trips of one byte each way, 1 ms apart, far from 1 MiB, on a
+/// proxy that would wait 30 s: joined after 64 reads (`--packet-switch-after-reads`),
+/// so the round trips after the switch are carried by the program; every
+/// byte echoed exact.
+fn a_chatty_connection_is_joined_after_its_reads(lab: &Lab) -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const ROUND_TRIPS: u64 = 200;
+    let upstream = lab.plain_upstream()?;
+    let mut proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &["--packet-switch-after", "30s"])?;
+    let line = lab.runtime.block_on(async {
+        let mut client = lab.client_socket()?.connect(proxy.addr()).await?;
+        client.write_all(&[0]).await?;
+        let mut accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
+        for i in 0..ROUND_TRIPS {
+            let mut byte = [0];
+            accepted.read_exact(&mut byte).await?;
+            ensure!(byte[0] == i as u8, "round trip {i}: the upstream got {}", byte[0]);
+            accepted.write_all(&byte).await?;
+            client.read_exact(&mut byte).await?;
+            ensure!(byte[0] == i as u8, "round trip {i}: the client got {}", byte[0]);
+            // A pause between round trips, as a chatty client makes: the
+            // switch finds the connection quiescent there.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            client.write_all(&[(i + 1) as u8]).await?;
+        }
+        client.shutdown().await?;
+        let mut last = Vec::new();
+        accepted.read_to_end(&mut last).await?;
+        ensure!(last == [ROUND_TRIPS as u8], "the upstream's last bytes: {last:?}");
+        accepted.shutdown().await?;
+        client.read_to_end(&mut Vec::new()).await?;
+        let closed = proxy.wait_closed(1, Duration::from_secs(10)).await?;
+        anyhow::Ok(closed[0].clone())
+    })?;
+    ensure!(
+        line["reason"] == "completed"
+            && line["bytes_up"].as_u64() == Some(ROUND_TRIPS + 1)
+            && line["bytes_down"].as_u64() == Some(ROUND_TRIPS)
+            && line["kernel_bytes"].as_u64() > Some(0),
+        "exact, and joined after its reads: {line}; {}",
+        lab.totals(&mut proxy)?
+    );
+    let totals = lab.totals(&mut proxy)?;
+    ensure!(totals["spliced"] == 1 && totals["fallbacks"] == "none", "the chatty one joined: {totals}");
     Ok(())
 }
 

@@ -49,6 +49,11 @@ pub const PACKET_SWITCH_AFTER: Duration = Duration::from_secs(1);
 /// A bulk copy is relayed by hand for this much at most, a few hundred
 /// microseconds of the proxy's CPU, before the program carries it.
 pub const PACKET_SWITCH_AFTER_BYTES: u64 = 1 << 20;
+/// A kubectl request's connection (a TLS handshake, a request, an answer
+/// that is not large) makes a few dozen reads at most; a connection that
+/// makes more is chatty, and joined after costing the proxy about as many
+/// calls by hand as the switch costs several times over.
+pub const PACKET_SWITCH_AFTER_READS: u64 = 64;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 
 /// One worker per CPU this process may use (its affinity and its cgroup's
@@ -92,6 +97,7 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("copy_buffer_size", COPY_BUFFER_SIZE.to_string()),
         ("packet_switch_after", duration(PACKET_SWITCH_AFTER)),
         ("packet_switch_after_bytes", PACKET_SWITCH_AFTER_BYTES.to_string()),
+        ("packet_switch_after_reads", PACKET_SWITCH_AFTER_READS.to_string()),
         ("log_format", value_name(&LOG_FORMAT)),
     ]
 }

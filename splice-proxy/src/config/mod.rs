@@ -218,6 +218,7 @@ impl Config {
             packet_switch_after: SwitchAfter {
                 time: o.packet_switch_after.unwrap_or(defaults::PACKET_SWITCH_AFTER),
                 bytes: o.packet_switch_after_bytes.unwrap_or(defaults::PACKET_SWITCH_AFTER_BYTES),
+                reads: o.packet_switch_after_reads.unwrap_or(defaults::PACKET_SWITCH_AFTER_READS),
             },
         })
     }

@@ -186,6 +186,14 @@ pub struct Options {
     #[arg(long, value_name = "BYTES")]
     pub packet_switch_after_bytes: Option<u64>,
 
+    /// Packet plane: reads that returned data (both directions) after which
+    /// a connection relayed by the proxy is joined in the program, if it has
+    /// not lived --packet-switch-after yet: a chatty connection (many small
+    /// messages, two system calls each by hand) is joined early. 0 joins
+    /// every connection at once.
+    #[arg(long, value_name = "N")]
+    pub packet_switch_after_reads: Option<u64>,
+
     /// Largest buffer per direction for the userspace copy data plane: it is
     /// allocated at the direction's first byte with 16 KiB and doubles each
     /// time a read fills it.

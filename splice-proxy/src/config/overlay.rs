@@ -34,6 +34,7 @@ pub(super) fn overlay(file: Options, flags: Options) -> Options {
         packet_interfaces: flags.packet_interfaces.or(file.packet_interfaces),
         packet_switch_after: flags.packet_switch_after.or(file.packet_switch_after),
         packet_switch_after_bytes: flags.packet_switch_after_bytes.or(file.packet_switch_after_bytes),
+        packet_switch_after_reads: flags.packet_switch_after_reads.or(file.packet_switch_after_reads),
         max_connections: flags.max_connections.or(file.max_connections),
         workers: flags.workers.or(file.workers),
         log_format: flags.log_format.or(file.log_format),

@@ -44,7 +44,7 @@ impl Config {
         keep("packet_interfaces", &self.packet_interfaces, &new.packet_interfaces);
         new.packet_interfaces.clone_from(&self.packet_interfaces);
         keep(
-            "packet_switch_after, packet_switch_after_bytes",
+            "packet_switch_after, packet_switch_after_bytes, packet_switch_after_reads",
             &self.packet_switch_after,
             &new.packet_switch_after,
         );

@@ -125,6 +125,7 @@ mod tests {
         switch_after: crate::dataplane::packet::SwitchAfter {
             time: crate::config::defaults::PACKET_SWITCH_AFTER,
             bytes: crate::config::defaults::PACKET_SWITCH_AFTER_BYTES,
+            reads: crate::config::defaults::PACKET_SWITCH_AFTER_READS,
         },
         log_format: crate::config::LogFormat::Text,
     };

@@ -5,7 +5,9 @@
 //! map writes) even when it then leaves it to the next plane, and most connections kubectl and the
 //! controllers open are short: a TLS handshake, a request, an answer, a
 //! close. So a connection is relayed here until it has lived
-//! [`SwitchAfter::time`] or carried [`SwitchAfter::bytes`], whichever comes
+//! [`SwitchAfter::time`], carried [`SwitchAfter::bytes`] or made
+//! [`SwitchAfter::reads`] reads with data (a chatty connection: its
+//! messages cost two calls each here, nothing once joined), whichever comes
 //! first, and only then switched: a short connection ends here (its end is
 //! handed to the next plane, which carries it as it carries every end) at
 //! two calls per message, and a long one (a watch, a log stream, a bulk
@@ -39,21 +41,23 @@ use crate::dataplane::{
 const FIRST_BUFFER: usize = 2 << 10;
 const RELAY_BUFFER: usize = 16 << 10;
 
-/// When a connection is worth the switch: once it has lived `time` or
-/// carried `bytes` (both directions), whichever comes first; zero in either
-/// switches it at once (`--packet-switch-after`,
-/// `--packet-switch-after-bytes`).
+/// When a connection is worth the switch: once it has lived `time`,
+/// carried `bytes` (both directions) or made `reads` reads that returned
+/// data (both directions), whichever comes first; zero in any switches it
+/// at once (`--packet-switch-after`, `--packet-switch-after-bytes`,
+/// `--packet-switch-after-reads`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SwitchAfter {
     pub time: Duration,
     pub bytes: u64,
+    pub reads: u64,
 }
 
 impl SwitchAfter {
     /// Whether a connection is switched as soon as it starts.
     #[must_use]
     pub fn at_once(self) -> bool {
-        self.time.is_zero() || self.bytes == 0
+        self.time.is_zero() || self.bytes == 0 || self.reads == 0
     }
 }
 
@@ -92,7 +96,7 @@ pub(super) async fn relay_until_worth_switching(
     // read: what is pending is written on, then the relay stops.
     let (mut worth, mut ended) = (false, false);
     loop {
-        worth |= relayed() - relayed_before >= after.bytes;
+        worth |= relayed() - relayed_before >= after.bytes || up.reads + down.reads >= after.reads;
         if (worth || ended) && !up.pending() && !down.pending() {
             return if ended { Early::Ended } else { Early::WorthSwitching };
         }
@@ -137,11 +141,13 @@ struct Direction<'a> {
     buffer: Vec<u8>,
     filled: usize,
     written: usize,
+    /// Reads that returned data.
+    reads: u64,
 }
 
 impl<'a> Direction<'a> {
     fn new(from: &'a TcpStream, to: &'a TcpStream, moved: &'a AtomicU64, sides: [Side; 2]) -> Self {
-        Self { from, to, moved, sides, buffer: Vec::new(), filled: 0, written: 0 }
+        Self { from, to, moved, sides, buffer: Vec::new(), filled: 0, written: 0, reads: 0 }
     }
 
     fn pending(&self) -> bool {
@@ -175,6 +181,7 @@ impl<'a> Direction<'a> {
             Ok(0) => Ok(true),
             Ok(n) => {
                 (self.filled, self.written) = (n, 0);
+                self.reads += 1;
                 self.flush().map(|()| false)
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(false),
