@@ -15,7 +15,7 @@ mod stopping;
 pub mod upgrade;
 mod workers;
 
-use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc};
+use std::{net::SocketAddr, num::NonZeroUsize, os::fd::OwnedFd, sync::Arc};
 
 use listeners::{Accepting, ListenerSet};
 use reload::ConnectionLimit;
@@ -190,7 +190,11 @@ impl Server {
         };
         let proxy = Arc::new(Proxy::new(config, plane, observers)?);
         let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
-        let workers = Workers::start(config.workers)?;
+        // A worker waits for a connection slot before it accepts: more
+        // workers than slots would only wait.
+        let workers =
+            config.workers.min(NonZeroUsize::new(config.max_connections).unwrap_or(NonZeroUsize::MIN));
+        let workers = Workers::start(workers)?;
         let listeners = ListenerSet::new(bound, &config.listeners, &config.tcp, workers.handles())?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
