@@ -5,7 +5,7 @@
 //! connection never crosses threads. A work-stealing runtime hands a freshly
 //! accepted connection to whichever thread is idle, and the wake-ups that
 //! takes (an `eventfd` write and a thread woken, several times per
-//! connection) cost more than the connection's own system calls; a worker
+//! connection) are a measurable share of a short connection's cost; a worker
 //! that is busy simply does not accept, so the kernel's listen queue
 //! balances the workers. Control work (signals, reloads, probes, the data
 //! planes' event readers) stays on the main runtime.
