@@ -517,8 +517,7 @@ async fn connections_are_served_on_the_worker_threads() -> Result<()> {
     let mut workers: Vec<_> = threads.iter().filter(|name| name.starts_with("worker-")).cloned().collect();
     workers.sort();
     ensure!(workers == ["worker-0", "worker-1", "worker-2"], "worker threads: {threads:?}");
-    let batch = tokio::sync::Semaphore::new(100);
-    let batch = Arc::new(batch);
+    let batch = Arc::new(tokio::sync::Semaphore::new(100));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..CONNECTIONS {
         let (server, addr, batch) = (Arc::clone(&server), proxy.addr(), Arc::clone(&batch));

@@ -208,15 +208,14 @@ fn a_chatty_connection_is_joined_after_its_reads(lab: &Lab) -> Result<()> {
         let closed = proxy.wait_closed(1, Duration::from_secs(10)).await?;
         anyhow::Ok(closed[0].clone())
     })?;
+    let totals = lab.totals(&mut proxy)?;
     ensure!(
         line["reason"] == "completed"
             && line["bytes_up"].as_u64() == Some(ROUND_TRIPS + 1)
             && line["bytes_down"].as_u64() == Some(ROUND_TRIPS)
             && line["kernel_bytes"].as_u64() > Some(0),
-        "exact, and joined after its reads: {line}; {}",
-        lab.totals(&mut proxy)?
+        "exact, and joined after its reads: {line}; {totals}"
     );
-    let totals = lab.totals(&mut proxy)?;
     ensure!(totals["spliced"] == 1 && totals["fallbacks"] == "none", "the chatty one joined: {totals}");
     Ok(())
 }

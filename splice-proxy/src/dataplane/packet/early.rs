@@ -2,9 +2,9 @@
 //! switch.
 //!
 //! The switch costs a connection about twenty system calls (four of them
-//! map writes) even when it then leaves it to the next plane, and most connections kubectl and the
-//! controllers open are short: a TLS handshake, a request, an answer, a
-//! close. So a connection is relayed here until it has lived
+//! map writes) even when it then leaves it to the next plane, and most
+//! connections kubectl and the controllers open are short: a TLS
+//! handshake, a request, an answer, a close. So a connection is relayed here until it has lived
 //! [`SwitchAfter::time`], carried [`SwitchAfter::bytes`] or made
 //! [`SwitchAfter::reads`] reads with data (a chatty connection: its
 //! messages cost two calls each here, nothing once joined), whichever comes
