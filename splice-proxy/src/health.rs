@@ -148,7 +148,9 @@ impl Health {
         let now = self.stamp();
         let current = self.targets.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let window = u64::try_from(current.window.as_millis()).unwrap_or(u64::MAX);
-        let recent = |stamp: u64| stamp != 0 && now - stamp <= window;
+        // A connection on a worker thread may stamp a success after `now`
+        // was read: that success is recent, not 584 million years old.
+        let recent = |stamp: u64| stamp != 0 && now.saturating_sub(stamp) <= window;
         let mut reasons = Vec::new();
         if self.is_draining() {
             reasons.push("draining (SIGTERM)".to_owned());
@@ -207,6 +209,19 @@ mod tests {
         let r = health.readiness();
         assert!(!r.ready);
         assert_eq!(r.body(), "not ready\ndraining (SIGTERM)\n");
+    }
+
+    #[test]
+    fn a_success_stamped_while_readiness_is_read_counts_as_recent() {
+        let a = target("a.example.com:443");
+        let health = Health::new(std::slice::from_ref(&a), Duration::from_secs(30));
+        let t = health.target(&a).unwrap();
+        // As when a worker thread stamps between readiness's clock read and
+        // its load of the stamp.
+        let later = health.stamp() + 60_000;
+        t.resolved.store(later, Ordering::Relaxed);
+        t.connected.store(later, Ordering::Relaxed);
+        assert!(health.readiness().ready, "{:?}", health.readiness());
     }
 
     #[test]

@@ -237,6 +237,22 @@ impl World {
         Ok((fds, rss))
     }
 
+    /// The panic messages any proxy of this world (running or retired)
+    /// wrote to its log: a proxy's panic is a bug even when the task it hit
+    /// was restarted and the scenario's checks passed.
+    #[must_use]
+    pub fn proxy_panics(&self) -> Vec<String> {
+        let mut logs: Vec<Vec<serde_json::Value>> =
+            lock(&self.retired).iter().map(|(_, p)| p.events()).collect();
+        logs.extend((0..2).map(|host| self.events(host)));
+        logs.iter()
+            .flatten()
+            .filter_map(|event| event.as_str())
+            .filter(|line| line.contains("panicked at"))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// What a failed scenario prints: per proxy (running and retired) its
     /// warnings and errors, its last log lines and its metrics; the
     /// forwarder's view; the tunnel.

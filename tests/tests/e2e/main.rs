@@ -39,7 +39,11 @@ fn run(name: &str, scenario: Scenario) -> Result<()> {
             Ok(world) => world,
             Err(error) => return (None, Err(error.context(format!("building the world for {name}")))),
         };
-        let result = scenario(&world).await;
+        let result = scenario(&world).await.and_then(|()| {
+            let panics = world.proxy_panics();
+            anyhow::ensure!(panics.is_empty(), "a proxy panicked: {panics:?}");
+            Ok(())
+        });
         if let Err(error) = &result {
             // The error first and last: a log viewer that cuts the middle
             // of a long report still shows it.
