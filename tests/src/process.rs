@@ -244,6 +244,19 @@ impl ProxyProcess {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The panic messages in the proxy's log so far (the default hook's
+    /// "thread '…' panicked at …" lines).
+    #[must_use]
+    pub fn panics(&self) -> Vec<String> {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        events
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|line| line.contains("panicked at"))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The "connection closed" access log events so far.
     #[must_use]
     pub fn closed_connections(&self) -> Vec<Value> {
@@ -326,11 +339,16 @@ impl ProxyProcess {
 }
 
 impl Drop for ProxyProcess {
+    /// Stops the proxy, and fails the test (unless it is failing already)
+    /// when the proxy panicked: a task's panic is caught and the process
+    /// carries on, so the test's own checks may not see it.
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        let panics = self.panics();
+        assert!(std::thread::panicking() || panics.is_empty(), "the proxy panicked: {panics:?}");
     }
 }
 

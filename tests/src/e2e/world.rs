@@ -242,15 +242,9 @@ impl World {
     /// was restarted and the scenario's checks passed.
     #[must_use]
     pub fn proxy_panics(&self) -> Vec<String> {
-        let mut logs: Vec<Vec<serde_json::Value>> =
-            lock(&self.retired).iter().map(|(_, p)| p.events()).collect();
-        logs.extend((0..2).map(|host| self.events(host)));
-        logs.iter()
-            .flatten()
-            .filter_map(|event| event.as_str())
-            .filter(|line| line.contains("panicked at"))
-            .map(str::to_owned)
-            .collect()
+        let mut panics: Vec<String> = lock(&self.retired).iter().flat_map(|(_, p)| p.panics()).collect();
+        panics.extend(lock(&self.proxies).iter().flatten().flat_map(ProxyProcess::panics));
+        panics
     }
 
     /// What a failed scenario prints: per proxy (running and retired) its
