@@ -4,7 +4,7 @@
 use std::{io::Write as _, net::TcpListener, process::Command};
 
 use anyhow::{Context as _, Result};
-use splice_proxy_tests::process::binary;
+use splice_proxy_tests::process::{ProxyProcess, binary, tcp_sockets};
 
 fn run(args: &[&str]) -> Result<(Option<i32>, String)> {
     let out = Command::new(binary()?).args(args).output()?;
@@ -78,6 +78,25 @@ fn a_listen_address_in_use_exits_3_naming_it() -> Result<()> {
     let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443", "--no-sni-check"])?;
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains(&addr) && out.contains("in use"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn a_port_another_proxy_listens_on_exits_3_and_is_not_shared() -> Result<()> {
+    // A running proxy's listener is an SO_REUSEPORT group: a second process
+    // must not join it (it would take a share of the first one's connections).
+    for (mode, sockets) in [("shared", 1), ("per-worker", 3)] {
+        let args =
+            ["--upstream", "127.0.0.2:443", "--no-sni-check", "--workers", "3", "--listen-sockets", mode];
+        let running = ProxyProcess::start(&args)?;
+        let addr = running.addr().to_string();
+        let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443", "--no-sni-check"])?;
+        assert_eq!(code, Some(3), "{mode}: {out}");
+        assert!(out.contains(&addr) && out.contains("in use"), "{mode}: {out}");
+        let listening = tcp_sockets(None, &[running.addr().port()]);
+        let group = listening.lines().filter(|line| line.starts_with("LISTEN")).count();
+        assert_eq!(group, sockets, "{mode}: the running proxy's sockets and no other:\n{listening}");
+    }
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 //! process takes the listening and admin sockets over; not one connection is
 //! refused or reset, a long-lived connection on the old process goes on
 //! and ends byte-exact, the old process drains and exits, and the new one
-//! serves on the same addresses.
+//! serves on the same addresses, on every socket of the listener's
+//! per-worker SO_REUSEPORT group (a socket closed with connections in its
+//! queue would reset them).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -18,7 +20,7 @@ use anyhow::{Context as _, Result, ensure};
 use splice_proxy_tests::{
     echo_stream::EchoStream,
     edge::start_echo,
-    process::{ProxyProcess, message},
+    process::{ProxyProcess, message, tcp_sockets},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -28,6 +30,8 @@ use tokio::{
 const ECHO: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 8));
 const WAIT: Duration = Duration::from_secs(20);
 const CLIENT_LOOPS: u64 = 3;
+/// Workers, so sockets in the listener's group: set, not one per CPU, and odd.
+const WORKERS: usize = 3;
 
 /// Opens connections one after another until `stop`: each sends 1–4 KiB
 /// (different per connection), half-closes and must get exactly those
@@ -73,7 +77,20 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("upgrade.sock");
     let socket = socket.to_str().context("socket path")?;
-    let args = ["--upstream", &echo, "--no-sni-check", "--upgrade-socket", socket, "--drain-timeout", "30s"];
+    let workers = WORKERS.to_string();
+    let args = [
+        "--upstream",
+        &echo,
+        "--no-sni-check",
+        "--upgrade-socket",
+        socket,
+        "--drain-timeout",
+        "30s",
+        "--workers",
+        &workers,
+        "--listen-sockets",
+        "per-worker",
+    ];
     let mut old = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
     let via = old.addr();
     let long = EchoStream::start(via, "long.example.test", 9).await?;
@@ -88,6 +105,8 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
     ensure!(new.listen == [via], "the new process listens on {:?}, not {via}", new.listen);
     ensure!(new.admin == old.admin, "admin endpoint {:?}, not the old {:?}", new.admin, old.admin);
     old.wait_message("upgrade: the new process accepts; this one drains", WAIT).await?;
+    let taken = new.wait_message("upgrade: listener taken over", WAIT).await?;
+    ensure!(taken["sockets"] == WORKERS, "not the old process's whole group: {taken}");
     let handed_over = done.load(Ordering::Relaxed);
     long.flowing().await.context("the long-lived connection after the hand-over")?;
     until(&done, handed_over + 300, &loops).await.context("after the upgrade")?;
@@ -102,6 +121,9 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
     ensure!(status.success(), "the old process exited with {status}");
     let exiting = old.events().into_iter().find(|e| message(e) == "exiting").context("no exiting line")?;
     ensure!(exiting["stopped"] == "Drained", "{exiting}");
+    let listening = tcp_sockets(None, &[via.port()]);
+    let group = listening.lines().filter(|line| line.starts_with("LISTEN")).count();
+    ensure!(group == WORKERS, "the new process listens on {group} sockets, not {WORKERS}:\n{listening}");
     let on_old = old.closed_connections();
     let on_new = new.closed_connections();
     let completed =

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    config::LogFormat,
+    config::{ListenSockets, LogFormat},
     dataplane::DataPlaneChoice,
     edge::{ChainedHeaders, ProxyProtocolMode},
 };
@@ -55,6 +55,10 @@ pub const PACKET_SWITCH_AFTER_BYTES: u64 = 1 << 20;
 /// calls by hand as the switch costs several times over.
 pub const PACKET_SWITCH_AFTER_READS: u64 = 64;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
+/// Shared: on a host with few workers, a socket every worker accepts on
+/// lets whichever is free take the next connection; per-worker sockets
+/// save the wake-ups of the idle ones (docs/configuration.md).
+pub const LISTEN_SOCKETS: ListenSockets = ListenSockets::Shared;
 
 /// One worker per CPU this process may use (its affinity and its cgroup's
 /// CPU quota), as nginx's `worker_processes auto` and HAProxy's `nbthread`.
@@ -93,6 +97,7 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("splice_pipe_size", SPLICE_PIPE_SIZE.to_string()),
         ("max_connections", MAX_CONNECTIONS.to_string()),
         ("workers", "one per CPU".to_owned()),
+        ("listen_sockets", value_name(&LISTEN_SOCKETS)),
         ("max_inflight", MAX_INFLIGHT.to_string()),
         ("copy_buffer_size", COPY_BUFFER_SIZE.to_string()),
         ("packet_switch_after", duration(PACKET_SWITCH_AFTER)),

@@ -16,7 +16,7 @@ mod source_filter;
 
 pub use admin::AdminConfig;
 pub use listeners::ListenerConfig;
-pub use options::{ListenerOptions, ListenerSettings, LogFormat, Options};
+pub use options::{ListenSockets, ListenerOptions, ListenerSettings, LogFormat, Options};
 pub use reload::NeedsRestart;
 #[cfg(test)]
 pub(crate) use source_filter::three_listeners;
@@ -47,6 +47,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Threads that accept and serve connections.
     pub workers: NonZeroUsize,
+    /// One listening socket shared by the workers, or one each.
+    pub listen_sockets: ListenSockets,
     /// The plane asked for, what runs when it cannot start, and why.
     pub dataplane: ChosenPlane,
     pub log_format: LogFormat,
@@ -210,6 +212,7 @@ impl Config {
             admin,
             max_connections,
             workers,
+            listen_sockets: o.listen_sockets.unwrap_or(defaults::LISTEN_SOCKETS),
             dataplane,
             log_format: o.log_format.unwrap_or(defaults::LOG_FORMAT),
             source_filter,

@@ -154,6 +154,15 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 
+    /// How the workers accept: `shared`, one listening socket per listener
+    /// that every worker accepts on (a new connection wakes every idle
+    /// worker, and whichever is free takes it); `per-worker`, an
+    /// SO_REUSEPORT socket per worker (the kernel picks one by a hash of the
+    /// connection's addresses and wakes only its worker, which takes it even
+    /// when another worker is idle). Fixed until a restart.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub listen_sockets: Option<ListenSockets>,
+
     /// Sockmap plane: bytes one direction may have redirected but not yet in the
     /// peer's send queue (the kernel queues them without limit); beyond it, or
     /// beyond what the peer's send queue has room for, the direction is paused:
@@ -212,6 +221,16 @@ pub struct Options {
     /// to do exactly that.
     #[arg(long, value_name = "PATH")]
     pub upgrade_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenSockets {
+    /// One socket per listener, every worker accepting on it.
+    #[default]
+    Shared,
+    /// An SO_REUSEPORT group per listener, a socket per worker.
+    PerWorker,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]

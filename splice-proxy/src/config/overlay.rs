@@ -37,6 +37,7 @@ pub(super) fn overlay(file: Options, flags: Options) -> Options {
         packet_switch_after_reads: flags.packet_switch_after_reads.or(file.packet_switch_after_reads),
         max_connections: flags.max_connections.or(file.max_connections),
         workers: flags.workers.or(file.workers),
+        listen_sockets: flags.listen_sockets.or(file.listen_sockets),
         log_format: flags.log_format.or(file.log_format),
         upgrade_socket: flags.upgrade_socket.or(file.upgrade_socket),
     }

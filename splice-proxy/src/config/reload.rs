@@ -51,6 +51,8 @@ impl Config {
         new.packet_switch_after = self.packet_switch_after;
         keep("workers", &self.workers, &new.workers);
         new.workers = self.workers;
+        keep("listen_sockets", &self.listen_sockets, &new.listen_sockets);
+        new.listen_sockets = self.listen_sockets;
         keep("admin_listen", &self.admin.listen, &new.admin.listen);
         new.admin.listen = self.admin.listen;
         keep("health_listen", &self.admin.health_listen, &new.admin.health_listen);

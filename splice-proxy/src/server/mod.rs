@@ -29,7 +29,7 @@ use workers::{WorkerError, Workers};
 
 use crate::{
     admin::{AdminEndpoint, AdminError, AdminState},
-    config::{Config, Options},
+    config::{Config, ListenSockets, Options},
     connections::ConnectionTable,
     dataplane::Plane,
     dns::ResolveError,
@@ -189,13 +189,18 @@ impl Server {
             connections: Arc::clone(&connections),
         };
         let proxy = Arc::new(Proxy::new(config, plane, observers)?);
-        let bound = upgrade::listeners(&config.listeners, handed_listeners)?;
         // A worker waits for a connection slot before it accepts: more
         // workers than slots would only wait.
         let workers =
             config.workers.min(NonZeroUsize::new(config.max_connections).unwrap_or(NonZeroUsize::MIN));
+        let sockets_per_listener = match config.listen_sockets {
+            ListenSockets::Shared => 1,
+            ListenSockets::PerWorker => workers.get(),
+        };
+        let bound = upgrade::listeners(&config.listeners, handed_listeners, sockets_per_listener)?;
         let workers = Workers::start(workers)?;
-        let listeners = ListenerSet::new(bound, &config.listeners, &config.tcp, workers.handles())?;
+        let listeners =
+            ListenerSet::new(bound, &config.listeners, &config.tcp, workers.handles(), sockets_per_listener)?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
             source_filter::guard_bound(filter, &config.listeners, &listeners.listening())?;

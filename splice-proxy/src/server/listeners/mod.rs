@@ -2,9 +2,16 @@
 //! a listener kept gets its new edge settings (for the connections it
 //! accepts from then on), a removed one stops accepting and closes (its open
 //! connections go on), an added one is bound before anything else changes.
-//! Each keeps a second descriptor of its socket to hand to a new process on
-//! a graceful upgrade ([`super::upgrade`]). The sockets and their accept
-//! loop: [`socket`].
+//! A listener is an SO_REUSEPORT group of sockets on one address
+//! (`listen_sockets`): one socket that every worker accepts on, so whichever
+//! worker is free takes the next connection, but every idle worker's event
+//! loop wakes for it and all but one find nothing to accept; or one socket
+//! per worker, accepted on by its worker alone, so the kernel's pick (a hash
+//! of the connection's addresses) wakes one worker, busy or not. Each keeps
+//! a second descriptor of every socket of its group to hand to a new
+//! process on a graceful upgrade ([`super::upgrade`]): a socket closed with
+//! connections in its accept queue would reset them. The sockets and their
+//! accept loop: [`socket`].
 
 pub mod socket;
 
@@ -33,11 +40,27 @@ pub(super) struct Accepting {
     pub slots: Arc<Semaphore>,
 }
 
-/// A listening socket, bound (or inherited) but perhaps not accepting yet.
+/// A listener's sockets, bound (or inherited) but perhaps not accepting yet.
 pub(super) struct Bound {
     /// The address as configured (port 0 stays 0).
     pub configured: ListenAddr,
-    pub listener: Listener,
+    /// One SO_REUSEPORT group, never empty: as many sockets as
+    /// `listen_sockets` asks for when bound here, the old process's sockets
+    /// when handed over.
+    pub sockets: Vec<Listener>,
+}
+
+impl Bound {
+    /// A new listener on `configured`: a group of `sockets` (at least one).
+    pub fn bind(configured: ListenAddr, sockets: usize) -> Result<Self, BindError> {
+        let first = Listener::bind(configured)?;
+        let addr = first.addr;
+        let mut group = vec![first];
+        while group.len() < sockets {
+            group.push(group[0].join().map_err(|source| BindError { addr, source })?);
+        }
+        Ok(Self { configured, sockets: group })
+    }
 }
 
 struct Served {
@@ -46,10 +69,11 @@ struct Served {
     edge: watch::Sender<Arc<EdgeConfig>>,
     /// Ends this listener's accept loop (a child of the set's).
     stop: CancellationToken,
-    /// A second descriptor of the listening socket, for a graceful upgrade.
-    fd: OwnedFd,
-    /// A descriptor per worker, registered with it, until the accept loops start.
-    waiting: Vec<Listener>,
+    /// A second descriptor of each socket of the group, for a graceful upgrade.
+    fds: Vec<OwnedFd>,
+    /// Until the accept loops start, a descriptor for each: the worker (an
+    /// index into the set's) and the socket registered with it.
+    waiting: Vec<(usize, Listener)>,
 }
 
 /// Every listener of the server.
@@ -57,6 +81,8 @@ pub(super) struct ListenerSet {
     served: Vec<Served>,
     /// Where the accept loops run (each serves what it accepts).
     workers: Vec<Handle>,
+    /// The sockets of a listener bound here (1: shared by the workers).
+    sockets_per_listener: usize,
     accept_loops: JoinSet<()>,
     stop_accepting: CancellationToken,
 }
@@ -90,43 +116,55 @@ pub(super) fn keep(running: &[(ListenAddr, ListenAddr)], wanted: &[ListenAddr]) 
 impl ListenerSet {
     /// `bound` in the order of `configs` (not accepting yet), each with the
     /// TCP options `tcp`, which the sockets it accepts inherit, to be
-    /// accepted on by each of `workers`.
+    /// accepted on by `workers`; a listener a reload adds gets
+    /// `sockets_per_listener` sockets.
     pub fn new(
         bound: Vec<Bound>,
         configs: &[ListenerConfig],
         tcp: &TcpConfig,
         workers: &[Handle],
+        sockets_per_listener: usize,
     ) -> Result<Self, BindError> {
         let mut set = Self {
             served: Vec::new(),
             workers: workers.to_vec(),
+            sockets_per_listener,
             accept_loops: JoinSet::new(),
             stop_accepting: CancellationToken::new(),
         };
         for (b, config) in bound.into_iter().zip(configs) {
-            with_options(&b.listener, tcp)?;
+            for socket in &b.sockets {
+                with_options(socket, tcp)?;
+            }
             set.served.push(set.served(b, &config.edge)?);
         }
         Ok(set)
     }
 
     fn served(&self, b: Bound, edge: &Arc<EdgeConfig>) -> Result<Served, BindError> {
-        let addr = b.listener.addr;
+        let addr = b.sockets[0].addr;
         let error = |source| BindError { addr, source };
-        let fd = b.listener.as_fd().try_clone_to_owned().map_err(error)?;
-        let waiting = self
-            .workers
-            .iter()
-            .map(|worker| b.listener.on_worker(worker))
-            .collect::<Result<_, _>>()
-            .map_err(error)?;
+        let fds = b.sockets.iter().map(|s| s.as_fd().try_clone_to_owned()).collect::<Result<_, _>>();
+        // Every worker accepts on a socket and every socket has a worker: a
+        // group with fewer sockets than workers (handed over by a process
+        // with fewer workers, or one whose sockets were not a group) is
+        // shared by some workers, one with more has a worker accept on more
+        // than one.
+        let pairs = b.sockets.len().max(self.workers.len());
+        let waiting = (0..pairs)
+            .map(|i| {
+                let worker = i % self.workers.len();
+                let socket = &b.sockets[i % b.sockets.len()];
+                Ok((worker, socket.on_worker(&self.workers[worker])?))
+            })
+            .collect::<std::io::Result<_>>();
         Ok(Served {
             configured: b.configured,
             addr,
             edge: watch::Sender::new(Arc::clone(edge)),
             stop: self.stop_accepting.child_token(),
-            fd,
-            waiting,
+            fds: fds.map_err(error)?,
+            waiting: waiting.map_err(error)?,
         })
     }
 
@@ -135,21 +173,22 @@ impl ListenerSet {
         self.served.iter().map(|s| s.addr).collect()
     }
 
-    /// Each listener's configured and bound address with a new descriptor of
-    /// its socket, for a new process.
     /// Each listener's configured address and bound port, in configuration
     /// order (for the XDP source filter's lists).
     pub fn listening(&self) -> Vec<super::source_filter::Listening> {
         self.served.iter().map(|s| (s.configured.0, s.addr.0.port())).collect()
     }
 
+    /// Each listener's configured and bound address with a new descriptor of
+    /// each socket of its group, for a new process.
     pub fn handover(&self) -> std::io::Result<Vec<(ListenAddr, ListenAddr, OwnedFd)>> {
-        self.served.iter().map(|s| Ok((s.configured, s.addr, s.fd.try_clone()?))).collect()
+        let sockets = self.served.iter().flat_map(|s| s.fds.iter().map(move |fd| (s, fd)));
+        sockets.map(|(s, fd)| Ok((s.configured, s.addr, fd.try_clone()?))).collect()
     }
 
     /// Starts the accept loops of every listener not accepting yet, one on
-    /// each worker; once all of a listener's have ended, it logs that it
-    /// closed.
+    /// each worker for each socket it has; once all of a listener's have
+    /// ended, it logs that it closed.
     pub fn start(&mut self, accepting: &Accepting) {
         for served in &mut self.served {
             let waiting = std::mem::take(&mut served.waiting);
@@ -162,11 +201,12 @@ impl ListenerSet {
                 upstream = edge.upstreams.describe(),
                 proxy_protocol = ?edge.proxy_protocol.mode,
                 allowed_vpce_ids = ?edge.proxy_protocol.allowed_vpce_ids,
-                workers = waiting.len(),
+                sockets = served.fds.len(),
+                workers = self.workers.len(),
                 "listening"
             );
             let mut loops = JoinSet::new();
-            for (listener, worker) in waiting.into_iter().zip(&self.workers) {
+            for (worker, listener) in waiting {
                 let edges = served.edge.subscribe();
                 let accepting = accepting.clone();
                 let serve = move |stream, peer, listen, permit: OwnedSemaphorePermit| {
@@ -181,7 +221,7 @@ impl ListenerSet {
                 };
                 let accept_loop =
                     listener.accept_loop(served.stop.clone(), Arc::clone(&accepting.slots), serve);
-                loops.spawn_on(accept_loop, worker);
+                loops.spawn_on(accept_loop, &self.workers[worker]);
             }
             let addr = served.addr;
             self.accept_loops.spawn(async move {
@@ -206,15 +246,17 @@ impl ListenerSet {
         let kept = keep(&running, &wanted);
         let mut added = Vec::new();
         for (config, _) in configs.iter().zip(&kept).filter(|(_, k)| k.is_none()) {
-            let listener = Listener::bind(config.addr)?;
-            with_options(&listener, tcp)?;
-            added.push(self.served(Bound { configured: config.addr, listener }, &config.edge)?);
+            let bound = Bound::bind(config.addr, self.sockets_per_listener)?;
+            for socket in &bound.sockets {
+                with_options(socket, tcp)?;
+            }
+            added.push(self.served(bound, &config.edge)?);
         }
         // The kept listeners take the new options past the point where the
         // reload may still fail: an option a validated value cannot be set
         // to on a listening socket is logged, the old one stays.
         for served in &self.served {
-            if let Err(error) = crate::sockopt::apply(&served.fd, tcp) {
+            if let Some(error) = served.fds.iter().find_map(|fd| crate::sockopt::apply(fd, tcp).err()) {
                 tracing::warn!(listen = %served.addr, %error, "SIGHUP: the new TCP options on a kept listener");
             }
         }

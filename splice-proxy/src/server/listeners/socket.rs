@@ -2,6 +2,7 @@
 
 use std::{
     io,
+    net::SocketAddr,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::Arc,
     time::Duration,
@@ -35,16 +36,29 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds with SO_REUSEADDR and a deep backlog. `addr` may have port 0; the
-    /// returned listener knows the port it got.
+    /// Binds with SO_REUSEADDR and a deep backlog, as the first socket of an
+    /// SO_REUSEPORT group that each worker's socket joins ([`Self::join`]).
+    /// `addr` may have port 0; the returned listener knows the port it got.
+    ///
+    /// A fixed port is first bound for a moment without SO_REUSEPORT: a port
+    /// another process listens on, another splice-proxy's group included,
+    /// fails here as "in use" instead of being shared with it.
     pub fn bind(addr: ListenAddr) -> Result<Self, BindError> {
         let err = |source| BindError { addr, source };
-        let socket = if addr.0.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
-        socket.set_reuseaddr(true).map_err(err)?;
-        socket.bind(addr.0).map_err(err)?;
-        let inner = socket.listen(BACKLOG).map_err(err)?;
-        let bound = ListenAddr(inner.local_addr().map_err(err)?);
-        Ok(Self { addr: bound, inner })
+        if addr.0.port() != 0 {
+            let probe = new_socket(addr.0).map_err(err)?;
+            probe.set_reuseaddr(true).map_err(err)?;
+            probe.bind(addr.0).map_err(err)?;
+        }
+        bind_in_group(addr.0).map_err(err)
+    }
+
+    /// A new socket in this one's SO_REUSEPORT group, on the same address:
+    /// the kernel spreads new connections over the group's sockets by their
+    /// addresses, so a worker accepting on a socket of its own is woken only
+    /// for the connections that socket gets.
+    pub fn join(&self) -> io::Result<Self> {
+        bind_in_group(self.addr.0)
     }
 
     /// A listening socket another process handed over (a graceful upgrade).
@@ -113,6 +127,20 @@ impl Listener {
     }
 }
 
+fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+}
+
+/// A listening socket with SO_REUSEADDR and SO_REUSEPORT on `addr`.
+fn bind_in_group(addr: SocketAddr) -> io::Result<Listener> {
+    let socket = new_socket(addr)?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    let inner = socket.listen(BACKLOG)?;
+    Ok(Listener { addr: ListenAddr(inner.local_addr()?), inner })
+}
+
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.inner.as_fd()
@@ -125,4 +153,50 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error().map(Errno::from_raw),
         Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Takes what each of `group` has in its accept queue until `total`
+    /// connections were accepted; how many each accepted.
+    fn accept_all(group: Vec<Listener>, total: usize) -> Vec<usize> {
+        let group: Vec<_> = group.into_iter().map(|l| l.into_inner().into_std().unwrap()).collect();
+        let mut accepted = vec![0; group.len()];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accepted.iter().sum::<usize>() < total {
+            assert!(Instant::now() < deadline, "accepted {accepted:?} of {total}");
+            for (socket, count) in group.iter().zip(&mut accepted) {
+                while socket.accept().is_ok() {
+                    *count += 1;
+                }
+            }
+            std::thread::yield_now();
+        }
+        accepted
+    }
+
+    #[tokio::test]
+    async fn a_group_spreads_connections_over_its_sockets_and_loses_none() {
+        let first = Listener::bind(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
+        let group = vec![first.join().unwrap(), first.join().unwrap()];
+        assert!(group.iter().all(|s| s.addr == first.addr));
+        let group: Vec<_> = std::iter::once(first).chain(group).collect();
+        let addr = group[0].addr.0;
+        let clients: Vec<_> = (0..120).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let accepted = accept_all(group, clients.len());
+        assert_eq!(accepted.iter().sum::<usize>(), 120);
+        assert!(accepted.iter().all(|&n| n > 0), "every socket of the group takes a share: {accepted:?}");
+    }
+
+    #[tokio::test]
+    async fn a_fixed_port_another_group_listens_on_is_in_use() {
+        let running = Listener::bind(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
+        let error = Listener::bind(running.addr).unwrap_err();
+        assert_eq!(error.source.kind(), io::ErrorKind::AddrInUse, "{error}");
+        assert!(running.join().is_ok(), "the group itself still takes sockets");
+    }
 }

@@ -26,30 +26,41 @@ use crate::{
     service_manager,
 };
 
-/// Every configured listener: the handed-over socket it matches (by the
-/// rule a reload keeps listeners by), else a new one. Sockets nobody
-/// matches are closed here (the old process closes its copies as it drains).
+/// Every configured listener: the handed-over sockets it matches (by the
+/// rule a reload keeps listeners by; a listener's group comes as several
+/// sockets with the same addresses), else a new group of `sockets`. Sockets
+/// nobody matches are closed here (the old process closes its copies as it
+/// drains).
 pub(super) fn listeners(
     configs: &[ListenerConfig],
     handed: Vec<HandedSocket>,
+    sockets: usize,
 ) -> Result<Vec<Bound>, BindError> {
-    let running: Vec<_> = handed.iter().map(|h| (ListenAddr(h.configured), ListenAddr(h.bound))).collect();
+    let mut groups: Vec<((ListenAddr, ListenAddr), Vec<OwnedFd>)> = Vec::new();
+    for h in handed {
+        let addrs = (ListenAddr(h.configured), ListenAddr(h.bound));
+        match groups.iter_mut().find(|(a, _)| *a == addrs) {
+            Some((_, fds)) => fds.push(h.fd),
+            None => groups.push((addrs, vec![h.fd])),
+        }
+    }
+    let running: Vec<_> = groups.iter().map(|(addrs, _)| *addrs).collect();
     let wanted: Vec<_> = configs.iter().map(|c| c.addr).collect();
-    let mut handed: Vec<Option<OwnedFd>> = handed.into_iter().map(|h| Some(h.fd)).collect();
+    let mut handed: Vec<Option<Vec<OwnedFd>>> = groups.into_iter().map(|(_, fds)| Some(fds)).collect();
     configs
         .iter()
         .zip(keep(&running, &wanted))
-        .map(|(config, kept)| {
-            let listener = match kept.and_then(|i| handed[i].take()) {
-                Some(fd) => {
-                    let listener =
-                        Listener::from_fd(fd).map_err(|source| BindError { addr: config.addr, source })?;
-                    tracing::info!(listen = %listener.addr, "upgrade: listener taken over");
-                    listener
-                }
-                None => Listener::bind(config.addr)?,
-            };
-            Ok(Bound { configured: config.addr, listener })
+        .map(|(config, kept)| match kept.and_then(|i| handed[i].take()) {
+            Some(fds) => {
+                let group = fds
+                    .into_iter()
+                    .map(Listener::from_fd)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| BindError { addr: config.addr, source })?;
+                tracing::info!(listen = %group[0].addr, sockets = group.len(), "upgrade: listener taken over");
+                Ok(Bound { configured: config.addr, sockets: group })
+            }
+            None => Bound::bind(config.addr, sockets),
         })
         .collect()
 }

@@ -2,23 +2,39 @@
 //! the listening sockets over from the running one without a connection
 //! being refused.
 //!
-//! Why socket passing and not SO_REUSEPORT overlap: with SO_REUSEPORT each
-//! process has a listening socket of its own and the kernel spreads new
-//! connections over them by hash; when the old process closes its socket,
-//! the connections waiting in *its* accept queue are reset, so some are
-//! refused at every upgrade, and a port-0 listener could not be shared at
-//! all. Passing the socket itself (SCM_RIGHTS) keeps one accept queue: both
-//! processes accept from it during the overlap, the old one stops, and the
-//! queue lives on in the new process; nothing waiting in it is lost. It also
+//! Why socket passing and not an SO_REUSEPORT overlap between the two
+//! processes: with SO_REUSEPORT each socket has an accept queue of its own
+//! and the kernel spreads new connections over a group's sockets by hash;
+//! when the old process closes a socket, the connections waiting in *its*
+//! queue are reset, so some would be refused at every upgrade. Passing the
+//! sockets themselves (SCM_RIGHTS) keeps every queue: both processes accept
+//! from them during the overlap, the old one stops, and the queues live on
+//! in the new process; nothing waiting in them is lost. A listener's group
+//! (with `listen_sockets = "per-worker"` a socket per worker,
+//! [`crate::server::listeners`]) is passed whole for that reason. It also
 //! works for the admin endpoint's socket, and needs no socket option the
 //! operator has to know about.
+//!
+//! The new process accepts on the sockets it got, as many as they are (its
+//! workers share them if it has more workers; a worker takes several if it
+//! has fewer), and adds none to a group it took over: a socket it added
+//! would take connections at once and reset them if the upgrade failed. A
+//! changed worker count or `listen_sockets` has its own group size at the
+//! next restart. An older version takes one socket of each group and closes
+//! the others; the connections waiting in those when the old process closes
+//! its copies are reset, and one that finds `more` lines (more sockets than
+//! one message carries) refuses the upgrade, so the old process goes on
+//! serving.
 //!
 //! The exchange, on a Unix stream socket at PATH that the running process
 //! listens on:
 //! 1. new → old: `take\n`;
-//! 2. old → new: one message, text lines `listen CONFIGURED BOUND` (one per
-//!    listener) and `admin CONFIGURED BOUND`, with the sockets as
-//!    SCM_RIGHTS in the same order;
+//! 2. old → new: text lines `listen CONFIGURED BOUND` (one per socket: a
+//!    listener's SO_REUSEPORT group is several sockets with the same
+//!    addresses) and `admin CONFIGURED BOUND`, with the sockets as
+//!    SCM_RIGHTS in the same order, in messages of at most
+//!    [`fd_passing::MAX_FDS`] sockets; each but the last ends with a line
+//!    `more`;
 //! 3. the new process binds what it did not get, starts accepting on
 //!    everything, takes PATH over (a socket bound beside it, renamed onto
 //!    it) and sends `ready\n`;
@@ -45,6 +61,8 @@ use crate::{addr::ListenAddr, fd_passing};
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const TAKE: &[u8] = b"take\n";
 const READY: &[u8] = b"ready\n";
+/// The last line of a message another follows.
+const MORE: &str = "more";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -94,40 +112,44 @@ pub fn take_over(path: &Path) -> Result<Option<Handover>, UpgradeError> {
     };
     stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("setting a timeout"))?;
     stream.write_all(TAKE).map_err(io("asking for the sockets"))?;
-    let mut text = vec![0u8; 64 * 1024];
-    let received = fd_passing::receive(&stream, &mut text).map_err(io("receiving the sockets"))?;
-    if received.truncated {
-        return Err(UpgradeError::Protocol {
-            path: path.into(),
-            answer: String::new(),
-            why: "more sockets than one hand-over carries (80)",
-        });
-    }
-    let (len, fds) = (received.len, received.fds);
-    let answer = String::from_utf8_lossy(&text[..len]).into_owned();
-    let bad = |why| UpgradeError::Protocol { path: path.into(), answer: answer.clone(), why };
-    let mut fds = fds.into_iter();
     let (mut listeners, mut admin) = (Vec::new(), None);
-    for line in answer.lines() {
-        let mut words = line.split(' ');
-        let (kind, configured, bound) = (words.next(), words.next(), words.next());
-        let (Some(configured), Some(bound)) =
-            (configured.and_then(|a| a.parse().ok()), bound.and_then(|a| a.parse().ok()))
-        else {
-            return Err(bad("a line without two addresses"));
-        };
-        let fd = fds.next().ok_or_else(|| bad("fewer sockets than lines"))?;
-        let socket = HandedSocket { configured, bound, fd };
-        match kind {
-            Some("listen") => listeners.push(socket),
-            Some("admin") => admin = Some(socket),
-            _ => return Err(bad("an unknown line")),
+    let mut text = vec![0u8; 64 * 1024];
+    loop {
+        let received = fd_passing::receive(&stream, &mut text).map_err(io("receiving the sockets"))?;
+        let answer = String::from_utf8_lossy(&text[..received.len]).into_owned();
+        let bad = |why| UpgradeError::Protocol { path: path.into(), answer: answer.clone(), why };
+        if received.truncated {
+            return Err(bad("more sockets in one message than it may carry"));
+        }
+        if received.len == 0 {
+            return Err(bad("nothing (it closed the connection)"));
+        }
+        let mut fds = received.fds.into_iter();
+        let mut more = false;
+        for line in answer.lines() {
+            if line == MORE {
+                more = true;
+                continue;
+            }
+            let mut words = line.split(' ');
+            let (kind, configured, bound) = (words.next(), words.next(), words.next());
+            let (Some(configured), Some(bound)) =
+                (configured.and_then(|a| a.parse().ok()), bound.and_then(|a| a.parse().ok()))
+            else {
+                return Err(bad("a line without two addresses"));
+            };
+            let fd = fds.next().ok_or_else(|| bad("fewer sockets than lines"))?;
+            let socket = HandedSocket { configured, bound, fd };
+            match kind {
+                Some("listen") => listeners.push(socket),
+                Some("admin") => admin = Some(socket),
+                _ => return Err(bad("an unknown line")),
+            }
+        }
+        if !more {
+            return Ok(Some(Handover { listeners, admin, stream }));
         }
     }
-    if len == 0 {
-        return Err(bad("nothing (it closed the connection)"));
-    }
-    Ok(Some(Handover { listeners, admin, stream }))
 }
 
 /// The old process's side: sends `listeners` and `admin` (configured,
@@ -144,17 +166,22 @@ pub fn hand_over(
     if request != TAKE {
         return Ok(false);
     }
-    let mut text = String::new();
-    let mut fds = Vec::new();
-    for (configured, bound, fd) in listeners {
-        text.push_str(&format!("listen {configured} {bound}\n"));
-        fds.push(fd.as_fd());
+    let listeners = listeners.iter().map(|(configured, bound, fd)| ("listen", configured.0, bound.0, fd));
+    let admin = admin.map(|(configured, bound, fd)| ("admin", *configured, *bound, fd));
+    let sockets: Vec<_> = listeners.chain(admin).collect();
+    let mut messages = sockets.chunks(fd_passing::MAX_FDS).peekable();
+    while let Some(message) = messages.next() {
+        let mut text = String::new();
+        for (kind, configured, bound, _) in message {
+            text.push_str(&format!("{kind} {configured} {bound}\n"));
+        }
+        if messages.peek().is_some() {
+            text.push_str(MORE);
+            text.push('\n');
+        }
+        let fds: Vec<_> = message.iter().map(|(.., fd)| fd.as_fd()).collect();
+        fd_passing::send(&stream, text.as_bytes(), &fds)?;
     }
-    if let Some((configured, bound, fd)) = admin {
-        text.push_str(&format!("admin {configured} {bound}\n"));
-        fds.push(fd.as_fd());
-    }
-    fd_passing::send(&stream, text.as_bytes(), &fds)?;
     // The new process has to start (kernel programs, resolver, binding the
     // rest) before it is ready: no timeout here; a failed start closes the stream.
     stream.set_read_timeout(None)?;
@@ -175,4 +202,45 @@ pub fn listen(path: &Path) -> Result<UnixListener, UpgradeError> {
     std::fs::rename(&beside, path).map_err(io("renaming the new socket onto it"))?;
     listener.set_nonblocking(true).map_err(io("making it non-blocking"))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn a_hand_over_of_more_sockets_than_one_message_carries_arrives_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upgrade.sock");
+        let upgrade_socket = UnixListener::bind(&path).unwrap();
+        let sockets: Vec<_> = (0..2 * fd_passing::MAX_FDS + 3)
+            .map(|_| {
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let bound = ListenAddr(listener.local_addr().unwrap());
+                (ListenAddr("127.0.0.1:0".parse().unwrap()), bound, OwnedFd::from(listener))
+            })
+            .collect();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin_addr = admin_listener.local_addr().unwrap();
+        let admin = (admin_addr, admin_addr, OwnedFd::from(admin_listener));
+        let expected: Vec<_> = sockets.iter().map(|(_, bound, _)| bound.0).collect();
+        let old = std::thread::spawn(move || {
+            let (stream, _) = upgrade_socket.accept().unwrap();
+            hand_over(stream, &sockets, Some(&admin)).unwrap()
+        });
+
+        let handover = take_over(&path).unwrap().expect("a process listens");
+        let got: Vec<_> = handover.listeners.iter().map(|h| h.bound).collect();
+        assert_eq!(got, expected);
+        for handed in &handover.listeners {
+            let socket = std::net::TcpListener::from(handed.fd.try_clone().unwrap());
+            assert_eq!(socket.local_addr().unwrap(), handed.bound, "each line comes with its own socket");
+        }
+        let admin = handover.admin.as_ref().expect("the admin socket");
+        assert_eq!(admin.bound, admin_addr);
+        handover.ready().unwrap();
+        assert!(old.join().unwrap(), "the old process saw `ready`");
+    }
 }
