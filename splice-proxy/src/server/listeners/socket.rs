@@ -37,8 +37,9 @@ pub struct Listener {
 
 impl Listener {
     /// Binds with SO_REUSEADDR and a deep backlog, as the first socket of an
-    /// SO_REUSEPORT group that each worker's socket joins ([`Self::join`]).
-    /// `addr` may have port 0; the returned listener knows the port it got.
+    /// SO_REUSEPORT group (the only one, or the first of one per worker,
+    /// [`Self::join`]). `addr` may have port 0; the returned listener knows
+    /// the port it got (the kernel never picks a port some group listens on).
     ///
     /// A fixed port is first bound for a moment without SO_REUSEPORT: a port
     /// another process listens on, another splice-proxy's group included,
