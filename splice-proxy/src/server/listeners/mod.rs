@@ -2,16 +2,16 @@
 //! a listener kept gets its new edge settings (for the connections it
 //! accepts from then on), a removed one stops accepting and closes (its open
 //! connections go on), an added one is bound before anything else changes.
-//! A listener is an SO_REUSEPORT group of sockets on one address
-//! (`listen_sockets`): one socket that every worker accepts on, so whichever
-//! worker is free takes the next connection, but every idle worker's event
-//! loop wakes for it and all but one find nothing to accept; or one socket
-//! per worker, accepted on by its worker alone, so the kernel's pick (a hash
-//! of the connection's addresses) wakes one worker, busy or not. Each keeps
-//! a second descriptor of every socket of its group to hand to a new
-//! process on a graceful upgrade ([`super::upgrade`]): a socket closed with
-//! connections in its accept queue would reset them. The sockets and their
-//! accept loop: [`socket`].
+//! A listener is one socket or an SO_REUSEPORT group of sockets on one
+//! address (`listen_sockets`): one socket that every worker accepts on, so
+//! whichever worker is free takes the next connection, but every idle
+//! worker's event loop wakes for it and all but one find nothing to accept;
+//! or one socket per worker, accepted on by its worker alone, so the
+//! kernel's pick (a hash of the connection's addresses) wakes one worker,
+//! busy or not. Each keeps a second descriptor of every socket of its group
+//! to hand to a new process on a graceful upgrade ([`super::upgrade`]): a
+//! socket closed with connections in its accept queue would reset them. The
+//! sockets and their accept loop: [`socket`].
 
 pub mod socket;
 
@@ -44,16 +44,21 @@ pub(super) struct Accepting {
 pub(super) struct Bound {
     /// The address as configured (port 0 stays 0).
     pub configured: ListenAddr,
-    /// One SO_REUSEPORT group, never empty: as many sockets as
-    /// `listen_sockets` asks for when bound here, the old process's sockets
-    /// when handed over.
+    /// Never empty: as many sockets as `listen_sockets` asks for when bound
+    /// here (one alone, or an SO_REUSEPORT group of one per worker), the old
+    /// process's sockets when handed over.
     pub sockets: Vec<Listener>,
 }
 
 impl Bound {
-    /// A new listener on `configured`: a group of `sockets` (at least one).
+    /// A new listener on `configured`: one socket of its own (`sockets` 1:
+    /// a program binding the port with SO_REUSEPORT cannot join it), or a
+    /// group of `sockets`.
     pub fn bind(configured: ListenAddr, sockets: usize) -> Result<Self, BindError> {
-        let first = Listener::bind(configured)?;
+        if sockets <= 1 {
+            return Ok(Self { configured, sockets: vec![Listener::bind(configured)?] });
+        }
+        let first = Listener::bind_group(configured)?;
         let addr = first.addr;
         let mut group = vec![first];
         while group.len() < sockets {

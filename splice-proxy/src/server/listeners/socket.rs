@@ -36,15 +36,25 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds with SO_REUSEADDR and a deep backlog, as the first socket of an
-    /// SO_REUSEPORT group (the only one, or the first of one per worker,
-    /// [`Self::join`]). `addr` may have port 0; the returned listener knows
-    /// the port it got (the kernel never picks a port some group listens on).
-    ///
-    /// A fixed port is first bound for a moment without SO_REUSEPORT: a port
-    /// another process listens on, another splice-proxy's group included,
-    /// fails here as "in use" instead of being shared with it.
+    /// Binds with SO_REUSEADDR and a deep backlog, and without SO_REUSEPORT:
+    /// the port is this socket's alone (a later bind by anyone fails "in
+    /// use"). `addr` may have port 0; the returned listener knows the port it
+    /// got.
     pub fn bind(addr: ListenAddr) -> Result<Self, BindError> {
+        let err = |source| BindError { addr, source };
+        let socket = new_socket(addr.0).map_err(err)?;
+        socket.set_reuseaddr(true).map_err(err)?;
+        socket.bind(addr.0).map_err(err)?;
+        Self::listen(socket).map_err(err)
+    }
+
+    /// [`Self::bind`], as the first socket of an SO_REUSEPORT group that
+    /// others join ([`Self::join`]); the kernel never picks a port 0 some
+    /// group listens on. A fixed port is first bound for a moment without
+    /// SO_REUSEPORT, so a port another process listens on, another
+    /// splice-proxy's group included, fails here as "in use" instead of
+    /// being shared with it.
+    pub fn bind_group(addr: ListenAddr) -> Result<Self, BindError> {
         let err = |source| BindError { addr, source };
         if addr.0.port() != 0 {
             let probe = new_socket(addr.0).map_err(err)?;
@@ -60,6 +70,11 @@ impl Listener {
     /// for the connections that socket gets.
     pub fn join(&self) -> io::Result<Self> {
         bind_in_group(self.addr.0)
+    }
+
+    fn listen(socket: TcpSocket) -> io::Result<Self> {
+        let inner = socket.listen(BACKLOG)?;
+        Ok(Self { addr: ListenAddr(inner.local_addr()?), inner })
     }
 
     /// A listening socket another process handed over (a graceful upgrade).
@@ -138,8 +153,7 @@ fn bind_in_group(addr: SocketAddr) -> io::Result<Listener> {
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    let inner = socket.listen(BACKLOG)?;
-    Ok(Listener { addr: ListenAddr(inner.local_addr()?), inner })
+    Listener::listen(socket)
 }
 
 impl AsFd for Listener {
@@ -182,7 +196,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_spreads_connections_over_its_sockets_and_loses_none() {
-        let first = Listener::bind(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
+        let first = Listener::bind_group(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
         let group = vec![first.join().unwrap(), first.join().unwrap()];
         assert!(group.iter().all(|s| s.addr == first.addr));
         let group: Vec<_> = std::iter::once(first).chain(group).collect();
@@ -195,9 +209,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_fixed_port_another_group_listens_on_is_in_use() {
-        let running = Listener::bind(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
-        let error = Listener::bind(running.addr).unwrap_err();
-        assert_eq!(error.source.kind(), io::ErrorKind::AddrInUse, "{error}");
+        let running = Listener::bind_group(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
+        for bind in [Listener::bind, Listener::bind_group] {
+            let error = bind(running.addr).unwrap_err();
+            assert_eq!(error.source.kind(), io::ErrorKind::AddrInUse, "{error}");
+        }
         assert!(running.join().is_ok(), "the group itself still takes sockets");
+    }
+
+    #[tokio::test]
+    async fn a_single_listener_cannot_be_joined() {
+        let alone = Listener::bind(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
+        let error = alone.join().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse, "{error}");
     }
 }
