@@ -9,7 +9,7 @@ use crate::topology::TopologyKind;
 pub const USAGE: &str = "\
 bench [--workload throughput|latency|connect|tls|idle]... [--topology loopback|routed]...
       [--only SUBSTRING] [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced|paced8]...
-      [--round-trips N (20000)] [--idle N,N (10000,50000)] [--results DIR (bench/results)]
+      [--round-trips N (20000)] [--clients N (4)] [--idle N,N (10000,50000)] [--results DIR (bench/results)]
       [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
 
 Measures splice-proxy (packet, sockmap, splice, copy), HAProxy (splice-auto;
@@ -30,7 +30,8 @@ Workloads:
   latency     1 B and 16 KiB ping-pong on one connection: p50/p99/p99.9
               (--round-trips each)
   connect     new connections/s through the peer with time to first byte
-              (--seconds each); splice-proxy with its upstream as a name that a
+              (--seconds each), --clients threads each connecting one after the
+              other (1: no two connections at once); splice-proxy with its upstream as a name that a
               local DNS server resolves, with --dns-max-ttl 0 and the default
   tls         kubectl's pattern: a new TLS connection (certificate verified), one
               request, its whole answer, the server closing; connections/s
@@ -65,6 +66,8 @@ pub struct Args {
     /// Indexes into [`crate::throughput::Scenario::ALL`] to run, in order.
     pub scenarios: Vec<usize>,
     pub round_trips: usize,
+    /// Client threads of the connect and TLS workloads.
+    pub clients: usize,
     pub idle_counts: Vec<usize>,
     pub results_dir: PathBuf,
     pub proxy_bin: PathBuf,
@@ -86,6 +89,7 @@ pub fn parse() -> Result<Args> {
         only: None,
         scenarios: Vec::new(),
         round_trips: 20_000,
+        clients: crate::connect_rate::CLIENTS,
         idle_counts: vec![10_000, 50_000],
         results_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results")),
         proxy_bin: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/splice-proxy")),
@@ -132,6 +136,7 @@ pub fn parse() -> Result<Args> {
                 }
             }
             "--round-trips" => args.round_trips = value()?.parse().context("--round-trips")?,
+            "--clients" => args.clients = value()?.parse().context("--clients")?,
             "--idle" => {
                 args.idle_counts = value()?
                     .split(',')
@@ -159,8 +164,13 @@ pub fn parse() -> Result<Args> {
     if args.scenarios.is_empty() {
         args.scenarios = (0..crate::throughput::Scenario::ALL.len()).collect();
     }
-    if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 || args.round_trips == 0 {
-        bail!("--rounds, --seconds and --round-trips must be positive");
+    if args.rounds == 0
+        || !args.seconds.is_finite()
+        || args.seconds <= 0.0
+        || args.round_trips == 0
+        || args.clients == 0
+    {
+        bail!("--rounds, --seconds, --round-trips and --clients must be positive");
     }
     if args.idle_counts.is_empty() || args.idle_counts.contains(&0) {
         bail!("--idle needs positive counts, such as 10000,50000");

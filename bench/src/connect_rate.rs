@@ -17,7 +17,8 @@ use crate::{
     latency::percentile_us,
 };
 
-/// Client threads opening connections one after the other, each.
+/// Client threads opening connections one after the other, each, unless
+/// `--clients` says otherwise.
 pub const CLIENTS: usize = 4;
 /// How long one connection may take to bring its first byte.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,12 +37,13 @@ pub struct Sample {
     pub proxy_cpu_us_per_connection: Option<f64>,
 }
 
-/// [`CLIENTS`] threads make connections to `addr` with `connection` again
+/// `clients` threads make connections to `addr` with `connection` again
 /// and again for `duration` (one whole connection, returning the time to
 /// what it measures: [`first_byte`], a whole answer); `proxy`: the PID of
 /// the peer's process, whose CPU is read.
 pub fn run_with(
     addr: SocketAddr,
+    clients: usize,
     proxy: Option<u32>,
     duration: Duration,
     connection: impl Fn(SocketAddr) -> Result<Duration> + Sync,
@@ -51,7 +53,7 @@ pub fn run_with(
     let started = Instant::now();
     let connection = &connection;
     let per_client: Vec<Vec<u64>> = thread::scope(|scope| {
-        let clients: Vec<_> = (0..CLIENTS)
+        let clients: Vec<_> = (0..clients)
             .map(|_| scope.spawn(move || connect_repeatedly(addr, started, duration, connection)))
             .collect();
         clients.into_iter().map(|client| client.join().expect("client thread panicked")).collect::<Vec<_>>()

@@ -121,6 +121,7 @@ fn measure(
         topology: topology.kind().name(),
         machine,
         settings: settings_summary(args),
+        clients: args.clients,
         background_busy_percent: [busy_before, busy_after],
         throughput,
         latency,

@@ -71,17 +71,15 @@ pub fn markdown(results: &Results) -> String {
         }
     }
     if !results.connect.is_empty() {
-        let title = format!(
-            "Connection set-up, {} clients each connecting one after the other",
-            crate::connect_rate::CLIENTS
-        );
+        let title =
+            format!("Connection set-up, {} each connecting one after the other", clients(results.clients));
         crate::setup_report::write(&mut out, &title, &results.connect, reference, "first byte");
     }
     if !results.tls.is_empty() {
         let title = format!(
-            "TLS connection, one request and its answer (kubectl's pattern), {} clients each \
-             connecting one after the other",
-            crate::connect_rate::CLIENTS
+            "TLS connection, one request and its answer (kubectl's pattern), {} each connecting one \
+             after the other",
+            clients(results.clients)
         );
         crate::setup_report::write(&mut out, &title, &results.tls, reference, "whole answer");
     }
@@ -286,4 +284,9 @@ pub fn best_haproxy<T>(peers: &[PeerRounds<T>], stats: &[Stat], highest: bool) -
     } else {
         haproxies.min_by(|&a, &b| stats[a].median.total_cmp(&stats[b].median))
     }
+}
+
+/// "1 client", "4 clients".
+fn clients(n: usize) -> String {
+    if n == 1 { "1 client".to_owned() } else { format!("{n} clients") }
 }

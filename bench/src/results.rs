@@ -17,6 +17,8 @@ pub struct Results {
     pub topology: &'static str,
     pub machine: Machine,
     pub settings: String,
+    /// Client threads of the connect and TLS workloads.
+    pub clients: usize,
     /// Whole-machine busy % with nothing sent, before and after the run.
     pub background_busy_percent: [f64; 2],
     pub throughput: Vec<ThroughputResult>,

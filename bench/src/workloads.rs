@@ -188,7 +188,7 @@ fn set_up_rounds(
         for (peer, rounds) in running.iter_mut().zip(&mut results) {
             peer.check_alive()?;
             thread::sleep(PAUSE);
-            let sample = connect_rate::run_with(peer.addr, peer.pid(), duration, &connection)
+            let sample = connect_rate::run_with(peer.addr, args.clients, peer.pid(), duration, &connection)
                 .with_context(|| format!("round {round}, {what}, {}", peer.name))?;
             eprintln!(
                 "{what} round {round}/{}: {}: {:.0} connections/s, {measured} p99 {:.0} µs",
