@@ -30,9 +30,10 @@ Workloads:
   latency     1 B and 16 KiB ping-pong on one connection: p50/p99/p99.9
               (--round-trips each)
   connect     new connections/s through the peer with time to first byte
-              (--seconds each), --clients threads each connecting one after the
-              other (1: no two connections at once); splice-proxy with its upstream as a name that a
-              local DNS server resolves, with --dns-max-ttl 0 and the default
+              (--seconds each), --clients threads each connecting one after
+              the other (1: no two connections at once); splice-proxy with its
+              upstream as a name that a local DNS server resolves, with
+              --dns-max-ttl 0 and the default
   tls         kubectl's pattern: a new TLS connection (certificate verified), one
               request, its whole answer, the server closing; connections/s
               with time to the whole answer (--seconds each), every peer given
@@ -89,7 +90,7 @@ pub fn parse() -> Result<Args> {
         only: None,
         scenarios: Vec::new(),
         round_trips: 20_000,
-        clients: crate::connect_rate::CLIENTS,
+        clients: crate::connect_rate::DEFAULT_CLIENTS,
         idle_counts: vec![10_000, 50_000],
         results_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results")),
         proxy_bin: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/splice-proxy")),

@@ -17,9 +17,9 @@ use crate::{
     latency::percentile_us,
 };
 
-/// Client threads opening connections one after the other, each, unless
-/// `--clients` says otherwise.
-pub const CLIENTS: usize = 4;
+/// Client threads opening connections one after the other, each, when
+/// `--clients` is not given.
+pub const DEFAULT_CLIENTS: usize = 4;
 /// How long one connection may take to bring its first byte.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -138,15 +138,17 @@ impl ListenerSet {
             stop_accepting: CancellationToken::new(),
         };
         for (b, config) in bound.into_iter().zip(configs) {
-            for socket in &b.sockets {
-                with_options(socket, tcp)?;
-            }
-            set.served.push(set.served(b, &config.edge)?);
+            set.served.push(set.served(b, &config.edge, tcp)?);
         }
         Ok(set)
     }
 
-    fn served(&self, b: Bound, edge: &Arc<EdgeConfig>) -> Result<Served, BindError> {
+    /// `b` with the TCP options `tcp` on each of its sockets, a descriptor
+    /// of each registered with the worker that will accept on it.
+    fn served(&self, b: Bound, edge: &Arc<EdgeConfig>, tcp: &TcpConfig) -> Result<Served, BindError> {
+        for socket in &b.sockets {
+            with_options(socket, tcp)?;
+        }
         let addr = b.sockets[0].addr;
         let error = |source| BindError { addr, source };
         let fds = b.sockets.iter().map(|s| s.as_fd().try_clone_to_owned()).collect::<Result<_, _>>();
@@ -252,10 +254,7 @@ impl ListenerSet {
         let mut added = Vec::new();
         for (config, _) in configs.iter().zip(&kept).filter(|(_, k)| k.is_none()) {
             let bound = Bound::bind(config.addr, self.sockets_per_listener)?;
-            for socket in &bound.sockets {
-                with_options(socket, tcp)?;
-            }
-            added.push(self.served(bound, &config.edge)?);
+            added.push(self.served(bound, &config.edge, tcp)?);
         }
         // The kept listeners take the new options past the point where the
         // reload may still fail: an option a validated value cannot be set

@@ -41,11 +41,7 @@ impl Listener {
     /// use"). `addr` may have port 0; the returned listener knows the port it
     /// got.
     pub fn bind(addr: ListenAddr) -> Result<Self, BindError> {
-        let err = |source| BindError { addr, source };
-        let socket = new_socket(addr.0).map_err(err)?;
-        socket.set_reuseaddr(true).map_err(err)?;
-        socket.bind(addr.0).map_err(err)?;
-        Self::listen(socket).map_err(err)
+        bound(addr.0, false).and_then(Self::listen).map_err(|source| BindError { addr, source })
     }
 
     /// [`Self::bind`], as the first socket of an SO_REUSEPORT group that
@@ -57,11 +53,9 @@ impl Listener {
     pub fn bind_group(addr: ListenAddr) -> Result<Self, BindError> {
         let err = |source| BindError { addr, source };
         if addr.0.port() != 0 {
-            let probe = new_socket(addr.0).map_err(err)?;
-            probe.set_reuseaddr(true).map_err(err)?;
-            probe.bind(addr.0).map_err(err)?;
+            drop(bound(addr.0, false).map_err(err)?);
         }
-        bind_in_group(addr.0).map_err(err)
+        bound(addr.0, true).and_then(Self::listen).map_err(err)
     }
 
     /// A new socket in this one's SO_REUSEPORT group, on the same address:
@@ -69,7 +63,7 @@ impl Listener {
     /// addresses, so a worker accepting on a socket of its own is woken only
     /// for the connections that socket gets.
     pub fn join(&self) -> io::Result<Self> {
-        bind_in_group(self.addr.0)
+        bound(self.addr.0, true).and_then(Self::listen)
     }
 
     fn listen(socket: TcpSocket) -> io::Result<Self> {
@@ -143,17 +137,16 @@ impl Listener {
     }
 }
 
-fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
-    if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
-}
-
-/// A listening socket with SO_REUSEADDR and SO_REUSEPORT on `addr`.
-fn bind_in_group(addr: SocketAddr) -> io::Result<Listener> {
-    let socket = new_socket(addr)?;
+/// A socket bound to `addr` with SO_REUSEADDR, and SO_REUSEPORT if
+/// `reuseport` (not listening yet).
+fn bound(addr: SocketAddr, reuseport: bool) -> io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
+    if reuseport {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
-    Listener::listen(socket)
+    Ok(socket)
 }
 
 impl AsFd for Listener {
