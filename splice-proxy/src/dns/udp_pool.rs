@@ -1,0 +1,227 @@
+//! UDP sockets for DNS queries, kept between queries on each thread.
+//!
+//! hickory sends every UDP query from a socket of its own: a socket bound
+//! to a random port, registered with the event loop, and closed after the
+//! answer, five system calls (and a socket's allocation and a port search
+//! in the kernel) around the two that send and receive. A lookup for every
+//! connection pays that once per record type. This provider hands hickory
+//! a socket that answered an earlier query on the same thread instead, so
+//! a query costs its send and its receive.
+//!
+//! What it keeps of hickory's defence against forged answers: each query
+//! still has a random ID and hickory still checks the answer's source, ID
+//! and question, skipping anything else (a late answer to an earlier query
+//! included). A socket is kept only after it received an answer, and for
+//! at most [`USES_AT_MOST`] queries and [`KEPT_AT_MOST`], so its random
+//! source port changes as often as that. hickory's own I/O crate cannot do
+//! this: its providers bind a new socket for each query by design.
+
+use std::{
+    cell::RefCell,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::atomic::{AtomicBool, Ordering},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use hickory_resolver::net::runtime::{
+    DnsUdpSocket, RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime, iocompat::AsyncIoTokioAsStd,
+};
+use tokio::net::{TcpStream, UdpSocket};
+
+/// Queries one socket sends before it is closed (and its port with it).
+pub(super) const USES_AT_MOST: u32 = 64;
+
+/// How long one socket is used at most, from its first query.
+pub(super) const KEPT_AT_MOST: Duration = Duration::from_secs(10);
+
+/// Idle sockets one thread keeps: as many as it had queries in flight at
+/// once, up to this; any more are closed when their query ends.
+const IDLE_AT_MOST: usize = 32;
+
+thread_local! {
+    /// This thread's idle query sockets. A socket is registered with the
+    /// event loop of the runtime it was made on, the one this thread runs.
+    static IDLE: RefCell<Vec<IdleSocket>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A socket between queries.
+#[derive(Debug)]
+struct IdleSocket {
+    socket: UdpSocket,
+    /// The address it was bound to, as hickory asked (its port is the one the kernel gave).
+    bound_ip: IpAddr,
+    uses: u32,
+    since: Instant,
+}
+
+/// hickory's tokio provider, except that UDP query sockets come from (and
+/// go back to) the thread's idle sockets.
+#[derive(Clone, Default)]
+pub struct PooledUdpProvider {
+    tokio: TokioRuntimeProvider,
+}
+
+impl RuntimeProvider for PooledUdpProvider {
+    type Handle = TokioHandle;
+    type Timer = TokioTime;
+    type Udp = QuerySocket;
+    type Tcp = AsyncIoTokioAsStd<TcpStream>;
+
+    fn create_handle(&self) -> Self::Handle {
+        self.tokio.create_handle()
+    }
+
+    fn connect_tcp(
+        &self,
+        server_addr: SocketAddr,
+        bind_addr: Option<SocketAddr>,
+        timeout: Option<Duration>,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
+        self.tokio.connect_tcp(server_addr, bind_addr, timeout)
+    }
+
+    /// An idle socket bound to the same address as `local_addr` (any port),
+    /// else a new one bound to `local_addr` (hickory picks a random port).
+    fn bind_udp(
+        &self,
+        local_addr: SocketAddr,
+        _server_addr: SocketAddr,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
+        let now = Instant::now();
+        let idle = IDLE.with_borrow_mut(|idle| {
+            idle.retain(|s| s.since + KEPT_AT_MOST > now);
+            let found = idle.iter().rposition(|s| s.bound_ip == local_addr.ip())?;
+            Some(idle.swap_remove(found))
+        });
+        Box::pin(async move {
+            let socket = match idle {
+                Some(idle) => idle,
+                None => IdleSocket {
+                    socket: UdpSocket::bind(local_addr).await?,
+                    bound_ip: local_addr.ip(),
+                    uses: 0,
+                    since: now,
+                },
+            };
+            Ok(QuerySocket { socket: Some(socket), answered: AtomicBool::new(false) })
+        })
+    }
+}
+
+/// A socket lent to one query; dropped, it goes back to the thread's idle
+/// sockets if an answer came and it may still be used.
+#[derive(Debug)]
+pub struct QuerySocket {
+    socket: Option<IdleSocket>,
+    /// A datagram arrived since the socket was lent (hickory reads until the
+    /// answer to its query, so one arrived unless the query was abandoned).
+    answered: AtomicBool,
+}
+
+impl QuerySocket {
+    fn udp(&self) -> &UdpSocket {
+        &self.socket.as_ref().expect("a query socket holds its socket until dropped").socket
+    }
+}
+
+impl DnsUdpSocket for QuerySocket {
+    type Time = TokioTime;
+
+    fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>> {
+        let mut buf = tokio::io::ReadBuf::new(buf);
+        let from = std::task::ready!(self.udp().poll_recv_from(cx, &mut buf))?;
+        self.answered.store(true, Ordering::Relaxed);
+        Poll::Ready(Ok((buf.filled().len(), from)))
+    }
+
+    fn poll_send_to(&self, cx: &mut Context<'_>, buf: &[u8], target: SocketAddr) -> Poll<io::Result<usize>> {
+        self.udp().poll_send_to(cx, buf, target)
+    }
+}
+
+impl Drop for QuerySocket {
+    fn drop(&mut self) {
+        let Some(mut socket) = self.socket.take() else { return };
+        socket.uses += 1;
+        let reusable =
+            *self.answered.get_mut() && socket.uses < USES_AT_MOST && socket.since.elapsed() < KEPT_AT_MOST;
+        if reusable {
+            // `try_with`: a thread that is exiting has no idle list left.
+            let _ = IDLE.try_with(|idle| {
+                let mut idle = idle.borrow_mut();
+                if idle.len() < IDLE_AT_MOST {
+                    idle.push(socket);
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use hickory_resolver::net::runtime::{DnsUdpSocket, RuntimeProvider};
+    use tokio::net::UdpSocket;
+
+    use super::{IDLE, PooledUdpProvider, USES_AT_MOST};
+
+    const ANY_PORT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+    /// Sends one query from a lent socket to `server`, which echoes it back
+    /// when `answer`; returns the socket's local port.
+    /// A test may run on a thread an earlier test ran on: its idle sockets
+    /// belonged to that test's runtime.
+    fn no_idle_sockets() -> PooledUdpProvider {
+        IDLE.with_borrow_mut(Vec::clear);
+        PooledUdpProvider::default()
+    }
+
+    async fn query(provider: &PooledUdpProvider, server: &UdpSocket, answer: bool) -> u16 {
+        let socket = provider.bind_udp(ANY_PORT, server.local_addr().unwrap()).await.unwrap();
+        socket.send_to(b"query", server.local_addr().unwrap()).await.unwrap();
+        let mut buf = [0; 16];
+        let (n, from) = server.recv_from(&mut buf).await.unwrap();
+        if answer {
+            server.send_to(&buf[..n], from).await.unwrap();
+            socket.recv_from(&mut buf).await.unwrap();
+        }
+        from.port()
+    }
+
+    #[tokio::test]
+    async fn an_answered_socket_is_lent_again_until_its_uses_run_out() {
+        let server = UdpSocket::bind(ANY_PORT).await.unwrap();
+        let provider = no_idle_sockets();
+        let first = query(&provider, &server, true).await;
+        for _ in 1..USES_AT_MOST {
+            assert_eq!(query(&provider, &server, true).await, first, "the kept socket sends");
+        }
+        assert_eq!(IDLE.with_borrow(Vec::len), 0, "used up, it was closed");
+        assert_ne!(query(&provider, &server, true).await, first, "a new socket, a new port");
+    }
+
+    #[tokio::test]
+    async fn a_socket_whose_query_got_no_answer_is_closed() {
+        let server = UdpSocket::bind(ANY_PORT).await.unwrap();
+        let provider = no_idle_sockets();
+        let unanswered = query(&provider, &server, false).await;
+        assert_eq!(IDLE.with_borrow(Vec::len), 0);
+        let next = query(&provider, &server, true).await;
+        assert_ne!(next, unanswered);
+        assert_eq!(query(&provider, &server, true).await, next);
+    }
+
+    #[tokio::test]
+    async fn queries_in_flight_at_once_each_have_a_socket() {
+        let server = UdpSocket::bind(ANY_PORT).await.unwrap();
+        let provider = no_idle_sockets();
+        let a = provider.bind_udp(ANY_PORT, server.local_addr().unwrap()).await.unwrap();
+        let b = provider.bind_udp(ANY_PORT, server.local_addr().unwrap()).await.unwrap();
+        assert_ne!(a.udp().local_addr().unwrap(), b.udp().local_addr().unwrap());
+    }
+}
