@@ -48,7 +48,10 @@ pub fn start(
         Some((server, cache)) => {
             command
                 .args(["--upstream", &format!("{UPSTREAM_NAME}:{}", upstream.addr.port())])
-                .args(["--dns-server", &server.to_string()]);
+                .args(["--dns-server", &server.to_string()])
+                // A records only, as HAProxy's `do-resolve(..., ipv4)` asks:
+                // the same queries for both.
+                .args(["--dns-family", "ipv4"]);
             match cache {
                 DnsCache::Off => command.args(["--dns-max-ttl", "0s"]),
                 DnsCache::Default => &mut command,

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    config::{ListenSockets, LogFormat},
+    config::{DnsFamily, ListenSockets, LogFormat},
     dataplane::DataPlaneChoice,
     edge::{ChainedHeaders, ProxyProtocolMode},
 };
@@ -22,6 +22,8 @@ pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// that a burst of connections makes one lookup.
 pub const DNS_MAX_TTL: Duration = Duration::from_secs(5);
 pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Both: the proxy cannot know whether the upstream's VPC has IPv6.
+pub const DNS_FAMILY: DnsFamily = DnsFamily::Any;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const FAILED_ADDRESS_HOLD: Duration = Duration::from_secs(10);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,6 +85,7 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("client_hello_timeout", duration(CLIENT_HELLO_TIMEOUT)),
         ("dns_max_ttl", duration(DNS_MAX_TTL)),
         ("dns_timeout", duration(DNS_TIMEOUT)),
+        ("dns_family", value_name(&DNS_FAMILY)),
         ("connect_timeout", duration(CONNECT_TIMEOUT)),
         ("failed_address_hold", duration(FAILED_ADDRESS_HOLD)),
         ("drain_timeout", duration(DRAIN_TIMEOUT)),

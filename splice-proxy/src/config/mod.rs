@@ -16,7 +16,7 @@ mod source_filter;
 
 pub use admin::AdminConfig;
 pub use listeners::ListenerConfig;
-pub use options::{ListenSockets, ListenerOptions, ListenerSettings, LogFormat, Options};
+pub use options::{DnsFamily, ListenSockets, ListenerOptions, ListenerSettings, LogFormat, Options};
 pub use reload::NeedsRestart;
 #[cfg(test)]
 pub(crate) use source_filter::three_listeners;
@@ -117,6 +117,7 @@ impl Config {
             servers: o.dns_servers,
             max_ttl: o.dns_max_ttl.unwrap_or(defaults::DNS_MAX_TTL),
             timeout: positive("dns_timeout", "dns-timeout", o.dns_timeout.unwrap_or(defaults::DNS_TIMEOUT))?,
+            family: o.dns_family.unwrap_or(defaults::DNS_FAMILY),
         };
         let connect = ConnectConfig {
             timeout: positive(
@@ -362,8 +363,18 @@ mod tests {
         let upstream = c.listeners[0].edge.upstreams.default_upstream().unwrap();
         assert_eq!(upstream.to_string(), "api.example.com:443");
         assert_eq!(c.dns.max_ttl, Duration::ZERO);
+        assert_eq!(c.dns.family, DnsFamily::Any);
         assert_eq!(c.connect.timeout, Duration::from_secs(3));
         assert_eq!(c.tcp.keepalive_idle, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn dns_family_from_the_file_and_a_flag_over_it() {
+        let file =
+            "listen = [\"127.0.0.1:6443\"]\nupstream = \"api.example.com:443\"\ndns_family = \"ipv4\"\n";
+        assert_eq!(load(file, Options::default()).unwrap().dns.family, DnsFamily::Ipv4);
+        let flags = Options { dns_family: Some(DnsFamily::Ipv6), ..Options::default() };
+        assert_eq!(load(file, flags).unwrap().dns.family, DnsFamily::Ipv6);
     }
 
     #[test]
@@ -413,6 +424,7 @@ mod tests {
             ),
             ("listen = [\"127.0.0.1:1\"]\nupstream = \"a.com\"\n", "upstream"),
             ("listen = [\"127.0.0.1:1\"]\nupstream = \"a.com:1\"\ndns_max_ttl = \"soon\"\n", "dns_max_ttl"),
+            ("listen = [\"127.0.0.1:1\"]\nupstream = \"a.com:1\"\ndns_family = \"ipv5\"\n", "dns_family"),
             ("listen = [\"nowhere\"]\nupstream = \"a.com:1\"\n", "listen"),
             (
                 "listen = [\"127.0.0.1:1\"]\nupstream = \"a.com:1\"\ntcp_keepalive_count = 0\n",

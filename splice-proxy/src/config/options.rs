@@ -61,6 +61,12 @@ pub struct Options {
     #[serde(default, with = "humantime_serde")]
     pub dns_timeout: Option<Duration>,
 
+    /// Which records a lookup asks for: `any`, A and AAAA at once (IPv4
+    /// addresses tried first); `ipv4`, A only; `ipv6`, AAAA only. In a VPC
+    /// without IPv6, `ipv4` saves a query for every lookup.
+    #[arg(long, value_enum, value_name = "FAMILY")]
+    pub dns_family: Option<DnsFamily>,
+
     /// Time allowed for connecting to one upstream address before the next is
     /// tried.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -231,6 +237,18 @@ pub enum ListenSockets {
     Shared,
     /// An SO_REUSEPORT group per listener, a socket per worker.
     PerWorker,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsFamily {
+    /// A and AAAA records, asked at once; IPv4 addresses first.
+    #[default]
+    Any,
+    /// A records only.
+    Ipv4,
+    /// AAAA records only.
+    Ipv6,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]

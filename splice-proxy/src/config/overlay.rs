@@ -16,6 +16,7 @@ pub(super) fn overlay(file: Options, flags: Options) -> Options {
         dns_servers: vec_or(flags.dns_servers, file.dns_servers),
         dns_max_ttl: flags.dns_max_ttl.or(file.dns_max_ttl),
         dns_timeout: flags.dns_timeout.or(file.dns_timeout),
+        dns_family: flags.dns_family.or(file.dns_family),
         connect_timeout: flags.connect_timeout.or(file.connect_timeout),
         failed_address_hold: flags.failed_address_hold.or(file.failed_address_hold),
         drain_timeout: flags.drain_timeout.or(file.drain_timeout),

@@ -22,7 +22,10 @@ use hickory_resolver::{
 };
 use udp_pool::PooledUdpProvider;
 
-use crate::addr::{UpstreamAddr, UpstreamHost, UpstreamTarget};
+use crate::{
+    addr::{UpstreamAddr, UpstreamHost, UpstreamTarget},
+    config::DnsFamily,
+};
 
 /// Validated DNS settings (see [`crate::config`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +34,8 @@ pub struct DnsConfig {
     pub servers: Vec<SocketAddr>,
     pub max_ttl: Duration,
     pub timeout: Duration,
+    /// The records a lookup asks for.
+    pub family: DnsFamily,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +44,8 @@ pub enum ResolveError {
     SystemConfig(NetError),
     #[error("{name} does not exist (NXDOMAIN)")]
     NxDomain { name: String },
-    #[error("{name} has no A or AAAA records")]
-    NoRecords { name: String },
+    #[error("{name} has no {records} records")]
+    NoRecords { name: String, records: &'static str },
     #[error("resolving {name} timed out after {timeout:?}")]
     Timeout { name: String, timeout: Duration },
     #[error("resolving {name} failed: {source}")]
@@ -70,6 +75,8 @@ pub struct UpstreamResolver {
     query_timeout: Duration,
     /// The bound on a whole lookup, hickory's retries included.
     timeout: Duration,
+    /// The record types asked for, as errors name them.
+    records: &'static str,
     answers: AnswerCache,
 }
 
@@ -122,7 +129,11 @@ impl UpstreamResolver {
                 .collect();
             (ResolverConfig::from_name_servers(servers), ResolverOpts::default())
         };
-        options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        options.ip_strategy = match config.family {
+            DnsFamily::Any => LookupIpStrategy::Ipv4AndIpv6,
+            DnsFamily::Ipv4 => LookupIpStrategy::Ipv4Only,
+            DnsFamily::Ipv6 => LookupIpStrategy::Ipv6Only,
+        };
         options.timeout = config.timeout;
         options.attempts = 1;
         options.positive_max_ttl = Some(config.max_ttl);
@@ -138,6 +149,11 @@ impl UpstreamResolver {
         Ok(Self {
             settings,
             query_timeout: config.timeout,
+            records: match config.family {
+                DnsFamily::Any => "A or AAAA",
+                DnsFamily::Ipv4 => "A",
+                DnsFamily::Ipv6 => "AAAA",
+            },
             timeout: config.timeout.saturating_mul(2),
             answers: AnswerCache::new(config.max_ttl),
         })
@@ -158,13 +174,26 @@ impl UpstreamResolver {
         let lookup = tokio::time::timeout(self.timeout, resolver.lookup_ip(name.as_str()))
             .await
             .map_err(|_| ResolveError::Timeout { name: name.clone(), timeout: self.timeout })?
-            .map_err(|source| classify(name, self.query_timeout, source))?;
+            .map_err(|source| self.classify(name, source))?;
         let ips: Arc<[IpAddr]> = lookup.iter().collect();
         if ips.is_empty() {
-            return Err(ResolveError::NoRecords { name: name.clone() });
+            return Err(ResolveError::NoRecords { name: name.clone(), records: self.records });
         }
         self.answers.put(name, Arc::clone(&ips), lookup.valid_until(), Instant::now());
         Ok(addrs(&ips))
+    }
+
+    fn classify(&self, name: &str, source: NetError) -> ResolveError {
+        let name = name.to_owned();
+        if source.is_nx_domain() {
+            ResolveError::NxDomain { name }
+        } else if source.is_no_records_found() {
+            ResolveError::NoRecords { name, records: self.records }
+        } else if matches!(source, NetError::Timeout) {
+            ResolveError::Timeout { name, timeout: self.query_timeout }
+        } else {
+            ResolveError::Failed { name, source }
+        }
     }
 
     /// This thread's hickory resolver for these settings, built on the
@@ -186,46 +215,37 @@ impl UpstreamResolver {
     }
 }
 
-fn classify(name: &str, timeout: Duration, source: NetError) -> ResolveError {
-    let name = name.to_owned();
-    if source.is_nx_domain() {
-        ResolveError::NxDomain { name }
-    } else if source.is_no_records_found() {
-        ResolveError::NoRecords { name }
-    } else if matches!(source, NetError::Timeout) {
-        ResolveError::Timeout { name, timeout }
-    } else {
-        ResolveError::Failed { name, source }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
-        net::{IpAddr, Ipv4Addr, SocketAddr},
+        net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
         sync::{Arc, Mutex},
         time::Duration,
     };
 
     use hickory_resolver::proto::{
         op::{Message, MessageType, OpCode, ResponseCode},
-        rr::{RData, Record, RecordType, rdata::A},
+        rr::{
+            RData, Record, RecordType,
+            rdata::{A, AAAA},
+        },
     };
     use tokio::net::UdpSocket;
 
-    use super::{DnsConfig, UpstreamResolver};
+    use super::{DnsConfig, DnsFamily, UpstreamResolver};
     use crate::addr::UpstreamTarget;
 
-    /// Answers every A query with 10.0.0.N, N counting the A queries, and
-    /// every other query with no records; each answer is sent twice, as a
-    /// network that duplicates datagrams would deliver it. `ports` gets the
-    /// source port of every query.
-    async fn duplicating_server(socket: UdpSocket, ports: Arc<Mutex<Vec<u16>>>) {
+    /// The source port and record type of every query a test server got.
+    type Queries = Arc<Mutex<Vec<(u16, RecordType)>>>;
+
+    /// Answers every A query with 10.0.0.N, N counting the A queries, every
+    /// AAAA query with fd00::1, and sends each answer twice, as a network
+    /// that duplicates datagrams would deliver it.
+    async fn duplicating_server(socket: UdpSocket, queries: Queries) {
         let mut buf = [0; 512];
         let mut n = 0u8;
         loop {
             let (len, from) = socket.recv_from(&mut buf).await.unwrap();
-            ports.lock().unwrap().push(from.port());
             let query = Message::from_vec(&buf[..len]).unwrap();
             let mut answer = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
             answer.metadata.recursion_desired = true;
@@ -233,10 +253,17 @@ mod tests {
             answer.metadata.response_code = ResponseCode::NoError;
             answer.add_queries(query.queries.clone());
             let question = &query.queries[0];
-            if question.query_type() == RecordType::A {
-                n += 1;
-                let ip = Ipv4Addr::new(10, 0, 0, n);
-                answer.add_answer(Record::from_rdata(question.name().clone(), 0, RData::A(A(ip))));
+            queries.lock().unwrap().push((from.port(), question.query_type()));
+            let name = question.name().clone();
+            match question.query_type() {
+                RecordType::A => {
+                    n += 1;
+                    answer.add_answer(Record::from_rdata(name, 0, RData::A(A(Ipv4Addr::new(10, 0, 0, n)))));
+                }
+                RecordType::AAAA => {
+                    answer.add_answer(Record::from_rdata(name, 0, RData::AAAA(AAAA(V6))));
+                }
+                _ => {}
             }
             let bytes = answer.to_vec().unwrap();
             socket.send_to(&bytes, from).await.unwrap();
@@ -244,27 +271,56 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_answer_that_arrives_twice_is_not_taken_for_the_next_one() {
+    const V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+
+    /// A resolver of `family` that asks a new duplicating server, whose queries are returned.
+    async fn resolver(family: DnsFamily) -> (UpstreamResolver, Queries) {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let config = DnsConfig {
             servers: vec![server.local_addr().unwrap()],
             max_ttl: Duration::ZERO,
             timeout: Duration::from_secs(2),
+            family,
         };
-        let ports = Arc::default();
-        tokio::spawn(duplicating_server(server, Arc::clone(&ports)));
-        let resolver = UpstreamResolver::new(&config).unwrap();
+        let queries = Queries::default();
+        tokio::spawn(duplicating_server(server, Arc::clone(&queries)));
+        (UpstreamResolver::new(&config).unwrap(), queries)
+    }
+
+    fn addrs(ips: &[IpAddr]) -> Vec<SocketAddr> {
+        ips.iter().map(|&ip| SocketAddr::new(ip, 443)).collect()
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_arrives_twice_is_not_taken_for_the_next_one() {
+        let (resolver, queries) = resolver(DnsFamily::Any).await;
         let target: UpstreamTarget = "api.example:443".parse().unwrap();
         for n in 1..=100 {
-            let addrs = resolver.resolve(&target).await.unwrap();
-            let expected = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)), 443);
-            assert_eq!(addrs.iter().map(|a| a.0).collect::<Vec<_>>(), [expected], "lookup {n}");
+            let got = resolver.resolve(&target).await.unwrap();
+            let v4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
+            let got: Vec<_> = got.iter().map(|a| a.0).collect();
+            assert_eq!(got, addrs(&[v4, IpAddr::V6(V6)]), "lookup {n}: A first");
         }
-        let mut ports = ports.lock().unwrap().clone();
+        let mut ports: Vec<_> = queries.lock().unwrap().iter().map(|(port, _)| *port).collect();
         assert_eq!(ports.len(), 200, "an A and an AAAA query for each lookup");
         ports.sort_unstable();
         ports.dedup();
         assert!(ports.len() <= 200 / 32, "the queries' sockets were reused: {} ports", ports.len());
+    }
+
+    #[tokio::test]
+    async fn a_family_asks_for_its_records_only() {
+        let target: UpstreamTarget = "api.example:443".parse().unwrap();
+        let cases = [
+            (DnsFamily::Ipv4, vec![RecordType::A], addrs(&[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))])),
+            (DnsFamily::Ipv6, vec![RecordType::AAAA], addrs(&[IpAddr::V6(V6)])),
+        ];
+        for (family, asked, expected) in cases {
+            let (resolver, queries) = resolver(family).await;
+            let got = resolver.resolve(&target).await.unwrap();
+            assert_eq!(got.iter().map(|a| a.0).collect::<Vec<_>>(), expected, "{family:?}");
+            let types: Vec<_> = queries.lock().unwrap().iter().map(|(_, t)| *t).collect();
+            assert_eq!(types, asked, "{family:?}");
+        }
     }
 }
