@@ -3,6 +3,9 @@
 //! reused for at most `max_ttl` (0 = never reused).
 
 mod cache;
+mod direct;
+#[cfg(test)]
+mod tests;
 mod udp_pool;
 
 use cache::AnswerCache;
@@ -14,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use direct::DirectPath;
 use hickory_resolver::{
     Resolver,
     config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts},
@@ -71,6 +75,8 @@ impl ResolveError {
 pub struct UpstreamResolver {
     /// What every thread's hickory resolver is built from (see [`THREAD_RESOLVERS`]).
     settings: Arc<ResolverSettings>,
+    /// Queries sent without hickory, when the settings allow it.
+    direct: Option<DirectPath>,
     /// hickory's own bound on one query (`dns_timeout`).
     query_timeout: Duration,
     /// The bound on a whole lookup, hickory's retries included.
@@ -141,6 +147,7 @@ impl UpstreamResolver {
         if config.max_ttl.is_zero() {
             options.cache_size = 0;
         }
+        let direct = DirectPath::new(&servers, &options, config.family, config.timeout);
         let settings = Arc::new(ResolverSettings { servers, options });
         // Built once here so that settings hickory refuses fail at start-up
         // (or a reload), not at a connection's lookup.
@@ -148,6 +155,7 @@ impl UpstreamResolver {
         // hickory retries on its own; this bounds the whole lookup for the client.
         Ok(Self {
             settings,
+            direct,
             query_timeout: config.timeout,
             records: match config.family {
                 DnsFamily::Any => "A or AAAA",
@@ -170,17 +178,28 @@ impl UpstreamResolver {
         if let Some(ips) = self.answers.get(name, Instant::now()) {
             return Ok(addrs(&ips));
         }
-        let resolver = self.thread_resolver()?;
-        let lookup = tokio::time::timeout(self.timeout, resolver.lookup_ip(name.as_str()))
+        let (ips, valid_until) = tokio::time::timeout(self.timeout, self.ask(name))
             .await
-            .map_err(|_| ResolveError::Timeout { name: name.clone(), timeout: self.timeout })?
-            .map_err(|source| self.classify(name, source))?;
-        let ips: Arc<[IpAddr]> = lookup.iter().collect();
+            .map_err(|_| ResolveError::Timeout { name: name.clone(), timeout: self.timeout })??;
         if ips.is_empty() {
             return Err(ResolveError::NoRecords { name: name.clone(), records: self.records });
         }
-        self.answers.put(name, Arc::clone(&ips), lookup.valid_until(), Instant::now());
+        self.answers.put(name, Arc::clone(&ips), valid_until, Instant::now());
         Ok(addrs(&ips))
+    }
+
+    /// `name`'s addresses from the name server, and until when they hold:
+    /// by the direct path when it answers (within one query's timeout),
+    /// else by hickory.
+    async fn ask(&self, name: &str) -> Result<(Arc<[IpAddr]>, Instant), ResolveError> {
+        if let Some(direct) = &self.direct
+            && let Some((ips, valid_until)) = direct.lookup(name).await
+        {
+            return Ok((ips.into(), valid_until));
+        }
+        let lookup =
+            self.thread_resolver()?.lookup_ip(name).await.map_err(|source| self.classify(name, source))?;
+        Ok((lookup.iter().collect(), lookup.valid_until()))
     }
 
     fn classify(&self, name: &str, source: NetError) -> ResolveError {
@@ -212,115 +231,5 @@ impl UpstreamResolver {
             resolvers.push((Arc::downgrade(&self.settings), resolver.clone()));
             Ok(resolver)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::{
-        net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-        sync::{Arc, Mutex},
-        time::Duration,
-    };
-
-    use hickory_resolver::proto::{
-        op::{Message, MessageType, OpCode, ResponseCode},
-        rr::{
-            RData, Record, RecordType,
-            rdata::{A, AAAA},
-        },
-    };
-    use tokio::net::UdpSocket;
-
-    use super::{DnsConfig, DnsFamily, UpstreamResolver};
-    use crate::addr::UpstreamTarget;
-
-    /// The source port and record type of every query a test server got.
-    type Queries = Arc<Mutex<Vec<(u16, RecordType)>>>;
-
-    /// Answers every A query with 10.0.0.N, N counting the A queries, every
-    /// AAAA query with fd00::1, and sends each answer twice, as a network
-    /// that duplicates datagrams would deliver it.
-    async fn duplicating_server(socket: UdpSocket, queries: Queries) {
-        let mut buf = [0; 512];
-        let mut n = 0u8;
-        loop {
-            let (len, from) = socket.recv_from(&mut buf).await.unwrap();
-            let query = Message::from_vec(&buf[..len]).unwrap();
-            let mut answer = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
-            answer.metadata.recursion_desired = true;
-            answer.metadata.recursion_available = true;
-            answer.metadata.response_code = ResponseCode::NoError;
-            answer.add_queries(query.queries.clone());
-            let question = &query.queries[0];
-            queries.lock().unwrap().push((from.port(), question.query_type()));
-            let name = question.name().clone();
-            match question.query_type() {
-                RecordType::A => {
-                    n += 1;
-                    answer.add_answer(Record::from_rdata(name, 0, RData::A(A(Ipv4Addr::new(10, 0, 0, n)))));
-                }
-                RecordType::AAAA => {
-                    answer.add_answer(Record::from_rdata(name, 0, RData::AAAA(AAAA(V6))));
-                }
-                _ => {}
-            }
-            let bytes = answer.to_vec().unwrap();
-            socket.send_to(&bytes, from).await.unwrap();
-            socket.send_to(&bytes, from).await.unwrap();
-        }
-    }
-
-    const V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
-
-    /// A resolver of `family` that asks a new duplicating server, whose queries are returned.
-    async fn resolver(family: DnsFamily) -> (UpstreamResolver, Queries) {
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let config = DnsConfig {
-            servers: vec![server.local_addr().unwrap()],
-            max_ttl: Duration::ZERO,
-            timeout: Duration::from_secs(2),
-            family,
-        };
-        let queries = Queries::default();
-        tokio::spawn(duplicating_server(server, Arc::clone(&queries)));
-        (UpstreamResolver::new(&config).unwrap(), queries)
-    }
-
-    fn addrs(ips: &[IpAddr]) -> Vec<SocketAddr> {
-        ips.iter().map(|&ip| SocketAddr::new(ip, 443)).collect()
-    }
-
-    #[tokio::test]
-    async fn an_answer_that_arrives_twice_is_not_taken_for_the_next_one() {
-        let (resolver, queries) = resolver(DnsFamily::Any).await;
-        let target: UpstreamTarget = "api.example:443".parse().unwrap();
-        for n in 1..=100 {
-            let got = resolver.resolve(&target).await.unwrap();
-            let v4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
-            let got: Vec<_> = got.iter().map(|a| a.0).collect();
-            assert_eq!(got, addrs(&[v4, IpAddr::V6(V6)]), "lookup {n}: A first");
-        }
-        let mut ports: Vec<_> = queries.lock().unwrap().iter().map(|(port, _)| *port).collect();
-        assert_eq!(ports.len(), 200, "an A and an AAAA query for each lookup");
-        ports.sort_unstable();
-        ports.dedup();
-        assert!(ports.len() <= 200 / 32, "the queries' sockets were reused: {} ports", ports.len());
-    }
-
-    #[tokio::test]
-    async fn a_family_asks_for_its_records_only() {
-        let target: UpstreamTarget = "api.example:443".parse().unwrap();
-        let cases = [
-            (DnsFamily::Ipv4, vec![RecordType::A], addrs(&[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))])),
-            (DnsFamily::Ipv6, vec![RecordType::AAAA], addrs(&[IpAddr::V6(V6)])),
-        ];
-        for (family, asked, expected) in cases {
-            let (resolver, queries) = resolver(family).await;
-            let got = resolver.resolve(&target).await.unwrap();
-            assert_eq!(got.iter().map(|a| a.0).collect::<Vec<_>>(), expected, "{family:?}");
-            let types: Vec<_> = queries.lock().unwrap().iter().map(|(_, t)| *t).collect();
-            assert_eq!(types, asked, "{family:?}");
-        }
     }
 }

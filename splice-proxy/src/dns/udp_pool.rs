@@ -1,4 +1,5 @@
-//! UDP sockets for DNS queries, kept between queries on each thread.
+//! UDP sockets for DNS queries, kept between queries on each thread (for
+//! hickory's queries and the direct path's).
 //!
 //! hickory sends every UDP query from a socket of its own: a socket bound
 //! to a random port, registered with the event loop, and closed after the
@@ -91,24 +92,30 @@ impl RuntimeProvider for PooledUdpProvider {
         local_addr: SocketAddr,
         _server_addr: SocketAddr,
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
-        let now = Instant::now();
-        let idle = IDLE.with_borrow_mut(|idle| {
-            idle.retain(|s| s.since + KEPT_AT_MOST > now);
-            let found = idle.iter().rposition(|s| s.bound_ip == local_addr.ip())?;
-            Some(idle.swap_remove(found))
-        });
-        Box::pin(async move {
-            let socket = match idle {
-                Some(idle) => idle,
-                None => IdleSocket {
-                    socket: UdpSocket::bind(local_addr).await?,
-                    bound_ip: local_addr.ip(),
-                    uses: 0,
-                    since: now,
-                },
-            };
-            Ok(QuerySocket { socket: Some(socket), answered: AtomicBool::new(false) })
-        })
+        Box::pin(lend(local_addr))
+    }
+}
+
+/// An idle socket of this thread bound to the same address as `local_addr`
+/// (any port), else a new one bound to `local_addr`.
+pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<QuerySocket>> + Send {
+    let now = Instant::now();
+    let idle = IDLE.with_borrow_mut(|idle| {
+        idle.retain(|s| s.since + KEPT_AT_MOST > now);
+        let found = idle.iter().rposition(|s| s.bound_ip == local_addr.ip())?;
+        Some(idle.swap_remove(found))
+    });
+    async move {
+        let socket = match idle {
+            Some(idle) => idle,
+            None => IdleSocket {
+                socket: UdpSocket::bind(local_addr).await?,
+                bound_ip: local_addr.ip(),
+                uses: 0,
+                since: now,
+            },
+        };
+        Ok(QuerySocket { socket: Some(socket), answered: AtomicBool::new(false) })
     }
 }
 
