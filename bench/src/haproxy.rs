@@ -131,6 +131,13 @@ fn haproxy_config(
                     // lookup for every connection.
                     format!("hold valid {}ms", hold_valid.as_millis().max(1)),
                     "hold obsolete 0s".to_owned(),
+                    // A `do-resolve` that arrives while a lookup of the same
+                    // name is in flight waits for the resolvers' next run,
+                    // `timeout resolve` away (1 s by default): connections
+                    // whose lookups collide stalled a second each. 1 ms is
+                    // HAProxy's best here; idle, it only wakes its resolvers
+                    // task that often, it sends no query.
+                    "timeout resolve 1ms".to_owned(),
                 ],
             ));
             // Without an inspect delay the content rules are not waited
