@@ -133,10 +133,10 @@ fn haproxy_config(
                     "hold obsolete 0s".to_owned(),
                     // A `do-resolve` that arrives while a lookup of the same
                     // name is in flight waits for the resolvers' next run,
-                    // `timeout resolve` away (1 s by default): connections
-                    // whose lookups collide stalled a second each. 1 ms is
-                    // HAProxy's best here; idle, it only wakes its resolvers
-                    // task that often, it sends no query.
+                    // `timeout resolve` away (1 s by default), so connections
+                    // whose lookups collide would wait that long. 1 ms, the
+                    // shortest: idle, HAProxy only wakes its resolvers task
+                    // that often, it sends no query.
                     "timeout resolve 1ms".to_owned(),
                 ],
             ));

@@ -4,8 +4,8 @@
 //!
 //! hickory passes a query through its cache, its name server pool and an
 //! exchange task before the datagram leaves, and the answer back the same
-//! way; for a lookup on every connection that path took about as long again
-//! as the query's round trip. This path only answers what hickory would
+//! way, work a lookup on every connection pays each time besides the
+//! query's round trip. This path only answers what hickory would
 //! answer the same way: a name hickory asks for as it is first (no search
 //! domain before it), not in the hosts file, one UDP name server, and a
 //! clean answer with addresses. Anything else (an error code, a truncated
@@ -18,6 +18,8 @@
 //! [`super::udp_pool`].
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -29,7 +31,7 @@ use hickory_resolver::{
     net::runtime::DnsUdpSocket as _,
     proto::{
         op::{Message, MessageType, OpCode, Query, ResponseCode},
-        rr::{Name, RData, RecordType},
+        rr::{DNSClass, Name, RData, RecordType, domain::usage},
     },
 };
 
@@ -53,6 +55,8 @@ pub(super) struct DirectPath {
     hosts: Arc<Hosts>,
     record_types: &'static [RecordType],
     timeout: Duration,
+    /// How long a declined name is left to hickory: `max_ttl`, at least 1 s.
+    decline_for: Duration,
 }
 
 /// One query's outcome.
@@ -72,6 +76,7 @@ impl DirectPath {
         options: &ResolverOpts,
         family: DnsFamily,
         timeout: Duration,
+        max_ttl: Duration,
     ) -> Option<Self> {
         let [server] = servers.name_servers() else { return None };
         let udp =
@@ -92,23 +97,30 @@ impl DirectPath {
                 DnsFamily::Ipv6 => &[RecordType::AAAA],
             },
             timeout,
+            decline_for: max_ttl.max(Duration::from_secs(1)),
         })
     }
 
     /// `name`'s addresses (IPv4 first) and until when they hold, or `None`:
     /// hickory is to look the name up.
-    pub(super) async fn lookup(&self, name: &str) -> Option<(Vec<IpAddr>, Instant)> {
-        let mut name = Name::from_str_relaxed(name).ok()?;
+    pub(super) async fn lookup(&self, text: &str) -> Option<(Vec<IpAddr>, Instant)> {
+        // Parsed as hickory parses a name it is given.
+        let mut name = Name::from_utf8(text).ok()?;
         let as_it_is_first = name.is_fqdn() || name.num_labels() as usize > self.ndots || self.no_search;
         if !as_it_is_first {
             return None;
         }
         // As an answer's names are read (absolute); the same on the wire.
         name.set_fqdn(true);
+        // Names hickory answers itself without asking (RFC 6761).
+        let special = [&*usage::LOCALHOST, &*usage::INVALID, &*usage::ONION];
+        if name.is_localhost() || special.iter().any(|zone| zone.zone_of(&name)) {
+            return None;
+        }
         let in_hosts = |&record_type: &RecordType| {
             self.hosts.lookup_static_host(&Query::query(name.clone(), record_type)).is_some()
         };
-        if self.record_types.iter().any(in_hosts) {
+        if self.record_types.iter().any(in_hosts) || declined_lately(text, Instant::now()) {
             return None;
         }
         let asked = Instant::now();
@@ -128,15 +140,48 @@ impl DirectPath {
                     ttl = ttl.min(found_ttl);
                 }
                 Answered::NoData => {}
-                Answered::Declined => return None,
+                Answered::Declined => addrs.clear(),
             }
         }
         if addrs.is_empty() {
+            self.decline(text, asked);
             return None;
         }
         Some((addrs, asked + Duration::from_secs(ttl.into())))
     }
 
+    /// hickory answers `name` on this thread for a while: when a name
+    /// fails, hickory's cache keeps its failure (for up to `max_ttl`), and a
+    /// direct query before each of its answers would double the queries
+    /// of every failing connection.
+    fn decline(&self, name: &str, now: Instant) {
+        DECLINED.with_borrow_mut(|declined| {
+            if declined.len() >= DECLINED_NAMES_AT_MOST {
+                declined.retain(|_, until| *until > now);
+                if declined.len() >= DECLINED_NAMES_AT_MOST {
+                    declined.clear();
+                }
+            }
+            declined.insert(name.to_owned(), now + self.decline_for);
+        });
+    }
+}
+
+/// Whether `name` was declined on this thread and is still hickory's.
+fn declined_lately(name: &str, now: Instant) -> bool {
+    DECLINED.with_borrow(|declined| declined.get(name).is_some_and(|until| *until > now))
+}
+
+/// Names one thread remembers as declined at most.
+const DECLINED_NAMES_AT_MOST: usize = 256;
+
+thread_local! {
+    /// Names this thread's direct path declined lately, until when hickory
+    /// answers them.
+    static DECLINED: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
+}
+
+impl DirectPath {
     async fn query(&self, name: &Name, record_type: RecordType) -> Answered {
         match tokio::time::timeout(self.timeout, self.exchange(name, record_type)).await {
             Ok(Ok(answered)) => answered,
@@ -186,7 +231,9 @@ fn read_answer(answer: &Message, name: &Name, record_type: RecordType) -> Answer
     let mut ttl = u32::MAX;
     for _ in 0..CNAMES_AT_MOST {
         let alias = answer.answers.iter().find_map(|r| match &r.data {
-            RData::CNAME(target) if r.name == owner => Some((target.0.clone(), r.ttl)),
+            RData::CNAME(target) if r.name == owner && r.dns_class == DNSClass::IN => {
+                Some((target.0.clone(), r.ttl))
+            }
             _ => None,
         });
         let Some((target, alias_ttl)) = alias else { break };
@@ -196,7 +243,7 @@ fn read_answer(answer: &Message, name: &Name, record_type: RecordType) -> Answer
     let addrs: Vec<(IpAddr, u32)> = answer
         .answers
         .iter()
-        .filter(|r| r.name == owner)
+        .filter(|r| r.name == owner && r.dns_class == DNSClass::IN)
         .filter_map(|r| match (&r.data, record_type) {
             (RData::A(a), RecordType::A) => Some((IpAddr::V4(a.0), r.ttl)),
             (RData::AAAA(aaaa), RecordType::AAAA) => Some((IpAddr::V6(aaaa.0), r.ttl)),
@@ -228,6 +275,8 @@ mod tests {
     use super::DirectPath;
     use crate::config::DnsFamily;
 
+    const TIMEOUT: Duration = Duration::from_millis(50);
+
     /// Whether `name` was sent to the name server by a path whose
     /// configuration has `search` as its search list.
     async fn asked(name: &str, search: &[&str]) -> bool {
@@ -237,7 +286,7 @@ mod tests {
         let search = search.iter().map(|s| Name::from_ascii(s).unwrap()).collect();
         let servers = ResolverConfig::from_parts(None, search, vec![ns]);
         let path =
-            DirectPath::new(&servers, &ResolverOpts::default(), DnsFamily::Ipv4, Duration::from_millis(50))
+            DirectPath::new(&servers, &ResolverOpts::default(), DnsFamily::Ipv4, TIMEOUT, Duration::ZERO)
                 .expect("one UDP name server");
         assert_eq!(path.lookup(name).await, None, "the server never answers");
         let mut buf = [0; 512];
@@ -250,7 +299,9 @@ mod tests {
         assert!(asked("api.example", &["cluster.local."]).await);
         assert!(asked("api", &[]).await, "no search domain could come first");
         assert!(asked("api.", &["cluster.local."]).await, "absolute");
-        assert!(!asked("api", &["cluster.local."]).await, "a search domain comes first");
+        assert!(!asked("kube", &["cluster.local."]).await, "a search domain comes first");
         assert!(!asked("localhost.", &[]).await, "the hosts file answers it");
+        assert!(!asked("api.localhost", &[]).await, "hickory answers loopback itself");
+        assert!(!asked("api.invalid", &[]).await, "hickory answers NXDOMAIN itself");
     }
 }

@@ -25,6 +25,7 @@ use hickory_resolver::{
     system_conf,
 };
 use udp_pool::PooledUdpProvider;
+pub use udp_pool::close_expired as close_expired_query_sockets;
 
 use crate::{
     addr::{UpstreamAddr, UpstreamHost, UpstreamTarget},
@@ -147,7 +148,7 @@ impl UpstreamResolver {
         if config.max_ttl.is_zero() {
             options.cache_size = 0;
         }
-        let direct = DirectPath::new(&servers, &options, config.family, config.timeout);
+        let direct = DirectPath::new(&servers, &options, config.family, config.timeout, config.max_ttl);
         let settings = Arc::new(ResolverSettings { servers, options });
         // Built once here so that settings hickory refuses fail at start-up
         // (or a reload), not at a connection's lookup.

@@ -138,4 +138,7 @@ async fn an_error_answer_is_left_to_hickory_which_names_it() {
     let error = resolver.resolve(&target()).await.unwrap_err();
     assert_eq!(error.kind(), "nxdomain", "{error}");
     assert_eq!(queries.lock().unwrap().len(), 2, "the direct query, then hickory's");
+    let error = resolver.resolve(&target()).await.unwrap_err();
+    assert_eq!(error.kind(), "nxdomain", "{error}");
+    assert_eq!(queries.lock().unwrap().len(), 3, "a failing name is hickory's for a while: its query only");
 }

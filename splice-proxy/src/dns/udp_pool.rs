@@ -23,7 +23,10 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -96,6 +99,14 @@ impl RuntimeProvider for PooledUdpProvider {
     }
 }
 
+/// Closes this thread's idle sockets that have been kept for as long as
+/// they may: a thread that stops looking names up must not hold them (and
+/// their ports) for good. Called by each worker on its regular tick.
+pub fn close_expired() {
+    let now = Instant::now();
+    let _ = IDLE.try_with(|idle| idle.borrow_mut().retain(|s| s.since + KEPT_AT_MOST > now));
+}
+
 /// An idle socket of this thread bound to the same address as `local_addr`
 /// (any port), else a new one bound to `local_addr`.
 pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<QuerySocket>> + Send {
@@ -107,7 +118,13 @@ pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<Qu
     });
     async move {
         let socket = match idle {
-            Some(idle) => idle,
+            Some(idle) => {
+                // What came since its last answer (a duplicate, or datagrams
+                // planted for the next query) is dropped unread.
+                let mut stale = [0; 512];
+                while idle.socket.try_recv_from(&mut stale).is_ok() {}
+                idle
+            }
             None => IdleSocket {
                 socket: UdpSocket::bind(local_addr).await?,
                 bound_ip: local_addr.ip(),
@@ -115,7 +132,7 @@ pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<Qu
                 since: now,
             },
         };
-        Ok(QuerySocket { socket: Some(socket), answered: AtomicBool::new(false) })
+        Ok(QuerySocket { socket: Some(socket), asked: Mutex::new(None), answered: AtomicBool::new(false) })
     }
 }
 
@@ -124,8 +141,11 @@ pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<Qu
 #[derive(Debug)]
 pub struct QuerySocket {
     socket: Option<IdleSocket>,
-    /// A datagram arrived since the socket was lent (hickory reads until the
-    /// answer to its query, so one arrived unless the query was abandoned).
+    /// Where the query was sent.
+    asked: Mutex<Option<SocketAddr>>,
+    /// A datagram came from there since the socket was lent (hickory reads
+    /// until the answer to its query, so one came unless the query was
+    /// abandoned).
     answered: AtomicBool,
 }
 
@@ -141,11 +161,14 @@ impl DnsUdpSocket for QuerySocket {
     fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>> {
         let mut buf = tokio::io::ReadBuf::new(buf);
         let from = std::task::ready!(self.udp().poll_recv_from(cx, &mut buf))?;
-        self.answered.store(true, Ordering::Relaxed);
+        if *self.asked.lock().unwrap_or_else(PoisonError::into_inner) == Some(from) {
+            self.answered.store(true, Ordering::Relaxed);
+        }
         Poll::Ready(Ok((buf.filled().len(), from)))
     }
 
     fn poll_send_to(&self, cx: &mut Context<'_>, buf: &[u8], target: SocketAddr) -> Poll<io::Result<usize>> {
+        *self.asked.lock().unwrap_or_else(PoisonError::into_inner) = Some(target);
         self.udp().poll_send_to(cx, buf, target)
     }
 }
@@ -221,6 +244,35 @@ mod tests {
         let next = query(&provider, &server, true).await;
         assert_ne!(next, unanswered);
         assert_eq!(query(&provider, &server, true).await, next);
+    }
+
+    #[tokio::test]
+    async fn a_datagram_from_elsewhere_is_no_answer_and_a_kept_socket_drops_what_came_since() {
+        let server = UdpSocket::bind(ANY_PORT).await.unwrap();
+        let stranger = UdpSocket::bind(ANY_PORT).await.unwrap();
+        let provider = no_idle_sockets();
+        let socket = provider.bind_udp(ANY_PORT, server.local_addr().unwrap()).await.unwrap();
+        socket.send_to(b"query", server.local_addr().unwrap()).await.unwrap();
+        server.recv_from(&mut [0; 16]).await.unwrap();
+        let local = socket.udp().local_addr().unwrap();
+        stranger.send_to(b"forged", local).await.unwrap();
+        socket.recv_from(&mut [0; 16]).await.unwrap();
+        drop(socket);
+        assert_eq!(IDLE.with_borrow(Vec::len), 0, "only the server's answer counts");
+
+        let kept = query(&provider, &server, true).await;
+        let kept_addr = SocketAddr::new(ANY_PORT.ip(), kept);
+        stranger.send_to(b"planted", kept_addr).await.unwrap();
+        server.send_to(b"late", kept_addr).await.unwrap();
+        // Both have arrived once the server's next datagram has.
+        let socket = provider.bind_udp(ANY_PORT, server.local_addr().unwrap()).await.unwrap();
+        assert_eq!(socket.udp().local_addr().unwrap().port(), kept, "the kept socket");
+        socket.send_to(b"query", server.local_addr().unwrap()).await.unwrap();
+        let (_, from) = server.recv_from(&mut [0; 16]).await.unwrap();
+        server.send_to(b"answer", from).await.unwrap();
+        let mut buf = [0; 16];
+        let (n, _) = socket.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"answer", "what came between its queries was dropped");
     }
 
     #[tokio::test]

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 /// thread) whenever a timer is armed earlier than the loop's next wake; a
 /// connection arms several (handshake, connect, the packet plane's switch),
 /// all seconds away, so a tick this short keeps every one of them later
-/// than the next wake, at the cost of a few wakes a second when idle.
+/// than the next wake, at the cost of a few wakes a second when idle. The
+/// tick also closes the worker's DNS query sockets kept past their time.
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,7 @@ impl Workers {
             runtime.spawn(async {
                 loop {
                     tokio::time::sleep(TIMER_TICK).await;
+                    crate::dns::close_expired_query_sockets();
                 }
             });
             // The runtime is dropped on its own thread (dropping one inside
