@@ -46,13 +46,25 @@ impl AnswerCache {
         }
         let until = valid_until.min(now + self.max_ttl);
         let mut answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
-        if answers.len() >= CACHED_NAMES_AT_MOST && !answers.contains_key(name) {
-            answers.retain(|_, (_, until)| *until > now);
-            if answers.len() >= CACHED_NAMES_AT_MOST {
-                answers.clear();
-            }
-        }
+        make_room(&mut answers, name, CACHED_NAMES_AT_MOST, |(_, until)| *until > now);
         answers.insert(name.to_owned(), (ips, until));
+    }
+}
+
+/// Before `name` goes into `map`, which holds at most `at_most` names: when
+/// full (and without `name`), the entries no longer `live` go, then, if it
+/// is still full, all of them.
+pub(super) fn make_room<V>(
+    map: &mut HashMap<String, V>,
+    name: &str,
+    at_most: usize,
+    live: impl Fn(&V) -> bool,
+) {
+    if map.len() >= at_most && !map.contains_key(name) {
+        map.retain(|_, value| live(value));
+        if map.len() >= at_most {
+            map.clear();
+        }
     }
 }
 

@@ -35,7 +35,7 @@ use hickory_resolver::{
     },
 };
 
-use super::udp_pool;
+use super::{cache::make_room, udp_pool};
 use crate::config::DnsFamily;
 
 /// Aliases followed in one answer at most.
@@ -91,11 +91,7 @@ impl DirectPath {
             ndots: options.ndots,
             no_search: servers.search().is_empty() && servers.domain().is_none(),
             hosts: Arc::new(hosts),
-            record_types: match family {
-                DnsFamily::Any => &[RecordType::A, RecordType::AAAA],
-                DnsFamily::Ipv4 => &[RecordType::A],
-                DnsFamily::Ipv6 => &[RecordType::AAAA],
-            },
+            record_types: family.record_types(),
             timeout,
             decline_for: max_ttl.max(Duration::from_secs(1)),
         })
@@ -156,12 +152,7 @@ impl DirectPath {
     /// of every failing connection.
     fn decline(&self, name: &str, now: Instant) {
         DECLINED.with_borrow_mut(|declined| {
-            if declined.len() >= DECLINED_NAMES_AT_MOST {
-                declined.retain(|_, until| *until > now);
-                if declined.len() >= DECLINED_NAMES_AT_MOST {
-                    declined.clear();
-                }
-            }
+            make_room(declined, name, DECLINED_NAMES_AT_MOST, |until| *until > now);
             declined.insert(name.to_owned(), now + self.decline_for);
         });
     }

@@ -22,6 +22,7 @@ use hickory_resolver::{
     Resolver,
     config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts},
     net::NetError,
+    proto::rr::RecordType,
     system_conf,
 };
 use udp_pool::PooledUdpProvider;
@@ -71,6 +72,35 @@ impl ResolveError {
     }
 }
 
+impl DnsFamily {
+    /// hickory's strategy for the records of this family.
+    fn lookup_strategy(self) -> LookupIpStrategy {
+        match self {
+            Self::Any => LookupIpStrategy::Ipv4AndIpv6,
+            Self::Ipv4 => LookupIpStrategy::Ipv4Only,
+            Self::Ipv6 => LookupIpStrategy::Ipv6Only,
+        }
+    }
+
+    /// The record types asked for, in the order their addresses are tried.
+    fn record_types(self) -> &'static [RecordType] {
+        match self {
+            Self::Any => &[RecordType::A, RecordType::AAAA],
+            Self::Ipv4 => &[RecordType::A],
+            Self::Ipv6 => &[RecordType::AAAA],
+        }
+    }
+
+    /// The record types, as errors name them.
+    fn records_named(self) -> &'static str {
+        match self {
+            Self::Any => "A or AAAA",
+            Self::Ipv4 => "A",
+            Self::Ipv6 => "AAAA",
+        }
+    }
+}
+
 /// Resolves the upstream target to the addresses to try, in DNS order.
 #[derive(Debug)]
 pub struct UpstreamResolver {
@@ -80,10 +110,8 @@ pub struct UpstreamResolver {
     direct: Option<DirectPath>,
     /// hickory's own bound on one query (`dns_timeout`).
     query_timeout: Duration,
-    /// The bound on a whole lookup, hickory's retries included.
-    timeout: Duration,
-    /// The record types asked for, as errors name them.
-    records: &'static str,
+    /// The records asked for.
+    family: DnsFamily,
     answers: AnswerCache,
 }
 
@@ -136,11 +164,7 @@ impl UpstreamResolver {
                 .collect();
             (ResolverConfig::from_name_servers(servers), ResolverOpts::default())
         };
-        options.ip_strategy = match config.family {
-            DnsFamily::Any => LookupIpStrategy::Ipv4AndIpv6,
-            DnsFamily::Ipv4 => LookupIpStrategy::Ipv4Only,
-            DnsFamily::Ipv6 => LookupIpStrategy::Ipv6Only,
-        };
+        options.ip_strategy = config.family.lookup_strategy();
         options.timeout = config.timeout;
         options.attempts = 1;
         options.positive_max_ttl = Some(config.max_ttl);
@@ -153,17 +177,11 @@ impl UpstreamResolver {
         // Built once here so that settings hickory refuses fail at start-up
         // (or a reload), not at a connection's lookup.
         settings.build()?;
-        // hickory retries on its own; this bounds the whole lookup for the client.
         Ok(Self {
             settings,
             direct,
             query_timeout: config.timeout,
-            records: match config.family {
-                DnsFamily::Any => "A or AAAA",
-                DnsFamily::Ipv4 => "A",
-                DnsFamily::Ipv6 => "AAAA",
-            },
-            timeout: config.timeout.saturating_mul(2),
+            family: config.family,
             answers: AnswerCache::new(config.max_ttl),
         })
     }
@@ -179,11 +197,14 @@ impl UpstreamResolver {
         if let Some(ips) = self.answers.get(name, Instant::now()) {
             return Ok(addrs(&ips));
         }
-        let (ips, valid_until) = tokio::time::timeout(self.timeout, self.ask(name))
+        // Two queries' time: the direct path's and hickory's, or hickory's
+        // and its retry.
+        let bound = self.query_timeout.saturating_mul(2);
+        let (ips, valid_until) = tokio::time::timeout(bound, self.ask(name))
             .await
-            .map_err(|_| ResolveError::Timeout { name: name.clone(), timeout: self.timeout })??;
+            .map_err(|_| ResolveError::Timeout { name: name.clone(), timeout: bound })??;
         if ips.is_empty() {
-            return Err(ResolveError::NoRecords { name: name.clone(), records: self.records });
+            return Err(ResolveError::NoRecords { name: name.clone(), records: self.family.records_named() });
         }
         self.answers.put(name, Arc::clone(&ips), valid_until, Instant::now());
         Ok(addrs(&ips))
@@ -208,7 +229,7 @@ impl UpstreamResolver {
         if source.is_nx_domain() {
             ResolveError::NxDomain { name }
         } else if source.is_no_records_found() {
-            ResolveError::NoRecords { name, records: self.records }
+            ResolveError::NoRecords { name, records: self.family.records_named() }
         } else if matches!(source, NetError::Timeout) {
             ResolveError::Timeout { name, timeout: self.query_timeout }
         } else {

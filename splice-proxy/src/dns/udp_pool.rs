@@ -12,8 +12,9 @@
 //! What it keeps of hickory's defence against forged answers: each query
 //! still has a random ID and hickory still checks the answer's source, ID
 //! and question, skipping anything else (a late answer to an earlier query
-//! included). A socket is kept only after it received an answer, and for
-//! at most [`USES_AT_MOST`] queries and [`KEPT_AT_MOST`], so its random
+//! included). A socket is kept only after the server it asked answered it,
+//! what reaches it between two queries is dropped unread, and it is kept
+//! for at most [`USES_AT_MOST`] queries and [`KEPT_AT_MOST`], so its random
 //! source port changes as often as that. hickory's own I/O crate cannot do
 //! this: its providers bind a new socket for each query by design.
 
@@ -103,8 +104,11 @@ impl RuntimeProvider for PooledUdpProvider {
 /// they may: a thread that stops looking names up must not hold them (and
 /// their ports) for good. Called by each worker on its regular tick.
 pub fn close_expired() {
-    let now = Instant::now();
-    let _ = IDLE.try_with(|idle| idle.borrow_mut().retain(|s| s.since + KEPT_AT_MOST > now));
+    let _ = IDLE.try_with(|idle| close_expired_of(&mut idle.borrow_mut(), Instant::now()));
+}
+
+fn close_expired_of(idle: &mut Vec<IdleSocket>, now: Instant) {
+    idle.retain(|s| s.since + KEPT_AT_MOST > now);
 }
 
 /// An idle socket of this thread bound to the same address as `local_addr`
@@ -112,7 +116,7 @@ pub fn close_expired() {
 pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<QuerySocket>> + Send {
     let now = Instant::now();
     let idle = IDLE.with_borrow_mut(|idle| {
-        idle.retain(|s| s.since + KEPT_AT_MOST > now);
+        close_expired_of(idle, now);
         let found = idle.iter().rposition(|s| s.bound_ip == local_addr.ip())?;
         Some(idle.swap_remove(found))
     });
