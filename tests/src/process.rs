@@ -383,6 +383,16 @@ pub fn tcp_sockets(netns: Option<&str>, ports: &[u16]) -> String {
     out
 }
 
+/// The TCP sockets of this namespace listening on exactly `addr` (address
+/// and port: another test's listener may have the same port on another
+/// loopback address), one `ss` line each.
+pub fn listening_on(addr: SocketAddr) -> Result<Vec<String>> {
+    let filter = format!("src {addr}");
+    let ss = Command::new("ss").args(["-Htln", &filter]).output().context("running ss")?;
+    anyhow::ensure!(ss.status.success(), "ss {filter}: {}", String::from_utf8_lossy(&ss.stderr));
+    Ok(String::from_utf8_lossy(&ss.stdout).lines().map(str::to_owned).collect())
+}
+
 /// The `message` field of a JSON log event.
 #[must_use]
 pub fn message(event: &Value) -> &str {

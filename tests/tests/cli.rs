@@ -4,7 +4,7 @@
 use std::{io::Write as _, net::TcpListener, process::Command};
 
 use anyhow::{Context as _, Result};
-use splice_proxy_tests::process::{ProxyProcess, binary, tcp_sockets};
+use splice_proxy_tests::process::{ProxyProcess, binary, listening_on};
 
 fn run(args: &[&str]) -> Result<(Option<i32>, String)> {
     let out = Command::new(binary()?).args(args).output()?;
@@ -93,9 +93,12 @@ fn a_port_another_proxy_listens_on_exits_3_and_is_not_shared() -> Result<()> {
         let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443", "--no-sni-check"])?;
         assert_eq!(code, Some(3), "{mode}: {out}");
         assert!(out.contains(&addr) && out.contains("in use"), "{mode}: {out}");
-        let listening = tcp_sockets(None, &[running.addr().port()]);
-        let group = listening.lines().filter(|line| line.starts_with("LISTEN")).count();
-        assert_eq!(group, sockets, "{mode}: the running proxy's sockets and no other:\n{listening}");
+        let listening = listening_on(running.addr())?;
+        assert_eq!(
+            listening.len(),
+            sockets,
+            "{mode}: the running proxy's sockets and no other:\n{listening:#?}"
+        );
     }
     Ok(())
 }

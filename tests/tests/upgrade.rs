@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, ensure};
 use splice_proxy_tests::{
     echo_stream::EchoStream,
     edge::start_echo,
-    process::{ProxyProcess, message, tcp_sockets},
+    process::{ProxyProcess, listening_on, message},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -121,9 +121,9 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
     ensure!(status.success(), "the old process exited with {status}");
     let exiting = old.events().into_iter().find(|e| message(e) == "exiting").context("no exiting line")?;
     ensure!(exiting["stopped"] == "Drained", "{exiting}");
-    let listening = tcp_sockets(None, &[via.port()]);
-    let group = listening.lines().filter(|line| line.starts_with("LISTEN")).count();
-    ensure!(group == WORKERS, "the new process listens on {group} sockets, not {WORKERS}:\n{listening}");
+    let listening = listening_on(via)?;
+    let group = listening.len();
+    ensure!(group == WORKERS, "the new process listens on {group} sockets, not {WORKERS}:\n{listening:#?}");
     let on_old = old.closed_connections();
     let on_new = new.closed_connections();
     let completed =
