@@ -287,12 +287,22 @@ fn pure_ack(ctx: &TcContext, ip: usize, tcp: usize) -> bool {
     matches!(flags, Ok(ACK)) && matches!(payload_len(ctx, ip, tcp), Ok(0))
 }
 
-/// TCP payload bytes: the IP total length less both headers.
+/// TCP payload bytes: the IP total length less both headers. A total
+/// length of 0 is IPv4 BIG TCP: a GRO or GSO packet longer than 64 KiB,
+/// whose length only the skb knows (the kernel's `skb_ip_totlen` rule); the
+/// frame then ends where the packet does (no link-layer padding on a packet
+/// that size), so the skb's length less the link header is the IP length.
+/// Counting such a packet as empty would lose its bytes from the flow's
+/// counters and its end, and let a held flow's data through to the proxy.
 fn payload_len(ctx: &TcContext, ip: usize, tcp: usize) -> Result<u64, Unusable> {
     let total: [u8; 2] = load(ctx, ip + 2)?;
     let data_offset: u8 = load(ctx, tcp + TCP_DATA_OFFSET)?;
     let headers = (tcp - ip) + usize::from(data_offset >> 4) * 4;
-    Ok(usize::from(u16::from_be_bytes(total)).saturating_sub(headers) as u64)
+    let total = match u16::from_be_bytes(total) {
+        0 => (ctx.len() as usize).saturating_sub(ip),
+        total => usize::from(total),
+    };
+    Ok(total.saturating_sub(headers) as u64)
 }
 
 /// The other connection's addresses and ports, with both checksums.

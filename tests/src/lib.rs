@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod big_tcp;
 pub mod bpf_maps;
 pub mod busy;
 pub mod capabilities;

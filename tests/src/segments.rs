@@ -89,13 +89,30 @@ impl Segment {
         frame
     }
 
-    /// Reads a frame back, after checking both checksums.
+    /// [`Segment::frame`] as IPv4 BIG TCP writes a packet past 64 KiB: an IP
+    /// total length of 0 (the skb's length is the packet's), the header
+    /// checksum computed over that.
+    #[must_use]
+    pub fn big_tcp_frame(&self) -> Vec<u8> {
+        let mut frame = self.frame();
+        frame[16..18].copy_from_slice(&[0, 0]);
+        frame[24..26].copy_from_slice(&[0, 0]);
+        let checksum = fold(sum(&frame[14..34]));
+        frame[24..26].copy_from_slice(&checksum.to_be_bytes());
+        frame
+    }
+
+    /// Reads a frame back, after checking both checksums. An IP total length
+    /// of 0 (BIG TCP) is the frame's.
     pub fn parse(frame: &[u8]) -> Result<Self> {
         ensure!(frame.len() >= 14 + 20 + 20, "a frame of {} bytes holds no TCP header", frame.len());
         ensure!(frame[12..14] == [0x08, 0x00], "not IPv4: {:02x?}", &frame[12..14]);
         let ip = &frame[14..];
         let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let total = match u16::from_be_bytes([ip[2], ip[3]]) {
+            0 => ip.len(),
+            total => usize::from(total),
+        };
         ensure!(fold(sum(&ip[..ihl])) == 0, "IPv4 header checksum wrong: {:02x?}", &ip[..ihl]);
         let src = Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16])?);
         let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20])?);

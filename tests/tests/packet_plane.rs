@@ -7,7 +7,8 @@
 //! on a busy host, and a lossy link each way with SACK and timestamps on and
 //! off, every run exact and spliced. Connections negotiated differently
 //! (window scales, MSS, SACK on one side) are exact on the program or fall
-//! back with their reason. A PROXY v2 header in front is absorbed by the
+//! back with their reason. BIG TCP packets (IP total length 0) are spliced
+//! and counted to the byte. A PROXY v2 header in front is absorbed by the
 //! offset; an SNI route to a second upstream is spliced there. A slow
 //! reader queues nothing in the proxy. A thousand connections (a hundred at once), and 100,000 short
 //! ones, leave no flow entry, no descriptor and no memory behind. Its faults:
@@ -24,7 +25,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use splice_proxy::kernel::LossyLink;
 use splice_proxy_tests::{
-    bpf_maps,
+    big_tcp, bpf_maps,
     busy::BusyLoops,
     netns::{LineTopology, in_netns, ip},
     packet_lab::{HEADER, Lab, MIB, knob},
@@ -313,6 +314,34 @@ fn connections_negotiated_differently_are_exact_spliced_or_fall_back_with_their_
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// IPv4 BIG TCP on every link (GSO and GRO past 64 KiB, which an operator
+/// may turn on for a host): packets with an IP total length of 0 reach the
+/// program, which must count them by their length. Every run is exact and
+/// spliced, and its access line counts every byte each way.
+#[test]
+fn big_tcp_packets_are_spliced_and_counted_to_the_byte() -> Result<()> {
+    const SIZE: u32 = 185_000;
+    const RUNS: usize = 4;
+    let lab = Lab::with(|t| {
+        big_tcp::enable(&t.client, "to-proxy", SIZE)?;
+        big_tcp::enable(&t.proxy, "to-client", SIZE)?;
+        big_tcp::enable(&t.proxy, "to-upstream", SIZE)?;
+        big_tcp::enable(&t.upstream, "to-proxy", SIZE)
+    })?;
+    let proxy = lab.proxy(&[])?;
+    lab.exact_runs(&proxy, (RUNS, 64, "BIG TCP"))?;
+    let closed = proxy.closed_connections();
+    ensure!(closed.len() == RUNS, "{} access lines, not {RUNS}", closed.len());
+    for line in closed {
+        ensure!(
+            (line["bytes_up"].as_u64(), line["bytes_down"].as_u64())
+                == (Some(64 * MIB + HEADER), Some(64 * MIB)),
+            "bytes miscounted: {line}"
+        );
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! `BPF_PROG_TEST_RUN`: the loaded program with its real flow map. Each case
 //! sends one frame and checks the verdict, every header field of the frame
 //! that comes out (both checksums verified), and the flow's counters (a
-//! retransmission counts as a packet, not as new bytes).
+//! retransmission counts as a packet, not as new bytes), a BIG TCP packet
+//! (IP total length 0) by its length.
 //! Runs as root in its own network namespace.
 
 use std::net::Ipv4Addr;
@@ -287,6 +288,44 @@ fn a_flow_packet_whose_options_cannot_be_walked_is_dropped_not_passed() -> Resul
 /// retransmits it). In both, every packet teaches the entry the hop back to
 /// its sender and the sender's newest TSval (a reordered older one does not
 /// move it back). An ended flow drops everything.
+/// IPv4 BIG TCP: a GRO or GSO packet past 64 KiB carries an IP total
+/// length of 0, and only its length says how much it holds. Its payload is
+/// counted from that length: its bytes, its FIN's number, and, on a held
+/// flow, that it moves the sequence (dropped, never passed to the proxy's
+/// socket, which would take its bytes).
+#[test]
+fn a_big_tcp_packet_is_counted_by_its_length() -> Result<()> {
+    let _netns = NetNs::enter()?;
+    let mut program = PacketProgram::load(16).context("loading packet_splice")?;
+    let key = client_to_upstream_key();
+    let plain = rewrite(rewrite_flags::TIMESTAMPS, 7, 7);
+    let mut input = from_client(1000, 2000, &[0x5a; 1200]);
+    input.flags = FIN | ACK;
+    program.set_flow(&key, &PacketRewrite { next_seq: 1000, ..plain })?;
+    let frame = input.big_tcp_frame();
+    let (verdict, out) = program.test_run(&frame)?;
+    ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict}, not TC_ACT_REDIRECT");
+    ensure!(out[16..18] == [0, 0], "the total length was changed: {:02x?}", &out[16..18]);
+    let got = Segment::parse(&out).context("the frame out")?;
+    let expect = expected(&input, &plain, Vec::new(), input.window);
+    ensure!(got == expect, "\n got {got:?}\nwant {expect:?}");
+    let flow = program.flow(&key)?.context("the flow is gone")?;
+    ensure!(
+        (flow.packets, flow.bytes, flow.fin_seen, flow.fin_seq) == (1, 1200, 1, 2200),
+        "counted {} packets, {} bytes, FIN seen {} at {}",
+        flow.packets,
+        flow.bytes,
+        flow.fin_seen,
+        flow.fin_seq
+    );
+    program.set_flow(&key, &PacketRewrite { flags: rewrite_flags::HOLD, ..PacketRewrite::default() })?;
+    let data = from_client(1000, 2000, &[0x5a; 1200]);
+    let (verdict, _) = program.test_run(&data.big_tcp_frame())?;
+    ensure!(verdict == TC_ACT_SHOT, "a held flow's BIG TCP data: verdict {verdict}, not TC_ACT_SHOT");
+    program.remove_flow(&key)?;
+    Ok(())
+}
+
 #[test]
 fn held_and_watched_flows_learn_their_hop_an_ended_one_drops_all_and_a_syn_is_never_rewritten() -> Result<()>
 {
