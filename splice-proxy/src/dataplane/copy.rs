@@ -11,7 +11,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::both_ways::{Pump, PumpError, shutdown_write};
+use super::both_ways::{Pump, PumpError, shutdown_write, try_read_all_there_is};
 
 /// Size of a direction's buffer at first; it doubles up to the configured
 /// size each time a read fills it. A short exchange (a TLS handshake, an API
@@ -48,7 +48,7 @@ impl Pump for CopyPump {
 /// Reads what is there, waiting until something (or EOF) is.
 pub(crate) async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        match from.try_read(buf) {
+        match try_read_all_there_is(from, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.readable().await?,
             result => return result,
         }

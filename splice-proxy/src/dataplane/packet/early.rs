@@ -177,7 +177,7 @@ impl<'a> Direction<'a> {
         } else if self.filled == self.buffer.len() && self.buffer.len() < RELAY_BUFFER {
             self.buffer.resize(self.buffer.len() * 2, 0);
         }
-        match self.from.try_read(&mut self.buffer) {
+        match both_ways::try_read_all_there_is(self.from, &mut self.buffer) {
             Ok(0) => Ok(true),
             Ok(n) => {
                 (self.filled, self.written) = (n, 0);
