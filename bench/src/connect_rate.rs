@@ -35,6 +35,13 @@ pub struct Sample {
     /// The peer process's own CPU (utime + stime of its tree, tick-sampled)
     /// per connection; none for direct.
     pub proxy_cpu_us_per_connection: Option<f64>,
+    /// Connections made.
+    pub connections: u64,
+    /// Queries the bench's DNS server answered per connection, for a peer
+    /// that resolves the upstream's name: below 1 with a lookup for every
+    /// connection means lookups were shared (HAProxy's `do-resolve` joins
+    /// one already in flight for the same name).
+    pub dns_queries_per_connection: Option<f64>,
 }
 
 /// `clients` threads make connections to `addr` with `connection` again
@@ -75,6 +82,8 @@ pub fn run_with(
         proxy_cpu_us_per_connection: proxy_s.map(|s| s * 1e6 / connections),
         ttfb_p50_us: percentile_us(&ttfb_ns, 0.50),
         ttfb_p99_us: percentile_us(&ttfb_ns, 0.99),
+        connections: ttfb_ns.len() as u64,
+        dns_queries_per_connection: None,
     })
 }
 

@@ -21,32 +21,43 @@ pub fn write(out: &mut String, title: &str, peers: &[PeerRounds<Sample>], refere
     let proxy_cpu = summaries(peers, |s| s.proxy_cpu_us_per_connection.unwrap_or(f64::NAN));
     // HAProxy given the address: the cost floor of a proxy that resolves
     // nothing; and, for a peer that resolves, HAProxy resolving alike.
+    let queries = summaries(peers, |s| s.dns_queries_per_connection.unwrap_or(f64::NAN));
     let best = best_haproxy_resolving(peers, &rate, None);
     heading(out, title, peers, best, "highest rate, given the address");
-    if peers.iter().any(|p| p.dns.is_some()) {
+    let resolving_peers = peers.iter().any(|p| p.dns.is_some());
+    if resolving_peers {
         let _ = writeln!(
             out,
             "The do-resolve column compares a peer that resolves the name with the fastest HAProxy \
-             resolving it the same way (each connection, or answers held 5 s).\n"
+             resolving it the same way (each connection, or answers held 5 s). DNS queries/conn: \
+             what the bench's DNS server answered per connection; below 1 with a lookup each \
+             connection, lookups were shared (HAProxy joins a lookup of the same name in flight).\n"
         );
     }
+    let queries_column = if resolving_peers { " DNS queries/conn |" } else { "" };
     let _ = writeln!(
         out,
         "| peer | connections/s | {measured} p50 µs | {measured} p99 µs | machine CPU µs/conn | proxy's own CPU µs/conn \
-         | rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ best do-resolve HAProxy | rate ÷ {reference} |\n\
-         |---|---|---|---|---|---|---|---|---|---|"
+         |{queries_column} rate ÷ best HAProxy | p99 ÷ best HAProxy | rate ÷ best do-resolve HAProxy | rate ÷ {reference} |\n\
+         |---|---|---|---|---|---|{}---|---|---|---|",
+        if resolving_peers { "---|" } else { "" }
     );
     for (i, peer) in peers.iter().enumerate() {
         let resolving = peer.dns.and_then(|_| best_haproxy_resolving(peers, &rate, peer.dns));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |{} {} | {} | {} | {} |",
             peer.peer,
             rate[i].show(0),
             p50[i].show(0),
             p99[i].show(0),
             machine_cpu[i].show(0),
             if proxy_cpu[i].median.is_nan() { "—".to_owned() } else { proxy_cpu[i].show(0) },
+            match (resolving_peers, queries[i].median.is_nan()) {
+                (false, _) => String::new(),
+                (true, true) => " — |".to_owned(),
+                (true, false) => format!(" {} |", queries[i].show(2)),
+            },
             ratio(rate[i].median, best.map(|b| rate[b].median)),
             ratio(p99[i].median, best.map(|b| p99[b].median)),
             ratio(rate[i].median, resolving.map(|b| rate[b].median)),

@@ -165,7 +165,8 @@ pub fn connect(
             running.push(RunningPeer::start(kind, Upstream { addr: greeter, dns: None }, tools, topology)?);
         }
     }
-    let results = set_up_rounds(args, &mut running, "connect", "first byte", connect_rate::first_byte)?;
+    let results =
+        set_up_rounds(args, &mut running, "connect", "first byte", Some(&dns), connect_rate::first_byte)?;
     eprintln!("connect: the DNS server answered {} queries", dns.queries());
     drop(running);
     runtime.block_on(dns.stop());
@@ -174,12 +175,14 @@ pub fn connect(
 
 /// The rounds of a connection set-up workload (`what`): every peer of
 /// `running` opening connections with `connection` (which measures the time
-/// to `measured`).
+/// to `measured`); `dns`: the DNS server the peers that resolve ask, whose
+/// queries are counted per connection.
 fn set_up_rounds(
     args: &Args,
     running: &mut [RunningPeer],
     what: &str,
     measured: &str,
+    dns: Option<&splice_proxy_tests::dns::DnsServer>,
     connection: impl Fn(SocketAddr) -> Result<Duration> + Sync,
 ) -> Result<Vec<PeerRounds<connect_rate::Sample>>> {
     let mut results = rounds_of(running);
@@ -188,8 +191,14 @@ fn set_up_rounds(
         for (peer, rounds) in running.iter_mut().zip(&mut results) {
             peer.check_alive()?;
             thread::sleep(PAUSE);
-            let sample = connect_rate::run_with(peer.addr, args.clients, peer.pid(), duration, &connection)
-                .with_context(|| format!("round {round}, {what}, {}", peer.name))?;
+            let queries_before = dns.map(splice_proxy_tests::dns::DnsServer::queries);
+            let mut sample =
+                connect_rate::run_with(peer.addr, args.clients, peer.pid(), duration, &connection)
+                    .with_context(|| format!("round {round}, {what}, {}", peer.name))?;
+            if let (Some(dns), Some(before), Some(_)) = (dns, queries_before, peer.dns) {
+                let queries = dns.queries().saturating_sub(before);
+                sample.dns_queries_per_connection = Some(queries as f64 / sample.connections.max(1) as f64);
+            }
             eprintln!(
                 "{what} round {round}/{}: {}: {:.0} connections/s, {measured} p99 {:.0} µs",
                 args.rounds, peer.name, sample.connections_per_s, sample.ttfb_p99_us
@@ -219,7 +228,8 @@ pub fn tls(
     };
     let client = TlsClient::new(&pki)?;
     let mut running = peers::start_all(kinds, Upstream { addr: server.addr, dns: None }, tools, topology)?;
-    let results = set_up_rounds(args, &mut running, "tls", "whole answer", |addr| client.request(addr))?;
+    let results =
+        set_up_rounds(args, &mut running, "tls", "whole answer", None, |addr| client.request(addr))?;
     eprintln!("tls: the API server answered {} requests", server.requests());
     drop(running);
     runtime.block_on(server.stop());

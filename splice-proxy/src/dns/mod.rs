@@ -4,6 +4,7 @@
 
 mod cache;
 mod direct;
+mod flights;
 #[cfg(test)]
 mod tests;
 mod udp_pool;
@@ -200,7 +201,7 @@ impl UpstreamResolver {
         // Two queries' time: the direct path's and hickory's, or hickory's
         // and its retry.
         let bound = self.query_timeout.saturating_mul(2);
-        let (ips, valid_until) = tokio::time::timeout(bound, self.ask(name))
+        let (ips, valid_until) = tokio::time::timeout(bound, self.ask_shared(name))
             .await
             .map_err(|_| ResolveError::Timeout { name: name.clone(), timeout: bound })??;
         if ips.is_empty() {
@@ -208,6 +209,22 @@ impl UpstreamResolver {
         }
         self.answers.put(name, Arc::clone(&ips), valid_until, Instant::now());
         Ok(addrs(&ips))
+    }
+
+    /// [`Self::ask`], or the answer of the same lookup already in flight on
+    /// this thread ([`flights`]); if that one fails or goes away, asks.
+    async fn ask_shared(&self, name: &str) -> Result<(Arc<[IpAddr]>, Instant), ResolveError> {
+        match flights::join_or_lead(Arc::as_ptr(&self.settings) as usize, name) {
+            flights::Role::Waiting(outcome) => match flights::wait(outcome).await {
+                Some(answer) => Ok(answer),
+                None => self.ask(name).await,
+            },
+            flights::Role::Leading(leader) => {
+                let asked = self.ask(name).await;
+                leader.finish(asked.as_ref().ok().cloned());
+                asked
+            }
+        }
     }
 
     /// `name`'s addresses from the name server, and until when they hold:

@@ -142,3 +142,31 @@ async fn an_error_answer_is_left_to_hickory_which_names_it() {
     assert_eq!(error.kind(), "nxdomain", "{error}");
     assert_eq!(queries.lock().unwrap().len(), 3, "a failing name is hickory's for a while: its query only");
 }
+
+#[tokio::test]
+async fn lookups_of_a_name_at_once_share_the_query_in_flight() {
+    let (resolver, queries) = resolver(Zone::Counting, DnsFamily::Ipv4).await;
+    let first = addrs(&[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))]);
+    let r = &resolver;
+    let together = tokio::join!(resolve(r), resolve(r), resolve(r), resolve(r), resolve(r));
+    let together = [together.0, together.1, together.2, together.3, together.4];
+    assert!(together.iter().all(|got| *got == first), "{together:?}");
+    assert_eq!(queries.lock().unwrap().len(), 1, "one query for five lookups at once");
+    // One after the other, each asks: nothing is kept (dns_max_ttl 0).
+    let second = addrs(&[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))]);
+    assert_eq!(resolve(&resolver).await, second);
+    assert_eq!(queries.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_shared_lookup_that_fails_leaves_each_to_ask_for_itself() {
+    let (resolver, queries) = resolver(Zone::NxDomain, DnsFamily::Ipv4).await;
+    let target = target();
+    let (a, b) = tokio::join!(resolver.resolve(&target), resolver.resolve(&target));
+    for error in [a.unwrap_err(), b.unwrap_err()] {
+        assert_eq!(error.kind(), "nxdomain", "{error}");
+    }
+    // The first: the direct query, then hickory's; the second, told the
+    // shared one failed: hickory's (the name is hickory's by then).
+    assert_eq!(queries.lock().unwrap().len(), 3);
+}
