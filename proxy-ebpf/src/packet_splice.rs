@@ -45,7 +45,7 @@ use proxy_common::{
     packet::{PACKET_FLOWS_CAPACITY, PACKET_PROBES_CAPACITY, rewrite_flags},
 };
 
-use crate::packet::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP};
+use crate::packet::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPV4_HLEN};
 
 /// One [`PacketRewrite`] per direction of a spliced connection, keyed by the
 /// four-tuple its packets arrive with. Not preallocated: user space replaces
@@ -254,8 +254,67 @@ fn forget(key: &PacketFlowKey, r: &PacketRewrite) {
 /// IPv4 TCP packet. Inlined into each program: as a function of its own,
 /// called from both, it changes how the rest is compiled enough for the
 /// verifier to refuse it.
+///
+/// Every packet on the interface comes through here, and nearly all of them
+/// belong to no spliced flow; so the headers are read in place when they
+/// are in the skb's linear part (a GRO packet's and a local socket's are),
+/// a bounds check each, rather than by a helper call per field; otherwise
+/// they are copied out.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<(usize, usize, PacketFlowKey)> {
+    match parse_in_place(ctx) {
+        Linear::Parsed(parsed) => Some(parsed),
+        Linear::NotOurs => None,
+        Linear::Beyond => parse_copied(ctx),
+    }
+}
+
+/// What [`parse_in_place`] found.
+enum Linear {
+    Parsed((usize, usize, PacketFlowKey)),
+    /// Not an unfragmented IPv4 TCP packet.
+    NotOurs,
+    /// A header field lies past the linear part.
+    Beyond,
+}
+
+#[inline(always)]
+fn parse_in_place(ctx: &TcContext) -> Linear {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + ETH_HLEN + IPV4_HLEN > end {
+        return Linear::Beyond;
+    }
+    // SAFETY: the Ethernet header and 20 bytes of IPv4 header were checked
+    // against data_end just above.
+    let (ether_type, version_ihl, fragment, protocol, addrs) = unsafe {
+        (
+            *((data + 12) as *const [u8; 2]),
+            *((data + ETH_HLEN) as *const u8),
+            *((data + ETH_HLEN + 6) as *const [u8; 2]),
+            *((data + ETH_HLEN + 9) as *const u8),
+            *((data + ETH_HLEN + IP_SRC) as *const [u8; 8]),
+        )
+    };
+    if u16::from_be_bytes(ether_type) != ETH_P_IP
+        || version_ihl >> 4 != 4
+        || protocol != IPPROTO_TCP
+        || u16::from_be_bytes(fragment) & IPV4_FRAGMENT != 0
+    {
+        return Linear::NotOurs;
+    }
+    let tcp = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
+    let ports_at = data + tcp;
+    if ports_at + 4 > end {
+        return Linear::Beyond;
+    }
+    // SAFETY: checked against data_end just above.
+    let ports = unsafe { *(ports_at as *const [u8; 4]) };
+    Linear::Parsed((ETH_HLEN, tcp, key_of(addrs, ports)))
+}
+
+/// [`parse`] by copying each field out (`bpf_skb_load_bytes`).
+#[inline(always)]
+fn parse_copied(ctx: &TcContext) -> Option<(usize, usize, PacketFlowKey)> {
     let ether_type: [u8; 2] = ctx.load(12).ok()?;
     if u16::from_be_bytes(ether_type) != ETH_P_IP {
         return None;
@@ -270,13 +329,19 @@ fn parse(ctx: &TcContext) -> Option<(usize, usize, PacketFlowKey)> {
     let tcp = ip + usize::from(version_ihl & 0x0f) * 4;
     let addrs: [u8; 8] = ctx.load(ip + IP_SRC).ok()?;
     let ports: [u8; 4] = ctx.load(tcp + TCP_SRC_PORT).ok()?;
-    let key = PacketFlowKey {
+    Some((ip, tcp, key_of(addrs, ports)))
+}
+
+/// The key of a packet with these source and destination addresses and
+/// ports (as they lie in the headers).
+#[inline(always)]
+fn key_of(addrs: [u8; 8], ports: [u8; 4]) -> PacketFlowKey {
+    PacketFlowKey {
         remote_addr: [addrs[0], addrs[1], addrs[2], addrs[3]],
         local_addr: [addrs[4], addrs[5], addrs[6], addrs[7]],
         remote_port: [ports[0], ports[1]],
         local_port: [ports[2], ports[3]],
-    };
-    Some((ip, tcp, key))
+    }
 }
 
 /// Whether the packet is a keepalive or window probe: only the ACK flag,
