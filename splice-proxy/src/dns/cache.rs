@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::Answer;
+
 /// Names the answer cache holds at most (the upstreams and routes of a
 /// configuration; more only if a reload keeps adding names).
 const CACHED_NAMES_AT_MOST: usize = 1024;
@@ -20,11 +22,8 @@ const CACHED_NAMES_AT_MOST: usize = 1024;
 #[derive(Debug)]
 pub(super) struct AnswerCache {
     max_ttl: Duration,
-    answers: Mutex<HashMap<String, CachedAnswer>>,
+    answers: Mutex<HashMap<String, Answer>>,
 }
-
-/// The addresses of a name and when they stop being used.
-type CachedAnswer = (Arc<[IpAddr]>, Instant);
 
 impl AnswerCache {
     pub(super) fn new(max_ttl: Duration) -> Self {

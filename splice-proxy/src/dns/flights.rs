@@ -10,12 +10,11 @@
 //! the lookup fails or its connection goes away first, each waiting
 //! connection asks for itself, so every error names its own cause.
 
-use std::{cell::RefCell, net::IpAddr, sync::Arc, time::Instant};
+use std::cell::RefCell;
 
 use tokio::sync::watch;
 
-/// A shared lookup's answer: its addresses and until when they hold.
-pub(super) type Answer = (Arc<[IpAddr]>, Instant);
+use super::Answer;
 
 /// What waiting connections see: `None` while the lookup runs; then
 /// `Some(None)` (failed: ask yourself) or `Some(Some(answer))`.

@@ -102,6 +102,9 @@ impl DnsFamily {
     }
 }
 
+/// A name's addresses and until when they may be used (cached, shared).
+type Answer = (Arc<[IpAddr]>, Instant);
+
 /// Resolves the upstream target to the addresses to try, in DNS order.
 #[derive(Debug)]
 pub struct UpstreamResolver {
@@ -213,7 +216,7 @@ impl UpstreamResolver {
 
     /// [`Self::ask`], or the answer of the same lookup already in flight on
     /// this thread ([`flights`]); if that one fails or goes away, asks.
-    async fn ask_shared(&self, name: &str) -> Result<(Arc<[IpAddr]>, Instant), ResolveError> {
+    async fn ask_shared(&self, name: &str) -> Result<Answer, ResolveError> {
         match flights::join_or_lead(Arc::as_ptr(&self.settings) as usize, name) {
             flights::Role::Waiting(outcome) => match flights::wait(outcome).await {
                 Some(answer) => Ok(answer),
@@ -230,7 +233,7 @@ impl UpstreamResolver {
     /// `name`'s addresses from the name server, and until when they hold:
     /// by the direct path when it answers (within one query's timeout),
     /// else by hickory.
-    async fn ask(&self, name: &str) -> Result<(Arc<[IpAddr]>, Instant), ResolveError> {
+    async fn ask(&self, name: &str) -> Result<Answer, ResolveError> {
         if let Some(direct) = &self.direct
             && let Some((ips, valid_until)) = direct.lookup(name).await
         {
