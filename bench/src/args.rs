@@ -8,7 +8,7 @@ use crate::topology::TopologyKind;
 
 pub const USAGE: &str = "\
 bench [--workload throughput|latency|connect|tls|idle]... [--topology loopback|routed]...
-      [--only SUBSTRING] [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced|paced8]...
+      [--only SUBSTRING]... [--seconds S (3)] [--rounds N (3)] [--scenario 1|8|64|paced|paced8]...
       [--round-trips N (20000)] [--clients N (4)] [--idle N,N (10000,50000)] [--results DIR (bench/results)]
       [--proxy-bin PATH (target/release/splice-proxy)] [--haproxy-bin PATH (haproxy on PATH or in /usr/sbin)]
 
@@ -42,7 +42,8 @@ Workloads:
               connections held open (one round; socat left out)
 --workload picks some (repeatable; default all). --rounds applies to throughput,
 latency and connect; rounds alternate across peers and each figure is the median
-(min-max). --only keeps the peers whose name contains SUBSTRING (any case);
+(min-max). --only keeps the peers whose name contains SUBSTRING (any case;
+repeatable: a peer is kept if it matches any);
 the reference is always measured. Results: DIR/<time>.json, .md and .svg plots,
 DIR/<time>-routed.* for the routed topology. Run as root: the kernel planes
 load BPF programs, the routed topology makes network namespaces (deleted when
@@ -63,7 +64,9 @@ pub struct Args {
     pub topologies: Vec<TopologyKind>,
     pub seconds: f64,
     pub rounds: usize,
-    pub only: Option<String>,
+    /// Peers kept: those whose name contains any of these (lowercase); none
+    /// given keeps all.
+    pub only: Vec<String>,
     /// Indexes into [`crate::throughput::Scenario::ALL`] to run, in order.
     pub scenarios: Vec<usize>,
     pub round_trips: usize,
@@ -87,7 +90,7 @@ pub fn parse() -> Result<Args> {
         topologies: Vec::new(),
         seconds: 3.0,
         rounds: 3,
-        only: None,
+        only: Vec::new(),
         scenarios: Vec::new(),
         round_trips: 20_000,
         clients: crate::connect_rate::DEFAULT_CLIENTS,
@@ -124,7 +127,7 @@ pub fn parse() -> Result<Args> {
             }
             "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
             "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
-            "--only" => args.only = Some(value()?.to_lowercase()),
+            "--only" => args.only.push(value()?.to_lowercase()),
             "--scenario" => {
                 let name = value()?;
                 let scenarios = &crate::throughput::Scenario::ALL;

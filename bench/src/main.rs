@@ -51,14 +51,16 @@ const BACKGROUND_WINDOW: Duration = Duration::from_secs(1);
 fn main() -> Result<()> {
     let mut args = args::parse()?;
     let selected = |kind: &PeerKind| {
-        kind.is_reference() || args.only.as_ref().is_none_or(|only| kind.name().to_lowercase().contains(only))
+        kind.is_reference()
+            || args.only.is_empty()
+            || args.only.iter().any(|only| kind.name().to_lowercase().contains(only))
     };
     let kinds: Vec<PeerKind> = PeerKind::ALL
         .into_iter()
         .filter(|kind| args.topologies.iter().any(|topology| kind.runs_in(*topology)))
         .filter(selected)
         .collect();
-    if kinds.iter().all(|kind| kind.is_reference()) && args.only.is_some() {
+    if kinds.iter().all(|kind| kind.is_reference()) && !args.only.is_empty() {
         let names: Vec<String> = PeerKind::ALL.iter().map(|kind| format!("`{}`", kind.name())).collect();
         bail!("--only matches no peer besides the reference; peer names: {}", names.join(", "));
     }

@@ -1,16 +1,18 @@
 //! Lookups in flight, shared: a connection that needs a name while a lookup
-//! of it is already on its way from the same thread waits for that answer
+//! of it is already on its way waits for that answer
 //! instead of sending a query of its own. The answer still arrives after
 //! the connection did, so with `dns_max_ttl` 0 every connection is served
 //! from an answer newer than itself; a burst of connections costs one query
 //! instead of one each (HAProxy's `do-resolve` shares lookups the same way).
 //!
-//! Per thread, like the resolvers: a worker's connections share its
-//! lookups without waking another thread. Only an answer is shared; when
+//! Process-wide: every worker's connections join the same lookup, as
+//! HAProxy's threads join one `do-resolve`. A waiter on another worker is
+//! woken across threads once per lookup, which costs less than the query
+//! it did not send and lets it go on sooner. Only an answer is shared; when
 //! the lookup fails or its connection goes away first, each waiting
 //! connection asks for itself, so every error names its own cause.
 
-use std::cell::RefCell;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
@@ -28,10 +30,14 @@ struct Flight {
     outcome: watch::Receiver<Outcome>,
 }
 
-thread_local! {
-    /// This thread's lookups in flight (a handful at most: one per name
-    /// being looked up right now).
-    static FLIGHTS: RefCell<Vec<Flight>> = const { RefCell::new(Vec::new()) };
+/// The lookups in flight (a handful at most: one per name being looked up
+/// right now); the lock is held only to search or edit the list.
+static FLIGHTS: Mutex<Vec<Flight>> = Mutex::new(Vec::new());
+
+/// The list; a panic while it was held left it consistent (every edit is
+/// one call), so a poisoned lock is taken as it is.
+fn flights() -> MutexGuard<'static, Vec<Flight>> {
+    FLIGHTS.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How a lookup goes: it joins one in flight, or it is the one.
@@ -40,7 +46,7 @@ pub(super) enum Role {
     Leading(Leader),
 }
 
-/// The lookup others may wait for; it leaves the thread's list when it
+/// The lookup others may wait for; it leaves the list when it
 /// finishes or is dropped (a dropped one tells its waiters to ask for
 /// themselves).
 pub(super) struct Leader {
@@ -49,21 +55,20 @@ pub(super) struct Leader {
     listed: watch::Receiver<Outcome>,
 }
 
-/// Joins the lookup of `name` by `owner` in flight on this thread, or
-/// starts one. A listed flight whose leader is gone (its task moved to
-/// another thread of a multi-threaded runtime before it ended) is replaced.
+/// Joins the lookup of `name` by `owner` in flight, or starts one. A listed
+/// flight whose leader is gone without leaving the list (it cannot, but a
+/// stale entry must not make waiters wait for nothing) is replaced.
 pub(super) fn join_or_lead(owner: usize, name: &str) -> Role {
-    FLIGHTS.with_borrow_mut(|flights| {
-        if let Some(at) = flights.iter().position(|f| f.owner == owner && *f.name == *name) {
-            if flights[at].outcome.has_changed().is_ok() {
-                return Role::Waiting(flights[at].outcome.clone());
-            }
-            flights.swap_remove(at);
+    let mut flights = flights();
+    if let Some(at) = flights.iter().position(|f| f.owner == owner && *f.name == *name) {
+        if flights[at].outcome.has_changed().is_ok() {
+            return Role::Waiting(flights[at].outcome.clone());
         }
-        let (outcome, listed) = watch::channel(None);
-        flights.push(Flight { owner, name: name.into(), outcome: listed.clone() });
-        Role::Leading(Leader { outcome, listed })
-    })
+        flights.swap_remove(at);
+    }
+    let (outcome, listed) = watch::channel(None);
+    flights.push(Flight { owner, name: name.into(), outcome: listed.clone() });
+    Role::Leading(Leader { outcome, listed })
 }
 
 /// Waits for the lookup joined: its answer, or `None` if it failed or its
@@ -82,10 +87,65 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        // A thread being torn down has no list left to clean.
-        let _ = FLIGHTS.try_with(|flights| {
-            flights.borrow_mut().retain(|f| !f.outcome.same_channel(&self.listed));
-        });
+        flights().retain(|f| !f.outcome.same_channel(&self.listed));
         // Waiters not yet told see the sender go and ask for themselves.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{IpAddr, Ipv4Addr},
+        sync::mpsc,
+        thread,
+        time::Instant,
+    };
+
+    use super::{Answer, Role, join_or_lead, wait};
+
+    /// Joins the flight of `name` on a thread of its own (a worker), says so
+    /// on `joined`, and returns what the wait gave it.
+    fn wait_on_another_thread(
+        owner: usize,
+        name: &'static str,
+    ) -> (mpsc::Receiver<()>, thread::JoinHandle<Option<Answer>>) {
+        let (joined, told) = mpsc::channel();
+        let waiter = thread::spawn(move || {
+            let Role::Waiting(outcome) = join_or_lead(owner, name) else {
+                panic!("the lookup in flight on another thread was not joined");
+            };
+            joined.send(()).unwrap();
+            tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(wait(outcome))
+        });
+        (told, waiter)
+    }
+
+    // Owners are the addresses of resolvers' settings; 1 and 2 are none.
+
+    #[test]
+    fn a_lookup_on_one_worker_is_joined_from_another() {
+        let Role::Leading(leader) = join_or_lead(1, "joined.example") else {
+            panic!("nothing was in flight");
+        };
+        let (joined, waiter) = wait_on_another_thread(1, "joined.example");
+        joined.recv().unwrap();
+        let answer: Answer = ([IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7))].into(), Instant::now());
+        leader.finish(Some(answer.clone()));
+        assert_eq!(waiter.join().unwrap(), Some(answer));
+        assert!(
+            matches!(join_or_lead(1, "joined.example"), Role::Leading(_)),
+            "a finished lookup left the list"
+        );
+    }
+
+    #[test]
+    fn a_leader_gone_sends_the_other_worker_to_ask_for_itself() {
+        let Role::Leading(leader) = join_or_lead(2, "dropped.example") else {
+            panic!("nothing was in flight");
+        };
+        let (joined, waiter) = wait_on_another_thread(2, "dropped.example");
+        joined.recv().unwrap();
+        drop(leader);
+        assert_eq!(waiter.join().unwrap(), None);
     }
 }

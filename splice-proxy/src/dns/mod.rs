@@ -214,8 +214,8 @@ impl UpstreamResolver {
         Ok(addrs(&ips))
     }
 
-    /// [`Self::ask`], or the answer of the same lookup already in flight on
-    /// this thread ([`flights`]); if that one fails or goes away, asks.
+    /// [`Self::ask`], or the answer of the same lookup already in flight
+    /// ([`flights`]); if that one fails or goes away, asks.
     async fn ask_shared(&self, name: &str) -> Result<Answer, ResolveError> {
         match flights::join_or_lead(Arc::as_ptr(&self.settings) as usize, name) {
             flights::Role::Waiting(outcome) => match flights::wait(outcome).await {
