@@ -208,6 +208,12 @@ pub mod global {
     /// `u32`: byte offset of `cb` in `struct sk_buff` plus that of `seq` in
     /// `struct tcp_skb_cb`: where an skb's TCP sequence number is.
     pub const SKB_TCP_SEQ_OFFSET: &str = "SKB_TCP_SEQ_OFFSET";
+    /// `u8`: 1 makes `packet_splice` and `packet_silence` copy every
+    /// packet's headers out with a helper, their way for headers past the
+    /// skb's linear part; 0 (the proxy's) reads headers in place where they
+    /// can. Tests set it, to run that way on `BPF_PROG_TEST_RUN`'s frames,
+    /// which are always linear.
+    pub const PACKET_HEADERS_COPIED: &str = "PACKET_HEADERS_COPIED";
 }
 
 /// Compiled-in capacity of [`map::SPLICE_SOCKETS`], [`map::SPLICE_FLOWS`]

@@ -68,6 +68,11 @@ static PACKET_SILENCED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static PACKET_PROBES: HashMap<u64, u8> = HashMap::with_max_entries(PACKET_PROBES_CAPACITY, 0);
 
+/// 1: every packet's headers are copied out, as those past the linear part
+/// are (`proxy_common::global::PACKET_HEADERS_COPIED`; only tests set it).
+#[unsafe(no_mangle)]
+static PACKET_HEADERS_COPIED: u8 = 0;
+
 /// Offsets in the IPv4 header.
 const IP_CHECKSUM: usize = 10;
 const IP_SRC: usize = 12;
@@ -262,6 +267,11 @@ fn forget(key: &PacketFlowKey, r: &PacketRewrite) {
 /// they are copied out.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<(usize, usize, PacketFlowKey)> {
+    // SAFETY: a read of the global; user space set it at load (a constant
+    // the verifier then prunes the other way by).
+    if unsafe { core::ptr::read_volatile(&raw const PACKET_HEADERS_COPIED) } != 0 {
+        return parse_copied(ctx);
+    }
     match parse_in_place(ctx) {
         Linear::Parsed(parsed) => Some(parsed),
         Linear::NotOurs => None,

@@ -232,13 +232,16 @@ where
 /// program uses get a single entry instead of their compiled-in 65,536 (the
 /// hash maps are preallocated: megabytes for nothing).
 pub(crate) fn load_for_xdp() -> Result<Ebpf, KernelError> {
-    load_for_packets(1)
+    load_for_packets(1, false)
 }
 
 /// Loads the object for packet splicing (and the XDP programs): the
-/// verdict program's maps get a single entry, the packet flows `flows`.
-pub(crate) fn load_for_packets(flows: u32) -> Result<Ebpf, KernelError> {
+/// verdict program's maps get a single entry, the packet flows `flows`;
+/// `headers_copied` makes the packet programs copy every packet's headers
+/// out (see [`global::PACKET_HEADERS_COPIED`]; tests only).
+pub(crate) fn load_for_packets(flows: u32, headers_copied: bool) -> Result<Ebpf, KernelError> {
     Ok(EbpfLoader::new()
+        .override_global(global::PACKET_HEADERS_COPIED, &u8::from(headers_copied), true)
         .map_max_entries(map::SPLICE_SOCKETS, 1)
         .map_max_entries(map::SPLICE_FLOWS, 1)
         .map_max_entries(map::SPLICE_USER_BYTES, 1)

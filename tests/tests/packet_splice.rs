@@ -3,7 +3,8 @@
 //! sends one frame and checks the verdict, every header field of the frame
 //! that comes out (both checksums verified), and the flow's counters (a
 //! retransmission counts as a packet, not as new bytes), a BIG TCP packet
-//! (IP total length 0) by its length.
+//! (IP total length 0) by its length; the table again with the headers
+//! copied out, the way of headers past the skb's linear part.
 //! Runs as root in its own network namespace.
 
 use std::net::Ipv4Addr;
@@ -203,6 +204,22 @@ fn cases() -> Vec<Case> {
 fn packets_of_a_flow_are_rewritten_into_the_other_connection() -> Result<()> {
     let _netns = NetNs::enter()?;
     let mut program = PacketProgram::load(16).context("loading packet_splice")?;
+    rewrites_every_case(&mut program)
+}
+
+/// The same cases with every header copied out by the helper: the way of a
+/// packet whose headers lie past the skb's linear part, which no frame of
+/// `BPF_PROG_TEST_RUN` reaches otherwise (they are linear).
+#[test]
+fn packets_whose_headers_are_copied_out_are_rewritten_alike() -> Result<()> {
+    let _netns = NetNs::enter()?;
+    let mut program =
+        PacketProgram::load_copying_headers(16).context("loading packet_splice, headers copied out")?;
+    rewrites_every_case(&mut program)
+}
+
+/// Runs [`cases`] through `program` and checks each.
+fn rewrites_every_case(program: &mut PacketProgram) -> Result<()> {
     let key = client_to_upstream_key();
     for case in cases() {
         // Bytes are counted from the flow's next expected byte.

@@ -35,8 +35,20 @@ impl PacketProgram {
     /// Loads the program with room for `max_connections` spliced connections
     /// (two flows each); attaches nothing.
     pub fn load(max_connections: usize) -> Result<Self, KernelError> {
+        Self::load_as(max_connections, false)
+    }
+
+    /// [`Self::load`], with every packet's headers copied out by a helper,
+    /// the programs' way for headers past the skb's linear part. Only tests
+    /// use it: `BPF_PROG_TEST_RUN`'s frames are linear, so they reach that
+    /// way only like this.
+    pub fn load_copying_headers(max_connections: usize) -> Result<Self, KernelError> {
+        Self::load_as(max_connections, true)
+    }
+
+    fn load_as(max_connections: usize, headers_copied: bool) -> Result<Self, KernelError> {
         let entries = u32::try_from(max_connections.saturating_mul(2)).unwrap_or(u32::MAX);
-        let mut ebpf = kernel::load_for_packets(entries)?;
+        let mut ebpf = kernel::load_for_packets(entries, headers_copied)?;
         let flows = kernel::take_map(&mut ebpf, map::PACKET_FLOWS)?;
         let silenced = kernel::take_map(&mut ebpf, map::PACKET_SILENCED)?;
         let probes = kernel::take_map(&mut ebpf, map::PACKET_PROBES)?;
