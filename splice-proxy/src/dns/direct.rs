@@ -190,7 +190,7 @@ impl DirectPath {
             SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
         };
-        let socket = udp_pool::lend(any_port).await?;
+        let socket = udp_pool::lend(any_port, self.server).await?;
         socket.send_to(&bytes, self.server).await?;
         let mut buf = [0; ANSWER_BYTES_AT_MOST];
         loop {

@@ -12,7 +12,10 @@
 //! What it keeps of hickory's defence against forged answers: each query
 //! still has a random ID and hickory still checks the answer's source, ID
 //! and question, skipping anything else (a late answer to an earlier query
-//! included). A socket is kept only after the server it asked answered it,
+//! included). Each socket is connected to the one server it asks, so the
+//! kernel drops a datagram from any other address before it is queued (and
+//! keeps the route to the server, which an unconnected send looks up each
+//! time). A socket is kept only after the server it asked answered it,
 //! what reaches it between two queries is dropped unread, and it is kept
 //! for at most [`USES_AT_MOST`] queries and [`KEPT_AT_MOST`], so its random
 //! source port changes as often as that. hickory's own I/O crate cannot do
@@ -59,6 +62,8 @@ struct IdleSocket {
     socket: UdpSocket,
     /// The address it was bound to, as hickory asked (its port is the one the kernel gave).
     bound_ip: IpAddr,
+    /// The server it is connected to: the only source it receives from.
+    server: SocketAddr,
     uses: u32,
     since: Instant,
 }
@@ -89,14 +94,15 @@ impl RuntimeProvider for PooledUdpProvider {
         self.tokio.connect_tcp(server_addr, bind_addr, timeout)
     }
 
-    /// An idle socket bound to the same address as `local_addr` (any port),
-    /// else a new one bound to `local_addr` (hickory picks a random port).
+    /// An idle socket bound to the same address as `local_addr` (any port)
+    /// and connected to `server_addr`, else a new one (hickory picks a
+    /// random port).
     fn bind_udp(
         &self,
         local_addr: SocketAddr,
-        _server_addr: SocketAddr,
+        server_addr: SocketAddr,
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
-        Box::pin(lend(local_addr))
+        Box::pin(lend(local_addr, server_addr))
     }
 }
 
@@ -112,12 +118,16 @@ fn close_expired_of(idle: &mut Vec<IdleSocket>, now: Instant) {
 }
 
 /// An idle socket of this thread bound to the same address as `local_addr`
-/// (any port), else a new one bound to `local_addr`.
-pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<QuerySocket>> + Send {
+/// (any port) and connected to `server`, else a new one bound to
+/// `local_addr` and connected to `server`.
+pub(super) fn lend(
+    local_addr: SocketAddr,
+    server: SocketAddr,
+) -> impl Future<Output = io::Result<QuerySocket>> + Send {
     let now = Instant::now();
     let idle = IDLE.with_borrow_mut(|idle| {
         close_expired_of(idle, now);
-        let found = idle.iter().rposition(|s| s.bound_ip == local_addr.ip())?;
+        let found = idle.iter().rposition(|s| s.bound_ip == local_addr.ip() && s.server == server)?;
         Some(idle.swap_remove(found))
     });
     async move {
@@ -129,12 +139,11 @@ pub(super) fn lend(local_addr: SocketAddr) -> impl Future<Output = io::Result<Qu
                 while idle.socket.try_recv_from(&mut stale).is_ok() {}
                 idle
             }
-            None => IdleSocket {
-                socket: UdpSocket::bind(local_addr).await?,
-                bound_ip: local_addr.ip(),
-                uses: 0,
-                since: now,
-            },
+            None => {
+                let socket = UdpSocket::bind(local_addr).await?;
+                socket.connect(server).await?;
+                IdleSocket { socket, bound_ip: local_addr.ip(), server, uses: 0, since: now }
+            }
         };
         Ok(QuerySocket { socket: Some(socket), asked: Mutex::new(None), answered: AtomicBool::new(false) })
     }
@@ -251,7 +260,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_datagram_from_elsewhere_is_no_answer_and_a_kept_socket_drops_what_came_since() {
+    async fn a_datagram_from_elsewhere_never_arrives_and_a_kept_socket_drops_what_came_since() {
         let server = UdpSocket::bind(ANY_PORT).await.unwrap();
         let stranger = UdpSocket::bind(ANY_PORT).await.unwrap();
         let provider = no_idle_sockets();
@@ -259,10 +268,24 @@ mod tests {
         socket.send_to(b"query", server.local_addr().unwrap()).await.unwrap();
         server.recv_from(&mut [0; 16]).await.unwrap();
         let local = socket.udp().local_addr().unwrap();
+        assert_eq!(
+            socket.udp().peer_addr().unwrap(),
+            server.local_addr().unwrap(),
+            "connected to its server"
+        );
+        // Loopback delivers (or drops) each datagram within its send.
         stranger.send_to(b"forged", local).await.unwrap();
-        socket.recv_from(&mut [0; 16]).await.unwrap();
+        server.send_to(b"answer", local).await.unwrap();
+        let mut buf = [0; 16];
+        let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"answer"[..], server.local_addr().unwrap()),
+            "the stranger's never came"
+        );
         drop(socket);
-        assert_eq!(IDLE.with_borrow(Vec::len), 0, "only the server's answer counts");
+        assert_eq!(IDLE.with_borrow(Vec::len), 1, "answered by its server, it was kept");
+        IDLE.with_borrow_mut(Vec::clear);
 
         let kept = query(&provider, &server, true).await;
         let kept_addr = SocketAddr::new(ANY_PORT.ip(), kept);
@@ -277,6 +300,17 @@ mod tests {
         let mut buf = [0; 16];
         let (n, _) = socket.recv_from(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"answer", "what came between its queries was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_lent_again_only_for_the_server_it_is_connected_to() {
+        let (a, b) = (UdpSocket::bind(ANY_PORT).await.unwrap(), UdpSocket::bind(ANY_PORT).await.unwrap());
+        let provider = no_idle_sockets();
+        let asked_a = query(&provider, &a, true).await;
+        let asked_b = query(&provider, &b, true).await;
+        assert_ne!(asked_b, asked_a, "another server, another socket");
+        assert_eq!(query(&provider, &a, true).await, asked_a);
+        assert_eq!(query(&provider, &b, true).await, asked_b);
     }
 
     #[tokio::test]
