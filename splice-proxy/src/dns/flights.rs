@@ -101,14 +101,18 @@ mod tests {
         time::Instant,
     };
 
-    use super::{Answer, Role, join_or_lead, wait};
+    use super::{Answer, Leader, Role, join_or_lead, wait};
 
-    /// Joins the flight of `name` on a thread of its own (a worker), says so
-    /// on `joined`, and returns what the wait gave it.
-    fn wait_on_another_thread(
+    /// Starts the lookup of `name` by `owner` here and has a thread of its
+    /// own (another worker) join it; returns once it has, with what its
+    /// wait will give it.
+    fn lead_with_a_waiter_elsewhere(
         owner: usize,
         name: &'static str,
-    ) -> (mpsc::Receiver<()>, thread::JoinHandle<Option<Answer>>) {
+    ) -> (Leader, thread::JoinHandle<Option<Answer>>) {
+        let Role::Leading(leader) = join_or_lead(owner, name) else {
+            panic!("nothing was in flight");
+        };
         let (joined, told) = mpsc::channel();
         let waiter = thread::spawn(move || {
             let Role::Waiting(outcome) = join_or_lead(owner, name) else {
@@ -117,18 +121,15 @@ mod tests {
             joined.send(()).unwrap();
             tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(wait(outcome))
         });
-        (told, waiter)
+        told.recv().unwrap();
+        (leader, waiter)
     }
 
     // Owners are the addresses of resolvers' settings; 1 and 2 are none.
 
     #[test]
     fn a_lookup_on_one_worker_is_joined_from_another() {
-        let Role::Leading(leader) = join_or_lead(1, "joined.example") else {
-            panic!("nothing was in flight");
-        };
-        let (joined, waiter) = wait_on_another_thread(1, "joined.example");
-        joined.recv().unwrap();
+        let (leader, waiter) = lead_with_a_waiter_elsewhere(1, "joined.example");
         let answer: Answer = ([IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7))].into(), Instant::now());
         leader.finish(Some(answer.clone()));
         assert_eq!(waiter.join().unwrap(), Some(answer));
@@ -140,11 +141,7 @@ mod tests {
 
     #[test]
     fn a_leader_gone_sends_the_other_worker_to_ask_for_itself() {
-        let Role::Leading(leader) = join_or_lead(2, "dropped.example") else {
-            panic!("nothing was in flight");
-        };
-        let (joined, waiter) = wait_on_another_thread(2, "dropped.example");
-        joined.recv().unwrap();
+        let (leader, waiter) = lead_with_a_waiter_elsewhere(2, "dropped.example");
         drop(leader);
         assert_eq!(waiter.join().unwrap(), None);
     }
