@@ -55,13 +55,17 @@ pub(super) struct Leader {
     listed: watch::Receiver<Outcome>,
 }
 
-/// Joins the lookup of `name` by `owner` in flight, or starts one. A listed
-/// flight whose leader is gone without leaving the list (it cannot, but a
-/// stale entry must not make waiters wait for nothing) is replaced.
+/// Joins the lookup of `name` by `owner` in flight, or starts one. Only a
+/// lookup still running is joined: its answer arrives after the joiner did.
+/// A listed flight that has an outcome or whose leader is gone (neither
+/// can be: a leader leaves the list before it answers, and when dropped)
+/// is replaced, so a stale entry never serves an older answer nor makes a
+/// waiter wait for nothing.
 pub(super) fn join_or_lead(owner: usize, name: &str) -> Role {
     let mut flights = flights();
     if let Some(at) = flights.iter().position(|f| f.owner == owner && *f.name == *name) {
-        if flights[at].outcome.has_changed().is_ok() {
+        let running = flights[at].outcome.has_changed().is_ok() && flights[at].outcome.borrow().is_none();
+        if running {
             return Role::Waiting(flights[at].outcome.clone());
         }
         flights.swap_remove(at);
@@ -79,16 +83,25 @@ pub(super) async fn wait(mut outcome: watch::Receiver<Outcome>) -> Option<Answer
 }
 
 impl Leader {
-    /// Hands the lookup's answer (`None`: it failed) to those waiting.
+    /// Hands the lookup's answer (`None`: it failed) to those waiting. The
+    /// flight leaves the list first: a connection of another worker that
+    /// comes between must not join a lookup already answered (its answer
+    /// would be older than that connection).
     pub(super) fn finish(self, answer: Option<Answer>) {
+        self.unlist();
         self.outcome.send_replace(Some(answer));
+    }
+
+    fn unlist(&self) {
+        flights().retain(|f| !f.outcome.same_channel(&self.listed));
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        flights().retain(|f| !f.outcome.same_channel(&self.listed));
-        // Waiters not yet told see the sender go and ask for themselves.
+        // Already done if it finished; a leader dropped unfinished leaves
+        // now, and its waiters see the sender go and ask for themselves.
+        self.unlist();
     }
 }
 
@@ -125,7 +138,7 @@ mod tests {
         (leader, waiter)
     }
 
-    // Owners are the addresses of resolvers' settings; 1 and 2 are none.
+    // Owners are the addresses of resolvers' settings; 1, 2 and 3 are none.
 
     #[test]
     fn a_lookup_on_one_worker_is_joined_from_another() {
@@ -137,6 +150,21 @@ mod tests {
             matches!(join_or_lead(1, "joined.example"), Role::Leading(_)),
             "a finished lookup left the list"
         );
+    }
+
+    #[test]
+    fn a_listed_lookup_that_has_its_answer_is_not_joined() {
+        let Role::Leading(leader) = join_or_lead(3, "answered.example") else {
+            panic!("nothing was in flight");
+        };
+        // Answered but still listed, as `finish` would leave it if it
+        // answered before leaving the list.
+        leader.outcome.send_replace(Some(None));
+        assert!(
+            matches!(join_or_lead(3, "answered.example"), Role::Leading(_)),
+            "an answered lookup was joined: its answer is older than the joiner"
+        );
+        drop(leader);
     }
 
     #[test]

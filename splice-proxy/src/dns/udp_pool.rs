@@ -46,6 +46,9 @@ pub(super) const USES_AT_MOST: u32 = 64;
 /// How long one socket is used at most, from its first query.
 pub(super) const KEPT_AT_MOST: Duration = Duration::from_secs(10);
 
+/// Datagrams (or errors) a kept socket is drained of at most when lent.
+const STALE_READS_AT_MOST: usize = 64;
+
 /// Idle sockets one thread keeps: as many as it had queries in flight at
 /// once, up to this; any more are closed when their query ends.
 const IDLE_AT_MOST: usize = 32;
@@ -133,10 +136,19 @@ pub(super) fn lend(
     async move {
         let socket = match idle {
             Some(idle) => {
-                // What came since its last answer (a duplicate, or datagrams
-                // planted for the next query) is dropped unread.
+                // What came since its last answer (a late duplicate) is
+                // dropped unread. An error read on the way (an ICMP error
+                // the connected socket was told of) is cleared by the read
+                // and passed over; the bound keeps a flooded socket from
+                // holding the thread, and what is left fails the query's
+                // checks of ID and question.
                 let mut stale = [0; 512];
-                while idle.socket.try_recv_from(&mut stale).is_ok() {}
+                for _ in 0..STALE_READS_AT_MOST {
+                    match idle.socket.try_recv_from(&mut stale) {
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                        _ => {}
+                    }
+                }
                 idle
             }
             None => {
@@ -181,6 +193,15 @@ impl DnsUdpSocket for QuerySocket {
     }
 
     fn poll_send_to(&self, cx: &mut Context<'_>, buf: &[u8], target: SocketAddr) -> Poll<io::Result<usize>> {
+        // The socket is connected to the server it was lent for, and hears
+        // only from it: a query to anyone else would never be answered.
+        let server = self.socket.as_ref().map(|s| s.server);
+        if server != Some(target) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a query socket connected to {server:?} cannot ask {target}"),
+            )));
+        }
         *self.asked.lock().unwrap_or_else(PoisonError::into_inner) = Some(target);
         self.udp().poll_send_to(cx, buf, target)
     }
@@ -291,7 +312,9 @@ mod tests {
         let kept_addr = SocketAddr::new(ANY_PORT.ip(), kept);
         stranger.send_to(b"planted", kept_addr).await.unwrap();
         server.send_to(b"late", kept_addr).await.unwrap();
-        // Both have arrived once the server's next datagram has.
+        // Loopback delivers within the send: the stranger's datagram was
+        // dropped (the socket hears only its server), the server's late one
+        // waits in the socket, to be dropped unread when it is lent again.
         let socket = provider.bind_udp(ANY_PORT, server.local_addr().unwrap()).await.unwrap();
         assert_eq!(socket.udp().local_addr().unwrap().port(), kept, "the kept socket");
         socket.send_to(b"query", server.local_addr().unwrap()).await.unwrap();
@@ -311,6 +334,15 @@ mod tests {
         assert_ne!(asked_b, asked_a, "another server, another socket");
         assert_eq!(query(&provider, &a, true).await, asked_a);
         assert_eq!(query(&provider, &b, true).await, asked_b);
+    }
+
+    #[tokio::test]
+    async fn a_socket_refuses_to_ask_another_server_than_its_own() {
+        let (own, other) =
+            (UdpSocket::bind(ANY_PORT).await.unwrap(), UdpSocket::bind(ANY_PORT).await.unwrap());
+        let socket = no_idle_sockets().bind_udp(ANY_PORT, own.local_addr().unwrap()).await.unwrap();
+        let error = socket.send_to(b"query", other.local_addr().unwrap()).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
     }
 
     #[tokio::test]
