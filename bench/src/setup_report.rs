@@ -19,9 +19,9 @@ pub fn write(out: &mut String, title: &str, peers: &[PeerRounds<Sample>], refere
     let (p50, p99) = (summaries(peers, |s| s.ttfb_p50_us), summaries(peers, |s| s.ttfb_p99_us));
     let machine_cpu = summaries(peers, |s| s.machine_cpu_us_per_connection);
     let proxy_cpu = summaries(peers, |s| s.proxy_cpu_us_per_connection.unwrap_or(f64::NAN));
+    let queries = summaries(peers, |s| s.dns_queries_per_connection.unwrap_or(f64::NAN));
     // HAProxy given the address: the cost floor of a proxy that resolves
     // nothing; and, for a peer that resolves, HAProxy resolving alike.
-    let queries = summaries(peers, |s| s.dns_queries_per_connection.unwrap_or(f64::NAN));
     let best = best_haproxy_resolving(peers, &rate, None);
     heading(out, title, peers, best, "highest rate, given the address");
     let resolving_peers = peers.iter().any(|p| p.dns.is_some());

@@ -51,8 +51,9 @@ pub(super) enum Role {
 /// themselves).
 pub(super) struct Leader {
     outcome: watch::Sender<Outcome>,
-    /// The listed end, to find this flight's entry again.
-    listed: watch::Receiver<Outcome>,
+    /// The listed end, to find this flight's entry again; `None` once it
+    /// has left the list.
+    listed: Option<watch::Receiver<Outcome>>,
 }
 
 /// Joins the lookup of `name` by `owner` in flight, or starts one. Only a
@@ -72,7 +73,7 @@ pub(super) fn join_or_lead(owner: usize, name: &str) -> Role {
     }
     let (outcome, listed) = watch::channel(None);
     flights.push(Flight { owner, name: name.into(), outcome: listed.clone() });
-    Role::Leading(Leader { outcome, listed })
+    Role::Leading(Leader { outcome, listed: Some(listed) })
 }
 
 /// Waits for the lookup joined: its answer, or `None` if it failed or its
@@ -87,20 +88,23 @@ impl Leader {
     /// flight leaves the list first: a connection of another worker that
     /// comes between must not join a lookup already answered (its answer
     /// would be older than that connection).
-    pub(super) fn finish(self, answer: Option<Answer>) {
+    pub(super) fn finish(mut self, answer: Option<Answer>) {
         self.unlist();
         self.outcome.send_replace(Some(answer));
     }
 
-    fn unlist(&self) {
-        flights().retain(|f| !f.outcome.same_channel(&self.listed));
+    /// Takes the flight off the list, once.
+    fn unlist(&mut self) {
+        if let Some(listed) = self.listed.take() {
+            flights().retain(|f| !f.outcome.same_channel(&listed));
+        }
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        // Already done if it finished; a leader dropped unfinished leaves
-        // now, and its waiters see the sender go and ask for themselves.
+        // A leader dropped unfinished leaves the list now, and its waiters
+        // see the sender go and ask for themselves.
         self.unlist();
     }
 }
