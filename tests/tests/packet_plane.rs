@@ -9,7 +9,8 @@
 //! (window scales, MSS, SACK on one side) are exact on the program or fall
 //! back with their reason. BIG TCP packets (IP total length 0) are spliced
 //! and counted to the byte. A PROXY v2 header in front is absorbed by the
-//! offset; an SNI route to a second upstream is spliced there. A slow
+//! offset; an SNI route to a second upstream is spliced there. An answer
+//! and its close reach the client in one segment, relayed by hand. A slow
 //! reader queues nothing in the proxy. A thousand connections (a hundred at once), and 100,000 short
 //! ones, leave no flow entry, no descriptor and no memory behind. Its faults:
 //! `packet_plane_faults.rs`. Runs as root.
@@ -173,6 +174,74 @@ fn short_connections_end_relayed_by_hand_and_long_ones_are_joined() -> Result<()
     let totals = lab.totals(&mut proxy)?;
     ensure!(totals["spliced"] == 1 && totals["fallbacks"] == "none", "the quiet one joined: {totals}");
     a_chatty_connection_is_joined_after_its_reads(&lab)
+}
+
+/// A server that answers and closes at once, as the API server ends the
+/// connection of a kubectl request: relayed by hand, the answer and its end
+/// reach the client in one segment (the client then acknowledges both with
+/// its own FIN), and the end, sent before the connection is handed to
+/// splice for the rest, is not sent again there, however soon the client
+/// closes: every connection completes, exact.
+#[test]
+fn an_answer_and_its_close_reach_the_client_in_one_segment() -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{MsgFlags, Shutdown, send, shutdown};
+    use splice_proxy::tcpstat::segments_received;
+    use splice_proxy_tests::accept_with_data;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const CONNECTIONS: usize = 200;
+    const REQUEST: &[u8] = b"request";
+    const ANSWER: &[u8] = b"answer";
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let mut proxy = lab.start_proxy_as_deployed_to(&upstream.local_addr()?.to_string())?;
+    let in_one_segment = lab.runtime.block_on(async {
+        let mut in_one_segment = 0;
+        for i in 0..CONNECTIONS {
+            let mut client = lab.client_socket()?.connect(proxy.addr()).await?;
+            // A request first, which tells this connection from the
+            // proxy's probes of the upstream; once the upstream has it, the
+            // proxy has acknowledged it to the client.
+            client.write_all(REQUEST).await?;
+            let mut accepted = accept_with_data(&upstream).await?;
+            accepted.read_exact(&mut [0; REQUEST.len()]).await?;
+            let before = segments_received(&client)?;
+            // The answer and the FIN leave the server in one segment, so the
+            // proxy finds both when it reads.
+            let fd = accepted.as_raw_fd();
+            send(fd, ANSWER, MsgFlags::from_bits_retain(nix::libc::MSG_MORE))?;
+            shutdown(fd, Shutdown::Write)?;
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+                .await
+                .with_context(|| format!("connection {i}: the answer or its end never came"))??;
+            ensure!(answer == ANSWER, "the client read {answer:?}");
+            if segments_received(&client)? - before == 1 {
+                in_one_segment += 1;
+            }
+            drop(client);
+        }
+        anyhow::Ok(in_one_segment)
+    })?;
+    let closed = lab.runtime.block_on(proxy.wait_closed(CONNECTIONS, Duration::from_secs(10)))?;
+    for line in &closed {
+        ensure!(
+            line["reason"] == "completed"
+                && line["bytes_up"] == REQUEST.len()
+                && line["bytes_down"] == ANSWER.len(),
+            "{line}"
+        );
+    }
+    // A proxy worker woken by the bytes before the FIN was queued behind
+    // them sends them alone; that is rare, never the rule.
+    ensure!(
+        in_one_segment >= CONNECTIONS / 2,
+        "{in_one_segment} of {CONNECTIONS} answers reached the client with their end in one segment"
+    );
+    let totals = lab.totals(&mut proxy)?;
+    ensure!(totals["fallbacks"] == format!("short_lived={CONNECTIONS}"), "all relayed by hand: {totals}");
+    Ok(())
 }
 
 /// 200 round trips of one byte each way, 1 ms apart, far from 1 MiB, on a

@@ -4,9 +4,10 @@
 
 use std::{
     io,
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd as _},
     pin::{Pin, pin},
     sync::atomic::AtomicU64,
+    task::{Context, Poll, Waker},
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -110,9 +111,76 @@ pub(crate) fn try_read_all_there_is(from: &TcpStream, buf: &mut [u8]) -> io::Res
 
 /// `shutdown(SHUT_WR)`: the peer reads EOF once it has read everything before.
 pub(crate) fn shutdown_write<F: AsFd>(socket: &F) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
     nix::sys::socket::shutdown(socket.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Write)
         .map_err(io::Error::from)
+}
+
+/// After a read that left `*filled` bytes in `buf` without filling it:
+/// whether `from`'s end comes right behind them, so that they can leave
+/// with the FIN in one segment ([`send_last`]). A short answer and its
+/// close (the greeting of a server that closes, a TLS answer and its
+/// `close_notify`) then cost the client one packet and no separate
+/// acknowledgement, as they do through HAProxy, which sends the last
+/// bytes of a response it is about to close with `MSG_MORE`.
+///
+/// No system call unless the socket's readiness already reports an end (a
+/// FIN or a reset arrived, `EPOLLRDHUP`); then reads once more to confirm
+/// it, appending any bytes that came in between (`Ok(true)` only when that
+/// read returned EOF). An error there (a reset) is returned: the
+/// connection ends reset, as it would at the next read.
+pub(crate) fn end_follows(from: &TcpStream, buf: &mut [u8], filled: &mut usize) -> io::Result<bool> {
+    if *filled == buf.len() || !end_arrived(from) {
+        return Ok(false);
+    }
+    loop {
+        match from.try_read(&mut buf[*filled..]) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                *filled += n;
+                if *filled == buf.len() {
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether `from`'s readiness reports its end (`READ_CLOSED`, which tokio
+/// never clears), without waiting or a system call: the readiness future
+/// is polled once, and dropped if it is not ready.
+fn end_arrived(from: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(
+        pin!(from.ready(Interest::READABLE)).poll(&mut cx),
+        Poll::Ready(Ok(ready)) if ready.is_read_closed()
+    )
+}
+
+/// Writes `data`, a direction's last bytes, and the end behind them: with
+/// `MSG_MORE`, so the kernel holds them, then `shutdown(SHUT_WR)`, which
+/// sends them with the FIN in one segment. Returns how many bytes were
+/// written; the shutdown is done only when that is all of them (a full
+/// send buffer took fewer), else it is the caller's, once the rest has
+/// followed in plain writes, which send what was held.
+pub(crate) fn send_last(to: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    use nix::{
+        libc::MSG_MORE,
+        sys::socket::{MsgFlags, send},
+    };
+    // nix names no MSG_MORE flag; the bit is the kernel's.
+    let flags = MsgFlags::from_bits_retain(MSG_MORE) | MsgFlags::MSG_NOSIGNAL;
+    let written =
+        match to.try_io(Interest::WRITABLE, || send(to.as_raw_fd(), data, flags).map_err(io::Error::from)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+    if written == data.len() {
+        shutdown_write(to)?;
+    }
+    Ok(written)
 }
 
 /// How one direction moves bytes through user space (a buffer, or a pipe
@@ -137,26 +205,28 @@ pub(crate) async fn forward_in_user_space(
     progress: &ByteProgress,
     pump: impl Pump,
 ) -> Transfer {
-    let Sockets { client, upstream, .. } = sockets;
-    let up = pin!(one_way(pump, &client, &upstream, &progress.client_to_upstream));
-    let down = pin!(one_way(pump, &upstream, &client, &progress.upstream_to_client));
+    let Sockets { client, upstream, ends_sent, .. } = sockets;
+    let up = pin!(one_way(pump, &client, &upstream, &progress.client_to_upstream, ends_sent.to_upstream));
+    let down = pin!(one_way(pump, &upstream, &client, &progress.upstream_to_client, ends_sent.to_client));
     let ending = drive(up, down, stop).await;
     finish(ending, &client, &upstream);
     Transfer::counted(progress, ending)
 }
 
 /// One direction: waits for a first byte, then pumps; an EOF first is
-/// carried across at once, with no pump. The pump is boxed: an idle
-/// connection holds only the wait, and the buffer or pipe is allocated once
-/// there is something to move.
+/// carried across at once, with no pump, unless an earlier plane sent it
+/// already (`end_sent`). The pump is boxed: an idle connection holds only
+/// the wait, and the buffer or pipe is allocated once there is something
+/// to move.
 async fn one_way(
     pump: impl Pump,
     from: &TcpStream,
     to: &TcpStream,
     moved: &AtomicU64,
+    end_sent: bool,
 ) -> Result<(), PumpError> {
     if !data_or_eof(from).await.map_err(PumpError::Read)? {
-        return shutdown_write(to).map_err(PumpError::Write);
+        return if end_sent { Ok(()) } else { shutdown_write(to).map_err(PumpError::Write) };
     }
     Box::pin(pump.run(from, to, moved)).await
 }
@@ -171,7 +241,14 @@ mod tests {
         time::timeout,
     };
 
-    use super::try_read_all_there_is;
+    use super::{end_follows, try_read_all_there_is};
+    use crate::{
+        dataplane::{
+            both_ways::Pump as _,
+            copy::{CopyPump, read_some},
+        },
+        tcpstat::segments_received,
+    };
 
     /// A connected pair on loopback: (the side read here, its peer).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -210,12 +287,68 @@ mod tests {
         peer.write_all(b"last").await.unwrap();
         peer.shutdown().await.unwrap();
         // Both the bytes and the FIN are there before the first read.
-        while !stream.ready(Interest::READABLE).await.unwrap().is_read_closed() {
-            tokio::task::yield_now().await;
-        }
+        until_end_arrived(&stream).await;
         let mut buf = [0u8; 64];
         assert_eq!(read_when_ready(&stream, &mut buf).await, 4);
         assert_eq!(read_when_ready(&stream, &mut buf).await, 0, "the end is read");
+    }
+
+    /// Waits until `stream`'s readiness reports its peer's end.
+    async fn until_end_arrived(stream: &TcpStream) {
+        while !stream.ready(Interest::READABLE).await.unwrap().is_read_closed() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_end_right_behind_the_bytes_is_found_by_one_more_read() {
+        let (stream, mut peer) = pair().await;
+        peer.write_all(b"last").await.unwrap();
+        peer.shutdown().await.unwrap();
+        until_end_arrived(&stream).await;
+        let mut buf = [0u8; 64];
+        let mut filled = read_when_ready(&stream, &mut buf).await;
+        assert_eq!(filled, 4);
+        assert!(end_follows(&stream, &mut buf, &mut filled).unwrap());
+        assert_eq!((filled, &buf[..4]), (4, &b"last"[..]));
+    }
+
+    #[tokio::test]
+    async fn bytes_with_no_end_behind_them_are_not_taken_for_the_last() {
+        let (stream, mut peer) = pair().await;
+        peer.write_all(b"more to come").await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut filled = read_when_ready(&stream, &mut buf).await;
+        assert!(!end_follows(&stream, &mut buf, &mut filled).unwrap());
+        assert_eq!(filled, 12);
+        peer.write_all(b"!").await.unwrap();
+        assert_eq!(read_when_ready(&stream, &mut buf).await, 1, "the stream goes on");
+    }
+
+    /// What a server that answers and closes sends reaches the client in
+    /// one segment, bytes and FIN, through the copy plane.
+    #[tokio::test]
+    async fn the_last_bytes_and_the_end_reach_the_client_in_one_segment() {
+        let (from_upstream, mut upstream) = pair().await;
+        let (to_client, mut client) = pair().await;
+        let before = segments_received(&client).unwrap();
+        upstream.write_all(b"answer").await.unwrap();
+        upstream.shutdown().await.unwrap();
+        until_end_arrived(&from_upstream).await;
+        let moved = std::sync::atomic::AtomicU64::new(0);
+        CopyPump { buffer_size: 1 << 16 }.run(&from_upstream, &to_client, &moved).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match read_some(&client, &mut buf).await.unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert_eq!(got, b"answer");
+        assert_eq!(moved.into_inner(), 6);
+        assert_eq!(segments_received(&client).unwrap() - before, 1, "bytes and FIN in one segment");
+        client.shutdown().await.unwrap();
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use std::{borrow::Cow, sync::Arc};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-pub use transfer::{ByteProgress, Ending, Side, Sockets, Step, Transfer};
+pub use transfer::{ByteProgress, Ending, EndsSent, Side, Sockets, Step, Transfer};
 
 use self::{both_ways::forward_in_user_space, packet::PacketPlane, sockmap::SockmapPlane};
 

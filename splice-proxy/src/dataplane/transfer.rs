@@ -59,14 +59,26 @@ impl Ending {
     }
 }
 
-/// A connection handed to a plane: both sockets, connected, and what the
+/// A connection handed to a plane: both sockets, connected, what the
 /// proxy read from the client before (a PROXY header), which is not part of
-/// what the client sent the upstream.
+/// what the client sent the upstream, and the ends an earlier plane has
+/// already sent.
 #[derive(Debug)]
 pub struct Sockets {
     pub client: TcpStream,
     pub upstream: TcpStream,
     pub client_read: u64,
+    pub ends_sent: EndsSent,
+}
+
+/// The write sides a plane shut (an end sent with a direction's last
+/// bytes) before it handed the connection over. The next plane does not
+/// shut them again: once the peer has closed too, a second `shutdown`
+/// fails (`ENOTCONN`) and would end the connection as an error.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EndsSent {
+    pub to_upstream: bool,
+    pub to_client: bool,
 }
 
 /// How a plane's turn with a connection ended.

@@ -22,7 +22,7 @@ use crate::{
     config::Config,
     connect::{ConnectConfig, ConnectError, Connected, Connector},
     connections::{ConnectionTable, Registration},
-    dataplane::{Plane, Sockets},
+    dataplane::{EndsSent, Plane, Sockets},
     dns::{DnsConfig, ResolveError, UpstreamResolver},
     edge::{self, EdgeConfig, EdgeStats, Learned},
     health::Health,
@@ -206,7 +206,8 @@ impl Proxy {
             connect_time,
         } = established;
         registration.forwarding(upstream_addr);
-        let sockets = Sockets { client, upstream, client_read: client_bytes_read };
+        let sockets =
+            Sockets { client, upstream, client_read: client_bytes_read, ends_sent: EndsSent::default() };
         let transfer = self.plane.forward(sockets, stop, registration.bytes()).await;
         let reason = transfer.ending.reason();
         // Counted before the log line, so whoever reads the line finds it counted.

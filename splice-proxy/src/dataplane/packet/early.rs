@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::{
     both_ways,
-    transfer::{ByteProgress, Ending, Side, Sockets},
+    transfer::{ByteProgress, Ending, EndsSent, Side, Sockets},
 };
 
 /// Each direction's buffer: this much at its first read (a socket reported
@@ -66,8 +66,9 @@ impl SwitchAfter {
 pub(super) enum Early {
     /// The connection lived or carried enough: switch it.
     WorthSwitching,
-    /// A peer closed or reset it: the next plane carries the end.
-    Ended,
+    /// A peer closed or reset it: the next plane carries the end, but for
+    /// the ends already sent with a direction's last bytes.
+    Ended(EndsSent),
     /// A read or a write failed, or the proxy stops: the connection is
     /// over, both sockets set to reset on close.
     Over(Ending),
@@ -98,7 +99,11 @@ pub(super) async fn relay_until_worth_switching(
     loop {
         worth |= relayed() - relayed_before >= after.bytes || up.reads + down.reads >= after.reads;
         if (worth || ended) && !up.pending() && !down.pending() {
-            return if ended { Early::Ended } else { Early::WorthSwitching };
+            return if ended {
+                Early::Ended(EndsSent { to_upstream: up.end_sent, to_client: down.end_sent })
+            } else {
+                Early::WorthSwitching
+            };
         }
         let reading = !(worth || ended);
         tokio::select! {
@@ -143,11 +148,13 @@ struct Direction<'a> {
     written: usize,
     /// Reads that returned data.
     reads: u64,
+    /// Whether `to`'s write side was shut behind the last bytes.
+    end_sent: bool,
 }
 
 impl<'a> Direction<'a> {
     fn new(from: &'a TcpStream, to: &'a TcpStream, moved: &'a AtomicU64, sides: [Side; 2]) -> Self {
-        Self { from, to, moved, sides, buffer: Vec::new(), filled: 0, written: 0, reads: 0 }
+        Self { from, to, moved, sides, buffer: Vec::new(), filled: 0, written: 0, reads: 0, end_sent: false }
     }
 
     fn pending(&self) -> bool {
@@ -170,7 +177,9 @@ impl<'a> Direction<'a> {
     }
 
     /// Reads once (nothing pending), and writes it on: whether `from` has
-    /// ended (EOF, left for the next plane to read again).
+    /// ended (EOF, left for the next plane to read again). Bytes the end
+    /// comes right behind go out with it, `to` shut here
+    /// ([`both_ways::send_last`]).
     fn read(&mut self) -> Result<bool, Ending> {
         if self.buffer.is_empty() {
             self.buffer = vec![0; FIRST_BUFFER];
@@ -180,9 +189,19 @@ impl<'a> Direction<'a> {
         match both_ways::try_read_all_there_is(self.from, &mut self.buffer) {
             Ok(0) => Ok(true),
             Ok(n) => {
-                (self.filled, self.written) = (n, 0);
+                let mut filled = n;
+                let last = both_ways::end_follows(self.from, &mut self.buffer, &mut filled)
+                    .map_err(|error| failed(self.sides[0], &error))?;
+                (self.filled, self.written) = (filled, 0);
                 self.reads += 1;
-                self.flush().map(|()| false)
+                if last {
+                    let sent = both_ways::send_last(self.to, &self.buffer[..filled])
+                        .map_err(|error| failed(self.sides[1], &error))?;
+                    self.written = sent;
+                    self.moved.fetch_add(sent as u64, Ordering::Relaxed);
+                    self.end_sent = sent == filled;
+                }
+                self.flush().map(|()| last)
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(error) => Err(failed(self.sides[0], &error)),

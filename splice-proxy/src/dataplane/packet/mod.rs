@@ -194,7 +194,7 @@ impl PacketPlane {
     /// with the reason counted.
     pub async fn forward(
         self: &Arc<Self>,
-        sockets: Sockets,
+        mut sockets: Sockets,
         stop: &CancellationToken,
         progress: &ByteProgress,
     ) -> Step {
@@ -203,7 +203,10 @@ impl PacketPlane {
         if !self.switch_after.at_once() {
             match early::relay_until_worth_switching(&sockets, progress, self.switch_after, stop).await {
                 Early::WorthSwitching => {}
-                Early::Ended => return self.hand_over(sockets, Fallback::ShortLived),
+                Early::Ended(ends_sent) => {
+                    sockets.ends_sent = ends_sent;
+                    return self.hand_over(sockets, Fallback::ShortLived);
+                }
                 Early::Over(ending) => return Step::Finished(Transfer::counted(progress, ending)),
             }
         }
