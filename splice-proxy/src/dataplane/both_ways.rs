@@ -6,7 +6,7 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd as _},
     pin::{Pin, pin},
-    sync::atomic::AtomicU64,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     task::{Context, Poll, Waker},
 };
 
@@ -183,17 +183,27 @@ pub(crate) fn send_last(to: &TcpStream, data: &[u8]) -> io::Result<usize> {
     Ok(written)
 }
 
+/// How a pump left its direction at the source's EOF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PumpEnd {
+    /// The end went out with the last bytes ([`send_last`]).
+    Sent,
+    /// The end is still to be sent: `to`'s write side is open.
+    ToSend,
+}
+
 /// How one direction moves bytes through user space (a buffer, or a pipe
 /// with splice(2)).
 pub(crate) trait Pump: Copy {
-    /// Moves `from` → `to` until EOF, then shuts `to`'s write side; adds
-    /// every byte moved to `moved`. Called once `from` has a byte.
+    /// Moves `from` → `to` until EOF; adds every byte moved to `moved`.
+    /// Called once `from` has a byte. The end is the caller's to send,
+    /// unless the pump sent it with the last bytes.
     fn run<'a>(
         self,
         from: &'a TcpStream,
         to: &'a TcpStream,
         moved: &'a AtomicU64,
-    ) -> impl Future<Output = Result<(), PumpError>> + Send + 'a;
+    ) -> impl Future<Output = Result<PumpEnd, PumpError>> + Send + 'a;
 }
 
 /// Forwards both directions of `sockets` with `pump`, counting into
@@ -206,29 +216,55 @@ pub(crate) async fn forward_in_user_space(
     pump: impl Pump,
 ) -> Transfer {
     let Sockets { client, upstream, ends_sent, .. } = sockets;
-    let up = pin!(one_way(pump, &client, &upstream, &progress.client_to_upstream, ends_sent.to_upstream));
-    let down = pin!(one_way(pump, &upstream, &client, &progress.upstream_to_client, ends_sent.to_client));
+    let ended = [AtomicBool::new(false), AtomicBool::new(false)];
+    let up = pin!(one_way(
+        pump,
+        [&client, &upstream],
+        &progress.client_to_upstream,
+        ends_sent.to_upstream,
+        [&ended[0], &ended[1]]
+    ));
+    let down = pin!(one_way(
+        pump,
+        [&upstream, &client],
+        &progress.upstream_to_client,
+        ends_sent.to_client,
+        [&ended[1], &ended[0]]
+    ));
     let ending = drive(up, down, stop).await;
     finish(ending, &client, &upstream);
     Transfer::counted(progress, ending)
 }
 
-/// One direction: waits for a first byte, then pumps; an EOF first is
-/// carried across at once, with no pump, unless an earlier plane sent it
-/// already (`end_sent`). The pump is boxed: an idle connection holds only
-/// the wait, and the buffer or pipe is allocated once there is something
-/// to move.
+/// One direction, `[from, to]`: waits for a first byte, then pumps; an EOF
+/// first is carried across at once, with no pump. Nothing is read when an
+/// earlier plane has sent the end already (`end_sent`: it read the EOF).
+/// The pump is boxed: an idle connection holds only the wait, and the
+/// buffer or pipe is allocated once there is something to move.
+///
+/// `ended` is `[this direction's, the other's]`, set as each ends: the
+/// last to end leaves its end to the close that follows at once (`close`
+/// sends the FIN as `shutdown` would, one system call fewer; the socket has
+/// nothing unread, its own source having ended).
 async fn one_way(
     pump: impl Pump,
-    from: &TcpStream,
-    to: &TcpStream,
+    [from, to]: [&TcpStream; 2],
     moved: &AtomicU64,
     end_sent: bool,
+    ended: [&AtomicBool; 2],
 ) -> Result<(), PumpError> {
-    if !data_or_eof(from).await.map_err(PumpError::Read)? {
-        return if end_sent { Ok(()) } else { shutdown_write(to).map_err(PumpError::Write) };
+    let end = if end_sent {
+        PumpEnd::Sent
+    } else if data_or_eof(from).await.map_err(PumpError::Read)? {
+        Box::pin(pump.run(from, to, moved)).await?
+    } else {
+        PumpEnd::ToSend
+    };
+    if end == PumpEnd::ToSend && !ended[1].load(Ordering::Relaxed) {
+        shutdown_write(to).map_err(PumpError::Write)?;
     }
-    Box::pin(pump.run(from, to, moved)).await
+    ended[0].store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -336,7 +372,8 @@ mod tests {
         upstream.shutdown().await.unwrap();
         until_end_arrived(&from_upstream).await;
         let moved = std::sync::atomic::AtomicU64::new(0);
-        CopyPump { buffer_size: 1 << 16 }.run(&from_upstream, &to_client, &moved).await.unwrap();
+        let end = CopyPump { buffer_size: 1 << 16 }.run(&from_upstream, &to_client, &moved).await.unwrap();
+        assert_eq!(end, super::PumpEnd::Sent);
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         loop {

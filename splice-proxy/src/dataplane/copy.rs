@@ -11,7 +11,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::both_ways::{Pump, PumpError, end_follows, send_last, shutdown_write, try_read_all_there_is};
+use super::both_ways::{Pump, PumpEnd, PumpError, end_follows, send_last, try_read_all_there_is};
 
 /// Size of a direction's buffer at first; it doubles up to the configured
 /// size each time a read fills it. A short exchange (a TLS handshake, an API
@@ -27,24 +27,23 @@ pub struct CopyPump {
 }
 
 impl Pump for CopyPump {
-    /// Copies one direction until EOF, then shuts the destination's write
-    /// side (with the last bytes when the end comes right behind them).
-    /// Called once the source has a byte ([`super::both_ways::data_or_eof`]).
-    async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
+    /// Copies one direction until EOF; the last bytes take the end with
+    /// them when it comes right behind them. Called once the source has a
+    /// byte ([`super::both_ways::data_or_eof`]).
+    async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<PumpEnd, PumpError> {
         let mut buf = vec![0u8; self.buffer_size.min(FIRST_BUFFER)];
         loop {
             let mut n = read_some(from, &mut buf).await.map_err(PumpError::Read)?;
             if n == 0 {
-                return shutdown_write(to).map_err(PumpError::Write);
+                return Ok(PumpEnd::ToSend);
             }
             if end_follows(from, &mut buf, &mut n).map_err(PumpError::Read)? {
                 let sent = send_last(to, &buf[..n]).map_err(PumpError::Write)?;
                 if sent < n {
                     write_all(to, &buf[sent..n]).await.map_err(PumpError::Write)?;
-                    shutdown_write(to).map_err(PumpError::Write)?;
                 }
                 moved.fetch_add(n as u64, Ordering::Relaxed);
-                return Ok(());
+                return Ok(if sent < n { PumpEnd::ToSend } else { PumpEnd::Sent });
             }
             write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
             moved.fetch_add(n as u64, Ordering::Relaxed);

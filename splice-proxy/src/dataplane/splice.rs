@@ -16,7 +16,7 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
-use super::both_ways::{Pump, PumpError, shutdown_write};
+use super::both_ways::{Pump, PumpEnd, PumpError};
 
 /// A pipe with its read and write ends.
 pub struct Pipe {
@@ -66,9 +66,9 @@ pub struct SplicePump {
 }
 
 impl Pump for SplicePump {
-    /// Moves one direction until EOF, then shuts the destination's write side.
-    /// Called once the source has a byte ([`super::both_ways::data_or_eof`]).
-    async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
+    /// Moves one direction until EOF. Called once the source has a byte
+    /// ([`super::both_ways::data_or_eof`]).
+    async fn run(self, from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> Result<PumpEnd, PumpError> {
         let mut pipe = Pipe::new(self.pipe_size.min(FIRST_PIPE)).map_err(PumpError::Read)?;
         let mut largest = self.pipe_size;
         loop {
@@ -76,7 +76,7 @@ impl Pump for SplicePump {
             let filled = match from.try_io(Interest::READABLE, || {
                 splice(from, None, &pipe.write, None, pipe.size, FLAGS).map_err(io::Error::from)
             }) {
-                Ok(0) => return shutdown_write(to).map_err(PumpError::Write),
+                Ok(0) => return Ok(PumpEnd::ToSend),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     from.readable().await.map_err(PumpError::Read)?;
