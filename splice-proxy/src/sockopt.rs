@@ -40,13 +40,47 @@ fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
+/// The longest a connection waits before its upstream socket gets the
+/// options only a connection that lives needs ([`apply_long_lived`]).
+const LONG_LIVED_AFTER_AT_MOST: Duration = Duration::from_secs(1);
+
+impl TcpConfig {
+    /// How long a connection lives before its upstream socket gets
+    /// keepalive and the user timeout ([`apply_long_lived`]): most
+    /// connections (a kubectl request) end sooner and never pay those five
+    /// system calls. A quarter of the keepalive idle time and of the user
+    /// timeout at most, so that keepalive starts at most that much later
+    /// than configured; the user timeout counts from the first
+    /// unacknowledged retransmission, whenever it is set.
+    #[must_use]
+    pub fn long_lived_after(&self) -> Duration {
+        let mut after = LONG_LIVED_AFTER_AT_MOST.min(self.keepalive_idle / 4);
+        if !self.user_timeout.is_zero() {
+            after = after.min(self.user_timeout / 4);
+        }
+        after
+    }
+}
+
 /// TCP_NODELAY, keepalive (idle, interval, count) and TCP_USER_TIMEOUT (0:
 /// the kernel's default). Set on a listening socket, they are inherited by
 /// every socket it accepts from then on (Linux copies them to the new
 /// socket at the handshake), so the client side of a connection costs no
 /// call of its own (`accepted_sockets_inherit_the_listeners_options`).
 pub fn apply<F: AsFd>(fd: &F, tcp: &TcpConfig) -> Result<(), SockoptError> {
-    set(fd, sockopt::TcpNoDelay, &true, "TCP_NODELAY")?;
+    apply_at_connect(fd)?;
+    apply_long_lived(fd, tcp)
+}
+
+/// What an upstream socket needs from its first byte: TCP_NODELAY (the
+/// rest waits, see [`TcpConfig::long_lived_after`]).
+pub fn apply_at_connect<F: AsFd>(fd: &F) -> Result<(), SockoptError> {
+    set(fd, sockopt::TcpNoDelay, &true, "TCP_NODELAY")
+}
+
+/// Keepalive (on, idle, interval, count) and TCP_USER_TIMEOUT: what matters
+/// only to a connection that lives.
+pub fn apply_long_lived<F: AsFd>(fd: &F, tcp: &TcpConfig) -> Result<(), SockoptError> {
     set(fd, sockopt::KeepAlive, &true, "SO_KEEPALIVE")?;
     set(fd, sockopt::TcpKeepIdle, &secs(tcp.keepalive_idle), "TCP_KEEPIDLE")?;
     set(fd, sockopt::TcpKeepInterval, &secs(tcp.keepalive_interval), "TCP_KEEPINTVL")?;
@@ -201,6 +235,26 @@ mod tests {
         assert!(window_clamp(&accepted).unwrap() >= 4 << 20);
         let linger = getsockopt(&stream, sockopt::Linger).unwrap();
         assert_eq!((linger.l_onoff, linger.l_linger), (1, 0));
+    }
+
+    #[test]
+    fn a_connection_waits_for_its_long_lived_options_well_under_their_times() {
+        let tcp = |idle, user_timeout| TcpConfig {
+            keepalive_idle: Duration::from_secs(idle),
+            keepalive_interval: Duration::from_secs(7),
+            keepalive_count: 4,
+            user_timeout: Duration::from_secs(user_timeout),
+        };
+        assert_eq!(tcp(30, 60).long_lived_after(), Duration::from_secs(1));
+        assert_eq!(tcp(30, 0).long_lived_after(), Duration::from_secs(1));
+        assert_eq!(tcp(2, 60).long_lived_after(), Duration::from_millis(500));
+        assert_eq!(tcp(30, 2).long_lived_after(), Duration::from_millis(500));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        apply_at_connect(&stream).unwrap();
+        assert!(getsockopt(&stream, sockopt::TcpNoDelay).unwrap());
+        assert!(!getsockopt(&stream, sockopt::KeepAlive).unwrap(), "keepalive waits");
+        assert_eq!(getsockopt(&stream, sockopt::TcpUserTimeout).unwrap(), 0, "so does the user timeout");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
 use tokio::{io::Interest, net::TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::transfer::{ByteProgress, Ending, Side, Sockets, Transfer};
+use super::transfer::{ByteProgress, Ending, Side, Sockets, Transfer, set_long_lived_options};
 use crate::sockopt;
 
 /// An I/O error in one direction, by where it happened.
@@ -215,7 +215,7 @@ pub(crate) async fn forward_in_user_space(
     progress: &ByteProgress,
     pump: impl Pump,
 ) -> Transfer {
-    let Sockets { client, upstream, ends_sent, .. } = sockets;
+    let Sockets { client, upstream, ends_sent, upstream_options_due, .. } = sockets;
     let ended = [AtomicBool::new(false), AtomicBool::new(false)];
     let up = pin!(one_way(
         pump,
@@ -231,7 +231,20 @@ pub(crate) async fn forward_in_user_space(
         ends_sent.to_client,
         [&ended[1], &ended[0]]
     ));
-    let ending = drive(up, down, stop).await;
+    let ending = match upstream_options_due {
+        None => drive(up, down, stop).await,
+        Some(tcp) => {
+            let mut driving = pin!(drive(up, down, stop));
+            tokio::select! {
+                biased;
+                ending = driving.as_mut() => ending,
+                () = tokio::time::sleep(tcp.long_lived_after()) => {
+                    set_long_lived_options(&upstream, &tcp);
+                    driving.await
+                }
+            }
+        }
+    };
     finish(ending, &client, &upstream);
     Transfer::counted(progress, ending)
 }
@@ -386,6 +399,62 @@ mod tests {
         assert_eq!(moved.into_inner(), 6);
         assert_eq!(segments_received(&client).unwrap() - before, 1, "bytes and FIN in one segment");
         client.shutdown().await.unwrap();
+    }
+
+    /// The upstream socket gets keepalive once the connection has lived
+    /// `long_lived_after`, not at once, and the connection goes on.
+    #[tokio::test]
+    async fn the_upstream_socket_gets_keepalive_once_the_connection_has_lived() {
+        use std::os::fd::AsFd as _;
+
+        use nix::sys::socket::{getsockopt, sockopt};
+        use tokio_util::sync::CancellationToken;
+
+        use crate::{
+            dataplane::{
+                both_ways::forward_in_user_space,
+                transfer::{ByteProgress, Ending, EndsSent, Sockets},
+            },
+            sockopt::TcpConfig,
+        };
+        let (from_client, mut client) = pair().await;
+        let (to_upstream, mut upstream) = pair().await;
+        // The same socket, to read its options while the plane holds it.
+        let watched = to_upstream.as_fd().try_clone_to_owned().unwrap();
+        let tcp = TcpConfig {
+            keepalive_idle: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_count: 2,
+            user_timeout: Duration::ZERO,
+        };
+        let sockets = Sockets {
+            client: from_client,
+            upstream: to_upstream,
+            client_read: 0,
+            ends_sent: EndsSent::default(),
+            upstream_options_due: Some(tcp),
+        };
+        let (stop, progress) = (CancellationToken::new(), ByteProgress::default());
+        let forwarding = forward_in_user_space(sockets, &stop, &progress, CopyPump { buffer_size: 1 << 16 });
+        let watching = async {
+            assert!(!getsockopt(&watched, sockopt::KeepAlive).unwrap(), "keepalive set at once");
+            let started = tokio::time::Instant::now();
+            while !getsockopt(&watched, sockopt::KeepAlive).unwrap() {
+                assert!(started.elapsed() < Duration::from_secs(5), "keepalive never set");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(started.elapsed() >= tcp.long_lived_after() / 2);
+            assert_eq!(getsockopt(&watched, sockopt::TcpKeepIdle).unwrap(), 1);
+            assert_eq!(getsockopt(&watched, sockopt::TcpKeepCount).unwrap(), 2);
+            client.write_all(b"still on").await.unwrap();
+            let mut got = [0u8; 8];
+            tokio::io::AsyncReadExt::read_exact(&mut upstream, &mut got).await.unwrap();
+            assert_eq!(&got, b"still on");
+            client.shutdown().await.unwrap();
+            upstream.shutdown().await.unwrap();
+        };
+        let (transfer, ()) = tokio::join!(forwarding, watching);
+        assert_eq!((transfer.ending, transfer.client_to_upstream), (Ending::Completed, 8));
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use std::sync::{
 
 use tokio::net::TcpStream;
 
-use crate::close_reason::CloseReason;
+use crate::{close_reason::CloseReason, sockopt::TcpConfig};
 
 /// Which socket an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,14 +61,38 @@ impl Ending {
 
 /// A connection handed to a plane: both sockets, connected, what the
 /// proxy read from the client before (a PROXY header), which is not part of
-/// what the client sent the upstream, and the ends an earlier plane has
-/// already sent.
+/// what the client sent the upstream, the ends an earlier plane has
+/// already sent, and the upstream socket's options still to set.
 #[derive(Debug)]
 pub struct Sockets {
     pub client: TcpStream,
     pub upstream: TcpStream,
     pub client_read: u64,
     pub ends_sent: EndsSent,
+    /// Keepalive and the user timeout, due on the upstream socket once the
+    /// connection has lived [`TcpConfig::long_lived_after`] (the client
+    /// socket has them from the listener); `None` once set. A plane that
+    /// keeps the connection sets them then (the user-space planes), or at
+    /// once when it is going to be long (sockmap; the packet plane's switch).
+    pub upstream_options_due: Option<TcpConfig>,
+}
+
+impl Sockets {
+    /// Sets the upstream socket's due options now, if any are; a failure is
+    /// logged and the connection goes on without them.
+    pub(crate) fn set_upstream_options(&mut self) {
+        if let Some(tcp) = self.upstream_options_due.take() {
+            set_long_lived_options(&self.upstream, &tcp);
+        }
+    }
+}
+
+/// [`crate::sockopt::apply_long_lived`] on a live connection's upstream
+/// socket: a failure is logged, and the connection goes on without them.
+pub(crate) fn set_long_lived_options(upstream: &TcpStream, tcp: &TcpConfig) {
+    if let Err(error) = crate::sockopt::apply_long_lived(upstream, tcp) {
+        tracing::warn!(%error, "the upstream socket's keepalive could not be set; the connection goes on without it");
+    }
 }
 
 /// The write sides a plane shut (an end sent with a direction's last

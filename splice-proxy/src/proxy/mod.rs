@@ -58,6 +58,9 @@ struct Established<'e> {
     edge_time: Duration,
     resolve_time: Duration,
     connect_time: Duration,
+    /// The TCP options of the path it was set up on, some still due on the
+    /// upstream socket.
+    tcp: TcpConfig,
 }
 
 /// The settings of the connection path a reload may change.
@@ -204,10 +207,16 @@ impl Proxy {
             edge_time,
             resolve_time,
             connect_time,
+            tcp,
         } = established;
         registration.forwarding(upstream_addr);
-        let sockets =
-            Sockets { client, upstream, client_read: client_bytes_read, ends_sent: EndsSent::default() };
+        let sockets = Sockets {
+            client,
+            upstream,
+            client_read: client_bytes_read,
+            ends_sent: EndsSent::default(),
+            upstream_options_due: Some(tcp),
+        };
         let transfer = self.plane.forward(sockets, stop, registration.bytes()).await;
         let reason = transfer.ending.reason();
         // Counted before the log line, so whoever reads the line finds it counted.
@@ -311,6 +320,7 @@ impl Proxy {
             edge_time,
             resolve_time,
             connect_time,
+            tcp: path.tcp,
         })
     }
 
@@ -350,7 +360,7 @@ impl Proxy {
         }
         let Connected { stream, addr, .. } = result?;
         self.metrics.connected(addr);
-        sockopt::apply(&stream, &path.tcp)?;
+        sockopt::apply_at_connect(&stream)?;
         Ok((stream, addr))
     }
 

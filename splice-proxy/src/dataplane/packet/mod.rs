@@ -210,6 +210,9 @@ impl PacketPlane {
                 Early::Over(ending) => return Step::Finished(Transfer::counted(progress, ending)),
             }
         }
+        // Joined, the program carries the connection and these sockets fall
+        // silent; if it is not, the next plane keeps it, long-lived.
+        sockets.set_upstream_options();
         let keys = match switch::joinable(&sockets) {
             Ok(keys) => keys,
             Err(reason) => return self.hand_over(sockets, reason),

@@ -221,7 +221,10 @@ impl SockmapPlane {
         stop: &CancellationToken,
         progress: &ByteProgress,
     ) -> Step {
-        let Sockets { client, upstream, client_read, ends_sent } = sockets;
+        let mut sockets = sockets;
+        // Long-lived by choice: the plane costs its set-up only for that.
+        sockets.set_upstream_options();
+        let Sockets { client, upstream, client_read, ends_sent, upstream_options_due } = sockets;
         // Out of tokio's reactor: a spliced socket would wake it for every
         // redirected skb (see `hangups`).
         let (client, upstream) = match leave_reactor(client, upstream) {
@@ -237,9 +240,13 @@ impl SockmapPlane {
                 tracing::debug!(%error, "not spliced in the kernel; handed over to splice(2)");
                 self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
                 return match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
-                    (Ok(client), Ok(upstream)) => {
-                        Step::HandOver(Sockets { client, upstream, client_read, ends_sent })
-                    }
+                    (Ok(client), Ok(upstream)) => Step::HandOver(Sockets {
+                        client,
+                        upstream,
+                        client_read,
+                        ends_sent,
+                        upstream_options_due,
+                    }),
                     (Err(error), _) | (_, Err(error)) => {
                         tracing::warn!(%error, "registering a socket with the reactor failed; connection closed");
                         Step::Finished(Transfer::counted(progress, Ending::Error(Side::Downstream)))
