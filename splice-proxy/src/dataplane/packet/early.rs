@@ -22,6 +22,7 @@
 
 use std::{
     io,
+    pin::pin,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -82,7 +83,8 @@ pub(super) async fn relay_until_worth_switching(
     after: SwitchAfter,
     stop: &CancellationToken,
 ) -> Early {
-    let deadline = Instant::now() + after.time;
+    // One timer for the whole relay, not one armed and disarmed each turn.
+    let mut deadline = pin!(tokio::time::sleep_until(Instant::now() + after.time));
     let relayed = || {
         progress.client_to_upstream.load(Ordering::Relaxed)
             + progress.upstream_to_client.load(Ordering::Relaxed)
@@ -109,7 +111,7 @@ pub(super) async fn relay_until_worth_switching(
         tokio::select! {
             biased;
             () = stop.cancelled() => return over(sockets, Ending::Stopped),
-            () = tokio::time::sleep_until(deadline), if !worth => worth = true,
+            () = deadline.as_mut(), if !worth => worth = true,
             _ = upstream.writable(), if up.pending() => {}
             _ = client.writable(), if down.pending() => {}
             _ = client.readable(), if reading && !up.pending() => {}
