@@ -176,12 +176,85 @@ fn short_connections_end_relayed_by_hand_and_long_ones_are_joined() -> Result<()
     a_chatty_connection_is_joined_after_its_reads(&lab)
 }
 
+/// A connection relayed by hand gets keepalive on its upstream socket once
+/// it has lived a quarter of `--tcp-keepalive-idle` (1 s at most), not at
+/// connect: `ss` in the proxy's namespace shows the keepalive timer there.
+#[test]
+fn a_connection_relayed_by_hand_gets_keepalive_upstream_once_it_has_lived() -> Result<()> {
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let upstream_port = upstream.local_addr()?.port();
+    let proxy = lab.proxy_to(
+        &upstream.local_addr()?.to_string(),
+        &["--packet-switch-after", "60s", "--tcp-keepalive-idle", "2s"],
+    )?;
+    lab.runtime.block_on(async {
+        use tokio::io::AsyncWriteExt as _;
+        let mut client = lab.client_socket()?.connect(proxy.addr()).await?;
+        client.write_all(b"hello").await?;
+        let _accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let ss = in_netns(&lab.topology.proxy, || {
+                std::process::Command::new("ss")
+                    .args(["-Htno", "state", "established", &format!("( dport = :{upstream_port} )")])
+                    .output()
+            })??;
+            let timers = String::from_utf8_lossy(&ss.stdout);
+            if timers.contains("timer:(keepalive") {
+                return anyhow::Ok(());
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "no keepalive timer upstream: {timers}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// A client that half-closes while relayed by hand, and an upstream that
+/// answers only after the connection is worth the switch: the end already
+/// carried, the connection goes to splice for the rest (`short_lived`),
+/// which does not send that end again, and completes exact.
+#[test]
+fn a_connection_half_closed_while_relayed_by_hand_ends_on_splice() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let lab = Lab::new()?;
+    let upstream = lab.plain_upstream()?;
+    let mut proxy = lab.proxy_to(&upstream.local_addr()?.to_string(), &["--packet-switch-after", "200ms"])?;
+    lab.runtime.block_on(async {
+        let mut client = lab.client_socket()?.connect(proxy.addr()).await?;
+        client.write_all(b"request").await?;
+        client.shutdown().await?;
+        let mut accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
+        let mut request = Vec::new();
+        accepted.read_to_end(&mut request).await?;
+        ensure!(request == b"request", "the upstream read {request:?}");
+        // Past the switch time: the relay hands the half-open connection on.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        accepted.write_all(b"late answer").await?;
+        accepted.shutdown().await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+            .await
+            .context("the answer or its end never came")??;
+        ensure!(answer == b"late answer", "the client read {answer:?}");
+        let closed = proxy.wait_closed(1, Duration::from_secs(10)).await?;
+        ensure!(
+            closed[0]["reason"] == "completed" && closed[0]["bytes_up"] == 7 && closed[0]["bytes_down"] == 11,
+            "{}",
+            closed[0]
+        );
+        anyhow::Ok(())
+    })?;
+    let totals = lab.totals(&mut proxy)?;
+    ensure!(totals["fallbacks"] == "short_lived=1" && totals["spliced"] == 0, "{totals}");
+    Ok(())
+}
+
 /// A server that answers and closes at once, as the API server ends the
 /// connection of a kubectl request: relayed by hand, the answer and its end
 /// reach the client in one segment (the client then acknowledges both with
-/// its own FIN), and the end, sent before the connection is handed to
-/// splice for the rest, is not sent again there, however soon the client
-/// closes: every connection completes, exact.
+/// its own FIN), and the connection is over in the relay, however soon the
+/// client closes: every connection completes, exact, never switched.
 #[test]
 fn an_answer_and_its_close_reach_the_client_in_one_segment() -> Result<()> {
     use std::os::fd::AsRawFd as _;

@@ -6,14 +6,14 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd as _},
     pin::{Pin, pin},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::AtomicU64,
     task::{Context, Poll, Waker},
 };
 
 use tokio::{io::Interest, net::TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::transfer::{ByteProgress, Ending, Side, Sockets, Transfer, set_long_lived_options};
+use super::transfer::{ByteProgress, Ending, Side, Sockets, Transfer};
 use crate::sockopt;
 
 /// An I/O error in one direction, by where it happened.
@@ -215,36 +215,13 @@ pub(crate) async fn forward_in_user_space(
     progress: &ByteProgress,
     pump: impl Pump,
 ) -> Transfer {
-    let Sockets { client, upstream, ends_sent, upstream_options_due, .. } = sockets;
-    let ended = [AtomicBool::new(false), AtomicBool::new(false)];
-    let up = pin!(one_way(
-        pump,
-        [&client, &upstream],
-        &progress.client_to_upstream,
-        ends_sent.to_upstream,
-        [&ended[0], &ended[1]]
-    ));
-    let down = pin!(one_way(
-        pump,
-        [&upstream, &client],
-        &progress.upstream_to_client,
-        ends_sent.to_client,
-        [&ended[1], &ended[0]]
-    ));
-    let ending = match upstream_options_due {
-        None => drive(up, down, stop).await,
-        Some(tcp) => {
-            let mut driving = pin!(drive(up, down, stop));
-            tokio::select! {
-                biased;
-                ending = driving.as_mut() => ending,
-                () = tokio::time::sleep(tcp.long_lived_after()) => {
-                    set_long_lived_options(&upstream, &tcp);
-                    driving.await
-                }
-            }
-        }
-    };
+    // Every field moved out (none left for `sockets` to drop at the end),
+    // so the future does not keep the whole struct besides its parts.
+    let Sockets { client, upstream, ends_sent, client_read: _, upstream_options_due } = sockets;
+    drop(upstream_options_due);
+    let up = pin!(one_way(pump, [&client, &upstream], &progress.client_to_upstream, ends_sent.to_upstream));
+    let down = pin!(one_way(pump, [&upstream, &client], &progress.upstream_to_client, ends_sent.to_client));
+    let ending = drive(up, down, stop).await;
     finish(ending, &client, &upstream);
     Transfer::counted(progress, ending)
 }
@@ -253,18 +230,15 @@ pub(crate) async fn forward_in_user_space(
 /// first is carried across at once, with no pump. Nothing is read when an
 /// earlier plane has sent the end already (`end_sent`: it read the EOF).
 /// The pump is boxed: an idle connection holds only the wait, and the
-/// buffer or pipe is allocated once there is something to move.
-///
-/// `ended` is `[this direction's, the other's]`, set as each ends: the
-/// last to end leaves its end to the close that follows at once (`close`
-/// sends the FIN as `shutdown` would, one system call fewer; the socket has
-/// nothing unread, its own source having ended).
+/// buffer or pipe is allocated once there is something to move. (The
+/// direction that ends last could leave its FIN to the close that follows,
+/// one system call fewer, but telling it so costs every idle connection's
+/// future a shared counter.)
 async fn one_way(
     pump: impl Pump,
     [from, to]: [&TcpStream; 2],
     moved: &AtomicU64,
     end_sent: bool,
-    ended: [&AtomicBool; 2],
 ) -> Result<(), PumpError> {
     let end = if end_sent {
         PumpEnd::Sent
@@ -273,10 +247,9 @@ async fn one_way(
     } else {
         PumpEnd::ToSend
     };
-    if end == PumpEnd::ToSend && !ended[1].load(Ordering::Relaxed) {
+    if end == PumpEnd::ToSend {
         shutdown_write(to).map_err(PumpError::Write)?;
     }
-    ended[0].store(true, Ordering::Relaxed);
     Ok(())
 }
 
@@ -399,62 +372,6 @@ mod tests {
         assert_eq!(moved.into_inner(), 6);
         assert_eq!(segments_received(&client).unwrap() - before, 1, "bytes and FIN in one segment");
         client.shutdown().await.unwrap();
-    }
-
-    /// The upstream socket gets keepalive once the connection has lived
-    /// `long_lived_after`, not at once, and the connection goes on.
-    #[tokio::test]
-    async fn the_upstream_socket_gets_keepalive_once_the_connection_has_lived() {
-        use std::os::fd::AsFd as _;
-
-        use nix::sys::socket::{getsockopt, sockopt};
-        use tokio_util::sync::CancellationToken;
-
-        use crate::{
-            dataplane::{
-                both_ways::forward_in_user_space,
-                transfer::{ByteProgress, Ending, EndsSent, Sockets},
-            },
-            sockopt::TcpConfig,
-        };
-        let (from_client, mut client) = pair().await;
-        let (to_upstream, mut upstream) = pair().await;
-        // The same socket, to read its options while the plane holds it.
-        let watched = to_upstream.as_fd().try_clone_to_owned().unwrap();
-        let tcp = TcpConfig {
-            keepalive_idle: Duration::from_secs(1),
-            keepalive_interval: Duration::from_secs(1),
-            keepalive_count: 2,
-            user_timeout: Duration::ZERO,
-        };
-        let sockets = Sockets {
-            client: from_client,
-            upstream: to_upstream,
-            client_read: 0,
-            ends_sent: EndsSent::default(),
-            upstream_options_due: Some(tcp),
-        };
-        let (stop, progress) = (CancellationToken::new(), ByteProgress::default());
-        let forwarding = forward_in_user_space(sockets, &stop, &progress, CopyPump { buffer_size: 1 << 16 });
-        let watching = async {
-            assert!(!getsockopt(&watched, sockopt::KeepAlive).unwrap(), "keepalive set at once");
-            let started = tokio::time::Instant::now();
-            while !getsockopt(&watched, sockopt::KeepAlive).unwrap() {
-                assert!(started.elapsed() < Duration::from_secs(5), "keepalive never set");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert!(started.elapsed() >= tcp.long_lived_after() / 2);
-            assert_eq!(getsockopt(&watched, sockopt::TcpKeepIdle).unwrap(), 1);
-            assert_eq!(getsockopt(&watched, sockopt::TcpKeepCount).unwrap(), 2);
-            client.write_all(b"still on").await.unwrap();
-            let mut got = [0u8; 8];
-            tokio::io::AsyncReadExt::read_exact(&mut upstream, &mut got).await.unwrap();
-            assert_eq!(&got, b"still on");
-            client.shutdown().await.unwrap();
-            upstream.shutdown().await.unwrap();
-        };
-        let (transfer, ()) = tokio::join!(forwarding, watching);
-        assert_eq!((transfer.ending, transfer.client_to_upstream), (Ending::Completed, 8));
     }
 
     #[tokio::test]

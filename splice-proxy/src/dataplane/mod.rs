@@ -187,6 +187,18 @@ impl Plane {
         self.settings().label()
     }
 
+    /// Whether a connection's upstream socket gets keepalive and the user
+    /// timeout only once it has lived (`Sockets::upstream_options_due`),
+    /// not at connect: on packet, whose early relay has a timer of its own
+    /// for them, so that a short connection saves the calls at no cost to
+    /// an idle one. A plane that would need a timer per connection for
+    /// them (copy, splice: its memory, held by every idle connection until
+    /// it fires, counts more than the calls) and sockmap set them at once.
+    #[must_use]
+    pub fn defers_upstream_options(&self) -> bool {
+        matches!(self, Self::Packet(_))
+    }
+
     /// Where a connection this plane hands over goes on: sockmap and packet
     /// hand a connection they could not put in the kernel to splice(2).
     #[must_use]

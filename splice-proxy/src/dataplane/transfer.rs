@@ -70,11 +70,12 @@ pub struct Sockets {
     pub client_read: u64,
     pub ends_sent: EndsSent,
     /// Keepalive and the user timeout, due on the upstream socket once the
-    /// connection has lived [`TcpConfig::long_lived_after`] (the client
-    /// socket has them from the listener); `None` once set. A plane that
-    /// keeps the connection sets them then (the user-space planes), or at
-    /// once when it is going to be long (sockmap; the packet plane's switch).
-    pub upstream_options_due: Option<TcpConfig>,
+    /// connection has lived [`TcpConfig::long_lived_after`], on a plane that
+    /// defers them (`Plane::defers_upstream_options`: packet, whose early
+    /// relay has a timer; it sets them at the switch too); `None` once set,
+    /// and on every other plane, which set them at connect. Boxed: a
+    /// pointer is all a connection's future keeps of it.
+    pub upstream_options_due: Option<Box<TcpConfig>>,
 }
 
 impl Sockets {

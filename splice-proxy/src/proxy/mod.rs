@@ -58,9 +58,9 @@ struct Established<'e> {
     edge_time: Duration,
     resolve_time: Duration,
     connect_time: Duration,
-    /// The TCP options of the path it was set up on, some still due on the
-    /// upstream socket.
-    tcp: TcpConfig,
+    /// The upstream socket's options still due (a plane that defers them),
+    /// boxed: the connection's future keeps a pointer, not the options.
+    upstream_options_due: Option<Box<TcpConfig>>,
 }
 
 /// The settings of the connection path a reload may change.
@@ -207,7 +207,7 @@ impl Proxy {
             edge_time,
             resolve_time,
             connect_time,
-            tcp,
+            upstream_options_due,
         } = established;
         registration.forwarding(upstream_addr);
         let sockets = Sockets {
@@ -215,7 +215,7 @@ impl Proxy {
             upstream,
             client_read: client_bytes_read,
             ends_sent: EndsSent::default(),
-            upstream_options_due: Some(tcp),
+            upstream_options_due,
         };
         let transfer = self.plane.forward(sockets, stop, registration.bytes()).await;
         let reason = transfer.ending.reason();
@@ -320,7 +320,7 @@ impl Proxy {
             edge_time,
             resolve_time,
             connect_time,
-            tcp: path.tcp,
+            upstream_options_due: self.plane.defers_upstream_options().then(|| Box::new(path.tcp)),
         })
     }
 
@@ -360,7 +360,11 @@ impl Proxy {
         }
         let Connected { stream, addr, .. } = result?;
         self.metrics.connected(addr);
-        sockopt::apply_at_connect(&stream)?;
+        if self.plane.defers_upstream_options() {
+            sockopt::apply_at_connect(&stream)?;
+        } else {
+            sockopt::apply(&stream, &path.tcp)?;
+        }
         Ok((stream, addr))
     }
 

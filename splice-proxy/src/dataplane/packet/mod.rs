@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::early::SwitchAfter;
 use self::{early::Early, fallback::Fallback, program::PacketProgram};
-use super::transfer::{ByteProgress, Sockets, Step, Transfer};
+use super::transfer::{ByteProgress, Ending, Sockets, Step, Transfer};
 use crate::kernel::KernelError;
 
 /// The stall timeout with `--tcp-user-timeout 0` (the kernel's default):
@@ -201,10 +201,20 @@ impl PacketPlane {
         // A short connection ends relayed by hand, before anything of the
         // switch (its checks included) has cost it a system call.
         if !self.switch_after.at_once() {
-            match early::relay_until_worth_switching(&sockets, progress, self.switch_after, stop).await {
+            let mut due = sockets.upstream_options_due.take();
+            let early =
+                early::relay_until_worth_switching(&sockets, &mut due, progress, self.switch_after, stop)
+                    .await;
+            sockets.upstream_options_due = due;
+            match early {
                 Early::WorthSwitching => {}
-                Early::Ended(ends_sent) => {
+                Early::Completed => {
+                    self.counters.fell_back(Fallback::ShortLived);
+                    return Step::Finished(Transfer::counted(progress, Ending::Completed));
+                }
+                Early::HalfClosed(ends_sent) => {
                     sockets.ends_sent = ends_sent;
+                    sockets.set_upstream_options();
                     return self.hand_over(sockets, Fallback::ShortLived);
                 }
                 Early::Over(ending) => return Step::Finished(Transfer::counted(progress, ending)),

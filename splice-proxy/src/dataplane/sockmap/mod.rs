@@ -221,9 +221,6 @@ impl SockmapPlane {
         stop: &CancellationToken,
         progress: &ByteProgress,
     ) -> Step {
-        let mut sockets = sockets;
-        // Long-lived by choice: the plane costs its set-up only for that.
-        sockets.set_upstream_options();
         let Sockets { client, upstream, client_read, ends_sent, upstream_options_due } = sockets;
         // Out of tokio's reactor: a spliced socket would wake it for every
         // redirected skb (see `hangups`).
