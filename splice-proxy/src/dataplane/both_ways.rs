@@ -123,38 +123,52 @@ pub(crate) fn shutdown_write<F: AsFd>(socket: &F) -> io::Result<()> {
 /// acknowledgement, as they do through HAProxy, which sends the last
 /// bytes of a response it is about to close with `MSG_MORE`.
 ///
-/// No system call unless the socket's readiness already reports an end (a
-/// FIN or a reset arrived, `EPOLLRDHUP`); then reads once more to confirm
-/// it, appending any bytes that came in between (`Ok(true)` only when that
-/// read returned EOF). An error there (a reset) is returned: the
-/// connection ends reset, as it would at the next read.
-pub(crate) fn end_follows(from: &TcpStream, buf: &mut [u8], filled: &mut usize) -> io::Result<bool> {
+/// No system call unless the socket's readiness already reports a clean
+/// end (a FIN arrived, `EPOLLRDHUP`, and no error); then reads once more to
+/// confirm it, appending any bytes that came in between.
+#[must_use]
+pub(crate) fn end_follows(from: &TcpStream, buf: &mut [u8], filled: &mut usize) -> Behind {
     if *filled == buf.len() || !end_arrived(from) {
-        return Ok(false);
+        return Behind::More;
     }
     loop {
         match from.try_read(&mut buf[*filled..]) {
-            Ok(0) => return Ok(true),
+            Ok(0) => return Behind::End,
             Ok(n) => {
                 *filled += n;
                 if *filled == buf.len() {
-                    return Ok(false);
+                    return Behind::More;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Behind::More,
+            Err(e) => return Behind::Failure(e),
         }
     }
 }
 
-/// Whether `from`'s readiness reports its end (`READ_CLOSED`, which tokio
-/// never clears), without waiting or a system call: the readiness future
-/// is polled once, and dropped if it is not ready.
+/// What comes right behind bytes read ([`end_follows`]).
+#[derive(Debug)]
+pub(crate) enum Behind {
+    /// More bytes, or nothing yet: write them on and read again.
+    More,
+    /// The source's end: the bytes go with it ([`send_last`]).
+    End,
+    /// The source failed (a reset came in between): the bytes are written
+    /// on first, then the error is the direction's, as the next read would
+    /// have made it. Not read again: Linux reports a socket's error once,
+    /// and the read after it would see a clean EOF.
+    Failure(io::Error),
+}
+
+/// Whether `from`'s readiness reports a clean end (`READ_CLOSED`, which
+/// tokio never clears, with no `ERROR`: a reset sets both), without
+/// waiting or a system call: the readiness future is polled once, and
+/// dropped if it is not ready.
 fn end_arrived(from: &TcpStream) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     matches!(
-        pin!(from.ready(Interest::READABLE)).poll(&mut cx),
-        Poll::Ready(Ok(ready)) if ready.is_read_closed()
+        pin!(from.ready(Interest::READABLE | Interest::ERROR)).poll(&mut cx),
+        Poll::Ready(Ok(ready)) if ready.is_read_closed() && !ready.is_error()
     )
 }
 
@@ -331,7 +345,7 @@ mod tests {
         let mut buf = [0u8; 64];
         let mut filled = read_when_ready(&stream, &mut buf).await;
         assert_eq!(filled, 4);
-        assert!(end_follows(&stream, &mut buf, &mut filled).unwrap());
+        assert!(matches!(end_follows(&stream, &mut buf, &mut filled), super::Behind::End));
         assert_eq!((filled, &buf[..4]), (4, &b"last"[..]));
     }
 
@@ -341,7 +355,7 @@ mod tests {
         peer.write_all(b"more to come").await.unwrap();
         let mut buf = [0u8; 64];
         let mut filled = read_when_ready(&stream, &mut buf).await;
-        assert!(!end_follows(&stream, &mut buf, &mut filled).unwrap());
+        assert!(matches!(end_follows(&stream, &mut buf, &mut filled), super::Behind::More));
         assert_eq!(filled, 12);
         peer.write_all(b"!").await.unwrap();
         assert_eq!(read_when_ready(&stream, &mut buf).await, 1, "the stream goes on");
@@ -372,6 +386,59 @@ mod tests {
         assert_eq!(moved.into_inner(), 6);
         assert_eq!(segments_received(&client).unwrap() - before, 1, "bytes and FIN in one segment");
         client.shutdown().await.unwrap();
+    }
+
+    /// A source that resets right behind its last bytes: the bytes still
+    /// reach the client, then the reset ends the direction.
+    #[tokio::test]
+    async fn bytes_right_before_a_reset_are_written_on_first() {
+        let (from_upstream, mut upstream) = pair().await;
+        let (to_client, mut client) = pair().await;
+        upstream.write_all(b"answer").await.unwrap();
+        crate::sockopt::reset_on_close(&upstream).unwrap();
+        drop(upstream);
+        until_end_arrived(&from_upstream).await;
+        let moved = std::sync::atomic::AtomicU64::new(0);
+        let pumped = CopyPump { buffer_size: 1 << 16 }.run(&from_upstream, &to_client, &moved).await;
+        assert!(
+            matches!(&pumped, Err(super::PumpError::Read(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{pumped:?}"
+        );
+        let mut got = [0u8; 6];
+        timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_exact(&mut client, &mut got))
+            .await
+            .expect("the bytes never came")
+            .unwrap();
+        assert_eq!(&got, b"answer");
+    }
+
+    /// An end an earlier plane sent is not sent again: the upstream has
+    /// closed too by now (the socket is closed, a second `shutdown` fails
+    /// with ENOTCONN), and the connection completes.
+    #[tokio::test]
+    async fn an_end_sent_before_is_not_sent_again() {
+        use tokio_util::sync::CancellationToken;
+
+        use crate::dataplane::transfer::{ByteProgress, Ending, EndsSent, Sockets};
+        let (from_client, mut client) = pair().await;
+        let (to_upstream, mut upstream) = pair().await;
+        super::shutdown_write(&to_upstream).unwrap();
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut upstream, &mut rest).await.unwrap();
+        upstream.shutdown().await.unwrap();
+        until_end_arrived(&to_upstream).await;
+        client.shutdown().await.unwrap();
+        let sockets = Sockets {
+            client: from_client,
+            upstream: to_upstream,
+            client_read: 0,
+            ends_sent: EndsSent { to_upstream: true, to_client: false },
+            upstream_options_due: None,
+        };
+        let (stop, progress) = (CancellationToken::new(), ByteProgress::default());
+        let pump = CopyPump { buffer_size: 1 << 16 };
+        let transfer = super::forward_in_user_space(sockets, &stop, &progress, pump).await;
+        assert_eq!(transfer.ending, Ending::Completed);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::both_ways::{Pump, PumpEnd, PumpError, end_follows, send_last, try_read_all_there_is};
+use super::both_ways::{Behind, Pump, PumpEnd, PumpError, end_follows, send_last, try_read_all_there_is};
 
 /// Size of a direction's buffer at first; it doubles up to the configured
 /// size each time a read fills it. A short exchange (a TLS handshake, an API
@@ -37,7 +37,8 @@ impl Pump for CopyPump {
             if n == 0 {
                 return Ok(PumpEnd::ToSend);
             }
-            if end_follows(from, &mut buf, &mut n).map_err(PumpError::Read)? {
+            let behind = end_follows(from, &mut buf, &mut n);
+            if let Behind::End = behind {
                 let sent = send_last(to, &buf[..n]).map_err(PumpError::Write)?;
                 if sent < n {
                     write_all(to, &buf[sent..n]).await.map_err(PumpError::Write)?;
@@ -47,6 +48,9 @@ impl Pump for CopyPump {
             }
             write_all(to, &buf[..n]).await.map_err(PumpError::Write)?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
+            if let Behind::Failure(error) = behind {
+                return Err(PumpError::Read(error));
+            }
             if n == buf.len() && buf.len() < self.buffer_size {
                 buf.resize((buf.len() * 2).min(self.buffer_size), 0);
             }

@@ -34,7 +34,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::{
-    both_ways,
+    both_ways::{self, Behind},
     transfer::{ByteProgress, Ending, EndsSent, Side, Sockets, set_long_lived_options},
 };
 use crate::sockopt::TcpConfig;
@@ -259,11 +259,16 @@ impl<'a> Direction<'a> {
             }
             Ok(n) => {
                 let mut filled = n;
-                let last = both_ways::end_follows(self.from, &mut self.buffer, &mut filled)
-                    .map_err(|error| failed(self.sides[0], &error))?;
+                let behind = both_ways::end_follows(self.from, &mut self.buffer, &mut filled);
                 (self.filled, self.written) = (filled, 0);
                 self.reads += 1;
-                if last {
+                if let Behind::Failure(error) = behind {
+                    // The bytes first, as far as `to` takes them now; then
+                    // the reset, which ends the connection.
+                    self.flush()?;
+                    return Err(failed(self.sides[0], &error));
+                }
+                if let Behind::End = behind {
                     let sent = both_ways::send_last(self.to, &self.buffer[..filled])
                         .map_err(|error| failed(self.sides[1], &error))?;
                     self.written = sent;
