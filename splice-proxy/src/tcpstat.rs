@@ -22,25 +22,24 @@ const BYTES_RECEIVED_OFFSET: usize = 128;
 /// Offset of `tcpi_segs_in` (a `u32`, since Linux 4.2).
 const SEGMENTS_RECEIVED_OFFSET: usize = 140;
 
+/// The `N` bytes of `struct tcp_info` at `offset`.
+fn tcp_info_field<F: AsFd, const N: usize>(socket: &F, offset: usize) -> io::Result<[u8; N]> {
+    let (info, len): ([u8; 256], _) = sockopt::get(socket, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    info.get(offset..offset + N)
+        .filter(|_| len >= offset + N)
+        .and_then(|field| field.try_into().ok())
+        .ok_or_else(|| io::Error::other(format!("tcp_info too short for a field at {offset}")))
+}
+
 /// `u64` field of `struct tcp_info` at `offset`.
 fn tcp_info_u64<F: AsFd>(socket: &F, offset: usize) -> io::Result<u64> {
-    let (info, len): ([u8; 256], _) = sockopt::get(socket, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    let field = info
-        .get(offset..offset + 8)
-        .filter(|_| len >= offset + 8)
-        .ok_or_else(|| io::Error::other(format!("tcp_info too short for a field at {offset}")))?;
-    Ok(u64::from_ne_bytes(field.try_into().expect("8 bytes")))
+    tcp_info_field(socket, offset).map(u64::from_ne_bytes)
 }
 
 /// Segments `socket` has received (`tcpi_segs_in`), the handshake's
 /// included: what tests compare to see how many packets a peer was sent.
 pub fn segments_received<F: AsFd>(socket: &F) -> io::Result<u32> {
-    let (info, len): ([u8; 256], _) = sockopt::get(socket, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    let field = info
-        .get(SEGMENTS_RECEIVED_OFFSET..SEGMENTS_RECEIVED_OFFSET + 4)
-        .filter(|_| len >= SEGMENTS_RECEIVED_OFFSET + 4)
-        .ok_or_else(|| io::Error::other("tcp_info too short for tcpi_segs_in"))?;
-    Ok(u32::from_ne_bytes(field.try_into().expect("4 bytes")))
+    tcp_info_field(socket, SEGMENTS_RECEIVED_OFFSET).map(u32::from_ne_bytes)
 }
 
 /// Bytes received in order on `socket` (`tcpi_bytes_received`; duplicates

@@ -319,14 +319,21 @@ mod tests {
 
     #[tokio::test]
     async fn an_end_queued_behind_a_short_read_still_wakes_the_reader() {
-        let (stream, mut peer) = pair().await;
-        peer.write_all(b"last").await.unwrap();
-        peer.shutdown().await.unwrap();
         // Both the bytes and the FIN are there before the first read.
-        until_end_arrived(&stream).await;
+        let stream = ended_after(b"last").await;
         let mut buf = [0u8; 64];
         assert_eq!(read_when_ready(&stream, &mut buf).await, 4);
         assert_eq!(read_when_ready(&stream, &mut buf).await, 0, "the end is read");
+    }
+
+    /// A socket whose peer sent `bytes` and its FIN, both arrived (the
+    /// readiness reports the end).
+    async fn ended_after(bytes: &[u8]) -> TcpStream {
+        let (stream, mut peer) = pair().await;
+        peer.write_all(bytes).await.unwrap();
+        peer.shutdown().await.unwrap();
+        until_end_arrived(&stream).await;
+        stream
     }
 
     /// Waits until `stream`'s readiness reports its peer's end.
@@ -338,10 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_end_right_behind_the_bytes_is_found_by_one_more_read() {
-        let (stream, mut peer) = pair().await;
-        peer.write_all(b"last").await.unwrap();
-        peer.shutdown().await.unwrap();
-        until_end_arrived(&stream).await;
+        let stream = ended_after(b"last").await;
         let mut buf = [0u8; 64];
         let mut filled = read_when_ready(&stream, &mut buf).await;
         assert_eq!(filled, 4);
