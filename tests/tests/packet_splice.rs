@@ -298,6 +298,45 @@ fn a_flow_packet_whose_options_cannot_be_walked_is_dropped_not_passed() -> Resul
     Ok(())
 }
 
+/// A frame shorter than the Ethernet and IPv4 headers (of another
+/// protocol: `BPF_PROG_TEST_RUN` refuses an IPv4 one that short), and an
+/// IPv4 frame that ends before the TCP ports its header length points to,
+/// even with a flow's addresses, are no flow's: each is passed on
+/// untouched (the stack judges it), whether the headers are read in place
+/// (the frame ends before them, so the program falls back to copying them
+/// out, which finds it not IPv4 or fails) or copied out.
+#[test]
+fn a_frame_cut_short_inside_its_headers_passes_untouched() -> Result<()> {
+    let _netns = NetNs::enter()?;
+    let key = client_to_upstream_key();
+    let whole = from_client(1, 2, &[0x5a; 64]).frame();
+    let mut short_arp = whole[..14 + 14].to_vec();
+    short_arp[12..14].copy_from_slice(&0x0806_u16.to_be_bytes());
+    // IPv4 options said to fill 40 bytes (IHL 15): the TCP ports would
+    // start at byte 74 of the frame, which ends at 76.
+    let mut before_ports = whole[..14 + 60 + 2].to_vec();
+    before_ports[14] = 0x4f;
+    for (loaded, mut program) in [
+        ("read in place", PacketProgram::load(16).context("loading packet_splice")?),
+        (
+            "copied out",
+            PacketProgram::load_copying_headers(16).context("loading packet_splice, headers copied out")?,
+        ),
+    ] {
+        program.set_flow(&key, &rewrite(rewrite_flags::TIMESTAMPS, 7, 7))?;
+        for (name, frame) in
+            [("shorter than an IPv4 header", &short_arp), ("ends before the ports", &before_ports)]
+        {
+            let (verdict, out) = program.test_run(frame).with_context(|| format!("{loaded}, {name}"))?;
+            ensure!(verdict == TC_ACT_NEXT, "{loaded}, {name}: verdict {verdict}, not TC_ACT_NEXT");
+            ensure!(&out == frame, "{loaded}, {name}: the frame was changed");
+        }
+        let flow = program.flow(&key)?.context("the flow is gone")?;
+        ensure!(flow.packets == 0, "{loaded}: cut frames were counted: {}", flow.packets);
+    }
+    Ok(())
+}
+
 /// While the switch waits for quiescence the program watches the flow:
 /// every packet reaches the proxy's socket untouched. While it reads the
 /// sockets it holds the flow: pure ACKs and RSTs reach the socket untouched,
