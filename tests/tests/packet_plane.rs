@@ -373,6 +373,14 @@ fn lossy_links(lab: &Lab) -> Result<[LossyLink; 2]> {
     ])
 }
 
+/// The end namespaces' longest retransmission timeout over a lossy link
+/// (`net.ipv4.tcp_rto_max_ms`, 120 s by default; 1 s at least).
+const ENDS_RTO_MAX_MS: u32 = 2_000;
+/// The end namespaces' retransmissions before a connection is given up
+/// (`net.ipv4.tcp_retries2`, 15 by default): with the cap above, about
+/// 200 s of them, beyond the test's bound (15 would give about 27 s).
+const ENDS_RETRIES: u32 = 100;
+
 /// About 1 % of the data packets dropped each way, with SACK and timestamps
 /// on and off in the end namespaces: loss recovery is end to end.
 #[test]
@@ -388,6 +396,19 @@ fn a_lossy_link_each_way_with_sack_and_timestamps_on_and_off_stays_exact() -> Re
             for ns in [&t.client, &t.upstream] {
                 LineTopology::sysctl(ns, &format!("net.ipv4.tcp_sack={sack}"))?;
                 LineTopology::sysctl(ns, &format!("net.ipv4.tcp_timestamps={timestamps}"))?;
+                // The ends' own recovery, not the plane's: without
+                // timestamps an ACK of a retransmitted segment gives no RTT
+                // sample, and Linux clears the timer's backoff only on one,
+                // so under loss each way its timeout can double past this
+                // test's bound (seen on the routed path alike,
+                // docs/kernel-notes.md). Capped, a recovery by timeouts
+                // takes seconds; a segment the plane kept from its end
+                // would still never arrive. The retries an end makes
+                // before it gives up are counted as the time they would
+                // take with that cap, so they are raised with it, or a
+                // long recovery would end in a reset within the test.
+                LineTopology::sysctl(ns, &format!("net.ipv4.tcp_rto_max_ms={ENDS_RTO_MAX_MS}"))?;
+                LineTopology::sysctl(ns, &format!("net.ipv4.tcp_retries2={ENDS_RETRIES}"))?;
             }
             Ok(())
         })?;
