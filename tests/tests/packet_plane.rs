@@ -377,8 +377,11 @@ fn lossy_links(lab: &Lab) -> Result<[LossyLink; 2]> {
 /// (`net.ipv4.tcp_rto_max_ms`, 120 s by default; 1 s at least).
 const ENDS_RTO_MAX_MS: u32 = 2_000;
 /// The end namespaces' retransmissions before a connection is given up
-/// (`net.ipv4.tcp_retries2`, 15 by default): with the cap above, about
-/// 200 s of them, beyond the test's bound (15 would give about 27 s).
+/// (`net.ipv4.tcp_retries2`, 15 by default, and
+/// `net.ipv4.tcp_orphan_retries` for a closed socket, 0 by default, which
+/// gives one whose timeout is at its largest no retry more): with the cap
+/// above, about 200 s of them, beyond the test's bound (15 would give
+/// about 27 s).
 const ENDS_RETRIES: u32 = 100;
 
 /// About 1 % of the data packets dropped each way, with SACK and timestamps
@@ -396,19 +399,26 @@ fn a_lossy_link_each_way_with_sack_and_timestamps_on_and_off_stays_exact() -> Re
             for ns in [&t.client, &t.upstream] {
                 LineTopology::sysctl(ns, &format!("net.ipv4.tcp_sack={sack}"))?;
                 LineTopology::sysctl(ns, &format!("net.ipv4.tcp_timestamps={timestamps}"))?;
-                // The ends' own recovery, not the plane's: without
-                // timestamps an ACK of a retransmitted segment gives no RTT
-                // sample, and Linux clears the timer's backoff only on one,
-                // so under loss each way its timeout can double past this
-                // test's bound (seen on the routed path alike,
-                // docs/kernel-notes.md). Capped, a recovery by timeouts
-                // takes seconds; a segment the plane kept from its end
-                // would still never arrive. The retries an end makes
+                // The ends' own recovery, not the plane's: without SACK
+                // or timestamps an ACK that covers a retransmitted segment
+                // gives no RTT sample, and Linux clears the timer's backoff
+                // only on one, so under loss each way its timeout can
+                // double past this test's bound (seen on the routed path
+                // alike, docs/kernel-notes.md). Capped, a recovery by
+                // timeouts takes seconds; a segment the plane kept from
+                // its end would still never arrive. Set before any socket
+                // exists: a socket takes the cap when it is made, an
+                // accepted one from its listener. The retries an end makes
                 // before it gives up are counted as the time they would
-                // take with that cap, so they are raised with it, or a
-                // long recovery would end in a reset within the test.
+                // take with that cap, so they are raised with it, for a
+                // socket its application holds and for one it has closed
+                // (the server closes once it has written everything, and
+                // a closed socket whose timeout has reached the cap
+                // otherwise gives up at its next timeout); either would
+                // end a long recovery in a reset within the test.
                 LineTopology::sysctl(ns, &format!("net.ipv4.tcp_rto_max_ms={ENDS_RTO_MAX_MS}"))?;
                 LineTopology::sysctl(ns, &format!("net.ipv4.tcp_retries2={ENDS_RETRIES}"))?;
+                LineTopology::sysctl(ns, &format!("net.ipv4.tcp_orphan_retries={ENDS_RETRIES}"))?;
             }
             Ok(())
         })?;

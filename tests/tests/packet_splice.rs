@@ -333,6 +333,14 @@ fn a_frame_cut_short_inside_its_headers_passes_untouched() -> Result<()> {
         }
         let flow = program.flow(&key)?.context("the flow is gone")?;
         ensure!(flow.packets == 0, "{loaded}: cut frames were counted: {}", flow.packets);
+        // The whole frame they were cut from is the flow's.
+        let (verdict, _) = program.test_run(&whole)?;
+        let flow = program.flow(&key)?.context("the flow is gone")?;
+        ensure!(
+            verdict == TC_ACT_REDIRECT && flow.packets == 1,
+            "{loaded}: the whole frame: verdict {verdict}, {} packets counted",
+            flow.packets
+        );
     }
     Ok(())
 }
