@@ -178,22 +178,26 @@ fn short_connections_end_relayed_by_hand_and_long_ones_are_joined() -> Result<()
 
 /// A connection relayed by hand gets keepalive on its upstream socket once
 /// it has lived a quarter of `--tcp-keepalive-idle` (1 s at most), not at
-/// connect: `ss` in the proxy's namespace shows the keepalive timer there.
+/// connect: `ss` in the proxy's namespace shows no keepalive timer there
+/// at first, then one.
 #[test]
 fn a_connection_relayed_by_hand_gets_keepalive_upstream_once_it_has_lived() -> Result<()> {
     let lab = Lab::new()?;
     let upstream = lab.plain_upstream()?;
     let upstream_port = upstream.local_addr()?.port();
+    // A quarter of 8 s is more than 1 s: the options come at 1 s.
     let proxy = lab.proxy_to(
         &upstream.local_addr()?.to_string(),
-        &["--packet-switch-after", "60s", "--tcp-keepalive-idle", "2s"],
+        &["--packet-switch-after", "60s", "--tcp-keepalive-idle", "8s"],
     )?;
     lab.runtime.block_on(async {
         use tokio::io::AsyncWriteExt as _;
+        let connected = tokio::time::Instant::now();
         let mut client = lab.client_socket()?.connect(proxy.addr()).await?;
         client.write_all(b"hello").await?;
         let _accepted = splice_proxy_tests::accept_with_data(&upstream).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = connected + Duration::from_secs(5);
+        let mut first_look = true;
         loop {
             let ss = in_netns(&lab.topology.proxy, || {
                 std::process::Command::new("ss")
@@ -201,7 +205,16 @@ fn a_connection_relayed_by_hand_gets_keepalive_upstream_once_it_has_lived() -> R
                     .output()
             })??;
             let timers = String::from_utf8_lossy(&ss.stdout);
-            if timers.contains("timer:(keepalive") {
+            let keepalive = timers.contains("timer:(keepalive");
+            if first_look {
+                ensure!(
+                    connected.elapsed() < Duration::from_millis(800),
+                    "the first look came {:?} after connect, too late to tell",
+                    connected.elapsed()
+                );
+                ensure!(!keepalive, "keepalive set at connect: {timers}");
+                first_look = false;
+            } else if keepalive {
                 return anyhow::Ok(());
             }
             ensure!(tokio::time::Instant::now() < deadline, "no keepalive timer upstream: {timers}");

@@ -232,7 +232,7 @@ pub(crate) async fn forward_in_user_space(
     // Every field moved out (none left for `sockets` to drop at the end),
     // so the future does not keep the whole struct besides its parts.
     let Sockets { client, upstream, ends_sent, client_read: _, upstream_options_due } = sockets;
-    drop(upstream_options_due);
+    debug_assert!(upstream_options_due.is_none(), "a plane that defers them sets them before it hands over");
     let up = pin!(one_way(pump, [&client, &upstream], &progress.client_to_upstream, ends_sent.to_upstream));
     let down = pin!(one_way(pump, [&upstream, &client], &progress.upstream_to_client, ends_sent.to_client));
     let ending = drive(up, down, stop).await;

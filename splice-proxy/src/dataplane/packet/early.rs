@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::{
     both_ways::{self, Behind},
-    transfer::{ByteProgress, Ending, EndsSent, Side, Sockets, set_long_lived_options},
+    transfer::{ByteProgress, Ending, EndsSent, Side, set_long_lived_options},
 };
 use crate::sockopt::TcpConfig;
 
@@ -83,11 +83,12 @@ pub(super) enum Early {
     Over(Ending),
 }
 
-/// Relays `sockets` by hand until the connection is worth the switch by
-/// `after`, it ends, or `stop`; sets the upstream socket's `due` options
-/// (taken) once it has lived their [`TcpConfig::long_lived_after`].
+/// Relays a connection's sockets by hand until the connection is worth the
+/// switch by `after`, it ends, or `stop`; sets the upstream socket's `due`
+/// options (taken: its `Sockets::upstream_options_due`) once it has lived
+/// their [`TcpConfig::long_lived_after`].
 pub(super) async fn relay_until_worth_switching(
-    sockets: &Sockets,
+    [client, upstream]: [&TcpStream; 2],
     due: &mut Option<Box<TcpConfig>>,
     progress: &ByteProgress,
     after: SwitchAfter,
@@ -104,7 +105,6 @@ pub(super) async fn relay_until_worth_switching(
             + progress.upstream_to_client.load(Ordering::Relaxed)
     };
     let relayed_before = relayed();
-    let (client, upstream) = (&sockets.client, &sockets.upstream);
     let mut up =
         Direction::new(client, upstream, &progress.client_to_upstream, [Side::Downstream, Side::Upstream]);
     let mut down =
@@ -128,10 +128,10 @@ pub(super) async fn relay_until_worth_switching(
         }
         tokio::select! {
             biased;
-            () = stop.cancelled() => return over(sockets, Ending::Stopped),
+            () = stop.cancelled() => return over([client, upstream], Ending::Stopped),
             () = deadline.as_mut(), if !worth => {
                 if let Some(tcp) = due.take() {
-                    set_long_lived_options(&sockets.upstream, &tcp);
+                    set_long_lived_options(upstream, &tcp);
                 }
                 if Instant::now() >= switch_at {
                     worth = true;
@@ -153,20 +153,20 @@ pub(super) async fn relay_until_worth_switching(
                 Ok(())
             };
             if let Err(ending) = step {
-                return over(sockets, ending);
+                return over([client, upstream], ending);
             }
         }
         let ended = [up.ended, down.ended];
         for (direction, other_ended) in [(&mut up, ended[1]), (&mut down, ended[0])] {
             if let Err(ending) = direction.send_end(other_ended) {
-                return over(sockets, ending);
+                return over([client, upstream], ending);
             }
         }
     }
 }
 
-fn over(sockets: &Sockets, ending: Ending) -> Early {
-    both_ways::finish(ending, &sockets.client, &sockets.upstream);
+fn over([client, upstream]: [&TcpStream; 2], ending: Ending) -> Early {
+    both_ways::finish(ending, client, upstream);
     Early::Over(ending)
 }
 

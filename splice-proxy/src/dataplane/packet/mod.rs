@@ -201,11 +201,15 @@ impl PacketPlane {
         // A short connection ends relayed by hand, before anything of the
         // switch (its checks included) has cost it a system call.
         if !self.switch_after.at_once() {
-            let mut due = sockets.upstream_options_due.take();
-            let early =
-                early::relay_until_worth_switching(&sockets, &mut due, progress, self.switch_after, stop)
-                    .await;
-            sockets.upstream_options_due = due;
+            let Sockets { client, upstream, upstream_options_due, .. } = &mut sockets;
+            let early = early::relay_until_worth_switching(
+                [client, upstream],
+                upstream_options_due,
+                progress,
+                self.switch_after,
+                stop,
+            )
+            .await;
             match early {
                 Early::WorthSwitching => {}
                 Early::Completed => {
