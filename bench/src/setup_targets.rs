@@ -6,15 +6,14 @@
 //! the proxy's own CPU per connection; with a lookup for every connection,
 //! the rate against HAProxy looking up every connection; first-byte p99
 //! against the HAProxy that resolves alike, in both cases. Each a ratio of
-//! medians of the same run.
+//! medians of the same run, with the ratio round by round.
 
 use crate::{
     connect_rate::Sample,
     peers::{DnsCache, PeerKind},
     report::{best_haproxy_resolving, summaries},
     results::{PeerRounds, Results},
-    stats::Stat,
-    targets::{Bound, Target, divide, write_table},
+    targets::{Bound, Target, write_table},
 };
 
 /// Writes the table when the run measured connection set-up on packet.
@@ -28,43 +27,60 @@ fn targets(peers: &[PeerRounds<Sample>]) -> Vec<Target> {
     let (Some(cached), Some(each)) = (packet(DnsCache::Default), packet(DnsCache::Off)) else {
         return Vec::new();
     };
-    let rate = summaries(peers, |s| s.connections_per_s);
-    let p99 = summaries(peers, |s| s.ttfb_p99_us);
-    let cpu = summaries(peers, |s| s.proxy_cpu_us_per_connection.unwrap_or(f64::NAN));
-    let of = |stat: &[Stat], i: usize| Some(stat[i].median);
-    let haproxy = |dns| best_haproxy_resolving(peers, &rate, dns);
+    let rate = |s: &Sample| s.connections_per_s;
+    let p99 = |s: &Sample| s.ttfb_p99_us;
+    let cpu = |s: &Sample| s.proxy_cpu_us_per_connection.unwrap_or(f64::NAN);
+    let rates = summaries(peers, rate);
+    let haproxy = |dns| best_haproxy_resolving(peers, &rates, dns);
     let (given, held, looked_up) =
         (haproxy(None), haproxy(Some(DnsCache::Default)), haproxy(Some(DnsCache::Off)));
-    let target = |what: &str, ratio, bound| Target { what: what.to_owned(), ratio, bound };
     vec![
-        target(
+        Target::compare(
             "answers reused: rate ÷ HAProxy given the address",
-            divide(of(&rate, cached), given.and_then(|h| of(&rate, h))),
+            peers,
+            rate,
+            Some(cached),
+            given,
             Bound::AtLeast(1.0),
         ),
-        target(
+        Target::compare(
             "answers reused: rate ÷ HAProxy do-resolve held 5 s",
-            divide(of(&rate, cached), held.and_then(|h| of(&rate, h))),
+            peers,
+            rate,
+            Some(cached),
+            held,
             Bound::AtLeast(1.2),
         ),
-        target(
+        Target::compare(
             "answers reused: proxy's own CPU per connection ÷ HAProxy's, given the address",
-            divide(of(&cpu, cached), given.and_then(|h| of(&cpu, h))),
+            peers,
+            cpu,
+            Some(cached),
+            given,
             Bound::AtMost(1.0),
         ),
-        target(
+        Target::compare(
             "answers reused: first-byte p99 ÷ HAProxy do-resolve held 5 s",
-            divide(of(&p99, cached), held.and_then(|h| of(&p99, h))),
+            peers,
+            p99,
+            Some(cached),
+            held,
             Bound::AtMost(1.0),
         ),
-        target(
+        Target::compare(
             "a lookup each connection: rate ÷ HAProxy do-resolve each connection",
-            divide(of(&rate, each), looked_up.and_then(|h| of(&rate, h))),
+            peers,
+            rate,
+            Some(each),
+            looked_up,
             Bound::AtLeast(1.0),
         ),
-        target(
+        Target::compare(
             "a lookup each connection: first-byte p99 ÷ HAProxy do-resolve each connection",
-            divide(of(&p99, each), looked_up.and_then(|h| of(&p99, h))),
+            peers,
+            p99,
+            Some(each),
+            looked_up,
             Bound::AtMost(1.0),
         ),
     ]

@@ -1,7 +1,11 @@
 //! The packet plane's targets, checked against the routed topology's run:
 //! throughput and CPU per GB against the routed path and the best HAProxy
 //! at 1 and 8 streams, CPU added when paced, p99 latency, and connection
-//! set-up against sockmap. Each is a ratio of medians of the same run.
+//! set-up against sockmap. Each is a ratio of medians of the same run,
+//! shown with the same ratio round by round: every round measures each peer
+//! once, one after the other, so a round's pair shares the machine's state
+//! of those seconds, and how many rounds meet a bound says whether a median
+//! beside it is a difference or the run's spread.
 
 use std::fmt::Write as _;
 
@@ -9,13 +13,17 @@ use crate::{
     peers::PeerKind,
     report::{best_haproxy, summaries},
     results::{PeerRounds, Results},
+    stats::Stat,
     throughput::Sample,
 };
 
 /// One target: a ratio, and the bound it must stay at or within.
 pub(crate) struct Target {
     pub what: String,
+    /// The ratio of the two medians.
     pub ratio: Option<f64>,
+    /// The ratio in each round both peers measured (empty: not measured).
+    pub rounds: Vec<f64>,
     pub bound: Bound,
 }
 
@@ -25,14 +33,67 @@ pub(crate) enum Bound {
     AtMost(f64),
 }
 
-impl Target {
-    fn met(&self) -> &'static str {
-        match (self.ratio, self.bound) {
-            (None, _) => "not measured",
-            (Some(r), Bound::AtLeast(bound)) if r >= bound => "yes",
-            (Some(r), Bound::AtMost(bound)) if r <= bound => "yes",
-            _ => "**no**",
+impl Bound {
+    fn holds(self, ratio: f64) -> bool {
+        match self {
+            Self::AtLeast(bound) => ratio >= bound,
+            Self::AtMost(bound) => ratio <= bound,
         }
+    }
+}
+
+impl Target {
+    /// `peers[at]` against `peers[reference]` on `value`: the ratio of
+    /// their medians and, round by round, of their values.
+    pub(crate) fn compare<T>(
+        what: impl Into<String>,
+        peers: &[PeerRounds<T>],
+        value: impl Fn(&T) -> f64,
+        at: Option<usize>,
+        reference: Option<usize>,
+        bound: Bound,
+    ) -> Self {
+        let values = |i: usize| peers[i].rounds.iter().map(&value).collect::<Vec<f64>>();
+        let (at, reference) = (at.map(values), reference.map(values));
+        Self::of_rounds(what, at.as_deref(), reference.as_deref(), bound)
+    }
+
+    /// A target of two peers' values round by round (`None`: a peer it
+    /// needs was not measured).
+    pub(crate) fn of_rounds(
+        what: impl Into<String>,
+        at: Option<&[f64]>,
+        reference: Option<&[f64]>,
+        bound: Bound,
+    ) -> Self {
+        let median = |values: &[f64]| (!values.is_empty()).then(|| Stat::of(values.iter().copied()).median);
+        let ratio = divide(at.and_then(median), reference.and_then(median));
+        let rounds = at
+            .zip(reference)
+            .map(|(at, reference)| {
+                at.iter().zip(reference).filter_map(|(&a, &r)| divide(Some(a), Some(r))).collect()
+            })
+            .unwrap_or_default();
+        Self { what: what.into(), ratio, rounds, bound }
+    }
+
+    fn met(&self) -> &'static str {
+        match self.ratio {
+            None => "not measured",
+            Some(ratio) if self.bound.holds(ratio) => "yes",
+            Some(_) => "**no**",
+        }
+    }
+
+    /// "0.93–1.05, 3 of 5": the range of the round-by-round ratios and how
+    /// many rounds meet the bound.
+    fn round_by_round(&self) -> String {
+        let Some(low) = self.rounds.iter().copied().reduce(f64::min) else {
+            return "—".into();
+        };
+        let high = self.rounds.iter().copied().fold(low, f64::max);
+        let meeting = self.rounds.iter().filter(|&&ratio| self.bound.holds(ratio)).count();
+        format!("{low:.2}–{high:.2}, {meeting} of {}", self.rounds.len())
     }
 }
 
@@ -56,8 +117,10 @@ pub(crate) fn write_table(out: &mut String, title: &str, targets: &[Target]) {
     }
     let _ = writeln!(
         out,
-        "\n### {title}\n\nEach a ratio of medians of this run. \"Not measured\" means a \
-         peer it needs was left out.\n\n| target | ratio | required | met |\n|---|---|---|---|"
+        "\n### {title}\n\nEach a ratio of medians of this run, and the same ratio round by \
+         round (each round measures every peer once, one after the other): its range, and how \
+         many rounds meet the bound. \"Not measured\" means a peer it needs was left out.\n\n\
+         | target | ratio | round by round | required | met |\n|---|---|---|---|---|"
     );
     for target in targets {
         let required = match target.bound {
@@ -65,7 +128,13 @@ pub(crate) fn write_table(out: &mut String, title: &str, targets: &[Target]) {
             Bound::AtMost(bound) => format!("≤ {bound}"),
         };
         let ratio = target.ratio.map_or("—".into(), |r| format!("{r:.2}"));
-        let _ = writeln!(out, "| {} | {ratio} | {required} | {} |", target.what, target.met());
+        let _ = writeln!(
+            out,
+            "| {} | {ratio} | {} | {required} | {} |",
+            target.what,
+            target.round_by_round(),
+            target.met()
+        );
     }
 }
 
@@ -86,49 +155,56 @@ fn throughput_targets(results: &Results) -> Vec<Target> {
         else {
             continue;
         };
-        let gbit = summaries(peers, |s: &Sample| s.gbit_per_s);
-        let cost = summaries(peers, |s: &Sample| s.core_s_per_gb);
-        let busy = summaries(peers, |s: &Sample| s.busy_percent);
         let name = &scenario.scenario;
+        let gbit = |s: &Sample| s.gbit_per_s;
+        let cost = |s: &Sample| s.core_s_per_gb;
         match (scenario.paced_gbit_per_s, scenario.streams) {
             (None, 1 | 8) => {
-                let best = best_haproxy(peers, &gbit, true).map(|b| gbit[b].median);
+                let best = best_haproxy(peers, &summaries(peers, gbit), true);
                 targets.extend([
-                    Target {
-                        what: format!("{name}: Gbit/s ÷ routed"),
-                        ratio: divide(Some(gbit[packet].median), Some(gbit[routed].median)),
-                        bound: Bound::AtLeast(0.9),
-                    },
-                    Target {
-                        what: format!("{name}: core-s per GB ÷ routed"),
-                        ratio: divide(Some(cost[packet].median), Some(cost[routed].median)),
-                        bound: Bound::AtMost(1.15),
-                    },
-                    Target {
-                        what: format!("{name}: Gbit/s ÷ best HAProxy"),
-                        ratio: divide(Some(gbit[packet].median), best),
-                        bound: Bound::AtLeast(1.0),
-                    },
+                    Target::compare(
+                        format!("{name}: Gbit/s ÷ routed"),
+                        peers,
+                        gbit,
+                        Some(packet),
+                        Some(routed),
+                        Bound::AtLeast(0.9),
+                    ),
+                    Target::compare(
+                        format!("{name}: core-s per GB ÷ routed"),
+                        peers,
+                        cost,
+                        Some(packet),
+                        Some(routed),
+                        Bound::AtMost(1.15),
+                    ),
+                    Target::compare(
+                        format!("{name}: Gbit/s ÷ best HAProxy"),
+                        peers,
+                        gbit,
+                        Some(packet),
+                        best,
+                        Bound::AtLeast(1.0),
+                    ),
                 ]);
             }
             (Some(_), 1) => {
                 // CPU each peer adds over routed, round by round, as in the table.
-                let added = |i: usize| {
-                    crate::stats::Stat::of(
-                        peers[i]
-                            .rounds
-                            .iter()
-                            .zip(&peers[routed].rounds)
-                            .map(|(s, r)| s.busy_percent - r.busy_percent),
-                    )
-                    .median
+                let added = |i: usize| -> Vec<f64> {
+                    peers[i]
+                        .rounds
+                        .iter()
+                        .zip(&peers[routed].rounds)
+                        .map(|(s, r)| s.busy_percent - r.busy_percent)
+                        .collect()
                 };
-                let best = best_haproxy(peers, &busy, false).map(added);
-                targets.push(Target {
-                    what: format!("{name}: CPU added over routed ÷ best HAProxy's added"),
-                    ratio: divide(Some(added(packet)), best),
-                    bound: Bound::AtMost(0.3),
-                });
+                let best = best_haproxy(peers, &summaries(peers, |s: &Sample| s.busy_percent), false);
+                targets.push(Target::of_rounds(
+                    format!("{name}: CPU added over routed ÷ best HAProxy's added"),
+                    Some(&added(packet)),
+                    best.map(added).as_deref(),
+                    Bound::AtMost(0.3),
+                ));
             }
             _ => {}
         }
@@ -143,16 +219,16 @@ fn latency_targets(results: &Results) -> Vec<Target> {
         .filter_map(|result| {
             let peers = &result.peers;
             let packet = position(peers, PeerKind::SpliceProxyPacket)?;
-            let p99 = summaries(peers, |s| s.p99_us);
-            let best = best_haproxy(peers, &p99, false).map(|b| p99[b].median);
-            Some(Target {
-                what: format!(
-                    "latency {}: p99 ÷ best HAProxy",
-                    crate::latency::size_name(result.request_bytes)
-                ),
-                ratio: divide(Some(p99[packet].median), best),
-                bound: Bound::AtMost(0.9),
-            })
+            let p99 = |s: &crate::latency::Sample| s.p99_us;
+            let best = best_haproxy(peers, &summaries(peers, p99), false);
+            Some(Target::compare(
+                format!("latency {}: p99 ÷ best HAProxy", crate::latency::size_name(result.request_bytes)),
+                peers,
+                p99,
+                Some(packet),
+                best,
+                Bound::AtMost(0.9),
+            ))
         })
         .collect()
 }
@@ -162,10 +238,6 @@ fn latency_targets(results: &Results) -> Vec<Target> {
 /// by the name's suffix after the plane's name.
 fn connect_targets(results: &Results) -> Vec<Target> {
     let peers = &results.connect;
-    if peers.is_empty() {
-        return Vec::new();
-    }
-    let rate = summaries(peers, |s| s.connections_per_s);
     let of_kind = |kind: PeerKind| {
         peers
             .iter()
@@ -176,11 +248,43 @@ fn connect_targets(results: &Results) -> Vec<Target> {
     of_kind(PeerKind::SpliceProxyPacket)
         .map(|(mode, packet)| {
             let sockmap = of_kind(PeerKind::SpliceProxySockmap).find(|(m, _)| *m == mode).map(|(_, i)| i);
-            Target {
-                what: format!("connection set-up{mode}: rate ÷ sockmap's"),
-                ratio: divide(Some(rate[packet].median), sockmap.map(|i| rate[i].median)),
-                bound: Bound::AtLeast(1.0),
-            }
+            Target::compare(
+                format!("connection set-up{mode}: rate ÷ sockmap's"),
+                peers,
+                |s| s.connections_per_s,
+                Some(packet),
+                sockmap,
+                Bound::AtLeast(1.0),
+            )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Bound, Target};
+
+    #[test]
+    fn a_target_counts_the_rounds_that_meet_it() {
+        let target = Target::of_rounds(
+            "rate",
+            Some(&[100.0, 96.0, 110.0]),
+            Some(&[100.0, 100.0, 100.0]),
+            Bound::AtLeast(1.0),
+        );
+        // Medians 100 and 100; rounds 1.00, 0.96 and 1.10.
+        assert_eq!(target.ratio, Some(1.0));
+        assert_eq!(target.met(), "yes");
+        assert_eq!(target.round_by_round(), "0.96–1.10, 2 of 3");
+        // Medians 2.5 and 4; rounds 0.50 and 0.75.
+        let cost = Target::of_rounds("cost", Some(&[2.0, 3.0]), Some(&[4.0, 4.0]), Bound::AtMost(0.625));
+        assert_eq!((cost.met(), cost.round_by_round().as_str()), ("yes", "0.50–0.75, 1 of 2"));
+    }
+
+    #[test]
+    fn a_target_without_its_reference_is_not_measured() {
+        let target = Target::of_rounds("rate", Some(&[100.0]), None, Bound::AtLeast(1.0));
+        assert_eq!((target.ratio, target.met()), (None, "not measured"));
+        assert_eq!(target.round_by_round(), "—");
+    }
 }
