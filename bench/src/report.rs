@@ -14,7 +14,7 @@ use crate::{
 
 /// Busy points below which CPU added over the reference is noise (a saturated or
 /// noisy machine), not a reference to divide by.
-const ADDED_NOISE_FLOOR: f64 = 0.5;
+pub(crate) const ADDED_NOISE_FLOOR: f64 = 0.5;
 
 pub fn markdown(results: &Results) -> String {
     let mut out = String::new();

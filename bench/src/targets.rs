@@ -3,15 +3,15 @@
 //! at 1 and 8 streams, CPU added when paced, p99 latency, and connection
 //! set-up against sockmap. Each is a ratio of medians of the same run,
 //! shown with the same ratio round by round: every round measures each peer
-//! once, one after the other, so a round's pair shares the machine's state
-//! of those seconds, and how many rounds meet a bound says whether a median
-//! beside it is a difference or the run's spread.
+//! once, one after the other, so the two values of a round saw the machine
+//! in the same minutes, and how many rounds meet a bound tells a median
+//! beside it that is a difference from one that is the run's spread.
 
 use std::fmt::Write as _;
 
 use crate::{
     peers::PeerKind,
-    report::{best_haproxy, summaries},
+    report::{ADDED_NOISE_FLOOR, best_haproxy, summaries},
     results::{PeerRounds, Results},
     stats::Stat,
     throughput::Sample,
@@ -22,8 +22,11 @@ pub(crate) struct Target {
     pub what: String,
     /// The ratio of the two medians.
     pub ratio: Option<f64>,
-    /// The ratio in each round both peers measured (empty: not measured).
+    /// The ratio in each round whose two values could be divided (both
+    /// finite, the reference above its floor); empty: not measured.
     pub rounds: Vec<f64>,
+    /// Rounds left out of `rounds`.
+    pub rounds_left_out: usize,
     pub bound: Bound,
 }
 
@@ -43,38 +46,44 @@ impl Bound {
 }
 
 impl Target {
-    /// `peers[at]` against `peers[reference]` on `value`: the ratio of
-    /// their medians and, round by round, of their values.
+    /// `peers[measured]` against `peers[reference]` on `value`: the ratio
+    /// of their medians and, round by round, of their values.
     pub(crate) fn compare<T>(
         what: impl Into<String>,
         peers: &[PeerRounds<T>],
         value: impl Fn(&T) -> f64,
-        at: Option<usize>,
+        measured: Option<usize>,
         reference: Option<usize>,
         bound: Bound,
     ) -> Self {
         let values = |i: usize| peers[i].rounds.iter().map(&value).collect::<Vec<f64>>();
-        let (at, reference) = (at.map(values), reference.map(values));
-        Self::of_rounds(what, at.as_deref(), reference.as_deref(), bound)
+        let (measured, reference) = (measured.map(values), reference.map(values));
+        Self::of_rounds(what, measured.as_deref(), reference.as_deref(), 0.0, bound)
     }
 
     /// A target of two peers' values round by round (`None`: a peer it
-    /// needs was not measured).
+    /// needs was not measured). A round whose reference is at or below
+    /// `floor`, or whose values are not numbers, is left out of the
+    /// round-by-round ratios (and counted as left out).
     pub(crate) fn of_rounds(
         what: impl Into<String>,
-        at: Option<&[f64]>,
+        measured: Option<&[f64]>,
         reference: Option<&[f64]>,
+        floor: f64,
         bound: Bound,
     ) -> Self {
         let median = |values: &[f64]| (!values.is_empty()).then(|| Stat::of(values.iter().copied()).median);
-        let ratio = divide(at.and_then(median), reference.and_then(median));
-        let rounds = at
+        let ratio = divide(measured.and_then(median), reference.and_then(median));
+        let pairs: Vec<(f64, f64)> = measured
             .zip(reference)
-            .map(|(at, reference)| {
-                at.iter().zip(reference).filter_map(|(&a, &r)| divide(Some(a), Some(r))).collect()
-            })
+            .map(|(measured, reference)| measured.iter().copied().zip(reference.iter().copied()).collect())
             .unwrap_or_default();
-        Self { what: what.into(), ratio, rounds, bound }
+        let rounds: Vec<f64> = pairs
+            .iter()
+            .filter(|(value, by)| value.is_finite() && by.is_finite() && *by > floor)
+            .map(|(value, by)| value / by)
+            .collect();
+        Self { what: what.into(), ratio, rounds_left_out: pairs.len() - rounds.len(), rounds, bound }
     }
 
     fn met(&self) -> &'static str {
@@ -86,14 +95,19 @@ impl Target {
     }
 
     /// "0.93–1.05, 3 of 5": the range of the round-by-round ratios and how
-    /// many rounds meet the bound.
+    /// many rounds meet the bound; "(1 left out)" after it when a round
+    /// could not be divided.
     fn round_by_round(&self) -> String {
+        let left_out = match self.rounds_left_out {
+            0 => String::new(),
+            n => format!(" ({n} left out)"),
+        };
         let Some(low) = self.rounds.iter().copied().reduce(f64::min) else {
-            return "—".into();
+            return if left_out.is_empty() { "—".into() } else { format!("—{left_out}") };
         };
         let high = self.rounds.iter().copied().fold(low, f64::max);
         let meeting = self.rounds.iter().filter(|&&ratio| self.bound.holds(ratio)).count();
-        format!("{low:.2}–{high:.2}, {meeting} of {}", self.rounds.len())
+        format!("{low:.2}–{high:.2}, {meeting} of {}{left_out}", self.rounds.len())
     }
 }
 
@@ -142,7 +156,7 @@ fn position<T>(peers: &[PeerRounds<T>], kind: PeerKind) -> Option<usize> {
     peers.iter().position(|p| p.kind == Some(kind))
 }
 
-pub(crate) fn divide(value: Option<f64>, by: Option<f64>) -> Option<f64> {
+fn divide(value: Option<f64>, by: Option<f64>) -> Option<f64> {
     value.zip(by).filter(|(_, by)| *by > 0.0).map(|(value, by)| value / by)
 }
 
@@ -203,6 +217,7 @@ fn throughput_targets(results: &Results) -> Vec<Target> {
                     format!("{name}: CPU added over routed ÷ best HAProxy's added"),
                     Some(&added(packet)),
                     best.map(added).as_deref(),
+                    ADDED_NOISE_FLOOR,
                     Bound::AtMost(0.3),
                 ));
             }
@@ -263,27 +278,61 @@ fn connect_targets(results: &Results) -> Vec<Target> {
 #[cfg(test)]
 mod tests {
     use super::{Bound, Target};
+    use crate::results::PeerRounds;
 
     #[test]
-    fn a_target_counts_the_rounds_that_meet_it() {
+    fn each_round_is_divided_by_the_same_round_of_the_reference() {
+        // Medians 100 and 100; round by round 0.90, 1.11 and 0.92, one
+        // meeting the bound (divided by the reference's median instead:
+        // 0.90, 1.00 and 1.20, two).
         let target = Target::of_rounds(
             "rate",
-            Some(&[100.0, 96.0, 110.0]),
-            Some(&[100.0, 100.0, 100.0]),
+            Some(&[90.0, 100.0, 120.0]),
+            Some(&[100.0, 90.0, 130.0]),
+            0.0,
             Bound::AtLeast(1.0),
         );
-        // Medians 100 and 100; rounds 1.00, 0.96 and 1.10.
         assert_eq!(target.ratio, Some(1.0));
         assert_eq!(target.met(), "yes");
-        assert_eq!(target.round_by_round(), "0.96–1.10, 2 of 3");
+        assert_eq!(target.round_by_round(), "0.90–1.11, 1 of 3");
         // Medians 2.5 and 4; rounds 0.50 and 0.75.
-        let cost = Target::of_rounds("cost", Some(&[2.0, 3.0]), Some(&[4.0, 4.0]), Bound::AtMost(0.625));
+        let cost = Target::of_rounds("cost", Some(&[2.0, 3.0]), Some(&[4.0, 4.0]), 0.0, Bound::AtMost(0.625));
         assert_eq!((cost.met(), cost.round_by_round().as_str()), ("yes", "0.50–0.75, 1 of 2"));
     }
 
     #[test]
+    fn compare_pairs_the_rounds_of_the_two_peers_it_names() {
+        let peer =
+            |name: &str, rounds: Vec<f64>| PeerRounds { peer: name.into(), kind: None, dns: None, rounds };
+        let peers = [
+            peer("reference", vec![10.0, 20.0]),
+            peer("other", vec![1.0, 1.0]),
+            peer("measured", vec![12.0, 16.0]),
+        ];
+        let target = Target::compare("rate", &peers, |&v| v, Some(2), Some(0), Bound::AtLeast(1.0));
+        // Medians 14 and 15; rounds 1.20 and 0.80.
+        assert_eq!(target.round_by_round(), "0.80–1.20, 1 of 2");
+        assert!(target.ratio.is_some_and(|r| (r - 14.0 / 15.0).abs() < 1e-12));
+    }
+
+    #[test]
+    fn a_round_that_cannot_be_divided_is_left_out_and_said_so() {
+        // The reference's second round is at the floor, the third is not a number.
+        let target = Target::of_rounds(
+            "added",
+            Some(&[0.2, 0.1, 0.3]),
+            Some(&[4.0, 0.5, f64::NAN]),
+            0.5,
+            Bound::AtMost(0.3),
+        );
+        assert_eq!(target.round_by_round(), "0.05–0.05, 1 of 1 (2 left out)");
+        let none = Target::of_rounds("added", Some(&[0.2]), Some(&[0.1]), 0.5, Bound::AtMost(0.3));
+        assert_eq!(none.round_by_round(), "— (1 left out)");
+    }
+
+    #[test]
     fn a_target_without_its_reference_is_not_measured() {
-        let target = Target::of_rounds("rate", Some(&[100.0]), None, Bound::AtLeast(1.0));
+        let target = Target::of_rounds("rate", Some(&[100.0]), None, 0.0, Bound::AtLeast(1.0));
         assert_eq!((target.ratio, target.met()), (None, "not measured"));
         assert_eq!(target.round_by_round(), "—");
     }
