@@ -98,7 +98,8 @@ impl Haproxy {
 }
 
 /// Mode tcp, one frontend on `listen`, one backend to the upstream; nbthread
-/// is left to its default (one thread per CPU). maxconn: as many connections
+/// is left to its default (one thread per CPU) unless the tuning sets it.
+/// maxconn: as many connections
 /// as `open_files` holds (two sockets each), for the idle workload; with
 /// `maxpipes 1024` (the default for issue 10's maxconn 4096: maxconn / 4),
 /// HAProxy's file need is 2 × maxconn + 2 × 1024 + a few, within the limit.

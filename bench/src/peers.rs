@@ -25,13 +25,14 @@ pub enum PeerKind {
     HaproxySpliceAuto,
     HaproxySpliceBothPipe1M,
     HaproxyNoSpliceBuf256K,
+    HaproxySpliceAutoOneThread,
     NginxStream,
     Socat,
 }
 
 impl PeerKind {
     /// In the order they are measured within a round and listed in the tables.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Direct,
         Self::Routed,
         Self::SpliceProxyPacket,
@@ -41,6 +42,7 @@ impl PeerKind {
         Self::HaproxySpliceAuto,
         Self::HaproxySpliceBothPipe1M,
         Self::HaproxyNoSpliceBuf256K,
+        Self::HaproxySpliceAutoOneThread,
         Self::NginxStream,
         Self::Socat,
     ];
@@ -56,6 +58,7 @@ impl PeerKind {
             Self::HaproxySpliceAuto => "HAProxy splice-auto",
             Self::HaproxySpliceBothPipe1M => "HAProxy splice-request+response, pipesize 1 MiB",
             Self::HaproxyNoSpliceBuf256K => "HAProxy no splice, bufsize 256 KiB",
+            Self::HaproxySpliceAutoOneThread => "HAProxy splice-auto, nbthread 1",
             Self::NginxStream => "nginx stream",
             Self::Socat => "socat",
         }
@@ -73,6 +76,7 @@ impl PeerKind {
             Self::HaproxySpliceAuto => "HAP auto",
             Self::HaproxySpliceBothPipe1M => "HAP splice 1M",
             Self::HaproxyNoSpliceBuf256K => "HAP buf 256K",
+            Self::HaproxySpliceAutoOneThread => "HAP auto 1T",
             Self::NginxStream => "nginx",
             Self::Socat => "socat",
         }
@@ -121,6 +125,11 @@ impl PeerKind {
                 Some((&["tune.pipesize 1048576"], &["option splice-request", "option splice-response"]))
             }
             Self::HaproxyNoSpliceBuf256K => Some((&["tune.bufsize 262144"], &[])),
+            // One thread instead of one per CPU: where the clients share the
+            // machine's few CPUs, a second thread competes with them and
+            // costs HAProxy's cross-thread work, and one sets up
+            // connections faster (bench/README, *Threads against threads*).
+            Self::HaproxySpliceAutoOneThread => Some((&["nbthread 1"], &["option splice-auto"])),
             _ => None,
         }
     }

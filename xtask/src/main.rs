@@ -81,7 +81,7 @@ enum Task {
     Demo,
     /// Run the benchmark (bench/README.md): throughput, CPU, latency,
     /// connection rate and idle memory of splice-proxy in each data plane,
-    /// HAProxy in three configurations, nginx stream and socat, over loopback
+    /// HAProxy in four configurations, nginx stream and socat, over loopback
     /// and routed through network namespaces. Installs haproxy, nginx,
     /// libnginx-mod-stream, socat and ethtool when missing (no service
     /// started), builds the kernel object and the release binaries first.
