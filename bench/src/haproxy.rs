@@ -99,8 +99,8 @@ impl Haproxy {
 
 /// Mode tcp, one frontend on `listen`, one backend to the upstream; nbthread
 /// is left to its default (one thread per CPU) unless the tuning sets it.
-/// maxconn: as many connections
-/// as `open_files` holds (two sockets each), for the idle workload; with
+/// maxconn: as many connections as `open_files` holds (two sockets each),
+/// for the idle workload; with
 /// `maxpipes 1024` (the default for issue 10's maxconn 4096: maxconn / 4),
 /// HAProxy's file need is 2 × maxconn + 2 × 1024 + a few, within the limit.
 fn haproxy_config(

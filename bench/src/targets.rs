@@ -22,11 +22,9 @@ pub(crate) struct Target {
     pub what: String,
     /// The ratio of the two medians.
     pub ratio: Option<f64>,
-    /// The ratio in each round whose two values could be divided (both
-    /// finite, the reference above its floor); empty: not measured.
-    pub rounds: Vec<f64>,
-    /// Rounds left out of `rounds`.
-    pub rounds_left_out: usize,
+    /// The ratio in each round; `None` for a round that could not be
+    /// divided (see [`divide`]). Empty: not measured.
+    pub rounds: Vec<Option<f64>>,
     pub bound: Bound,
 }
 
@@ -62,9 +60,9 @@ impl Target {
     }
 
     /// A target of two peers' values round by round (`None`: a peer it
-    /// needs was not measured). A round whose reference is at or below
-    /// `floor`, or whose values are not numbers, is left out of the
-    /// round-by-round ratios (and counted as left out).
+    /// needs was not measured). The medians and each round are divided
+    /// alike: not when the reference is at or below `floor` or a value is
+    /// not a number.
     pub(crate) fn of_rounds(
         what: impl Into<String>,
         measured: Option<&[f64]>,
@@ -73,17 +71,14 @@ impl Target {
         bound: Bound,
     ) -> Self {
         let median = |values: &[f64]| (!values.is_empty()).then(|| Stat::of(values.iter().copied()).median);
-        let ratio = divide(measured.and_then(median), reference.and_then(median));
-        let pairs: Vec<(f64, f64)> = measured
+        let ratio = measured.and_then(median).zip(reference.and_then(median)).and_then(divide(floor));
+        let rounds = measured
             .zip(reference)
-            .map(|(measured, reference)| measured.iter().copied().zip(reference.iter().copied()).collect())
+            .map(|(measured, reference)| {
+                measured.iter().copied().zip(reference.iter().copied()).map(divide(floor)).collect()
+            })
             .unwrap_or_default();
-        let rounds: Vec<f64> = pairs
-            .iter()
-            .filter(|(value, by)| value.is_finite() && by.is_finite() && *by > floor)
-            .map(|(value, by)| value / by)
-            .collect();
-        Self { what: what.into(), ratio, rounds_left_out: pairs.len() - rounds.len(), rounds, bound }
+        Self { what: what.into(), ratio, rounds, bound }
     }
 
     fn met(&self) -> &'static str {
@@ -98,16 +93,20 @@ impl Target {
     /// many rounds meet the bound; "(1 left out)" after it when a round
     /// could not be divided.
     fn round_by_round(&self) -> String {
-        let left_out = match self.rounds_left_out {
+        let divided: Vec<f64> = self.rounds.iter().flatten().copied().collect();
+        let left_out = match self.rounds.len() - divided.len() {
             0 => String::new(),
             n => format!(" ({n} left out)"),
         };
-        let Some(low) = self.rounds.iter().copied().reduce(f64::min) else {
-            return if left_out.is_empty() { "—".into() } else { format!("—{left_out}") };
+        let range = match divided.iter().copied().reduce(f64::min) {
+            None => "—".to_owned(),
+            Some(low) => {
+                let high = divided.iter().copied().fold(low, f64::max);
+                let meeting = divided.iter().filter(|&&ratio| self.bound.holds(ratio)).count();
+                format!("{low:.2}–{high:.2}, {meeting} of {}", divided.len())
+            }
         };
-        let high = self.rounds.iter().copied().fold(low, f64::max);
-        let meeting = self.rounds.iter().filter(|&&ratio| self.bound.holds(ratio)).count();
-        format!("{low:.2}–{high:.2}, {meeting} of {}{left_out}", self.rounds.len())
+        format!("{range}{left_out}")
     }
 }
 
@@ -133,7 +132,8 @@ pub(crate) fn write_table(out: &mut String, title: &str, targets: &[Target]) {
         out,
         "\n### {title}\n\nEach a ratio of medians of this run, and the same ratio round by \
          round (each round measures every peer once, one after the other): its range, and how \
-         many rounds meet the bound. \"Not measured\" means a peer it needs was left out.\n\n\
+         many rounds meet the bound. \"Not measured\" means a peer it needs was left out, \
+         or its reference was too small to divide by.\n\n\
          | target | ratio | round by round | required | met |\n|---|---|---|---|---|"
     );
     for target in targets {
@@ -156,8 +156,10 @@ fn position<T>(peers: &[PeerRounds<T>], kind: PeerKind) -> Option<usize> {
     peers.iter().position(|p| p.kind == Some(kind))
 }
 
-fn divide(value: Option<f64>, by: Option<f64>) -> Option<f64> {
-    value.zip(by).filter(|(_, by)| *by > 0.0).map(|(value, by)| value / by)
+/// `value ÷ by`, unless `by` is at or below `floor` (a reference too small
+/// to divide by) or either is not a number.
+fn divide(floor: f64) -> impl Fn((f64, f64)) -> Option<f64> {
+    move |(value, by)| (value.is_finite() && by.is_finite() && by > floor).then(|| value / by)
 }
 
 fn throughput_targets(results: &Results) -> Vec<Target> {
@@ -328,6 +330,8 @@ mod tests {
         assert_eq!(target.round_by_round(), "0.05–0.05, 1 of 1 (2 left out)");
         let none = Target::of_rounds("added", Some(&[0.2]), Some(&[0.1]), 0.5, Bound::AtMost(0.3));
         assert_eq!(none.round_by_round(), "— (1 left out)");
+        // The medians are divided by the same rule as the rounds.
+        assert_eq!((none.ratio, none.met()), (None, "not measured"));
     }
 
     #[test]
