@@ -39,8 +39,9 @@ pub struct Sample {
     pub connections: u64,
     /// Queries the bench's DNS server answered per connection, for a peer
     /// that resolves the upstream's name: below 1 with a lookup for every
-    /// connection means lookups were shared (HAProxy's `do-resolve` joins
-    /// one already in flight for the same name).
+    /// connection means lookups were shared (a connection joins one already
+    /// in flight for the same name; HAProxy's `do-resolve` also takes the
+    /// answer its lookup got earlier in the same millisecond).
     pub dns_queries_per_connection: Option<f64>,
 }
 

@@ -31,7 +31,9 @@ pub fn write(out: &mut String, title: &str, peers: &[PeerRounds<Sample>], refere
             "The do-resolve column compares a peer that resolves the name with the fastest HAProxy \
              resolving it the same way (each connection, or answers held 5 s). DNS queries/conn: \
              what the bench's DNS server answered per connection; below 1 with a lookup each \
-             connection, lookups were shared (HAProxy joins a lookup of the same name in flight).\n"
+             connection, lookups were shared (splice-proxy and HAProxy join a lookup of the same \
+             name in flight; HAProxy also hands out the answer it got earlier in the same \
+             millisecond).\n"
         );
     }
     let queries_column = if resolving_peers { " DNS queries/conn |" } else { "" };
