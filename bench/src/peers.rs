@@ -1,6 +1,6 @@
 //! What the bench sends through: nothing (direct on loopback; in the routed
 //! topology the middle namespace forwarding), splice-proxy in each data
-//! plane, HAProxy in three configurations, nginx stream, socat. The proxies
+//! plane, HAProxy in four configurations, nginx stream, socat. The proxies
 //! are child processes where the topology runs proxies, each killed by its
 //! PID on drop.
 
@@ -138,8 +138,8 @@ impl PeerKind {
 
 /// How splice-proxy (and HAProxy's `do-resolve`) finds its upstream in the
 /// connection set-up workload: a name looked up for every connection
-/// (`--dns-max-ttl 0`, `hold valid 0s`) or reused for at most the default
-/// 5 s.
+/// (`--dns-max-ttl 0`; HAProxy's shortest, `hold valid 1ms`) or reused for
+/// at most the default 5 s.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum DnsCache {
     Off,

@@ -123,7 +123,7 @@ pub fn latency(
 /// Every peer with the upstream as an address but splice-proxy, which with
 /// each HAProxy configuration runs twice more with the upstream as a name
 /// (the same DNS server): looked up for every connection (`--dns-max-ttl
-/// 0`, HAProxy's `hold valid 0s`) and with answers reused for 5 s.
+/// 0`; HAProxy's shortest, `hold valid 1ms`) and with answers reused for 5 s.
 pub fn connect(
     args: &Args,
     kinds: &[PeerKind],
