@@ -15,7 +15,8 @@ bench [--workload throughput|latency|connect|tls|idle]... [--topology loopback|r
 Measures splice-proxy (packet, sockmap, splice, copy), HAProxy (splice-auto;
 splice-request+response with tune.pipesize 1 MiB; no splice with tune.bufsize
 256 KiB; splice-auto with nbthread 1), nginx stream and socat against a
-reference, in two topologies (--topology picks one; repeatable; default both, loopback first):
+reference, in two topologies (--topology picks one; repeatable; default
+both, loopback first):
   loopback    everything on 127.0.0.1; reference: direct; packet left out (it
               attaches to interfaces)
   routed      client, proxy and upstream namespaces over veth pairs with GRO

@@ -127,9 +127,10 @@ impl PeerKind {
             Self::HaproxyNoSpliceBuf256K => Some((&["tune.bufsize 262144"], &[])),
             // One thread instead of one per CPU: where the clients share the
             // machine's few CPUs, a second thread competes with them and
-            // costs HAProxy's cross-thread work, and one sets up connections
-            // that `do-resolve` their upstream faster (bench/README,
-            // *Threads against threads on the 2-CPU bench*).
+            // costs HAProxy's cross-thread work, so one thread may set up
+            // connections that `do-resolve` their upstream faster; runs
+            // differ on it (bench/README, *Threads against threads on the
+            // 2-CPU bench*). Measured beside the others, the best is used.
             Self::HaproxySpliceAutoOneThread => Some((&["nbthread 1"], &["option splice-auto"])),
             _ => None,
         }

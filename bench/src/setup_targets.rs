@@ -7,8 +7,8 @@
 //! the rate against HAProxy looking up every connection; first-byte p99
 //! against the HAProxy that resolves alike, in both cases. Each a ratio of
 //! medians of the same run, with the ratio round by round. Under the table,
-//! the DNS queries per connection of the two that look up every connection:
-//! their rates compare two rules of sharing an answer as well as two proxies.
+//! the DNS queries per connection of the two that look up every connection,
+//! and the two rules of sharing an answer that make them differ.
 
 use std::fmt::Write as _;
 
@@ -35,7 +35,6 @@ pub fn write(out: &mut String, results: &Results) {
 /// The peers the targets compare, by position: splice-proxy packet with
 /// answers reused and with a lookup each, and the fastest HAProxy given the
 /// address, resolving with answers held 5 s, and looking up each connection.
-#[derive(Clone, Copy)]
 struct Compared {
     cached: usize,
     each: usize,
@@ -61,7 +60,7 @@ impl Compared {
     }
 
     /// With a lookup each, how many queries the two sent per connection, and
-    /// why they differ: the rate target compares the sharing rules too.
+    /// the sharing rules that make them differ.
     fn sharing_note(&self, peers: &[PeerRounds<Sample>]) -> Option<String> {
         let queries = summaries(peers, |s| s.dns_queries_per_connection.unwrap_or(f64::NAN));
         let haproxy = self.looked_up?;
@@ -73,8 +72,7 @@ impl Compared {
                  every connection's answer arrived after the connection did. HAProxy's \
                  `do-resolve` has no such setting (`hold valid` 0 asks again and again): it \
                  also hands a new connection the answer its lookup got earlier in the same \
-                 millisecond, as long as another connection still holds that lookup. The rate \
-                 ratio compares the two rules as well as the two proxies.",
+                 millisecond, as long as another connection still holds that lookup.",
                 peers[self.each].peer, peers[haproxy].peer
             )
         })
@@ -83,8 +81,8 @@ impl Compared {
     fn targets(&self, peers: &[PeerRounds<Sample>]) -> Vec<Target> {
         let p99 = |s: &Sample| s.ttfb_p99_us;
         let cpu = |s: &Sample| s.proxy_cpu_us_per_connection.unwrap_or(f64::NAN);
-        let Self { cached, each, given, held, looked_up } = *self;
-        let (cached, each) = (Some(cached), Some(each));
+        let (cached, each) = (Some(self.cached), Some(self.each));
+        let Self { given, held, looked_up, .. } = *self;
         vec![
             Target::compare(
                 "answers reused: rate ÷ HAProxy given the address",
