@@ -271,10 +271,31 @@ impl RunningPeer {
         self.process.as_mut().map_or(Ok(()), Process::check_alive)
     }
 
+    /// Stops or continues the proxy process ([`Process::set_stopped`]).
+    fn set_stopped(&self, stopped: bool) -> Result<()> {
+        self.process.as_ref().map_or(Ok(()), |process| process.set_stopped(stopped))
+    }
+
     /// The PID of the proxy process (None for the reference).
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Process::pid)
     }
+}
+
+/// Gets `running[at]` ready to be measured alone: fails if its proxy has
+/// exited, lets it go on, waits `pause` (for the queues and timers of the
+/// peer measured before, which still runs), then stops every other peer's
+/// proxy.
+pub fn measure_alone(running: &mut [RunningPeer], at: usize, pause: Duration) -> Result<&RunningPeer> {
+    running[at].check_alive()?;
+    running[at].set_stopped(false)?;
+    std::thread::sleep(pause);
+    for (index, peer) in running.iter().enumerate() {
+        if index != at {
+            peer.set_stopped(true)?;
+        }
+    }
+    Ok(&running[at])
 }
 
 /// Starts every peer of `kinds` in front of `upstream`.

@@ -9,7 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
 
 /// How long a started proxy may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +46,21 @@ impl Process {
         Ok(())
     }
 
+    /// Stops it and its children (SIGSTOP), or lets them go on (SIGCONT).
+    /// A peer not being measured is stopped, so that what wakes it when
+    /// idle (HAProxy's resolvers, every millisecond) does not take the CPU
+    /// from the peer that is.
+    pub fn set_stopped(&self, stopped: bool) -> Result<()> {
+        let signal = if stopped { Signal::SIGSTOP } else { Signal::SIGCONT };
+        let root = self.child.id();
+        for pid in std::iter::once(root).chain(crate::cpu::descendants(root)) {
+            let raw = i32::try_from(pid).with_context(|| format!("PID {pid} of {}", self.name))?;
+            signal::kill(Pid::from_raw(raw), signal)
+                .with_context(|| format!("sending {signal} to {} (PID {pid})", self.name))?;
+        }
+        Ok(())
+    }
+
     pub fn wait_until_accepting(&mut self, addr: SocketAddr) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -67,7 +86,7 @@ impl Drop for Process {
         let _ = self.child.wait();
         for pid in children {
             if let Ok(pid) = i32::try_from(pid) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
     }
@@ -116,4 +135,66 @@ pub fn is_root() -> bool {
             .and_then(|ids| ids.split_whitespace().nth(1))
             .is_some_and(|euid| euid == "0")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        process::Command,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::Process;
+
+    /// The state letter of `pid` (`T`: stopped, `Z`: exited, not yet
+    /// reaped) from /proc/PID/stat; `None` once it is gone.
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..].chars().next()
+    }
+
+    /// Waits (at most 5 s) until every one of `pids` is stopped or not.
+    fn wait_for(pids: &[u32], stopped: bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|&pid| (state(pid) == Some('T')) != stopped) {
+            assert!(
+                Instant::now() < deadline,
+                "{pids:?} not {} after 5 s",
+                if stopped { "stopped" } else { "running" }
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_stopped_process_and_its_children_go_on_when_continued() {
+        let child = Command::new("sh").args(["-c", "sleep 30 & wait"]).spawn().unwrap();
+        let process = Process { name: "sh".into(), child, log: None };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut children = crate::cpu::descendants(process.pid());
+        while children.is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+            children = crate::cpu::descendants(process.pid());
+        }
+        assert_eq!(children.len(), 1, "sh started one sleep");
+        let pids = [process.pid(), children[0]];
+        process.set_stopped(true).unwrap();
+        wait_for(&pids, true);
+        process.set_stopped(false).unwrap();
+        wait_for(&pids, false);
+        // Dropped stopped or not, it is killed with its children.
+        process.set_stopped(true).unwrap();
+        drop(process);
+        wait_for_gone(children[0]);
+    }
+
+    /// Waits (at most 5 s) until `pid` has exited (gone, or a zombie).
+    fn wait_for_gone(pid: u32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state(pid).is_some_and(|state| state != 'Z') {
+            assert!(Instant::now() < deadline, "PID {pid} still runs 5 s after it was killed");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
 }

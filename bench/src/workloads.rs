@@ -58,9 +58,8 @@ pub fn throughput(
     let duration = Duration::from_secs_f64(args.seconds);
     for round in 1..=args.rounds {
         for (scenario, result) in scenarios.iter().zip(&mut results) {
-            for (peer, rounds) in running.iter_mut().zip(&mut result.peers) {
-                peer.check_alive()?;
-                thread::sleep(PAUSE);
+            for (at, rounds) in result.peers.iter_mut().enumerate() {
+                let peer = peers::measure_alone(&mut running, at, PAUSE)?;
                 let sample = throughput::run(*scenario, peer.addr, duration, peer.pid(), peer.admin)
                     .with_context(|| format!("round {round}, {}, {}", scenario.title(), peer.name))?;
                 let kernel =
@@ -98,9 +97,8 @@ pub fn latency(
         .collect();
     for round in 1..=args.rounds {
         for result in &mut results {
-            for (peer, rounds) in running.iter_mut().zip(&mut result.peers) {
-                peer.check_alive()?;
-                thread::sleep(PAUSE);
+            for (at, rounds) in result.peers.iter_mut().enumerate() {
+                let peer = peers::measure_alone(&mut running, at, PAUSE)?;
                 let size = result.request_bytes;
                 let sample = latency::run(peer.addr, size, args.round_trips)
                     .with_context(|| format!("round {round}, latency {size} B, {}", peer.name))?;
@@ -188,9 +186,8 @@ fn set_up_rounds(
     let mut results = rounds_of(running);
     let duration = Duration::from_secs_f64(args.seconds);
     for round in 1..=args.rounds {
-        for (peer, rounds) in running.iter_mut().zip(&mut results) {
-            peer.check_alive()?;
-            thread::sleep(PAUSE);
+        for (at, rounds) in results.iter_mut().enumerate() {
+            let peer = peers::measure_alone(running, at, PAUSE)?;
             let queries_before = dns.map(splice_proxy_tests::dns::DnsServer::queries);
             let mut sample =
                 connect_rate::run_with(peer.addr, args.clients, peer.pid(), duration, &connection)
