@@ -209,6 +209,10 @@ pub struct RunningPeer {
     pub admin: Option<SocketAddr>,
     // Declared before the config directory so the process dies first.
     process: Option<Process>,
+    /// Whether [`measure_alone`] left its process stopped, so that a peer
+    /// is signalled (and its children looked up in /proc) only when that
+    /// changes, not before every other peer's window.
+    stopped: bool,
     _config_dir: Option<TempDir>,
 }
 
@@ -263,7 +267,7 @@ impl RunningPeer {
             bail!("no way to start {kind:?}")
         };
         let dns = upstream.dns.map(|(_, cache)| cache);
-        Ok(Self { kind, name, addr, dns, admin, process, _config_dir: dir })
+        Ok(Self { kind, name, addr, dns, admin, process, stopped: false, _config_dir: dir })
     }
 
     /// Fails if the proxy behind this peer has exited.
@@ -271,9 +275,16 @@ impl RunningPeer {
         self.process.as_mut().map_or(Ok(()), Process::check_alive)
     }
 
-    /// Stops or continues the proxy process ([`Process::set_stopped`]).
-    fn set_stopped(&self, stopped: bool) -> Result<()> {
-        self.process.as_ref().map_or(Ok(()), |process| process.set_stopped(stopped))
+    /// Stops or continues the proxy process ([`Process::set_stopped`]),
+    /// if it is not so already.
+    fn set_stopped(&mut self, stopped: bool) -> Result<()> {
+        if self.stopped != stopped {
+            if let Some(process) = &self.process {
+                process.set_stopped(stopped)?;
+            }
+            self.stopped = stopped;
+        }
+        Ok(())
     }
 
     /// The PID of the proxy process (None for the reference).
@@ -290,7 +301,7 @@ pub fn measure_alone(running: &mut [RunningPeer], at: usize, pause: Duration) ->
     running[at].check_alive()?;
     running[at].set_stopped(false)?;
     std::thread::sleep(pause);
-    for (index, peer) in running.iter().enumerate() {
+    for (index, peer) in running.iter_mut().enumerate() {
         if index != at {
             peer.set_stopped(true)?;
         }
