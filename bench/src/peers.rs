@@ -318,3 +318,38 @@ pub fn start_all(
 ) -> Result<Vec<RunningPeer>> {
     kinds.iter().map(|kind| RunningPeer::start(*kind, upstream, tools, topology)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{process::Command, time::Duration};
+
+    use super::{PeerKind, RunningPeer, measure_alone};
+    use crate::process::{Process, tests::wait_for};
+
+    /// A peer whose process is a `sleep`.
+    fn sleeping_peer() -> RunningPeer {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        RunningPeer {
+            kind: PeerKind::NginxStream,
+            name: "sleep".into(),
+            addr: "127.0.0.1:9".parse().unwrap(),
+            dns: None,
+            admin: None,
+            process: Some(Process { name: "sleep".into(), child, log: None }),
+            stopped: false,
+            _config_dir: None,
+        }
+    }
+
+    #[test]
+    fn only_the_peer_measured_runs() {
+        let mut running = [sleeping_peer(), sleeping_peer(), sleeping_peer()];
+        let pids: Vec<u32> = running.iter().map(|peer| peer.pid().unwrap()).collect();
+        for at in [0, 1, 2, 0] {
+            measure_alone(&mut running, at, Duration::ZERO).unwrap();
+            wait_for(&[pids[at]], false);
+            let others: Vec<u32> = (0..pids.len()).filter(|&i| i != at).map(|i| pids[i]).collect();
+            wait_for(&others, true);
+        }
+    }
+}

@@ -138,7 +138,7 @@ pub fn is_root() -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{
         process::Command,
         thread,
@@ -155,7 +155,7 @@ mod tests {
     }
 
     /// Waits (at most 5 s) until every one of `pids` is stopped or not.
-    fn wait_for(pids: &[u32], stopped: bool) {
+    pub(crate) fn wait_for(pids: &[u32], stopped: bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while pids.iter().any(|&pid| (state(pid) == Some('T')) != stopped) {
             assert!(
