@@ -10,6 +10,7 @@ pub mod close_reason;
 pub mod config;
 pub mod connect;
 pub mod connections;
+pub mod cpus;
 pub mod dataplane;
 pub mod dns;
 pub mod edge;

@@ -85,9 +85,18 @@ fn a_listen_address_in_use_exits_3_naming_it() -> Result<()> {
 fn a_port_another_proxy_listens_on_exits_3_and_is_not_shared() -> Result<()> {
     // A running proxy's listener is an SO_REUSEPORT group: a second process
     // must not join it (it would take a share of the first one's connections).
-    for (mode, sockets) in [("shared", 1), ("per-worker", 3)] {
-        let args =
-            ["--upstream", "127.0.0.2:443", "--no-sni-check", "--workers", "3", "--listen-sockets", mode];
+    let cpus = std::thread::available_parallelism()?.get();
+    for (mode, sockets) in [("shared", 1), ("per-worker", 3), ("per-cpu", cpus)] {
+        let workers = if mode == "per-cpu" { cpus } else { 3 }.to_string();
+        let args = [
+            "--upstream",
+            "127.0.0.2:443",
+            "--no-sni-check",
+            "--workers",
+            &workers,
+            "--listen-sockets",
+            mode,
+        ];
         let running = ProxyProcess::start(&args)?;
         let addr = running.addr().to_string();
         let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443", "--no-sni-check"])?;
@@ -100,6 +109,32 @@ fn a_port_another_proxy_listens_on_exits_3_and_is_not_shared() -> Result<()> {
             "{mode}: the running proxy's sockets and no other:\n{listening:#?}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn per_cpu_with_more_workers_than_cpus_exits_2_naming_both() -> Result<()> {
+    let cpus = std::thread::available_parallelism()?.get();
+    let workers = (cpus + 1).to_string();
+    let args = [
+        "--upstream",
+        "127.0.0.2:443",
+        "--no-sni-check",
+        "--workers",
+        &workers,
+        "--listen-sockets",
+        "per-cpu",
+    ];
+    let (code, out) = run(&[&["--listen", "127.0.0.1:0"], &args[..]].concat())?;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains(&format!("{workers} workers")) && out.contains("per-cpu"), "{out}");
+    // Without the mode asked for, more workers than CPUs share a socket,
+    let running = ProxyProcess::start(&args[..5])?;
+    assert_eq!(listening_on(running.addr())?.len(), 1);
+    // and so do a worker per CPU by default on a plane whose workers move
+    // the bytes (the tests' default, splice).
+    let running = ProxyProcess::start(&args[..3])?;
+    assert_eq!(listening_on(running.addr())?.len(), 1, "shared by default on splice");
     Ok(())
 }
 

@@ -73,11 +73,27 @@ async fn until(done: &AtomicU64, n: u64, loops: &[tokio::task::JoinHandle<Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> {
+    takes_over_without_refusing("per-worker", WORKERS).await
+}
+
+/// The same with `per-cpu`: the group and its steering program go over,
+/// a worker per CPU (as many as this machine has, up to [`WORKERS`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_steering_by_cpu_takes_over_without_refusing_a_connection() -> Result<()> {
+    let cpus = std::thread::available_parallelism().context("counting the CPUs")?.get();
+    takes_over_without_refusing("per-cpu", cpus.min(WORKERS)).await
+}
+
+/// A process with `--listen-sockets mode` and `workers` workers hands its
+/// listeners to a new one like it while clients connect without a pause;
+/// none is refused, every exchange is checked, and the new group is the
+/// old one.
+async fn takes_over_without_refusing(mode: &str, workers: usize) -> Result<()> {
     let echo = start_echo(ECHO).await?.to_string();
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("upgrade.sock");
     let socket = socket.to_str().context("socket path")?;
-    let workers = WORKERS.to_string();
+    let workers_flag = workers.to_string();
     let args = [
         "--upstream",
         &echo,
@@ -87,9 +103,9 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
         "--drain-timeout",
         "30s",
         "--workers",
-        &workers,
+        &workers_flag,
         "--listen-sockets",
-        "per-worker",
+        mode,
     ];
     let mut old = tokio::task::block_in_place(|| ProxyProcess::start(&args))?;
     let via = old.addr();
@@ -106,7 +122,7 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
     ensure!(new.admin == old.admin, "admin endpoint {:?}, not the old {:?}", new.admin, old.admin);
     old.wait_message("upgrade: the new process accepts; this one drains", WAIT).await?;
     let taken = new.wait_message("upgrade: listener taken over", WAIT).await?;
-    ensure!(taken["sockets"] == WORKERS, "not the old process's whole group: {taken}");
+    ensure!(taken["sockets"] == workers, "not the old process's whole group: {taken}");
     let handed_over = done.load(Ordering::Relaxed);
     long.flowing().await.context("the long-lived connection after the hand-over")?;
     until(&done, handed_over + 300, &loops).await.context("after the upgrade")?;
@@ -123,7 +139,7 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
     ensure!(exiting["stopped"] == "Drained", "{exiting}");
     let listening = listening_on(via)?;
     let group = listening.len();
-    ensure!(group == WORKERS, "the new process listens on {group} sockets, not {WORKERS}:\n{listening:#?}");
+    ensure!(group == workers, "the new process listens on {group} sockets, not {workers}:\n{listening:#?}");
     let on_old = old.closed_connections();
     let on_new = new.closed_connections();
     let completed =

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     config::{DnsFamily, ListenSockets, LogFormat},
-    dataplane::DataPlaneChoice,
+    dataplane::{DataPlane, DataPlaneChoice},
     edge::{ChainedHeaders, ProxyProtocolMode},
 };
 
@@ -57,10 +57,23 @@ pub const PACKET_SWITCH_AFTER_BYTES: u64 = 1 << 20;
 /// calls by hand as the switch costs several times over.
 pub const PACKET_SWITCH_AFTER_READS: u64 = 64;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
-/// Shared: on a host with few workers, a socket every worker accepts on
-/// lets whichever is free take the next connection; per-worker sockets
-/// save the wake-ups of the idle ones (docs/configuration.md).
-pub const LISTEN_SOCKETS: ListenSockets = ListenSockets::Shared;
+/// On the packet plane (the default), with a worker for every CPU the
+/// process may run on (the default worker count, unless a CPU quota is
+/// below the CPUs), `per-cpu`: each worker pinned to its CPU takes the
+/// connections whose SYN that CPU took, so a connection's set-up wakes no
+/// thread on another CPU, and the kernel carries the bytes. Otherwise
+/// `shared`: a socket every worker accepts on, so whichever is free takes
+/// the next connection; on the planes whose workers move the bytes, a
+/// pinned worker cannot leave a CPU its streams crowd (docs/configuration.md).
+/// One worker is not pinned unless asked.
+#[must_use]
+pub fn listen_sockets(workers: usize, cpus: usize, plane: DataPlane) -> ListenSockets {
+    let packet = matches!(plane, DataPlane::Packet { .. });
+    if packet && workers > 1 && workers == cpus { ListenSockets::PerCpu } else { ListenSockets::Shared }
+}
+
+/// [`listen_sockets`], as the defaults are listed.
+pub const LISTEN_SOCKETS: &str = "per-cpu on the packet plane with a worker per CPU, else shared";
 
 /// One worker per CPU this process may use (its affinity and its cgroup's
 /// CPU quota), as nginx's `worker_processes auto` and HAProxy's `nbthread`.
@@ -100,7 +113,7 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("splice_pipe_size", SPLICE_PIPE_SIZE.to_string()),
         ("max_connections", MAX_CONNECTIONS.to_string()),
         ("workers", "one per CPU".to_owned()),
-        ("listen_sockets", value_name(&LISTEN_SOCKETS)),
+        ("listen_sockets", LISTEN_SOCKETS.to_owned()),
         ("max_inflight", MAX_INFLIGHT.to_string()),
         ("copy_buffer_size", COPY_BUFFER_SIZE.to_string()),
         ("packet_switch_after", duration(PACKET_SWITCH_AFTER)),
@@ -108,4 +121,20 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
         ("packet_switch_after_reads", PACKET_SWITCH_AFTER_READS.to_string()),
         ("log_format", value_name(&LOG_FORMAT)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DataPlane, ListenSockets, listen_sockets};
+
+    #[test]
+    fn listen_sockets_are_per_cpu_only_on_the_packet_plane_with_a_worker_per_cpu() {
+        let packet = DataPlane::Packet { fallback_pipe_size: 1 << 16 };
+        let copy = DataPlane::Copy { buffer_size: 1 << 16 };
+        assert_eq!(listen_sockets(4, 4, packet), ListenSockets::PerCpu);
+        assert_eq!(listen_sockets(2, 4, packet), ListenSockets::Shared, "a CPU quota below the CPUs");
+        assert_eq!(listen_sockets(8, 4, packet), ListenSockets::Shared, "more workers than CPUs");
+        assert_eq!(listen_sockets(1, 1, packet), ListenSockets::Shared, "one worker is not pinned");
+        assert_eq!(listen_sockets(4, 4, copy), ListenSockets::Shared, "a plane whose workers move the bytes");
+    }
 }

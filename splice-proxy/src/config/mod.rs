@@ -204,6 +204,23 @@ impl Config {
                 invalid("splice_pipe_size", "splice-pipe-size", format!("a pipe of {pipe_size} bytes: {e}"))
             })?;
         }
+        let cpus = crate::cpus::allowed().map_err(|e| {
+            invalid("listen_sockets", "listen-sockets", format!("the CPUs this process may run on: {e}"))
+        })?;
+        let listen_sockets = o
+            .listen_sockets
+            .unwrap_or_else(|| defaults::listen_sockets(workers.get(), cpus.len(), dataplane.plane));
+        if listen_sockets == ListenSockets::PerCpu && workers.get() > cpus.len() {
+            return Err(invalid(
+                "workers",
+                "workers",
+                format!(
+                    "{workers} workers with listen_sockets per-cpu, which pins one worker to each CPU: \
+                     this process may run on {} CPUs",
+                    cpus.len()
+                ),
+            ));
+        }
         Ok(Self {
             listeners,
             dns,
@@ -213,7 +230,7 @@ impl Config {
             admin,
             max_connections,
             workers,
-            listen_sockets: o.listen_sockets.unwrap_or(defaults::LISTEN_SOCKETS),
+            listen_sockets,
             dataplane,
             log_format: o.log_format.unwrap_or(defaults::LOG_FORMAT),
             source_filter,
@@ -393,6 +410,25 @@ mod tests {
             let error = error.to_string();
             assert!(error.contains("listen") && error.contains(needle), "listen = {listen}: {error}");
         }
+    }
+
+    #[test]
+    fn the_default_listen_sockets_follow_the_plane_and_the_cpus() {
+        let cpus = crate::cpus::allowed().unwrap().len();
+        let with = |dataplane: &str, workers: Option<usize>| {
+            let text = format!(
+                "listen = \"127.0.0.1:0\"\nupstream = \"api.example.com:443\"\ndataplane = \"{dataplane}\"\n"
+            );
+            load(&text, Options { workers, ..Options::default() }).unwrap().listen_sockets
+        };
+        let per_cpu = if cpus > 1 { ListenSockets::PerCpu } else { ListenSockets::Shared };
+        assert_eq!(with("packet", Some(cpus)), per_cpu);
+        assert_eq!(with("auto", Some(cpus)), per_cpu, "auto starts with packet");
+        assert_eq!(with("copy", Some(cpus)), ListenSockets::Shared);
+        assert_eq!(with("packet", Some(cpus + 1)), ListenSockets::Shared);
+        let asked = "listen = \"127.0.0.1:0\"\nupstream = \"a.example:443\"\nlisten_sockets = \"per-cpu\"\n";
+        let error = load(asked, Options { workers: Some(cpus + 1), ..Options::default() }).unwrap_err();
+        assert!(error.to_string().contains("workers") && error.to_string().contains("per-cpu"), "{error}");
     }
 
     #[test]

@@ -165,7 +165,10 @@ pub struct Options {
     /// worker, and whichever is free takes it); `per-worker`, an
     /// SO_REUSEPORT socket per worker (the kernel picks one by a hash of the
     /// connection's addresses and wakes only its worker, which takes it even
-    /// when another worker is idle). Fixed until a restart.
+    /// when another worker is idle); `per-cpu`, a socket per worker, each
+    /// worker pinned to one of the CPUs the process may run on, and each new
+    /// connection given to the worker on the CPU its SYN came in on (at most
+    /// one worker per CPU). Fixed until a restart.
     #[arg(long, value_enum, value_name = "MODE")]
     pub listen_sockets: Option<ListenSockets>,
 
@@ -237,6 +240,10 @@ pub enum ListenSockets {
     Shared,
     /// An SO_REUSEPORT group per listener, a socket per worker.
     PerWorker,
+    /// A socket per worker, each worker pinned to a CPU of its own, and a
+    /// new connection put in the socket of the worker on the CPU its SYN
+    /// came in on.
+    PerCpu,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]

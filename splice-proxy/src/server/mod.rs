@@ -17,7 +17,7 @@ mod workers;
 
 use std::{net::SocketAddr, num::NonZeroUsize, os::fd::OwnedFd, sync::Arc};
 
-use listeners::{Accepting, ListenerSet};
+use listeners::{Accepting, ListenerSet, Spread};
 use reload::ConnectionLimit;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -71,6 +71,8 @@ pub enum StartError {
     Upgrade(#[from] UpgradeError),
     #[error(transparent)]
     Workers(#[from] WorkerError),
+    #[error("listen_sockets per-cpu: the CPUs this process may run on: {0}")]
+    Cpus(std::io::Error),
 }
 
 impl StartError {
@@ -195,12 +197,34 @@ impl Server {
             config.workers.min(NonZeroUsize::new(config.max_connections).unwrap_or(NonZeroUsize::MIN));
         let sockets_per_listener = match config.listen_sockets {
             ListenSockets::Shared => 1,
-            ListenSockets::PerWorker => workers.get(),
+            ListenSockets::PerWorker | ListenSockets::PerCpu => workers.get(),
+        };
+        // With `per-cpu`, worker N is pinned to the Nth CPU the process may
+        // run on (the configuration checked there are enough).
+        let cpu_of_worker = match config.listen_sockets {
+            ListenSockets::PerCpu => {
+                let mut cpus = crate::cpus::allowed().map_err(StartError::Cpus)?;
+                cpus.truncate(workers.get());
+                Some(cpus)
+            }
+            ListenSockets::Shared | ListenSockets::PerWorker => None,
         };
         let bound = upgrade::listeners(&config.listeners, handed_listeners, sockets_per_listener)?;
-        let workers = Workers::start(workers)?;
-        let listeners =
-            ListenerSet::new(bound, &config.listeners, &config.tcp, workers.handles(), sockets_per_listener)?;
+        let workers = Workers::start(workers, cpu_of_worker.as_deref())?;
+        match &cpu_of_worker {
+            Some(cpus) => {
+                tracing::info!(?cpus, "workers pinned one per CPU; connections steered to their SYN's CPU")
+            }
+            None => {
+                tracing::info!(workers = workers.handles().len(), listen_sockets = ?config.listen_sockets, "workers")
+            }
+        }
+        let listeners = ListenerSet::new(
+            bound,
+            &config.listeners,
+            &config.tcp,
+            Spread { workers: workers.handles(), cpu_of_worker, sockets_per_listener },
+        )?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
             source_filter::guard_bound(filter, &config.listeners, &listeners.listening())?;

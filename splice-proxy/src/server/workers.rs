@@ -39,8 +39,9 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` worker threads, named `worker-N`.
-    pub fn start(count: NonZeroUsize) -> Result<Self, WorkerError> {
+    /// Starts `count` worker threads, named `worker-N`; with `cpus`, worker
+    /// `N` is pinned to `cpus[N]` (there are as many) before it runs anything.
+    pub fn start(count: NonZeroUsize, cpus: Option<&[usize]>) -> Result<Self, WorkerError> {
         let count = count.get();
         let stop = CancellationToken::new();
         let mut workers = Self { handles: Vec::with_capacity(count), stop };
@@ -56,12 +57,28 @@ impl Workers {
                     crate::dns::close_expired_query_sockets();
                 }
             });
+            let cpu = cpus.map(|cpus| cpus.get(index).copied().ok_or_else(|| not_pinned(index, cpus.len())));
+            let cpu = cpu.transpose().map_err(error)?;
+            let (pinned, told) = std::sync::mpsc::channel();
             // The runtime is dropped on its own thread (dropping one inside
             // another runtime's task would panic); the thread is not joined.
             std::thread::Builder::new()
                 .name(format!("worker-{index}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))
+                .spawn(move || {
+                    let pinning = cpu.map_or(Ok(()), crate::cpus::pin_this_thread);
+                    let failed = pinning.is_err();
+                    let _ = pinned.send(pinning);
+                    if !failed {
+                        runtime.block_on(stop.cancelled());
+                    }
+                })
                 .map_err(error)?;
+            told.recv()
+                .unwrap_or_else(|_| Err(io::Error::other("the thread ended before it was pinned")))
+                .map_err(|source| {
+                    let cpu = cpu.unwrap_or_default();
+                    error(io::Error::new(source.kind(), format!("pinning it to CPU {cpu}: {source}")))
+                })?;
         }
         Ok(workers)
     }
@@ -71,6 +88,13 @@ impl Workers {
     pub fn handles(&self) -> &[Handle] {
         &self.handles
     }
+}
+
+fn not_pinned(index: usize, cpus: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("worker {index} has no CPU to be pinned to of {cpus}"),
+    )
 }
 
 impl Drop for Workers {
@@ -87,7 +111,7 @@ mod tests {
 
     #[test]
     fn each_worker_runs_what_is_spawned_on_it_on_its_own_thread() {
-        let workers = Workers::start(NonZeroUsize::new(2).unwrap()).unwrap();
+        let workers = Workers::start(NonZeroUsize::new(2).unwrap(), None).unwrap();
         let names: Vec<String> = workers
             .handles()
             .iter()
@@ -100,5 +124,27 @@ mod tests {
             })
             .collect();
         assert_eq!(names, ["worker-0", "worker-1"]);
+    }
+
+    #[test]
+    fn each_worker_is_pinned_to_its_cpu() {
+        let cpus = crate::cpus::allowed().unwrap();
+        let workers = Workers::start(NonZeroUsize::new(cpus.len()).unwrap(), Some(&cpus)).unwrap();
+        let pinned: Vec<Option<usize>> = workers
+            .handles()
+            .iter()
+            .map(|handle| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                handle.spawn(async move { tx.send(crate::cpus::pinned_to().unwrap()).unwrap() });
+                rx.recv().unwrap()
+            })
+            .collect();
+        assert_eq!(pinned, cpus.iter().copied().map(Some).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_worker_without_a_cpu_is_an_error() {
+        let error = Workers::start(NonZeroUsize::new(2).unwrap(), Some(&[0])).err().expect("one CPU for two");
+        assert!(error.to_string().contains("worker 1 has no CPU"), "{error}");
     }
 }

@@ -14,6 +14,7 @@
 //! sockets and their accept loop: [`socket`].
 
 pub mod socket;
+mod steering;
 
 use std::{
     os::fd::{AsFd as _, OwnedFd},
@@ -86,10 +87,22 @@ pub(super) struct ListenerSet {
     served: Vec<Served>,
     /// Where the accept loops run (each serves what it accepts).
     workers: Vec<Handle>,
+    /// With `listen_sockets = "per-cpu"`, the CPU each worker is pinned to.
+    cpu_of_worker: Option<Vec<usize>>,
     /// The sockets of a listener bound here (1: shared by the workers).
     sockets_per_listener: usize,
     accept_loops: JoinSet<()>,
     stop_accepting: CancellationToken,
+}
+
+/// How a listener's connections are spread over the workers.
+pub(super) struct Spread<'a> {
+    /// Where the accept loops run.
+    pub workers: &'a [Handle],
+    /// The CPU each worker is pinned to (`per-cpu`), the same length.
+    pub cpu_of_worker: Option<Vec<usize>>,
+    /// The sockets of a listener bound here.
+    pub sockets_per_listener: usize,
 }
 
 /// Sets `tcp` on `listener`: the sockets it accepts inherit the options.
@@ -127,13 +140,13 @@ impl ListenerSet {
         bound: Vec<Bound>,
         configs: &[ListenerConfig],
         tcp: &TcpConfig,
-        workers: &[Handle],
-        sockets_per_listener: usize,
+        spread: Spread<'_>,
     ) -> Result<Self, BindError> {
         let mut set = Self {
             served: Vec::new(),
-            workers: workers.to_vec(),
-            sockets_per_listener,
+            workers: spread.workers.to_vec(),
+            cpu_of_worker: spread.cpu_of_worker,
+            sockets_per_listener: spread.sockets_per_listener,
             accept_loops: JoinSet::new(),
             stop_accepting: CancellationToken::new(),
         };
@@ -144,13 +157,16 @@ impl ListenerSet {
     }
 
     /// `b` with the TCP options `tcp` on each of its sockets, a descriptor
-    /// of each registered with the worker that will accept on it.
+    /// of each registered with the worker that will accept on it, and its
+    /// new connections steered to the worker on their CPU (`per-cpu`) or
+    /// left to the kernel's hash.
     fn served(&self, b: Bound, edge: &Arc<EdgeConfig>, tcp: &TcpConfig) -> Result<Served, BindError> {
         for socket in &b.sockets {
             with_options(socket, tcp)?;
         }
         let addr = b.sockets[0].addr;
         let error = |source| BindError { addr, source };
+        self.steer(&b.sockets).map_err(error)?;
         let fds = b.sockets.iter().map(|s| s.as_fd().try_clone_to_owned()).collect::<Result<_, _>>();
         // Every worker accepts on a socket and every socket has a worker: a
         // group with fewer sockets than workers (handed over by a process
@@ -173,6 +189,26 @@ impl ListenerSet {
             fds: fds.map_err(error)?,
             waiting: waiting.map_err(error)?,
         })
+    }
+
+    /// With `per-cpu`, steers the group's connections to the socket of the
+    /// worker on the CPU that took their SYN (socket `i` is accepted on by
+    /// worker `i` modulo the workers, below); otherwise takes off a
+    /// program a handed-over group may carry from a `per-cpu` process, so
+    /// the kernel's hash spreads them as the mode says.
+    fn steer(&self, group: &[Listener]) -> std::io::Result<()> {
+        let steering = match &self.cpu_of_worker {
+            // One socket (one worker, or a handed-over shared socket) has
+            // nothing to steer between.
+            Some(_) if group.len() == 1 => Ok(()),
+            Some(cpus) => {
+                let cpu_of_socket: Vec<usize> = (0..group.len()).map(|i| cpus[i % cpus.len()]).collect();
+                steering::steer_by_cpu(&group[0], &cpu_of_socket)
+            }
+            None if group.len() > 1 => steering::stop_steering(&group[0]),
+            None => Ok(()),
+        };
+        steering.map_err(|e| std::io::Error::new(e.kind(), format!("steering new connections by CPU: {e}")))
     }
 
     /// The bound addresses.

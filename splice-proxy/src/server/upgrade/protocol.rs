@@ -10,8 +10,10 @@
 //! sockets themselves (SCM_RIGHTS) keeps every queue: both processes accept
 //! from them during the overlap, the old one stops, and the queues live on
 //! in the new process; nothing waiting in them is lost. A listener's group
-//! (with `listen_sockets = "per-worker"` a socket per worker,
-//! [`crate::server::listeners`]) is passed whole for that reason. It also
+//! (with `listen_sockets = "per-worker"` or `"per-cpu"` a socket per
+//! worker, [`crate::server::listeners`]) is passed whole for that reason;
+//! a `per-cpu` group's steering program belongs to the group and goes with
+//! it (the new process attaches its own, or takes it off in another mode). It also
 //! works for the admin endpoint's socket, and needs no socket option the
 //! operator has to know about.
 //!

@@ -1,0 +1,180 @@
+//! `listen_sockets = "per-cpu"`: a new connection goes to the socket of
+//! the worker pinned to the CPU that took its SYN.
+//!
+//! A classic BPF program on the listener's SO_REUSEPORT group reads the
+//! CPU it runs on (the one processing the SYN, in softirq) and returns the
+//! index of the group's socket whose worker is pinned there. The
+//! connection's set-up then stays on one CPU: the SYN's processing, the
+//! accept, the worker's calls and the wake-ups between them, with no
+//! thread woken across CPUs and no cache lines moved. A CPU no worker is
+//! pinned to gets an index past the group, and the kernel falls back to
+//! its hash of the addresses. Classic BPF, not a map-driven eBPF program:
+//! the table is fixed when the listener starts and a few comparisons hold
+//! it; the group keeps the program for as long as it lives, across a
+//! graceful upgrade, until a new one replaces it or it is detached.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use nix::libc;
+
+use super::socket::Listener;
+
+/// The program for a group whose socket `i` is accepted on by a worker
+/// pinned to `cpu_of_socket[i]`: the CPU's socket index, else one past
+/// the last socket (the kernel's hash decides).
+fn program(cpu_of_socket: &[usize]) -> Vec<libc::sock_filter> {
+    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
+    let ancillary_cpu = (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32;
+    let mut code = vec![op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, ancillary_cpu, 0, 0)];
+    for (socket, &cpu) in cpu_of_socket.iter().enumerate() {
+        // Equal: the next instruction returns this socket; else skip it.
+        code.push(op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, index(cpu), 0, 1));
+        code.push(op(libc::BPF_RET | libc::BPF_K, index(socket), 0, 0));
+    }
+    code.push(op(libc::BPF_RET | libc::BPF_K, index(cpu_of_socket.len()), 0, 0));
+    code
+}
+
+fn index(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// CPUs a program covers at most: classic BPF runs 4096 instructions at
+/// most, two per CPU here.
+pub const CPUS_AT_MOST: usize = 2000;
+
+/// Steers `group`'s new connections by the CPU that took their SYN;
+/// `cpu_of_socket[i]` is the CPU of the worker accepting on socket `i` of
+/// the group, in the order the sockets joined it.
+pub(super) fn steer_by_cpu(group: &Listener, cpu_of_socket: &[usize]) -> io::Result<()> {
+    let mut code = program(&cpu_of_socket[..cpu_of_socket.len().min(CPUS_AT_MOST)]);
+    let len = u16::try_from(code.len()).map_err(|_| io::Error::other("steering program too long"))?;
+    let program = libc::sock_fprog { len, filter: code.as_mut_ptr() };
+    let size = libc::socklen_t::try_from(size_of::<libc::sock_fprog>()).unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: `program` points at `code`, `len` instructions that outlive
+    // the call (the kernel copies them); the option takes a `sock_fprog` of
+    // `size` bytes and the descriptor is the group's open listening socket.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            group.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const program).cast(),
+            size,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Takes a steering program off `group` (one a process in `per-cpu` mode
+/// attached before a graceful upgrade), so the kernel's hash picks again;
+/// a group without one is left as it is.
+pub(super) fn stop_steering(group: &Listener) -> io::Result<()> {
+    let none: libc::c_int = 0;
+    let size = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: the option reads no value (an int is passed as the kernel
+    // expects one); the descriptor is the group's open listening socket.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            group.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&raw const none).cast(),
+            size,
+        )
+    };
+    let error = io::Error::last_os_error();
+    match rc {
+        0 => Ok(()),
+        _ if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        _ => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, SocketAddr, TcpStream},
+        time::Duration,
+    };
+
+    use super::{program, steer_by_cpu, stop_steering};
+    use crate::{addr::ListenAddr, server::listeners::socket::Listener};
+
+    #[test]
+    fn the_program_returns_the_socket_of_each_cpu_and_past_the_group_otherwise() {
+        let code = program(&[4, 7]);
+        // Load the CPU; (cpu == 4 ? 0); (cpu == 7 ? 1); else 2.
+        let returns: Vec<(u32, u32)> = code.iter().map(|op| (u32::from(op.code), op.k)).collect();
+        let jeq = nix::libc::BPF_JMP | nix::libc::BPF_JEQ | nix::libc::BPF_K;
+        let ret = nix::libc::BPF_RET | nix::libc::BPF_K;
+        assert_eq!(returns[1..], [(jeq, 4), (ret, 0), (jeq, 7), (ret, 1), (ret, 2)]);
+        assert!(code.iter().filter(|op| u32::from(op.code) == jeq).all(|op| (op.jt, op.jf) == (0, 1)));
+    }
+
+    /// The group's sockets that had a connection waiting (each accepted
+    /// and closed), once one has (within a second).
+    fn sockets_with_a_connection(group: &[std::net::TcpListener]) -> Vec<usize> {
+        for _ in 0..1000 {
+            let waiting: Vec<usize> = (0..group.len()).filter(|&i| group[i].accept().is_ok()).collect();
+            if !waiting.is_empty() {
+                return waiting;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Vec::new()
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_to_the_socket_of_the_cpu_its_syn_came_in_on() {
+        let cpus = crate::cpus::allowed().unwrap();
+        let first = Listener::bind_group(ListenAddr(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))).unwrap();
+        let mut group = vec![first];
+        while group.len() < cpus.len() {
+            group.push(group[0].join().unwrap());
+        }
+        steer_by_cpu(&group[0], &cpus).unwrap();
+        let addr = group[0].addr.0;
+        let group: Vec<std::net::TcpListener> = group
+            .into_iter()
+            .map(|l| {
+                let std = l.into_inner().into_std().unwrap();
+                std.set_nonblocking(true).unwrap();
+                std
+            })
+            .collect();
+        // Several connections from each CPU (from new source ports): the
+        // kernel's hash would spread them.
+        for _ in 0..8 {
+            for (socket, &cpu) in cpus.iter().enumerate() {
+                // Loopback processes the SYN on the CPU that sends it.
+                let client = std::thread::spawn(move || {
+                    crate::cpus::pin_this_thread(cpu).unwrap();
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap()
+                })
+                .join()
+                .unwrap();
+                assert_eq!(sockets_with_a_connection(&group), [socket], "a connection from CPU {cpu}");
+                drop(client);
+            }
+        }
+        // Without the program the kernel's hash picks, still one socket.
+        let std_group = &group;
+        stop_steering_of(std_group);
+        stop_steering_of(std_group);
+        let _client = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        assert_eq!(sockets_with_a_connection(std_group).len(), 1);
+    }
+
+    /// Detaches through a `Listener` view of the group's first socket.
+    fn stop_steering_of(group: &[std::net::TcpListener]) {
+        let fd = std::os::fd::AsFd::as_fd(&group[0]).try_clone_to_owned().unwrap();
+        let listener = Listener::from_fd(fd).unwrap();
+        stop_steering(&listener).expect("detached, or nothing to detach");
+    }
+}
