@@ -5,8 +5,9 @@ use std::io;
 
 use nix::{sched::CpuSet, unistd::Pid};
 
-/// The CPUs this process's affinity allows, in ascending order (a
-/// container's cpuset, `taskset`, systemd's `CPUAffinity=`).
+/// The CPUs the calling thread's affinity allows, in ascending order: the
+/// process's (a container's cpuset, `taskset`, systemd's `CPUAffinity=`)
+/// when called from a thread that was not pinned.
 pub fn allowed() -> io::Result<Vec<usize>> {
     let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).map_err(io::Error::from)?;
     Ok((0..CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false)).collect())

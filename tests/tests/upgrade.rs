@@ -80,7 +80,7 @@ async fn a_new_process_takes_over_without_refusing_a_connection() -> Result<()> 
 /// a worker per CPU (as many as this machine has, up to [`WORKERS`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_process_steering_by_cpu_takes_over_without_refusing_a_connection() -> Result<()> {
-    let cpus = std::thread::available_parallelism().context("counting the CPUs")?.get();
+    let cpus = splice_proxy::cpus::allowed().context("the CPUs this process may run on")?.len();
     takes_over_without_refusing("per-cpu", cpus.min(WORKERS)).await
 }
 

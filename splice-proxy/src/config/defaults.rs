@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     config::{DnsFamily, ListenSockets, LogFormat},
-    dataplane::{DataPlane, DataPlaneChoice},
+    dataplane::DataPlaneChoice,
     edge::{ChainedHeaders, ProxyProtocolMode},
 };
 
@@ -57,8 +57,8 @@ pub const PACKET_SWITCH_AFTER_BYTES: u64 = 1 << 20;
 /// calls by hand as the switch costs several times over.
 pub const PACKET_SWITCH_AFTER_READS: u64 = 64;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
-/// On the packet plane (the default), with a worker for every CPU the
-/// process may run on (the default worker count, unless a CPU quota is
+/// On the packet plane (the default, once it started: `auto` falls back to
+/// splice without it), with a worker for every CPU the process may run on (the default worker count, unless a CPU quota is
 /// below the CPUs), `per-cpu`: each worker pinned to its CPU takes the
 /// connections whose SYN that CPU took, so a connection's set-up wakes no
 /// thread on another CPU, and the kernel carries the bytes. Otherwise
@@ -67,9 +67,8 @@ pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 /// pinned worker cannot leave a CPU its streams crowd (docs/configuration.md).
 /// One worker is not pinned unless asked.
 #[must_use]
-pub fn listen_sockets(workers: usize, cpus: usize, plane: DataPlane) -> ListenSockets {
-    let packet = matches!(plane, DataPlane::Packet { .. });
-    if packet && workers > 1 && workers == cpus { ListenSockets::PerCpu } else { ListenSockets::Shared }
+pub fn listen_sockets(workers: usize, cpus: usize, packet_plane: bool) -> ListenSockets {
+    if packet_plane && workers > 1 && workers == cpus { ListenSockets::PerCpu } else { ListenSockets::Shared }
 }
 
 /// [`listen_sockets`], as the defaults are listed.
@@ -125,16 +124,18 @@ pub fn shown_in_help() -> Vec<(&'static str, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{DataPlane, ListenSockets, listen_sockets};
+    use super::{ListenSockets, listen_sockets};
 
     #[test]
     fn listen_sockets_are_per_cpu_only_on_the_packet_plane_with_a_worker_per_cpu() {
-        let packet = DataPlane::Packet { fallback_pipe_size: 1 << 16 };
-        let copy = DataPlane::Copy { buffer_size: 1 << 16 };
-        assert_eq!(listen_sockets(4, 4, packet), ListenSockets::PerCpu);
-        assert_eq!(listen_sockets(2, 4, packet), ListenSockets::Shared, "a CPU quota below the CPUs");
-        assert_eq!(listen_sockets(8, 4, packet), ListenSockets::Shared, "more workers than CPUs");
-        assert_eq!(listen_sockets(1, 1, packet), ListenSockets::Shared, "one worker is not pinned");
-        assert_eq!(listen_sockets(4, 4, copy), ListenSockets::Shared, "a plane whose workers move the bytes");
+        assert_eq!(listen_sockets(4, 4, true), ListenSockets::PerCpu);
+        assert_eq!(listen_sockets(2, 4, true), ListenSockets::Shared, "a CPU quota below the CPUs");
+        assert_eq!(listen_sockets(8, 4, true), ListenSockets::Shared, "more workers than CPUs");
+        assert_eq!(listen_sockets(1, 1, true), ListenSockets::Shared, "one worker is not pinned");
+        assert_eq!(
+            listen_sockets(4, 4, false),
+            ListenSockets::Shared,
+            "a plane whose workers move the bytes"
+        );
     }
 }

@@ -47,8 +47,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Threads that accept and serve connections.
     pub workers: NonZeroUsize,
-    /// One listening socket shared by the workers, or one each.
-    pub listen_sockets: ListenSockets,
+    /// One listening socket shared by the workers, one each, or one each
+    /// steered by CPU; `None`: chosen at start, once the data plane and the
+    /// worker count are known (`defaults::listen_sockets`).
+    pub listen_sockets: Option<ListenSockets>,
     /// The plane asked for, what runs when it cannot start, and why.
     pub dataplane: ChosenPlane,
     pub log_format: LogFormat,
@@ -204,22 +206,25 @@ impl Config {
                 invalid("splice_pipe_size", "splice-pipe-size", format!("a pipe of {pipe_size} bytes: {e}"))
             })?;
         }
-        let cpus = crate::cpus::allowed().map_err(|e| {
-            invalid("listen_sockets", "listen-sockets", format!("the CPUs this process may run on: {e}"))
-        })?;
-        let listen_sockets = o
-            .listen_sockets
-            .unwrap_or_else(|| defaults::listen_sockets(workers.get(), cpus.len(), dataplane.plane));
-        if listen_sockets == ListenSockets::PerCpu && workers.get() > cpus.len() {
-            return Err(invalid(
-                "workers",
-                "workers",
-                format!(
-                    "{workers} workers with listen_sockets per-cpu, which pins one worker to each CPU: \
-                     this process may run on {} CPUs",
-                    cpus.len()
-                ),
-            ));
+        if o.listen_sockets == Some(ListenSockets::PerCpu) {
+            let cpus = crate::cpus::allowed().map_err(|e| {
+                invalid(
+                    "listen_sockets",
+                    "listen-sockets",
+                    format!("per-cpu: the CPUs this process may run on: {e}"),
+                )
+            })?;
+            if workers.get() > cpus.len() {
+                return Err(invalid(
+                    "workers",
+                    "workers",
+                    format!(
+                        "{workers} workers with listen_sockets per-cpu, which pins one worker to each CPU: \
+                         this process may run on {} CPUs",
+                        cpus.len()
+                    ),
+                ));
+            }
         }
         Ok(Self {
             listeners,
@@ -230,7 +235,7 @@ impl Config {
             admin,
             max_connections,
             workers,
-            listen_sockets,
+            listen_sockets: o.listen_sockets,
             dataplane,
             log_format: o.log_format.unwrap_or(defaults::LOG_FORMAT),
             source_filter,
@@ -413,22 +418,16 @@ mod tests {
     }
 
     #[test]
-    fn the_default_listen_sockets_follow_the_plane_and_the_cpus() {
+    fn per_cpu_with_more_workers_than_cpus_is_refused_naming_both() {
         let cpus = crate::cpus::allowed().unwrap().len();
-        let with = |dataplane: &str, workers: Option<usize>| {
-            let text = format!(
-                "listen = \"127.0.0.1:0\"\nupstream = \"api.example.com:443\"\ndataplane = \"{dataplane}\"\n"
-            );
-            load(&text, Options { workers, ..Options::default() }).unwrap().listen_sockets
-        };
-        let per_cpu = if cpus > 1 { ListenSockets::PerCpu } else { ListenSockets::Shared };
-        assert_eq!(with("packet", Some(cpus)), per_cpu);
-        assert_eq!(with("auto", Some(cpus)), per_cpu, "auto starts with packet");
-        assert_eq!(with("copy", Some(cpus)), ListenSockets::Shared);
-        assert_eq!(with("packet", Some(cpus + 1)), ListenSockets::Shared);
-        let asked = "listen = \"127.0.0.1:0\"\nupstream = \"a.example:443\"\nlisten_sockets = \"per-cpu\"\n";
-        let error = load(asked, Options { workers: Some(cpus + 1), ..Options::default() }).unwrap_err();
+        let text = "listen = \"127.0.0.1:0\"\nupstream = \"a.example:443\"\nlisten_sockets = \"per-cpu\"\n";
+        let error = load(text, Options { workers: Some(cpus + 1), ..Options::default() }).unwrap_err();
         assert!(error.to_string().contains("workers") && error.to_string().contains("per-cpu"), "{error}");
+        let c = load(text, Options { workers: Some(cpus), ..Options::default() }).unwrap();
+        assert_eq!(c.listen_sockets, Some(ListenSockets::PerCpu));
+        let text = "listen = \"127.0.0.1:0\"\nupstream = \"a.example:443\"\n";
+        let c = load(text, Options { workers: Some(cpus + 1), ..Options::default() }).unwrap();
+        assert_eq!(c.listen_sockets, None, "chosen at start");
     }
 
     #[test]

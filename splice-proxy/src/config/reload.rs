@@ -87,9 +87,6 @@ mod tests {
 
     fn config(extra: impl FnOnce(&mut Options)) -> Config {
         let mut o = Options::listening("127.0.0.1:6443", "api.example.com:443");
-        // Its default follows the plane and the CPUs; fixed here, so a
-        // changed plane changes only the plane's settings.
-        o.listen_sockets = Some(crate::config::ListenSockets::Shared);
         extra(&mut o);
         Config::from_options(o).unwrap()
     }

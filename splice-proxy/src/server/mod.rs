@@ -29,7 +29,7 @@ use workers::{WorkerError, Workers};
 
 use crate::{
     admin::{AdminEndpoint, AdminError, AdminState},
-    config::{Config, ListenSockets, Options},
+    config::{Config, ListenSockets, Options, defaults},
     connections::ConnectionTable,
     dataplane::Plane,
     dns::ResolveError,
@@ -71,7 +71,7 @@ pub enum StartError {
     Upgrade(#[from] UpgradeError),
     #[error(transparent)]
     Workers(#[from] WorkerError),
-    #[error("listen_sockets per-cpu: the CPUs this process may run on: {0}")]
+    #[error("reading the CPUs this process may run on (for listen_sockets): {0}")]
     Cpus(std::io::Error),
 }
 
@@ -182,6 +182,7 @@ impl Server {
             },
         )?;
         let sockmap_capacity = matches!(plane, Plane::Sockmap(_)).then_some(config.max_connections);
+        let packet_plane = matches!(plane, Plane::Packet(_));
         let health = Arc::new(Health::new(&probes::targets(config), config.admin.readiness_window()));
         let metrics = Metrics::default();
         let connections = Arc::new(ConnectionTable::default());
@@ -195,20 +196,21 @@ impl Server {
         // workers than slots would only wait.
         let workers =
             config.workers.min(NonZeroUsize::new(config.max_connections).unwrap_or(NonZeroUsize::MIN));
-        let sockets_per_listener = match config.listen_sockets {
+        // Chosen now that the plane (`auto` may have fallen back from
+        // packet) and the worker count are known.
+        let cpus = crate::cpus::allowed().map_err(StartError::Cpus)?;
+        let listen_sockets = config
+            .listen_sockets
+            .unwrap_or_else(|| defaults::listen_sockets(workers.get(), cpus.len(), packet_plane));
+        let sockets_per_listener = match listen_sockets {
             ListenSockets::Shared => 1,
             ListenSockets::PerWorker | ListenSockets::PerCpu => workers.get(),
         };
         // With `per-cpu`, worker N is pinned to the Nth CPU the process may
-        // run on (the configuration checked there are enough).
-        let cpu_of_worker = match config.listen_sockets {
-            ListenSockets::PerCpu => {
-                let mut cpus = crate::cpus::allowed().map_err(StartError::Cpus)?;
-                cpus.truncate(workers.get());
-                Some(cpus)
-            }
-            ListenSockets::Shared | ListenSockets::PerWorker => None,
-        };
+        // run on (the configuration checked there are enough; a shrunken
+        // affinity since fails the workers' start).
+        let cpu_of_worker = (listen_sockets == ListenSockets::PerCpu)
+            .then(|| cpus.into_iter().take(workers.get()).collect::<Vec<_>>());
         let bound = upgrade::listeners(&config.listeners, handed_listeners, sockets_per_listener)?;
         let workers = Workers::start(workers, cpu_of_worker.as_deref())?;
         match &cpu_of_worker {
@@ -216,7 +218,7 @@ impl Server {
                 tracing::info!(?cpus, "workers pinned one per CPU; connections steered to their SYN's CPU")
             }
             None => {
-                tracing::info!(workers = workers.handles().len(), listen_sockets = ?config.listen_sockets, "workers")
+                tracing::info!(workers = workers.handles().len(), ?listen_sockets, "workers")
             }
         }
         let listeners = ListenerSet::new(

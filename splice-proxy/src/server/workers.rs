@@ -47,6 +47,10 @@ impl Workers {
         let mut workers = Self { handles: Vec::with_capacity(count), stop };
         for index in 0..count {
             let error = |source| WorkerError { index, count, source };
+            // Before the runtime is built: one dropped here, inside the
+            // caller's runtime, would panic.
+            let cpu = cpus.map(|cpus| cpus.get(index).copied().ok_or_else(|| not_pinned(index, cpus.len())));
+            let cpu = cpu.transpose().map_err(error)?;
             let runtime =
                 tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(error)?;
             workers.handles.push(runtime.handle().clone());
@@ -57,8 +61,6 @@ impl Workers {
                     crate::dns::close_expired_query_sockets();
                 }
             });
-            let cpu = cpus.map(|cpus| cpus.get(index).copied().ok_or_else(|| not_pinned(index, cpus.len())));
-            let cpu = cpu.transpose().map_err(error)?;
             let (pinned, told) = std::sync::mpsc::channel();
             // The runtime is dropped on its own thread (dropping one inside
             // another runtime's task would panic); the thread is not joined.
@@ -144,7 +146,9 @@ mod tests {
 
     #[test]
     fn a_worker_without_a_cpu_is_an_error() {
-        let error = Workers::start(NonZeroUsize::new(2).unwrap(), Some(&[0])).err().expect("one CPU for two");
+        let first = crate::cpus::allowed().unwrap()[0];
+        let error =
+            Workers::start(NonZeroUsize::new(2).unwrap(), Some(&[first])).err().expect("one CPU for two");
         assert!(error.to_string().contains("worker 1 has no CPU"), "{error}");
     }
 }

@@ -22,9 +22,13 @@ use nix::libc;
 
 use super::socket::Listener;
 
+/// What the program returns for a CPU without a socket: an index past any
+/// group, so the kernel's hash decides (a group's size could change).
+const NO_SOCKET: u32 = u32::MAX;
+
 /// The program for a group whose socket `i` is accepted on by a worker
-/// pinned to `cpu_of_socket[i]`: the CPU's socket index, else one past
-/// the last socket (the kernel's hash decides).
+/// pinned to `cpu_of_socket[i]`: the CPU's socket index, else
+/// [`NO_SOCKET`] (the kernel's hash decides).
 fn program(cpu_of_socket: &[usize]) -> Vec<libc::sock_filter> {
     let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
     let ancillary_cpu = (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32;
@@ -34,7 +38,7 @@ fn program(cpu_of_socket: &[usize]) -> Vec<libc::sock_filter> {
         code.push(op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, index(cpu), 0, 1));
         code.push(op(libc::BPF_RET | libc::BPF_K, index(socket), 0, 0));
     }
-    code.push(op(libc::BPF_RET | libc::BPF_K, index(cpu_of_socket.len()), 0, 0));
+    code.push(op(libc::BPF_RET | libc::BPF_K, NO_SOCKET, 0, 0));
     code
 }
 
@@ -71,8 +75,9 @@ pub(super) fn steer_by_cpu(group: &Listener, cpu_of_socket: &[usize]) -> io::Res
 }
 
 /// Takes a steering program off `group` (one a process in `per-cpu` mode
-/// attached before a graceful upgrade), so the kernel's hash picks again;
-/// a group without one is left as it is.
+/// attached before a graceful upgrade), so the kernel's hash picks again.
+/// A group without one is left as it is; so is one on a kernel without
+/// the option (before 5.3), which keeps a program until the group closes.
 pub(super) fn stop_steering(group: &Listener) -> io::Result<()> {
     let none: libc::c_int = 0;
     let size = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(libc::socklen_t::MAX);
@@ -91,7 +96,7 @@ pub(super) fn stop_steering(group: &Listener) -> io::Result<()> {
     let error = io::Error::last_os_error();
     match rc {
         0 => Ok(()),
-        _ if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        _ if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)) => Ok(()),
         _ => Err(error),
     }
 }
@@ -109,11 +114,11 @@ mod tests {
     #[test]
     fn the_program_returns_the_socket_of_each_cpu_and_past_the_group_otherwise() {
         let code = program(&[4, 7]);
-        // Load the CPU; (cpu == 4 ? 0); (cpu == 7 ? 1); else 2.
+        // Load the CPU; (cpu == 4 ? 0); (cpu == 7 ? 1); else past any group.
         let returns: Vec<(u32, u32)> = code.iter().map(|op| (u32::from(op.code), op.k)).collect();
         let jeq = nix::libc::BPF_JMP | nix::libc::BPF_JEQ | nix::libc::BPF_K;
         let ret = nix::libc::BPF_RET | nix::libc::BPF_K;
-        assert_eq!(returns[1..], [(jeq, 4), (ret, 0), (jeq, 7), (ret, 1), (ret, 2)]);
+        assert_eq!(returns[1..], [(jeq, 4), (ret, 0), (jeq, 7), (ret, 1), (ret, u32::MAX)]);
         assert!(code.iter().filter(|op| u32::from(op.code) == jeq).all(|op| (op.jt, op.jf) == (0, 1)));
     }
 
@@ -152,29 +157,39 @@ mod tests {
         // kernel's hash would spread them.
         for _ in 0..8 {
             for (socket, &cpu) in cpus.iter().enumerate() {
-                // Loopback processes the SYN on the CPU that sends it.
-                let client = std::thread::spawn(move || {
-                    crate::cpus::pin_this_thread(cpu).unwrap();
-                    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap()
-                })
-                .join()
-                .unwrap();
+                let client = connect_from(cpu, addr);
                 assert_eq!(sockets_with_a_connection(&group), [socket], "a connection from CPU {cpu}");
                 drop(client);
             }
         }
+        // A CPU the program does not list: the kernel's hash picks a
+        // socket, the connection is not lost.
+        let last = *cpus.last().unwrap();
+        steer_by_cpu(&view_of(&group[0]), &cpus[..1]).unwrap();
+        for _ in 0..8 {
+            let _client = connect_from(last, addr);
+            assert_eq!(sockets_with_a_connection(&group).len(), 1, "a connection from unlisted CPU {last}");
+        }
         // Without the program the kernel's hash picks, still one socket.
-        let std_group = &group;
-        stop_steering_of(std_group);
-        stop_steering_of(std_group);
+        stop_steering(&view_of(&group[0])).unwrap();
+        stop_steering(&view_of(&group[0])).expect("nothing to detach is no error");
         let _client = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-        assert_eq!(sockets_with_a_connection(std_group).len(), 1);
+        assert_eq!(sockets_with_a_connection(&group).len(), 1);
     }
 
-    /// Detaches through a `Listener` view of the group's first socket.
-    fn stop_steering_of(group: &[std::net::TcpListener]) {
-        let fd = std::os::fd::AsFd::as_fd(&group[0]).try_clone_to_owned().unwrap();
-        let listener = Listener::from_fd(fd).unwrap();
-        stop_steering(&listener).expect("detached, or nothing to detach");
+    /// A connection to `addr` from a thread pinned to `cpu`: loopback
+    /// processes the SYN on the CPU that sends it.
+    fn connect_from(cpu: usize, addr: SocketAddr) -> TcpStream {
+        std::thread::spawn(move || {
+            crate::cpus::pin_this_thread(cpu).unwrap();
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// A `Listener` on another descriptor of `socket`, to set options on.
+    fn view_of(socket: &std::net::TcpListener) -> Listener {
+        Listener::from_fd(std::os::fd::AsFd::as_fd(socket).try_clone_to_owned().unwrap()).unwrap()
     }
 }
