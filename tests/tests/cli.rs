@@ -81,6 +81,11 @@ fn a_listen_address_in_use_exits_3_naming_it() -> Result<()> {
     Ok(())
 }
 
+/// A plain TCP proxy's flags with `workers` workers and `--listen-sockets mode`.
+fn with_sockets<'a>(workers: &'a str, mode: &'a str) -> [&'a str; 7] {
+    ["--upstream", "127.0.0.2:443", "--no-sni-check", "--workers", workers, "--listen-sockets", mode]
+}
+
 #[test]
 fn a_port_another_proxy_listens_on_exits_3_and_is_not_shared() -> Result<()> {
     // A running proxy's listener is an SO_REUSEPORT group: a second process
@@ -89,16 +94,7 @@ fn a_port_another_proxy_listens_on_exits_3_and_is_not_shared() -> Result<()> {
     let cpus = splice_proxy::cpus::allowed()?.len();
     for (mode, sockets) in [("shared", 1), ("per-worker", 3), ("per-cpu", cpus)] {
         let workers = if mode == "per-cpu" { cpus } else { 3 }.to_string();
-        let args = [
-            "--upstream",
-            "127.0.0.2:443",
-            "--no-sni-check",
-            "--workers",
-            &workers,
-            "--listen-sockets",
-            mode,
-        ];
-        let running = ProxyProcess::start(&args)?;
+        let running = ProxyProcess::start(&with_sockets(&workers, mode))?;
         let addr = running.addr().to_string();
         let (code, out) = run(&["--listen", &addr, "--upstream", "127.0.0.2:443", "--no-sni-check"])?;
         assert_eq!(code, Some(3), "{mode}: {out}");
@@ -117,15 +113,7 @@ fn a_port_another_proxy_listens_on_exits_3_and_is_not_shared() -> Result<()> {
 fn per_cpu_with_more_workers_than_cpus_exits_2_naming_both() -> Result<()> {
     let cpus = splice_proxy::cpus::allowed()?.len();
     let workers = (cpus + 1).to_string();
-    let args = [
-        "--upstream",
-        "127.0.0.2:443",
-        "--no-sni-check",
-        "--workers",
-        &workers,
-        "--listen-sockets",
-        "per-cpu",
-    ];
+    let args = with_sockets(&workers, "per-cpu");
     let (code, out) = run(&[&["--listen", "127.0.0.1:0"], &args[..]].concat())?;
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains(&format!("{workers} workers")) && out.contains("per-cpu"), "{out}");

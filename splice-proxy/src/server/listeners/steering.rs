@@ -57,21 +57,8 @@ pub(super) fn steer_by_cpu(group: &Listener, cpu_of_socket: &[usize]) -> io::Res
     let mut code = program(&cpu_of_socket[..cpu_of_socket.len().min(CPUS_AT_MOST)]);
     let len = u16::try_from(code.len()).map_err(|_| io::Error::other("steering program too long"))?;
     let program = libc::sock_fprog { len, filter: code.as_mut_ptr() };
-    let size = libc::socklen_t::try_from(size_of::<libc::sock_fprog>()).unwrap_or(libc::socklen_t::MAX);
-    // SAFETY: `program` points at `code`, `len` instructions that outlive
-    // the call (the kernel copies them); the option takes a `sock_fprog` of
-    // `size` bytes and the descriptor is the group's open listening socket.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::setsockopt(
-            group.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&raw const program).cast(),
-            size,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    // The kernel copies the instructions `program` points at during the call.
+    set_socket_option(group, libc::SO_ATTACH_REUSEPORT_CBPF, &program)
 }
 
 /// Takes a steering program off `group` (one a process in `per-cpu` mode
@@ -79,26 +66,31 @@ pub(super) fn steer_by_cpu(group: &Listener, cpu_of_socket: &[usize]) -> io::Res
 /// A group without one is left as it is; so is one on a kernel without
 /// the option (before 5.3), which keeps a program until the group closes.
 pub(super) fn stop_steering(group: &Listener) -> io::Result<()> {
-    let none: libc::c_int = 0;
-    let size = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(libc::socklen_t::MAX);
-    // SAFETY: the option reads no value (an int is passed as the kernel
-    // expects one); the descriptor is the group's open listening socket.
+    // The option reads no value; an int is passed as the kernel expects one.
+    match set_socket_option(group, libc::SO_DETACH_REUSEPORT_BPF, &0 as &libc::c_int) {
+        Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)) => Ok(()),
+        result => result,
+    }
+}
+
+/// `setsockopt(SOL_SOCKET, option)` on `socket` with `value`, which must be
+/// the type `option` takes (nix has neither option).
+fn set_socket_option<T>(socket: &Listener, option: libc::c_int, value: &T) -> io::Result<()> {
+    let size = libc::socklen_t::try_from(size_of::<T>()).unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: `value` is a live `T` of `size` bytes for the whole call, the
+    // type each caller's option takes; the descriptor is `socket`'s, open
+    // while it is borrowed.
     #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
-            group.as_fd().as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_DETACH_REUSEPORT_BPF,
-            (&raw const none).cast(),
+            option,
+            std::ptr::from_ref(value).cast(),
             size,
         )
     };
-    let error = io::Error::last_os_error();
-    match rc {
-        0 => Ok(()),
-        _ if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)) => Ok(()),
-        _ => Err(error),
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 #[cfg(test)]
