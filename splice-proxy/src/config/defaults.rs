@@ -58,10 +58,11 @@ pub const PACKET_SWITCH_AFTER_BYTES: u64 = 1 << 20;
 pub const PACKET_SWITCH_AFTER_READS: u64 = 64;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 /// On the packet plane (the default, once it started: `auto` falls back to
-/// splice without it), with a worker for every CPU the process may run on (the default worker count, unless a CPU quota is
-/// below the CPUs), `per-cpu`: each worker pinned to its CPU takes the
-/// connections whose SYN that CPU took, so a connection's set-up wakes no
-/// thread on another CPU, and the kernel carries the bytes. Otherwise
+/// splice without it), with a worker for every CPU the process may run on
+/// (the default worker count, unless a CPU quota is below the CPUs),
+/// `per-cpu`: each worker pinned to its CPU takes the connections whose SYN
+/// that CPU took, so no connection is handed to a worker on another CPU,
+/// and the kernel carries the bytes. Otherwise
 /// `shared`: a socket every worker accepts on, so whichever is free takes
 /// the next connection; on the planes whose workers move the bytes, a
 /// pinned worker cannot leave a CPU its streams crowd (docs/configuration.md).

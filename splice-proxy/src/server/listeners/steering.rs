@@ -3,10 +3,10 @@
 //!
 //! A classic BPF program on the listener's SO_REUSEPORT group reads the
 //! CPU it runs on (the one processing the SYN, in softirq) and returns the
-//! index of the group's socket whose worker is pinned there. The
-//! connection's set-up then stays on one CPU: the SYN's processing, the
-//! accept, the worker's calls and the wake-ups between them, with no
-//! thread woken across CPUs and no cache lines moved. A CPU no worker is
+//! index of the group's socket whose worker is pinned there. The SYN's
+//! processing and the worker that accepts and sets the connection up are
+//! then on one CPU: the accept wakes no thread on another CPU, and no
+//! worker on another CPU takes the connection over. A CPU no worker is
 //! pinned to gets an index past the group, and the kernel falls back to
 //! its hash of the addresses. Classic BPF, not a map-driven eBPF program:
 //! the table is fixed when the listener starts and a few comparisons hold
