@@ -21,7 +21,8 @@ pub fn pin_this_thread(cpu: usize) -> io::Result<()> {
 }
 
 /// The CPU the calling thread may run on, if only one.
-pub fn pinned_to() -> io::Result<Option<usize>> {
+#[cfg(test)]
+pub(crate) fn pinned_to() -> io::Result<Option<usize>> {
     Ok(match allowed()?.as_slice() {
         [one] => Some(*one),
         _ => None,

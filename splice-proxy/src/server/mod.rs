@@ -17,7 +17,7 @@ mod workers;
 
 use std::{net::SocketAddr, num::NonZeroUsize, os::fd::OwnedFd, sync::Arc};
 
-use listeners::{Accepting, ListenerSet, Spread};
+use listeners::{Accepting, ListenerSet};
 use reload::ConnectionLimit;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -213,20 +213,9 @@ impl Server {
             .then(|| cpus.into_iter().take(workers.get()).collect::<Vec<_>>());
         let bound = upgrade::listeners(&config.listeners, handed_listeners, sockets_per_listener)?;
         let workers = Workers::start(workers, cpu_of_worker.as_deref())?;
-        match &cpu_of_worker {
-            Some(cpus) => {
-                tracing::info!(?cpus, "workers pinned one per CPU; connections steered to their SYN's CPU")
-            }
-            None => {
-                tracing::info!(workers = workers.handles().len(), ?listen_sockets, "workers")
-            }
-        }
-        let listeners = ListenerSet::new(
-            bound,
-            &config.listeners,
-            &config.tcp,
-            Spread { workers: workers.handles(), cpu_of_worker, sockets_per_listener },
-        )?;
+        tracing::info!(workers = workers.handles().len(), ?listen_sockets, pinned_to_cpus = ?workers.cpus(), "workers");
+        let listeners =
+            ListenerSet::new(bound, &config.listeners, &config.tcp, &workers, sockets_per_listener)?;
         if let Some(filter) = &mut source_filter {
             // Port 0 listeners got their port only now.
             source_filter::guard_bound(filter, &config.listeners, &listeners.listening())?;

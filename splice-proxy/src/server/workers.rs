@@ -35,6 +35,8 @@ pub struct WorkerError {
 /// The running workers; dropping this ends them (and the tasks still on them).
 pub struct Workers {
     handles: Vec<Handle>,
+    /// The CPU each worker is pinned to, when pinned.
+    cpus: Option<Vec<usize>>,
     stop: CancellationToken,
 }
 
@@ -44,7 +46,8 @@ impl Workers {
     pub fn start(count: NonZeroUsize, cpus: Option<&[usize]>) -> Result<Self, WorkerError> {
         let count = count.get();
         let stop = CancellationToken::new();
-        let mut workers = Self { handles: Vec::with_capacity(count), stop };
+        let cpus_kept = cpus.map(|cpus| cpus[..count.min(cpus.len())].to_vec());
+        let mut workers = Self { handles: Vec::with_capacity(count), cpus: cpus_kept, stop };
         for index in 0..count {
             let error = |source| WorkerError { index, count, source };
             // Before the runtime is built: one dropped here, inside the
@@ -89,6 +92,12 @@ impl Workers {
     #[must_use]
     pub fn handles(&self) -> &[Handle] {
         &self.handles
+    }
+
+    /// The CPU each worker is pinned to (as many as the workers), if pinned.
+    #[must_use]
+    pub fn cpus(&self) -> Option<&[usize]> {
+        self.cpus.as_deref()
     }
 }
 

@@ -29,6 +29,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::socket::{BindError, Listener};
+use super::workers::Workers;
 
 use crate::{addr::ListenAddr, config::ListenerConfig, edge::EdgeConfig, proxy::Proxy, sockopt::TcpConfig};
 
@@ -95,16 +96,6 @@ pub(super) struct ListenerSet {
     stop_accepting: CancellationToken,
 }
 
-/// How a listener's connections are spread over the workers.
-pub(super) struct Spread<'a> {
-    /// Where the accept loops run.
-    pub workers: &'a [Handle],
-    /// The CPU each worker is pinned to (`per-cpu`), the same length.
-    pub cpu_of_worker: Option<Vec<usize>>,
-    /// The sockets of a listener bound here.
-    pub sockets_per_listener: usize,
-}
-
 /// Sets `tcp` on `listener`: the sockets it accepts inherit the options.
 fn with_options(listener: &Listener, tcp: &TcpConfig) -> Result<(), BindError> {
     crate::sockopt::apply(listener, tcp)
@@ -140,13 +131,14 @@ impl ListenerSet {
         bound: Vec<Bound>,
         configs: &[ListenerConfig],
         tcp: &TcpConfig,
-        spread: Spread<'_>,
+        workers: &Workers,
+        sockets_per_listener: usize,
     ) -> Result<Self, BindError> {
         let mut set = Self {
             served: Vec::new(),
-            workers: spread.workers.to_vec(),
-            cpu_of_worker: spread.cpu_of_worker,
-            sockets_per_listener: spread.sockets_per_listener,
+            workers: workers.handles().to_vec(),
+            cpu_of_worker: workers.cpus().map(<[usize]>::to_vec),
+            sockets_per_listener,
             accept_loops: JoinSet::new(),
             stop_accepting: CancellationToken::new(),
         };
@@ -176,7 +168,7 @@ impl ListenerSet {
         let pairs = b.sockets.len().max(self.workers.len());
         let waiting = (0..pairs)
             .map(|i| {
-                let worker = i % self.workers.len();
+                let worker = self.worker_of(i);
                 let socket = &b.sockets[i % b.sockets.len()];
                 Ok((worker, socket.on_worker(&self.workers[worker])?))
             })
@@ -191,9 +183,14 @@ impl ListenerSet {
         })
     }
 
+    /// The worker of the `i`th pair of worker and socket of a group (the
+    /// first worker to accept on socket `i`).
+    fn worker_of(&self, i: usize) -> usize {
+        i % self.workers.len()
+    }
+
     /// With `per-cpu`, steers the group's connections to the socket of the
-    /// worker on the CPU that took their SYN (socket `i` is accepted on by
-    /// worker `i` modulo the workers, below); otherwise takes off a
+    /// worker on the CPU that took their SYN; otherwise takes off a
     /// program a handed-over group may carry from a `per-cpu` process, so
     /// the kernel's hash spreads them as the mode says.
     fn steer(&self, group: &[Listener]) -> std::io::Result<()> {
@@ -202,7 +199,7 @@ impl ListenerSet {
             // nothing to steer between.
             Some(_) if group.len() == 1 => Ok(()),
             Some(cpus) => {
-                let cpu_of_socket: Vec<usize> = (0..group.len()).map(|i| cpus[i % cpus.len()]).collect();
+                let cpu_of_socket: Vec<usize> = (0..group.len()).map(|i| cpus[self.worker_of(i)]).collect();
                 steering::steer_by_cpu(&group[0], &cpu_of_socket)
             }
             None if group.len() > 1 => steering::stop_steering(&group[0]),

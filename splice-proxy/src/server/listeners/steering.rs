@@ -3,10 +3,11 @@
 //!
 //! A classic BPF program on the listener's SO_REUSEPORT group reads the
 //! CPU it runs on (the one processing the SYN, in softirq) and returns the
-//! index of the group's socket whose worker is pinned there. The SYN's
-//! processing and the worker that accepts and sets the connection up are
-//! then on one CPU: the accept wakes no thread on another CPU, and no
-//! worker on another CPU takes the connection over. A CPU no worker is
+//! index of the group's socket whose worker is pinned there. The worker
+//! that accepts and sets the connection up is then the one on the CPU that
+//! took its SYN, and no worker on another CPU takes it over (the rest of
+//! the handshake, and the packets after it, arrive on whichever CPU the
+//! NIC or the sender puts them). A CPU no worker is
 //! pinned to gets an index past the group, and the kernel falls back to
 //! its hash of the addresses. Classic BPF, not a map-driven eBPF program:
 //! the table is fixed when the listener starts and a few comparisons hold
@@ -18,7 +19,10 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
-use nix::libc;
+use nix::{
+    libc,
+    sys::socket::{setsockopt, sockopt},
+};
 
 use super::socket::Listener;
 
@@ -48,7 +52,7 @@ fn index(n: usize) -> u32 {
 
 /// CPUs a program covers at most: classic BPF runs 4096 instructions at
 /// most, two per CPU here.
-pub const CPUS_AT_MOST: usize = 2000;
+const CPUS_AT_MOST: usize = 2000;
 
 /// Steers `group`'s new connections by the CPU that took their SYN;
 /// `cpu_of_socket[i]` is the CPU of the worker accepting on socket `i` of
@@ -56,9 +60,9 @@ pub const CPUS_AT_MOST: usize = 2000;
 pub(super) fn steer_by_cpu(group: &Listener, cpu_of_socket: &[usize]) -> io::Result<()> {
     let mut code = program(&cpu_of_socket[..cpu_of_socket.len().min(CPUS_AT_MOST)]);
     let len = u16::try_from(code.len()).map_err(|_| io::Error::other("steering program too long"))?;
+    // The kernel copies the instructions `filter` points at during the call.
     let program = libc::sock_fprog { len, filter: code.as_mut_ptr() };
-    // The kernel copies the instructions `program` points at during the call.
-    set_socket_option(group, libc::SO_ATTACH_REUSEPORT_CBPF, &program)
+    setsockopt(group, sockopt::AttachReusePortCbpf, &program).map_err(io::Error::from)
 }
 
 /// Takes a steering program off `group` (one a process in `per-cpu` mode
@@ -66,31 +70,28 @@ pub(super) fn steer_by_cpu(group: &Listener, cpu_of_socket: &[usize]) -> io::Res
 /// A group without one is left as it is; so is one on a kernel without
 /// the option (before 5.3), which keeps a program until the group closes.
 pub(super) fn stop_steering(group: &Listener) -> io::Result<()> {
-    // The option reads no value; an int is passed as the kernel expects one.
-    match set_socket_option(group, libc::SO_DETACH_REUSEPORT_BPF, &0 as &libc::c_int) {
-        Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)) => Ok(()),
-        result => result,
-    }
-}
-
-/// `setsockopt(SOL_SOCKET, option)` on `socket` with `value`, which must be
-/// the type `option` takes (nix has neither option).
-fn set_socket_option<T>(socket: &Listener, option: libc::c_int, value: &T) -> io::Result<()> {
-    let size = libc::socklen_t::try_from(size_of::<T>()).unwrap_or(libc::socklen_t::MAX);
-    // SAFETY: `value` is a live `T` of `size` bytes for the whole call, the
-    // type each caller's option takes; the descriptor is `socket`'s, open
-    // while it is borrowed.
+    // nix has no `SO_DETACH_REUSEPORT_BPF`. The option reads no value; an
+    // int is passed as the kernel expects one.
+    let none: libc::c_int = 0;
+    let size = libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: `none` is a live int of `size` bytes for the whole call; the
+    // descriptor is `group`'s, open while it is borrowed.
     #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
-            socket.as_fd().as_raw_fd(),
+            group.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            option,
-            std::ptr::from_ref(value).cast(),
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&raw const none).cast(),
             size,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    let error = io::Error::last_os_error();
+    match rc {
+        0 => Ok(()),
+        _ if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)) => Ok(()),
+        _ => Err(error),
+    }
 }
 
 #[cfg(test)]
